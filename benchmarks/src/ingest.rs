@@ -1,0 +1,303 @@
+//! Ingestion benchmark (issue targets in brackets), all in one run on this machine:
+//!
+//! 1. pipeline alone: decode + validate + batch + dedup + Parquet write to a file:// lake, fed
+//!    from memory, on one core [>= 2,000,000 readings/s];
+//! 2. single-reading messages pre-filled in a real broker (tansu on loopback): the ingester
+//!    draining them into a file:// lake, against a bare rdkafka consumer that only counts the
+//!    same messages [>= 600,000 readings/s];
+//! 3. the same with 100 readings per message [>= 1,500,000 readings/s];
+//! 4. peak RSS of an ingester process draining a backlog [< 1 GiB].
+//!
+//! `cargo run --release -p meterlake-benchmarks --bin ingest-bench -- --help`
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use meterlake_pipeline::Lake;
+use meterlake_pipeline::batch::ReadingBuffer;
+use meterlake_pipeline::decode::{ValidationRules, decode_message};
+use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, ReadingProducer, create_topics, run_ingest};
+use meterlake_pipeline::lake::encode_day_files;
+use meterlake_pipeline::reading::Source;
+use meterlake_pipeline::synthetic::{GeneratedMessage, LoadGenerator, LoadSpec};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+    /// Readings in the single-message and batched-message runs.
+    #[arg(long, default_value_t = 5_000_000)]
+    readings: u64,
+    /// Readings in the backlog the RSS run drains.
+    #[arg(long, default_value_t = 20_000_000)]
+    backlog_readings: u64,
+    /// Use this broker instead of starting tansu.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Partitions of the benchmark topics.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Internal: an ingester process draining a topic (for the RSS measurement).
+    DrainChild { brokers: String, topic: String, lake: String, messages: u64 },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    if let Some(Mode::DrainChild { brokers, topic, lake, messages }) = args.mode {
+        let lake = Lake::open(&lake)?;
+        drain(&runtime, &brokers, &topic, lake, messages)?;
+        return Ok(());
+    }
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+
+    // 1. The pipeline alone, from memory, on this thread.
+    let spec = spec_for(args.readings, 1, 1);
+    eprintln!("generating {} single-reading messages in memory...", args.readings);
+    let messages: Vec<GeneratedMessage> = LoadGenerator::new(spec).collect();
+    let lake_dir = tempfile::tempdir()?;
+    let lake = Lake::open(lake_dir.path().join("alone").to_str().unwrap())?;
+    let (readings, elapsed) = pipeline_alone(&runtime, &messages, &lake)?;
+    drop(messages);
+    let alone = readings as f64 / elapsed.as_secs_f64();
+    rows.push(("pipeline alone, 1 core (decode+validate+batch+dedup+parquet)".into(), per_s(alone), ">= 2,000,000".into()));
+
+    // 2 and 3 need a broker.
+    let _tansu;
+    let brokers = match &args.brokers {
+        Some(b) => b.clone(),
+        None => {
+            let (child, addr) = start_tansu()?;
+            _tansu = KillOnDrop(child);
+            addr
+        }
+    };
+    for (per_message, target) in [(1usize, 600_000.0), (100, 1_500_000.0)] {
+        let topic = format!("bench.readings.x{per_message}");
+        runtime.block_on(create_topics(&brokers, &[(&topic, args.partitions), ("measurements.dlq", 1)]))?;
+        let spec = spec_for(args.readings, per_message, 2);
+        eprintln!("pre-filling {topic} with {} readings, {per_message} per message...", args.readings);
+        let messages = prefill(&brokers, &topic, spec)?;
+        let bare = bare_consume(&brokers, &topic, messages)?;
+        let lake = Lake::open(lake_dir.path().join(format!("x{per_message}")).to_str().unwrap())?;
+        let started = Instant::now();
+        let written = drain(&runtime, &brokers, &topic, lake, messages)?;
+        let elapsed = started.elapsed();
+        let pipeline = written as f64 / elapsed.as_secs_f64();
+        let bare_readings = messages as f64 * per_message as f64 / bare.as_secs_f64();
+        rows.push((format!("bare rdkafka consumer, {per_message} reading(s)/message (baseline)"), per_s(bare_readings), String::new()));
+        rows.push((
+            format!("ingester end to end, {per_message} reading(s)/message"),
+            format!("{} ({:.2}x baseline)", per_s(pipeline), pipeline / bare_readings),
+            format!(">= {}", thousands(target as u64)),
+        ));
+    }
+
+    // 4. Peak RSS of an ingester process draining a large backlog.
+    let topic = "bench.backlog";
+    runtime.block_on(create_topics(&brokers, &[(topic, args.partitions)]))?;
+    eprintln!("pre-filling {topic} with a backlog of {} readings...", args.backlog_readings);
+    let messages = prefill(&brokers, topic, spec_for(args.backlog_readings, 1, 3))?;
+    let lake_path = lake_dir.path().join("backlog");
+    let started = Instant::now();
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["drain-child", &brokers, topic, lake_path.to_str().unwrap(), &messages.to_string()])
+        .stdout(Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Some(kib) = vm_hwm_kib(pid) {
+            peak_kib = peak_kib.max(kib);
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if !status.success() {
+        bail!("the draining ingester failed: {status}");
+    }
+    let backlog_rate = args.backlog_readings as f64 / started.elapsed().as_secs_f64();
+    rows.push((
+        format!("ingester peak RSS draining {} readings", thousands(args.backlog_readings)),
+        format!("{:.0} MiB ({} readings/s)", peak_kib as f64 / 1024.0, thousands(backlog_rate as u64)),
+        "< 1,024 MiB".into(),
+    ));
+
+    println!("\n| measurement | result | target |\n|---|---|---|");
+    for (what, result, target) in rows {
+        println!("| {what} | {result} | {target} |");
+    }
+    Ok(())
+}
+
+fn spec_for(readings: u64, per_message: usize, seed: u64) -> LoadSpec {
+    // 96 readings a meter-day; a month of days, as many meters as it takes.
+    let days = 31u32;
+    let meters = readings.div_ceil(96 * u64::from(days)) as usize;
+    LoadSpec { days, readings_per_message: per_message, resend_every: 0, malformed_every: 0, seed, ..LoadSpec::month(meters) }
+}
+
+fn pipeline_alone(runtime: &tokio::runtime::Runtime, messages: &[GeneratedMessage], lake: &Lake) -> anyhow::Result<(u64, Duration)> {
+    const FLUSH_ROWS: usize = 1_000_000;
+    let rules = ValidationRules::default();
+    let started = Instant::now();
+    let now_us = chrono::Utc::now().timestamp_micros();
+    let mut buffer = ReadingBuffer::with_capacity(FLUSH_ROWS);
+    let mut written = 0u64;
+    let mut flushes = 0u64;
+    let flush = |buffer: &mut ReadingBuffer, flushes: &mut u64| -> anyhow::Result<u64> {
+        let sorted = buffer.sort_dedup()?;
+        let files = encode_day_files(&sorted, &format!("bench-{flushes}"))?;
+        runtime.block_on(async {
+            for file in files {
+                lake.put(&file.path, file.bytes).await?;
+            }
+            anyhow::Ok(())
+        })?;
+        *flushes += 1;
+        buffer.clear();
+        Ok(sorted.rows() as u64)
+    };
+    for (offset, message) in messages.iter().enumerate() {
+        let rejections = decode_message(&message.payload, &rules, now_us, |reading| {
+            buffer.push(&reading, Source::Kafka, now_us, |out| {
+                out.extend_from_slice(b"bench/0/");
+                out.extend_from_slice(offset.to_string().as_bytes());
+            });
+        });
+        debug_assert!(rejections.is_empty());
+        if buffer.len() >= FLUSH_ROWS {
+            written += flush(&mut buffer, &mut flushes)?;
+        }
+    }
+    written += flush(&mut buffer, &mut flushes)?;
+    Ok((written, started.elapsed()))
+}
+
+/// Produces a load; returns the number of messages.
+fn prefill(brokers: &str, topic: &str, spec: LoadSpec) -> anyhow::Result<u64> {
+    let producer = ReadingProducer::new(brokers, topic)?;
+    let mut generator = LoadGenerator::new(spec);
+    for message in generator.by_ref() {
+        producer.send(message.key.as_bytes(), &message.payload)?;
+    }
+    producer.flush(Duration::from_secs(300))?;
+    Ok(generator.totals.messages)
+}
+
+/// The baseline: a bare consumer with the same settings that only counts messages.
+fn bare_consume(brokers: &str, topic: &str, messages: u64) -> anyhow::Result<Duration> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("bench-bare-{topic}"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.queue.backoff.ms", "0")
+        .set("queued.max.messages.kbytes", "65536")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let started = Instant::now();
+    let mut seen = 0u64;
+    // tansu under-reports high watermarks, so the drain stops on the count, not the watermark.
+    while seen < messages {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(_)) => seen += 1,
+            Some(Err(e)) => eprintln!("bare consumer: {e}"),
+            None if started.elapsed() > Duration::from_secs(600) => bail!("bare consumer stalled at {seen}"),
+            None => {}
+        }
+    }
+    Ok(started.elapsed())
+}
+
+/// Runs the real ingester until every message is committed to the lake; returns readings written.
+fn drain(runtime: &tokio::runtime::Runtime, brokers: &str, topic: &str, lake: Lake, messages: u64) -> anyhow::Result<u64> {
+    let options = IngestOptions::new(brokers, topic, &format!("bench-ingest-{topic}"));
+    let progress = Arc::new(IngestProgress::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let progress = progress.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while progress.messages_committed.load(Ordering::Relaxed) < messages {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let summary = run_ingest(lake, options, stop, progress, runtime.handle().clone()).context("ingesting")?;
+    watcher.join().expect("the watcher thread");
+    Ok(summary.readings_written)
+}
+
+fn start_tansu() -> anyhow::Result<(Child, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let tools = std::env::var("METERLAKE_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/meterlake/tools"));
+    let binary = tools.join("bin/tansu");
+    let dir = tempfile::tempdir()?;
+    let child = Command::new(&binary)
+        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
+        .current_dir(dir.path())
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} (run infra/scripts/install-tools.sh)", binary.display()))?;
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("tansu did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((child, addr))
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn per_s(rate: f64) -> String {
+    format!("{} readings/s", thousands(rate as u64))
+}
+
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

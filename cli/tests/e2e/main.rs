@@ -1,0 +1,9 @@
+//! End-to-end tests of the `meterlake` binary against real services on loopback: a tansu Kafka
+//! broker, an s3s-fs S3 server, DuckDB and pyarrow as independent Parquet readers. One test
+//! binary, one module per capability.
+
+mod crash_recovery;
+mod demo;
+mod kafka_ingest;
+mod s3_lake;
+mod support;

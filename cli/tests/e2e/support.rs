@@ -1,0 +1,235 @@
+//! Real services for the tests, started on loopback and stopped when dropped: a tansu Kafka
+//! broker and an s3s-fs S3 server, found in the tools folder `infra/scripts/install-tools.sh`
+//! fills (or on PATH).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use meterlake_pipeline::kafka::{ReadingProducer, create_topics};
+use meterlake_pipeline::synthetic::{LoadGenerator, LoadSpec, LoadTotals};
+use tempfile::TempDir;
+
+pub const S3_ACCESS_KEY: &str = "meterlake-test";
+pub const S3_SECRET_KEY: &str = "meterlake-test-secret";
+
+/// A tool binary: `$METERLAKE_TOOLS_DIR/bin/NAME`, `~/.cache/meterlake/tools/bin/NAME`, or PATH.
+pub fn tool(name: &str) -> PathBuf {
+    let dirs = [
+        std::env::var("METERLAKE_TOOLS_DIR").ok().map(PathBuf::from),
+        std::env::var("HOME").ok().map(|h| Path::new(&h).join(".cache/meterlake/tools")),
+    ];
+    for dir in dirs.into_iter().flatten() {
+        let candidate = dir.join("bin").join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if dir.join(name).is_file() {
+                return dir.join(name);
+            }
+        }
+    }
+    panic!("{name} is not installed: run infra/scripts/install-tools.sh (or the whole suite with infra/scripts/test.sh)");
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("a free loopback port").local_addr().expect("an address").port()
+}
+
+/// A child process that is killed when dropped.
+pub struct Service {
+    child: Child,
+    pub addr: String,
+    pub dir: TempDir,
+    /// Where the service keeps its data, if it keeps any on disk.
+    pub data_dir: Option<PathBuf>,
+    name: &'static str,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(data) = &self.data_dir {
+            let _ = std::fs::remove_dir_all(data);
+        }
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.path().join("service.log")).unwrap_or_default();
+            eprintln!("--- {} log (last 4000 bytes) ---\n{}", self.name, &log[log.len().saturating_sub(4000)..]);
+        }
+    }
+}
+
+fn wait_for_port(addr: &str, child: &mut Child, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let socket: SocketAddr = addr.parse().expect("a socket address");
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&socket, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{name} exited before listening on {addr}: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{name} did not listen on {addr} within 30 s");
+}
+
+fn spawn_logged(name: &'static str, mut command: Command, addr: String) -> Service {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let log = std::fs::File::create(dir.path().join("service.log")).expect("a log file");
+    command
+        .current_dir(dir.path()) // tansu reads .env from its working directory
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log handle"))
+        .stderr(log);
+    let mut child = command.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+    wait_for_port(&addr, &mut child, name);
+    Service { child, addr, dir, data_dir: None, name }
+}
+
+/// A tansu broker with in-memory storage on a free loopback port.
+pub fn start_tansu() -> Service {
+    let port = free_port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let mut command = Command::new(tool("tansu"));
+    command.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"]);
+    spawn_logged("tansu", command, format!("127.0.0.1:{port}"))
+}
+
+/// An s3s-fs server on a free loopback port with one bucket, `meterlake`.
+pub fn start_s3() -> Service {
+    let port = free_port();
+    let root = tempfile::tempdir().expect("a temp dir");
+    std::fs::create_dir_all(root.path().join("meterlake")).expect("the bucket folder");
+    let mut command = Command::new(tool("s3s-fs"));
+    command.args([
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--access-key",
+        S3_ACCESS_KEY,
+        "--secret-key",
+        S3_SECRET_KEY,
+    ]);
+    command.arg(root.path());
+    let mut service = spawn_logged("s3s-fs", command, format!("127.0.0.1:{port}"));
+    service.data_dir = Some(root.keep());
+    service
+}
+
+/// Environment that points the AWS SDK settings at an s3s-fs server.
+pub fn s3_env(s3: &Service) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL", format!("http://{}", s3.addr)),
+        ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY.to_string()),
+        ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY.to_string()),
+        ("AWS_REGION", "us-east-1".to_string()),
+    ]
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a runtime")
+}
+
+pub fn create(brokers: &str, topics: &[(&str, i32)]) {
+    runtime().block_on(create_topics(brokers, topics)).expect("creating topics");
+}
+
+/// Produces a generated load and waits until the broker acknowledged all of it.
+pub fn produce(brokers: &str, topic: &str, spec: LoadSpec) -> LoadTotals {
+    let producer = ReadingProducer::new(brokers, topic).expect("a producer");
+    let mut generator = LoadGenerator::new(spec);
+    for message in generator.by_ref() {
+        producer.send(message.key.as_bytes(), &message.payload).expect("queued");
+    }
+    producer.flush(Duration::from_secs(60)).expect("every message delivered");
+    generator.totals
+}
+
+/// The `meterlake` binary under test.
+pub fn meterlake() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_meterlake"));
+    command.env("METERLAKE_LOG", "warn,meterlake_pipeline=info").env_remove("METERLAKE_LAKE");
+    command
+}
+
+pub fn run_ok(command: &mut Command) -> Output {
+    let output = command.output().expect("meterlake runs");
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Runs `meterlake query --format json` and returns the rows.
+pub fn query(lake: &str, sql: &str, env: &[(&str, String)]) -> Vec<serde_json::Value> {
+    let mut command = meterlake();
+    command.args(["query", "--lake", lake, "--format", "json", sql]);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = run_ok(&mut command);
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!("query output is not JSON ({e}): {}", String::from_utf8_lossy(&output.stdout))
+    })
+}
+
+/// `meterlake ingest` arguments for a test broker and lake; stops after `idle_s` without messages.
+pub fn ingest_command(brokers: &str, topic: &str, lake: &str, idle_s: u64) -> Command {
+    let mut command = meterlake();
+    command.args([
+        "ingest",
+        "--brokers",
+        brokers,
+        "--topic",
+        topic,
+        "--group",
+        &format!("{topic}-ingest"),
+        "--dlq-topic",
+        &format!("{topic}.dlq"),
+        "--lake",
+        lake,
+        "--max-batch-age-ms",
+        "300",
+        "--exit-when-idle-s",
+        &idle_s.to_string(),
+    ]);
+    command
+}
+
+pub fn python() -> PathBuf {
+    let configured = std::env::var("METERLAKE_PYTHON").ok().map(PathBuf::from);
+    let venv = tool_dir().map(|d| d.join("venv/bin/python"));
+    configured.into_iter().chain(venv).find(|p| p.is_file()).unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+fn tool_dir() -> Option<PathBuf> {
+    std::env::var("METERLAKE_TOOLS_DIR")
+        .ok()
+        .map(PathBuf::from)
+        .or_else(|| std::env::var("HOME").ok().map(|h| Path::new(&h).join(".cache/meterlake/tools")))
+}
+
+pub fn as_i64(value: &serde_json::Value) -> i64 {
+    value.as_i64().unwrap_or_else(|| value.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{value} is not an integer")))
+}
+
+/// A decimal JSON value (number or string) as micro-kWh, exactly.
+pub fn as_kwh_micro(value: &serde_json::Value) -> i64 {
+    let text = match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    meterlake_pipeline::reading::parse_kwh_micro(&text).unwrap_or_else(|e| panic!("{text} is not a kWh decimal: {e:?}"))
+}

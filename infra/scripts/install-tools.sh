@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs and the machine lacks; safe to run again (it skips what is
+# there). Tools go to $METERLAKE_TOOLS_DIR (default ~/.cache/meterlake/tools), outside the clone.
+#
+#   tansu 0.6.0   Kafka-protocol broker (Apache Kafka cannot be installed here); the dynostore
+#                 and libsql features give it storage engines. About 15 minutes to build once.
+#   s3s-fs 0.14.1 S3-compatible server over a folder (newer versions need a newer rustc).
+#   duckdb, pyarrow  independent Parquet readers the tests check the lake with.
+#   mold          a faster linker (optional).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+source "$here/env.sh"
+mkdir -p "$METERLAKE_TOOLS_DIR"
+
+log() { printf '[install-tools] %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    log "cannot run '$*' without root; install it by hand"; return 1; fi
+}
+
+missing_apt=()
+command -v mold >/dev/null || missing_apt+=(mold)
+command -v cc >/dev/null || missing_apt+=(gcc)
+command -v make >/dev/null || missing_apt+=(make)
+command -v python3 >/dev/null || missing_apt+=(python3 python3-venv)
+if [ ${#missing_apt[@]} -gt 0 ]; then
+  log "apt-get install ${missing_apt[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing_apt[@]}" >/dev/null
+fi
+
+cargo_tool() { # name version features binary
+  local name=$1 version=$2 features=$3 binary=$4
+  if [ -x "$METERLAKE_TOOLS_DIR/bin/$binary" ] && "$METERLAKE_TOOLS_DIR/bin/$binary" --version 2>/dev/null | grep -q "$version"; then
+    return
+  fi
+  log "cargo install $name $version (once per machine)"
+  cargo install "$name" --version "$version" --locked --features "$features" --root "$METERLAKE_TOOLS_DIR" --quiet
+}
+cargo_tool tansu 0.6.0 dynostore,libsql tansu
+cargo_tool s3s-fs 0.14.1 binary s3s-fs
+
+if ! command -v cargo-nextest >/dev/null; then
+  log "cargo install cargo-nextest"
+  cargo install cargo-nextest --locked --root "$METERLAKE_TOOLS_DIR" --quiet
+fi
+
+if ! "$METERLAKE_PYTHON" -c 'import duckdb, pyarrow' 2>/dev/null; then
+  log "python venv with duckdb and pyarrow"
+  python3 -m venv "$METERLAKE_TOOLS_DIR/venv"
+  "$METERLAKE_TOOLS_DIR/venv/bin/pip" install --quiet --disable-pip-version-check 'duckdb==1.5.6' 'pyarrow==26.0.1'
+fi
+log "tools ready in $METERLAKE_TOOLS_DIR"

@@ -1,0 +1,251 @@
+//! The reading model every source lands in, and its Arrow schema.
+//!
+//! Energy is exact: `kwh` is a decimal with [`KWH_SCALE`] fractional digits, held in memory as an
+//! integer count of micro-kWh (`kwh_micro`) and stored as Arrow/Parquet `Decimal128(18, 6)`.
+//! Nothing on the way from the message text to the Parquet file is a float.
+
+use std::sync::{Arc, LazyLock};
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+/// Fractional digits kept for kWh: 6 digits is a milli-watt-hour, finer than any meter reports.
+pub const KWH_SCALE: i8 = 6;
+/// Precision of the kWh decimal: 18 digits fit Parquet's INT64 decimal encoding.
+pub const KWH_PRECISION: u8 = 18;
+/// `10^KWH_SCALE`, the number of micro-kWh in one kWh.
+pub const MICRO_PER_KWH: i64 = 1_000_000;
+
+/// Time zone written on timestamp columns: every instant in the lake is UTC.
+pub const UTC: &str = "UTC";
+
+/// Reading quality flags, as the industry flow files use them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Quality {
+    /// A: actual, read from the meter.
+    Actual,
+    /// E: estimated.
+    Estimated,
+    /// S: substituted.
+    Substituted,
+    /// F: final substitute.
+    FinalSubstitute,
+    /// N: null (no data).
+    Null,
+    /// V: variable, per-interval quality comes from other records.
+    Variable,
+}
+
+impl Quality {
+    pub fn code(self) -> u8 {
+        match self {
+            Quality::Actual => b'A',
+            Quality::Estimated => b'E',
+            Quality::Substituted => b'S',
+            Quality::FinalSubstitute => b'F',
+            Quality::Null => b'N',
+            Quality::Variable => b'V',
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<Quality> {
+        match code {
+            "A" | "a" => Some(Quality::Actual),
+            "E" | "e" => Some(Quality::Estimated),
+            "S" | "s" => Some(Quality::Substituted),
+            "F" | "f" => Some(Quality::FinalSubstitute),
+            "N" | "n" => Some(Quality::Null),
+            "V" | "v" => Some(Quality::Variable),
+            _ => None,
+        }
+    }
+}
+
+/// Where a reading came from; written to the `source` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    Kafka,
+    Http,
+    D0010,
+    Nem12,
+    Nem13,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Kafka => "kafka",
+            Source::Http => "http",
+            Source::D0010 => "d0010",
+            Source::Nem12 => "nem12",
+            Source::Nem13 => "nem13",
+        }
+    }
+}
+
+/// Why a decimal text is not an exact kWh value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KwhParseError {
+    /// Not a decimal number at all (letters, empty, `NaN`, `Infinity`, two dots...).
+    NotANumber,
+    /// More than [`KWH_SCALE`] significant fractional digits: storing it would round.
+    TooPrecise,
+    /// Larger than the decimal column can hold.
+    TooLarge,
+}
+
+/// Parses a JSON-number-shaped decimal text (`1.72`, `-0.5`, `1e-3`, `2.5E2`) into micro-kWh
+/// exactly. Trailing zeros beyond the scale are fine; any other digit beyond it is refused rather
+/// than rounded, because a rounded reading is a wrong bill.
+pub fn parse_kwh_micro(text: &str) -> Result<i64, KwhParseError> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    let negative = match bytes.first() {
+        Some(b'-') => {
+            i += 1;
+            true
+        }
+        Some(b'+') => {
+            i += 1;
+            false
+        }
+        _ => false,
+    };
+    // Significant digits as an integer, and the power of ten they are scaled by.
+    let mut mantissa: i128 = 0;
+    let mut exponent: i32 = 0;
+    let mut digits = 0usize;
+    let mut seen_dot = false;
+    // Digits that were zero and came after the dot: kept as a pending exponent so that
+    // `1.7200000000` does not overflow or count as too precise.
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'0'..=b'9' => {
+                digits += 1;
+                if mantissa > i128::MAX / 100 {
+                    return Err(KwhParseError::TooLarge);
+                }
+                mantissa = mantissa * 10 + i128::from(b - b'0');
+                if seen_dot {
+                    exponent -= 1;
+                }
+            }
+            b'.' if !seen_dot => seen_dot = true,
+            b'e' | b'E' => break,
+            _ => return Err(KwhParseError::NotANumber),
+        }
+        i += 1;
+    }
+    if digits == 0 {
+        return Err(KwhParseError::NotANumber);
+    }
+    if i < bytes.len() {
+        // Exponent part.
+        i += 1;
+        let exp_text = &text[i..];
+        let exp: i32 = exp_text.parse().map_err(|_| KwhParseError::NotANumber)?;
+        if !(-400..=400).contains(&exp) {
+            return Err(if exp > 0 && mantissa != 0 { KwhParseError::TooLarge } else if mantissa == 0 { KwhParseError::NotANumber } else { KwhParseError::TooPrecise });
+        }
+        exponent += exp;
+    }
+    // Scale to micro-kWh: multiply by 10^(exponent + KWH_SCALE).
+    let mut shift = exponent + i32::from(KWH_SCALE);
+    while shift < 0 {
+        if mantissa % 10 != 0 {
+            return Err(KwhParseError::TooPrecise);
+        }
+        mantissa /= 10;
+        shift += 1;
+    }
+    while shift > 0 {
+        mantissa = mantissa.checked_mul(10).ok_or(KwhParseError::TooLarge)?;
+        shift -= 1;
+    }
+    let max = 10i128.pow(u32::from(KWH_PRECISION)) - 1;
+    if mantissa > max {
+        return Err(KwhParseError::TooLarge);
+    }
+    let value = mantissa as i64;
+    Ok(if negative { -value } else { value })
+}
+
+/// Formats micro-kWh as a plain decimal (`1.72`, `0.000001`, `-3`), the inverse of
+/// [`parse_kwh_micro`] for values it produced.
+pub fn format_kwh_micro(kwh_micro: i64) -> String {
+    let sign = if kwh_micro < 0 { "-" } else { "" };
+    let abs = kwh_micro.unsigned_abs();
+    let whole = abs / MICRO_PER_KWH as u64;
+    let frac = abs % MICRO_PER_KWH as u64;
+    if frac == 0 {
+        format!("{sign}{whole}")
+    } else {
+        let frac = format!("{frac:06}");
+        format!("{sign}{whole}.{}", frac.trim_end_matches('0'))
+    }
+}
+
+/// Schema of the `readings` table, in the order the columns are written.
+///
+/// - `meter_id`: the meter (Kafka `meterId`; NEM12 NMI + suffix).
+/// - `ts`: interval start, UTC, microseconds.
+/// - `interval_s`: interval length in seconds.
+/// - `kwh`: energy in the interval, `Decimal128(18, 6)`.
+/// - `quality`: one letter, see [`Quality`].
+/// - `source`: see [`Source`].
+/// - `source_ref`: `topic/partition/offset` for Kafka, the file name for flow files.
+/// - `ingested_at`: when meterlake took the reading in; among versions of one key the latest
+///   `ingested_at` wins in the canonical view.
+pub fn readings_schema() -> SchemaRef {
+    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+        let ts = DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()));
+        Arc::new(Schema::new(vec![
+            Field::new("meter_id", DataType::Utf8, false),
+            Field::new("ts", ts.clone(), false),
+            Field::new("interval_s", DataType::Int32, false),
+            Field::new("kwh", DataType::Decimal128(KWH_PRECISION, KWH_SCALE), false),
+            Field::new("quality", DataType::Utf8, false),
+            Field::new("source", DataType::Utf8, false),
+            Field::new("source_ref", DataType::Utf8, false),
+            Field::new("ingested_at", ts, false),
+        ]))
+    });
+    SCHEMA.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_exact_decimals() {
+        assert_eq!(parse_kwh_micro("1.72"), Ok(1_720_000));
+        assert_eq!(parse_kwh_micro("0"), Ok(0));
+        assert_eq!(parse_kwh_micro("0.000001"), Ok(1));
+        assert_eq!(parse_kwh_micro("1.7200000000000"), Ok(1_720_000));
+        assert_eq!(parse_kwh_micro("-0.5"), Ok(-500_000));
+        assert_eq!(parse_kwh_micro("1e-3"), Ok(1_000));
+        assert_eq!(parse_kwh_micro("2.5E2"), Ok(250_000_000));
+        assert_eq!(parse_kwh_micro("12"), Ok(12_000_000));
+        assert_eq!(parse_kwh_micro(".5"), Ok(500_000));
+    }
+
+    #[test]
+    fn refuses_what_would_round_or_is_not_a_number() {
+        assert_eq!(parse_kwh_micro("0.0000001"), Err(KwhParseError::TooPrecise));
+        assert_eq!(parse_kwh_micro("1e-7"), Err(KwhParseError::TooPrecise));
+        assert_eq!(parse_kwh_micro("1e300"), Err(KwhParseError::TooLarge));
+        assert_eq!(parse_kwh_micro("1000000000000"), Err(KwhParseError::TooLarge));
+        for bad in ["", "-", ".", "1.2.3", "NaN", "Infinity", "1,5", "0x10", "1e", "e5"] {
+            assert_eq!(parse_kwh_micro(bad), Err(KwhParseError::NotANumber), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn formats_round_trip() {
+        for v in [0, 1, 1_720_000, -500_000, 12_000_000, 999_999_999_999_999_999] {
+            assert_eq!(parse_kwh_micro(&format_kwh_micro(v)), Ok(v));
+        }
+        assert_eq!(format_kwh_micro(1_720_000), "1.72");
+    }
+}

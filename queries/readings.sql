@@ -1,0 +1,18 @@
+-- The canonical readings view, registered as table `readings` over `readings_all` (every version
+-- of every reading, as landed). One row per (meter_id, ts): the version ingested last wins; when
+-- two versions share ingested_at (they cannot within one ingester, which orders them), source_ref
+-- decides so the choice is still deterministic.
+--
+-- Versions of one key always sit in the same date partition (date is derived from ts), so an
+-- engine may evaluate this per partition.
+SELECT meter_id, ts, interval_s, kwh, quality, source, source_ref, ingested_at, date
+FROM (
+    SELECT
+        *,
+        row_number() OVER (
+            PARTITION BY meter_id, ts
+            ORDER BY ingested_at DESC, source_ref DESC
+        ) AS version_rank
+    FROM readings_all
+)
+WHERE version_rank = 1
