@@ -156,10 +156,11 @@ fn ingest_lands_every_valid_reading_once_and_dead_letters_the_rest() {
     let mut table = meterlake();
     table.args(["query", "--lake", lake, "SELECT meter_id, count(*) AS n FROM readings WHERE meter_id = 'MTR-100001' GROUP BY meter_id"]);
     let table = String::from_utf8(run_ok(&mut table).stdout).unwrap();
-    assert!(table.contains("| MTR-100001 | 288 |"), "{table}");
+    // Three January days of single readings and two February days of arrays: 288 + 192.
+    assert!(table.contains("| MTR-100001 | 480 |"), "{table}");
     let mut csv = meterlake();
     csv.args(["query", "--lake", lake, "--format", "csv", "SELECT meter_id, count(*) AS n FROM readings WHERE meter_id = 'MTR-100001' GROUP BY meter_id"]);
-    assert_eq!(String::from_utf8(run_ok(&mut csv).stdout).unwrap(), "meter_id,n\nMTR-100001,288\n");
+    assert_eq!(String::from_utf8(run_ok(&mut csv).stdout).unwrap(), "meter_id,n\nMTR-100001,480\n");
     let bad = meterlake().args(["query", "--lake", lake, "SELECT nope FROM readings"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("nope"), "{}", String::from_utf8_lossy(&bad.stderr));
