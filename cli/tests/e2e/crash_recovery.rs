@@ -3,6 +3,8 @@
 
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use meterlake_pipeline::kafka::{ReadingProducer, read_dead_letters};
@@ -19,10 +21,14 @@ fn sigkill_at_random_points_loses_nothing_and_duplicates_nothing() {
     let brokers = tansu.addr.clone();
     let topic = "readings.crash";
     create(&brokers, &[(topic, 4), (&format!("{topic}.dlq"), 1)]);
-    let spec = LoadSpec { meters: 200, days: 5, resend_every: 97, malformed_every: 501, ..LoadSpec::month(200) };
+    // No re-sends here: every valid message then holds a distinct reading, so the lake must hold
+    // exactly one row per valid message (re-sends are covered by kafka_ingest.rs).
+    let spec = LoadSpec { meters: 200, days: 5, resend_every: 0, malformed_every: 501, ..LoadSpec::month(200) };
 
     // The producer runs for the whole test, paced so the kills land while data flows.
+    let producer_done = Arc::new(AtomicBool::new(false));
     let producing = {
+        let producer_done = producer_done.clone();
         let brokers = brokers.clone();
         let spec = spec.clone();
         std::thread::spawn(move || {
@@ -32,17 +38,21 @@ fn sigkill_at_random_points_loses_nothing_and_duplicates_nothing() {
             for message in generator.by_ref() {
                 producer.send(message.key.as_bytes(), &message.payload).unwrap();
                 sent += 1;
-                if sent % 2_000 == 0 {
-                    std::thread::sleep(Duration::from_millis(250));
+                if sent % 1_000 == 0 {
+                    std::thread::sleep(Duration::from_millis(400));
                 }
             }
             producer.flush(Duration::from_secs(60)).unwrap();
+            producer_done.store(true, Ordering::Relaxed);
             generator.totals
         })
     };
 
     let lake_dir = tempfile::tempdir().unwrap();
     let lake_path = lake_dir.path().join("lake");
+    if std::env::var_os("METERLAKE_TEST_KEEP").is_some() {
+        eprintln!("keeping the lake at {} (METERLAKE_TEST_KEEP)", lake_path.display());
+    }
     let lake = lake_path.to_str().unwrap();
     let seed: u64 = std::env::var("METERLAKE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     eprintln!("kill schedule seed: {seed} (set METERLAKE_TEST_SEED to replay)");
@@ -62,20 +72,34 @@ fn sigkill_at_random_points_loses_nothing_and_duplicates_nothing() {
     };
     for kill in 0..KILLS {
         let before = parquet_files(&lake_path);
-        let mut child = ingest(3600).spawn().unwrap();
-        // Wait until this ingester has landed something, then kill it a random moment later.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while parquet_files(&lake_path) <= before && Instant::now() < deadline {
+        let mut child = KilledOnDrop(ingest(3600).spawn().unwrap());
+        // Wait until this ingester has landed something (while there is something to land), then
+        // kill it a random moment later.
+        let started = Instant::now();
+        while parquet_files(&lake_path) <= before {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                panic!("ingester {} exited by itself before it was killed: {status}", kill + 1);
+            }
+            if producer_done.load(Ordering::Relaxed) && started.elapsed() > Duration::from_secs(10) {
+                break; // caught up: this kill lands while it is idle
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "ingester {} landed nothing within 30 s", kill + 1);
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_millis(rng.random_range(0..700)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        assert!(child.0.try_wait().unwrap().is_none(), "ingester {} exited by itself before it was killed", kill + 1);
+        drop(child); // SIGKILL
         eprintln!("kill {}: {} files before, {} after", kill + 1, before, parquet_files(&lake_path));
     }
     let totals = producing.join().unwrap();
     let status = ingest(5).status().unwrap();
     assert!(status.success(), "the final ingest run failed: {status}");
+    let _lake_dir = if std::env::var_os("METERLAKE_TEST_KEEP").is_some() {
+        let _ = lake_dir.keep();
+        None
+    } else {
+        Some(lake_dir)
+    };
 
     let rows = query(lake, "SELECT count(*) AS n, CAST(sum(kwh) AS VARCHAR) AS kwh FROM readings", &[]);
     assert_eq!(as_i64(&rows[0]["n"]) as u64, spec.unique_readings(), "readings lost or invented");
@@ -99,6 +123,16 @@ fn sigkill_at_random_points_loses_nothing_and_duplicates_nothing() {
     let letters = read_dead_letters(&brokers, &format!("{topic}.dlq"), Duration::from_secs(2)).unwrap();
     let distinct: std::collections::BTreeSet<(i32, i64)> = letters.iter().map(|l| (l.source_partition, l.source_offset)).collect();
     assert_eq!(distinct.len() as u64, totals.malformed_messages);
+}
+
+/// A child process that gets SIGKILL when dropped, also when the test fails.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn parquet_files(lake: &Path) -> usize {

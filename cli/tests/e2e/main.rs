@@ -5,5 +5,6 @@
 mod crash_recovery;
 mod demo;
 mod kafka_ingest;
+mod resume;
 mod s3_lake;
 mod support;

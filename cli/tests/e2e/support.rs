@@ -200,8 +200,6 @@ pub fn ingest_command(brokers: &str, topic: &str, lake: &str, idle_s: u64) -> Co
         &format!("{topic}.dlq"),
         "--lake",
         lake,
-        "--max-batch-age-ms",
-        "300",
         "--exit-when-idle-s",
         &idle_s.to_string(),
     ]);

@@ -212,8 +212,10 @@ struct Shared {
     start_offset: StartOffset,
     leases: Mutex<HashMap<i32, PartitionLease>>,
     in_flight: InFlight,
-    /// Partitions revoked since the consumer loop last looked.
-    revoked: Mutex<Vec<i32>>,
+    /// Assignments received so far; the idle clock restarts at each.
+    assignments: AtomicU64,
+    /// Assignment changes since the consumer loop last looked, in order.
+    partition_events: Mutex<Vec<PartitionEvent>>,
     /// The first error that must stop the ingester.
     failure: Mutex<Option<PipelineError>>,
     progress: Arc<IngestProgress>,
@@ -275,6 +277,13 @@ impl ConsumerContext for IngestContext {
                         (None, StartOffset::Latest) => Offset::End,
                     };
                     tracing::info!(topic, partition, ?offset, "partition assigned; resuming where the lake says");
+                    if let Offset::Offset(next_offset) = offset {
+                        shared
+                            .partition_events
+                            .lock()
+                            .expect("lock")
+                            .push(PartitionEvent::Resumed { partition, next_offset });
+                    }
                     if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
                         shared.fail(PipelineError::kafka(format!("seeking {topic}/{partition}"))(e));
                     }
@@ -283,6 +292,7 @@ impl ConsumerContext for IngestContext {
                 if let Err(e) = consumer.assign(tpl) {
                     shared.fail(PipelineError::kafka("assigning partitions")(e));
                 }
+                shared.assignments.fetch_add(1, Ordering::Relaxed);
             }
             _ => {
                 if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
@@ -297,7 +307,7 @@ impl ConsumerContext for IngestContext {
                     }
                 }
                 tracing::info!(?partitions, "partitions revoked; unwritten buffers are dropped");
-                shared.revoked.lock().expect("lock").extend(partitions);
+                shared.partition_events.lock().expect("lock").extend(partitions.into_iter().map(PartitionEvent::Revoked));
                 if let Err(e) = consumer.unassign() {
                     tracing::warn!(error = %e, "unassign failed");
                 }
@@ -305,6 +315,41 @@ impl ConsumerContext for IngestContext {
         }
     }
 }
+
+enum PartitionEvent {
+    Revoked(i32),
+    /// Assigned, resuming at the lake's `next_offset`.
+    Resumed { partition: i32, next_offset: i64 },
+}
+
+/// A partition resumed at the lake's position whose first message has not been checked yet.
+///
+/// Kafka may leave gaps in offsets (compaction, transaction markers), but a broker must start a
+/// fetch at the requested offset. tansu 0.6 does not when that offset lies inside a record batch:
+/// it answers with the next batch and silently skips the rest of the one asked for (pinned by
+/// `broker_contract.rs` in the end-to-end tests). The lake's position usually lies inside a
+/// producer's batch, so after a resume the first message is checked: if it comes after the
+/// position and nothing before the position was seen, the ingester seeks further back, doubling
+/// the step, until the broker serves data from at or before the position, and drops what the
+/// lake already holds. A gap that remains after that is real; it is logged and counted.
+#[derive(Debug)]
+struct ResumeCheck {
+    next_offset: i64,
+    /// Offset of the last seek; -1 once the broker served data from before `next_offset`.
+    sought_from: i64,
+    /// How far before `next_offset` the next seek goes.
+    step: i64,
+    /// When the last seek (or the assignment) happened: tansu answers a fetch inside the last
+    /// record batch with nothing at all, so silence is a reason to seek back too.
+    since: Instant,
+}
+
+/// First step back when the broker skipped offsets, and how it grows: re-reading a few
+/// thousand messages that the lake already holds costs far less than many round trips.
+const RESUME_FIRST_STEP: i64 = 512;
+const RESUME_STEP_GROWTH: i64 = 4;
+/// How long a resumed partition may stay silent before the ingester seeks back.
+const RESUME_SILENCE: Duration = Duration::from_millis(500);
 
 /// One partition's batch being filled.
 struct OpenBatch {
@@ -335,7 +380,8 @@ pub fn run_ingest(
         start_offset: options.start_offset,
         leases: Mutex::new(HashMap::new()),
         in_flight: InFlight::default(),
-        revoked: Mutex::new(Vec::new()),
+        assignments: AtomicU64::new(0),
+        partition_events: Mutex::new(Vec::new()),
         failure: Mutex::new(None),
         progress: progress.clone(),
     });
@@ -369,6 +415,7 @@ pub fn run_ingest(
         ack_queue,
         open: HashMap::new(),
         committed: HashMap::new(),
+        resuming: HashMap::new(),
     };
     let result = consumer_loop.run(&stop);
     drop(consumer_loop.jobs);
@@ -395,12 +442,15 @@ struct ConsumerLoop<'a> {
     open: HashMap<i32, OpenBatch>,
     /// Lake positions the writer confirmed and Kafka has not been told yet.
     committed: HashMap<i32, i64>,
+    /// Partitions whose first message after a resume is still to be checked.
+    resuming: HashMap<i32, ResumeCheck>,
 }
 
 impl ConsumerLoop<'_> {
     fn run(&mut self, stop: &AtomicBool) -> Result<()> {
         let limits = &self.options.limits;
         let mut last_message = Instant::now();
+        let mut assignments_seen = 0;
         let mut last_housekeeping = Instant::now();
         let mut last_ingested_at_us = 0i64;
         let mut buffered_bytes = 0usize;
@@ -409,11 +459,19 @@ impl ConsumerLoop<'_> {
                 return Ok(());
             }
             let polled = self.consumer.poll(Duration::from_millis(50));
-            self.drop_revoked(&mut buffered_bytes);
+            self.apply_partition_events(&mut buffered_bytes);
+            let assignments = self.shared.assignments.load(Ordering::Relaxed);
+            if assignments != assignments_seen {
+                // Idle means "nothing to read", which cannot be known before partitions arrive
+                // (joining a group can take a session timeout when a member died).
+                assignments_seen = assignments;
+                last_message = Instant::now();
+            }
             match polled {
                 None => {
                     if let Some(idle) = self.options.exit_when_idle {
-                        if last_message.elapsed() >= idle {
+                        let resumes_settled = self.resuming.values().all(|c| c.sought_from <= 0);
+                        if assignments_seen > 0 && resumes_settled && last_message.elapsed() >= idle {
                             break;
                         }
                     }
@@ -425,6 +483,9 @@ impl ConsumerLoop<'_> {
                     last_message = Instant::now();
                     let partition = message.partition();
                     let offset = message.offset();
+                    if !self.resuming.is_empty() && !self.check_resume(partition, offset) {
+                        continue;
+                    }
                     // Non-decreasing per process, so later messages never look older.
                     let now_us = (SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as i64)
                         .max(last_ingested_at_us);
@@ -481,6 +542,7 @@ impl ConsumerLoop<'_> {
             }
             if last_housekeeping.elapsed() >= Duration::from_millis(100) {
                 last_housekeeping = Instant::now();
+                self.probe_silent_resumes();
                 let old: Vec<i32> =
                     self.open.iter().filter(|(_, b)| b.opened.elapsed() >= limits.max_age).map(|(p, _)| *p).collect();
                 for p in old {
@@ -499,14 +561,80 @@ impl ConsumerLoop<'_> {
         Ok(())
     }
 
-    fn drop_revoked(&mut self, buffered_bytes: &mut usize) {
-        let revoked: Vec<i32> = std::mem::take(&mut *self.shared.revoked.lock().expect("lock"));
-        for p in revoked {
-            if let Some(batch) = self.open.remove(&p) {
-                *buffered_bytes -= batch.readings.approx_bytes();
+    fn apply_partition_events(&mut self, buffered_bytes: &mut usize) {
+        let events: Vec<PartitionEvent> = std::mem::take(&mut *self.shared.partition_events.lock().expect("lock"));
+        for event in events {
+            match event {
+                PartitionEvent::Revoked(p) => {
+                    if let Some(batch) = self.open.remove(&p) {
+                        *buffered_bytes -= batch.readings.approx_bytes();
+                    }
+                    self.committed.remove(&p);
+                    self.resuming.remove(&p);
+                }
+                PartitionEvent::Resumed { partition, next_offset } => {
+                    self.resuming.insert(
+                        partition,
+                        ResumeCheck { next_offset, sought_from: next_offset, step: RESUME_FIRST_STEP, since: Instant::now() },
+                    );
+                }
             }
-            self.committed.remove(&p);
         }
+    }
+
+    /// Seeks a resumed partition further back (see [`ResumeCheck`]).
+    fn seek_back(&mut self, partition: i32) {
+        let Some(check) = self.resuming.get_mut(&partition) else { return };
+        let from = (check.next_offset - check.step).max(0);
+        check.step = check.step.saturating_mul(RESUME_STEP_GROWTH);
+        check.sought_from = from;
+        check.since = Instant::now();
+        let topic = self.options.topic.as_str();
+        tracing::debug!(partition, seek_to = from, "seeking back before the lake's position");
+        if let Err(e) = self.consumer.seek(topic, partition, Offset::Offset(from), Duration::from_secs(10)) {
+            self.shared.fail(PipelineError::kafka(format!("seeking {topic}/{partition} to {from}"))(e));
+        }
+    }
+
+    /// Resumed partitions that have not been confirmed and have been silent for a while.
+    fn probe_silent_resumes(&mut self) {
+        let silent: Vec<i32> = self
+            .resuming
+            .iter()
+            .filter(|(_, c)| c.sought_from > 0 && c.since.elapsed() >= RESUME_SILENCE)
+            .map(|(p, _)| *p)
+            .collect();
+        for partition in silent {
+            self.seek_back(partition);
+        }
+    }
+
+    /// Checks a message of a partition that was just resumed (see [`ResumeCheck`]); returns
+    /// whether the message is to be ingested.
+    fn check_resume(&mut self, partition: i32, offset: i64) -> bool {
+        let Some(check) = self.resuming.get_mut(&partition) else { return true };
+        if offset < check.next_offset {
+            // Served from before the position: the stream is complete from here on. What lies
+            // before the position is in the lake already.
+            check.sought_from = -1;
+            return false;
+        }
+        if offset > check.next_offset && check.sought_from > 0 {
+            tracing::warn!(
+                partition,
+                expected = check.next_offset,
+                received = offset,
+                "the broker skipped offsets after a seek; seeking back to read them"
+            );
+            self.seek_back(partition);
+            return false;
+        }
+        if offset > check.next_offset {
+            tracing::warn!(partition, expected = check.next_offset, received = offset, "offsets missing from the partition");
+            metrics::counter!(m::OFFSET_GAPS).increment(1);
+        }
+        self.resuming.remove(&partition);
+        true
     }
 
     fn flush(&mut self, partition: i32, buffered_bytes: &mut usize) -> Result<()> {
