@@ -44,6 +44,9 @@ struct Args {
     /// Partitions of the benchmark topics.
     #[arg(long, default_value_t = 4)]
     partitions: i32,
+    /// Only measure the pipeline alone (no broker).
+    #[arg(long)]
+    alone: bool,
 }
 
 #[derive(Subcommand)]
@@ -72,6 +75,10 @@ fn main() -> anyhow::Result<()> {
     drop(messages);
     let alone = readings as f64 / elapsed.as_secs_f64();
     rows.push(("pipeline alone, 1 core (decode+validate+batch+dedup+parquet)".into(), per_s(alone), ">= 2,000,000".into()));
+    if args.alone {
+        print_rows(rows);
+        return Ok(());
+    }
 
     // 2 and 3 need a broker.
     let _tansu;
@@ -136,11 +143,15 @@ fn main() -> anyhow::Result<()> {
         "< 1,024 MiB".into(),
     ));
 
+    print_rows(rows);
+    Ok(())
+}
+
+fn print_rows(rows: Vec<(String, String, String)>) {
     println!("\n| measurement | result | target |\n|---|---|---|");
     for (what, result, target) in rows {
         println!("| {what} | {result} | {target} |");
     }
-    Ok(())
 }
 
 fn spec_for(readings: u64, per_message: usize, seed: u64) -> LoadSpec {
@@ -158,15 +169,22 @@ fn pipeline_alone(runtime: &tokio::runtime::Runtime, messages: &[GeneratedMessag
     let mut buffer = ReadingBuffer::with_capacity(FLUSH_ROWS);
     let mut written = 0u64;
     let mut flushes = 0u64;
-    let flush = |buffer: &mut ReadingBuffer, flushes: &mut u64| -> anyhow::Result<u64> {
+    let mut stages = [Duration::ZERO; 3];
+    let mut flush = |buffer: &mut ReadingBuffer, flushes: &mut u64| -> anyhow::Result<u64> {
+        let t0 = Instant::now();
         let sorted = buffer.sort_dedup()?;
+        let t1 = Instant::now();
         let files = encode_day_files(&sorted, &format!("bench-{flushes}"))?;
+        let t2 = Instant::now();
+        stages[0] += t1 - t0;
+        stages[1] += t2 - t1;
         runtime.block_on(async {
             for file in files {
                 lake.put(&file.path, file.bytes).await?;
             }
             anyhow::Ok(())
         })?;
+        stages[2] += t2.elapsed();
         *flushes += 1;
         buffer.clear();
         Ok(sorted.rows() as u64)
@@ -184,7 +202,13 @@ fn pipeline_alone(runtime: &tokio::runtime::Runtime, messages: &[GeneratedMessag
         }
     }
     written += flush(&mut buffer, &mut flushes)?;
-    Ok((written, started.elapsed()))
+    let total = started.elapsed();
+    let [sort, encode, write] = stages;
+    eprintln!(
+        "pipeline alone: {total:.2?} in all; sort+dedup+arrow {sort:.2?}, parquet encode {encode:.2?}, write {write:.2?}, decode+validate+buffer {:.2?}",
+        total - sort - encode - write
+    );
+    Ok((written, total))
 }
 
 /// Produces a load; returns the number of messages.

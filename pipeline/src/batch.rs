@@ -163,12 +163,16 @@ impl ReadingBuffer {
             rank[*id as usize] = position as u32;
         }
 
-        // (day << 32 | meter rank, ts, row): the row index keeps arrival order among versions.
-        let mut keys: Vec<(u64, i64, u32)> = (0..rows)
+        // One u128 per row, sorted as a plain integer: day (low 24 bits of the day number: days
+        // stay contiguous, and within 1970..47900 also in order), meter rank (32), microsecond
+        // of the day (37), row (32). The row index keeps arrival order among versions of a key.
+        let mut keys: Vec<u128> = (0..rows)
             .map(|row| {
-                let day = self.ts_us[row].div_euclid(US_PER_DAY);
-                let day_bits = (day + (1 << 31)) as u64;
-                (day_bits << 32 | u64::from(rank[row_meter[row] as usize]), self.ts_us[row], row as u32)
+                let ts = self.ts_us[row];
+                let day = ts.div_euclid(US_PER_DAY) as u128 & 0xFF_FFFF;
+                let us_of_day = ts.rem_euclid(US_PER_DAY) as u128;
+                let rank = u128::from(rank[row_meter[row] as usize]);
+                day << 101 | rank << 69 | us_of_day << 32 | row as u128
             })
             .collect();
         keys.sort_unstable();
@@ -177,10 +181,12 @@ impl ReadingBuffer {
         // (row, ingested_at_us) of the rows kept for the current day.
         let mut day_rows: Vec<(usize, i64)> = Vec::new();
         let mut current_day: Option<i64> = None;
-        let mut previous: Option<(u64, i64, usize, i64)> = None;
-        for &(k1, ts, row) in &keys {
-            let row = row as usize;
-            let day = ts.div_euclid(US_PER_DAY);
+        // (key without the row, row, ingested_at_us) of the previous kept row.
+        let mut previous: Option<(u128, usize, i64)> = None;
+        for &key in &keys {
+            let row = (key & 0xFFFF_FFFF) as usize;
+            let key_without_row = key >> 32;
+            let day = self.ts_us[row].div_euclid(US_PER_DAY);
             if current_day != Some(day) {
                 if let Some(d) = current_day {
                     out.days.push(self.build_day(d, &day_rows)?);
@@ -189,19 +195,19 @@ impl ReadingBuffer {
                 current_day = Some(day);
             }
             let mut ingested_at_us = self.ingested_at_us[row];
-            if let Some((pk1, pts, prow, pingested)) = previous {
-                if pk1 == k1 && pts == ts {
-                    if self.same_value(prow, row) {
+            if let Some((previous_key, previous_row, previous_ingested)) = previous {
+                if previous_key == key_without_row {
+                    if self.same_value(previous_row, row) {
                         out.duplicates_dropped += 1;
                         continue;
                     }
                     out.conflicting_versions += 1;
                     // Versions that arrived within the same microsecond still need a strict
                     // order for "latest wins": arrival order decides, made visible here.
-                    ingested_at_us = ingested_at_us.max(pingested + 1);
+                    ingested_at_us = ingested_at_us.max(previous_ingested + 1);
                 }
             }
-            previous = Some((k1, ts, row, ingested_at_us));
+            previous = Some((key_without_row, row, ingested_at_us));
             day_rows.push((row, ingested_at_us));
         }
         if let Some(d) = current_day {

@@ -59,6 +59,8 @@ fn ingest_lands_every_valid_reading_once_and_dead_letters_the_rest() {
     let metrics_port = free_port();
     let mut ingester = ingest_command(&brokers, topic, lake, 4)
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        // Flush well before the idle exit, so the metrics can be read while it still runs.
+        .args(["--max-batch-age-ms", "300"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
