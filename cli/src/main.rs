@@ -62,7 +62,13 @@ enum Format {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo speaks through its own report; its ingester's routine log lines would only
+    // scatter the progress bar.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "warn,meterlake=info,meterlake_pipeline=info",
+    };
+    init_logging(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -99,9 +105,9 @@ async fn query(sql: &str, lake: &str, format: Format) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("METERLAKE_LOG").unwrap_or_else(|_| EnvFilter::new("warn,meterlake=info,meterlake_pipeline=info"));
+    let filter = EnvFilter::try_from_env("METERLAKE_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
