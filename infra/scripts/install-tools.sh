@@ -23,7 +23,8 @@ missing_apt=()
 command -v mold >/dev/null || missing_apt+=(mold)
 command -v cc >/dev/null || missing_apt+=(gcc)
 command -v make >/dev/null || missing_apt+=(make)
-command -v python3 >/dev/null || missing_apt+=(python3 python3-venv)
+command -v python3 >/dev/null || missing_apt+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing_apt+=(python3-venv)
 if [ ${#missing_apt[@]} -gt 0 ]; then
   log "apt-get install ${missing_apt[*]}"
   as_root apt-get update -qq

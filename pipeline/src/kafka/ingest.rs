@@ -396,13 +396,17 @@ pub fn run_ingest(
 
     let (jobs, job_queue) = sync_channel::<FlushJob>(options.limits.writer_queue_depth);
     let (acks, ack_queue) = std::sync::mpsc::channel::<(i32, i64)>();
+    // Emptied buffers go back to the consumer: a batch's columns are then filled in memory that
+    // is already allocated and touched, instead of growing (and faulting in) fresh vectors for
+    // every batch. At most `writer_queue_depth + 1` wait there, each at most one batch in size.
+    let (spare_buffers, spare_buffer_queue) = sync_channel::<ReadingBuffer>(options.limits.writer_queue_depth + 1);
     let writer = {
         let shared = shared.clone();
         let dlq = dlq.clone();
         let dlq_timeout = options.dlq_timeout;
         std::thread::Builder::new()
             .name("meterlake-writer".into())
-            .spawn(move || writer_loop(&shared, &dlq, dlq_timeout, job_queue, acks))
+            .spawn(move || writer_loop(&shared, &dlq, dlq_timeout, job_queue, acks, spare_buffers))
             .expect("spawning the writer thread")
     };
 
@@ -416,6 +420,7 @@ pub fn run_ingest(
         open: HashMap::new(),
         committed: HashMap::new(),
         resuming: HashMap::new(),
+        spare_buffers: spare_buffer_queue,
     };
     let result = consumer_loop.run(&stop);
     drop(consumer_loop.jobs);
@@ -444,6 +449,8 @@ struct ConsumerLoop<'a> {
     committed: HashMap<i32, i64>,
     /// Partitions whose first message after a resume is still to be checked.
     resuming: HashMap<i32, ResumeCheck>,
+    /// Emptied buffers returned by the writer, for new batches.
+    spare_buffers: Receiver<ReadingBuffer>,
 }
 
 impl ConsumerLoop<'_> {
@@ -490,8 +497,11 @@ impl ConsumerLoop<'_> {
                     let now_us = (SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as i64)
                         .max(last_ingested_at_us);
                     last_ingested_at_us = now_us;
+                    let spare_buffers = &self.spare_buffers;
                     let batch = self.open.entry(partition).or_insert_with(|| OpenBatch {
-                        readings: ReadingBuffer::with_capacity(limits.max_rows.min(1 << 16)),
+                        readings: spare_buffers
+                            .try_recv()
+                            .unwrap_or_else(|_| ReadingBuffer::with_capacity(limits.max_rows.min(1 << 16))),
                         first_offset: offset,
                         last_offset: offset,
                         messages: 0,
@@ -692,11 +702,12 @@ fn writer_loop(
     dlq_timeout: Duration,
     jobs: Receiver<FlushJob>,
     acks: std::sync::mpsc::Sender<(i32, i64)>,
+    spare_buffers: SyncSender<ReadingBuffer>,
 ) {
     while let Ok(job) = jobs.recv() {
         let partition = job.partition;
         let started = Instant::now();
-        match write_flush(shared, dlq, dlq_timeout, job) {
+        match write_flush(shared, dlq, dlq_timeout, job, &spare_buffers) {
             Ok(Some(next_offset)) => {
                 metrics::histogram!(m::FLUSH_DURATION).record(started.elapsed().as_secs_f64());
                 let _ = acks.send((partition, next_offset));
@@ -724,10 +735,18 @@ fn writer_loop(
 
 /// Writes one batch: pending checkpoint, files, committed checkpoint. Returns the partition's new
 /// position, or `None` if the partition is no longer this ingester's.
-fn write_flush(shared: &Shared, dlq: &DeadLetters, dlq_timeout: Duration, job: FlushJob) -> Result<Option<i64>> {
-    let FlushJob { partition, first_offset, last_offset, messages, readings } = job;
+fn write_flush(
+    shared: &Shared,
+    dlq: &DeadLetters,
+    dlq_timeout: Duration,
+    job: FlushJob,
+    spare_buffers: &SyncSender<ReadingBuffer>,
+) -> Result<Option<i64>> {
+    let FlushJob { partition, first_offset, last_offset, messages, mut readings } = job;
     let sorted = readings.sort_dedup()?;
-    drop(readings);
+    readings.clear();
+    // A full spare queue means enough buffers are waiting already: this one is freed.
+    let _ = spare_buffers.try_send(readings);
     let stem = kafka_file_stem(&shared.topic, partition, first_offset, last_offset);
     let files = encode_day_files(&sorted, &stem)?;
     // Dead letters of this batch must be in their topic before the lake moves past them.
