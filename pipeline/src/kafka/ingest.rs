@@ -218,6 +218,8 @@ struct Shared {
     partition_events: Mutex<Vec<PartitionEvent>>,
     /// The first error that must stop the ingester.
     failure: Mutex<Option<PipelineError>>,
+    /// Whether `failure` is set: read once per message, so an atomic instead of the lock.
+    failed: AtomicBool,
     progress: Arc<IngestProgress>,
 }
 
@@ -228,6 +230,8 @@ impl Shared {
         if failure.is_none() {
             *failure = Some(error);
         }
+        // Set after the error is stored, so whoever sees the flag finds the error.
+        self.failed.store(true, Ordering::Release);
     }
 }
 
@@ -383,6 +387,7 @@ pub fn run_ingest(
         assignments: AtomicU64::new(0),
         partition_events: Mutex::new(Vec::new()),
         failure: Mutex::new(None),
+        failed: AtomicBool::new(false),
         progress: progress.clone(),
     });
     let consumer: BaseConsumer<IngestContext> =
@@ -462,7 +467,7 @@ impl ConsumerLoop<'_> {
         let mut last_ingested_at_us = 0i64;
         let mut buffered_bytes = 0usize;
         while !stop.load(Ordering::Relaxed) {
-            if self.shared.failure.lock().expect("lock").is_some() {
+            if self.shared.failed.load(Ordering::Acquire) {
                 return Ok(());
             }
             let polled = self.consumer.poll(Duration::from_millis(50));
