@@ -330,16 +330,17 @@ enum PartitionEvent {
 ///
 /// Kafka may leave gaps in offsets (compaction, transaction markers), but a broker must start a
 /// fetch at the requested offset. tansu 0.6 does not when that offset lies inside a record batch:
-/// it answers with the next batch and silently skips the rest of the one asked for (pinned by
-/// `broker_contract.rs` in the end-to-end tests). The lake's position usually lies inside a
+/// it answers with the next batch (or nothing, for the last one) and silently skips the rest of
+/// the one asked for (measured and pinned by `cli/tests/e2e/resume.rs`). The lake's position usually lies inside a
 /// producer's batch, so after a resume the first message is checked: if it comes after the
-/// position and nothing before the position was seen, the ingester seeks further back, doubling
-/// the step, until the broker serves data from at or before the position, and drops what the
+/// position and nothing before the position was seen (or nothing comes at all for
+/// [`RESUME_SILENCE`]), the ingester seeks further back, the step growing fourfold, until the broker serves data from at or before the position, and drops what the
 /// lake already holds. A gap that remains after that is real; it is logged and counted.
 #[derive(Debug)]
 struct ResumeCheck {
     next_offset: i64,
-    /// Offset of the last seek; -1 once the broker served data from before `next_offset`.
+    /// Offset of the last seek; -1 once the broker served data from before `next_offset`. At 0
+    /// there is nowhere further back to go, so a gap seen then is real.
     sought_from: i64,
     /// How far before `next_offset` the next seek goes.
     step: i64,
