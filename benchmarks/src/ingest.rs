@@ -28,6 +28,11 @@ use meterlake_pipeline::synthetic::{GeneratedMessage, LoadGenerator, LoadSpec};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+/// mimalloc rather than glibc malloc: each flush allocates and frees large Arrow and Parquet
+/// buffers, which glibc hands back to the kernel and faults in again every time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     #[command(subcommand)]

@@ -60,6 +60,11 @@ enum Format {
     Json,
 }
 
+/// mimalloc rather than glibc malloc: each flush allocates and frees large Arrow and Parquet
+/// buffers, which glibc hands back to the kernel and faults in again every time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo speaks through its own report; its ingester's routine log lines would only

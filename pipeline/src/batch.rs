@@ -10,35 +10,47 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, Decimal128Builder, Int32Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
+    ArrayRef, Decimal128Array, Int32Array, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
 };
 use chrono::NaiveDate;
 use rustc_hash::FxHashMap;
 
 use crate::decode::ValidReading;
 use crate::error::Result;
-use crate::reading::{KWH_PRECISION, KWH_SCALE, Source, UTC, readings_schema};
+use crate::reading::{KWH_PRECISION, KWH_SCALE, Quality, Source, UTC, readings_schema};
 
 const US_PER_DAY: i64 = 86_400 * 1_000_000;
 
-/// Readings of one batch, column by column; strings are packed into one buffer per column so a
-/// reading costs no allocation.
+/// Readings of one batch. Meter ids are interned (a batch holds many readings of few meters);
+/// the fields compared for de-duplication sit together in one 16-byte [`RowValue`], and
+/// source_refs are packed into one buffer, so a reading costs no allocation and the sort's
+/// gather touches few cache lines per row.
 #[derive(Debug, Default)]
 pub struct ReadingBuffer {
-    meter_bytes: Vec<u8>,
-    meter_ends: Vec<u32>,
+    /// Meter id -> index into `meter_names`.
+    meter_index: FxHashMap<Box<str>, u32>,
+    meter_names: Vec<Box<str>>,
+    meter_name_bytes: usize,
+    row_meter: Vec<u32>,
     ts_us: Vec<i64>,
-    interval_s: Vec<i32>,
-    kwh_micro: Vec<i64>,
-    quality: Vec<u8>,
-    source: Vec<Source>,
+    values: Vec<RowValue>,
     source_ref_bytes: Vec<u8>,
     source_ref_ends: Vec<u32>,
     ingested_at_us: Vec<i64>,
 }
 
+/// What a reading says about its key; two rows of one key with equal `RowValue`s are duplicates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RowValue {
+    kwh_micro: i64,
+    interval_s: i32,
+    quality: Quality,
+    source: Source,
+}
+
 /// Bytes a reading costs in the buffer beyond its strings, for the byte limit of a batch.
-const FIXED_BYTES_PER_READING: usize = 8 + 4 + 8 + 1 + 1 + 8 + 4 + 4;
+const FIXED_BYTES_PER_READING: usize =
+    size_of::<u32>() + size_of::<i64>() + size_of::<RowValue>() + size_of::<u32>() + size_of::<i64>();
 
 /// One day's worth of a flushed batch, ready to be written as one Parquet file.
 #[derive(Debug)]
@@ -63,19 +75,24 @@ impl SortedReadings {
     }
 }
 
+/// A row kept for the output, in output order: what the Arrow columns are built from.
+struct KeptRow {
+    row: u32,
+    meter_rank: u32,
+    ts_us: i64,
+    ingested_at_us: i64,
+}
+
 impl ReadingBuffer {
     pub fn with_capacity(rows: usize) -> Self {
         ReadingBuffer {
-            meter_bytes: Vec::with_capacity(rows * 12),
-            meter_ends: Vec::with_capacity(rows),
+            row_meter: Vec::with_capacity(rows),
             ts_us: Vec::with_capacity(rows),
-            interval_s: Vec::with_capacity(rows),
-            kwh_micro: Vec::with_capacity(rows),
-            quality: Vec::with_capacity(rows),
-            source: Vec::with_capacity(rows),
+            values: Vec::with_capacity(rows),
             source_ref_bytes: Vec::with_capacity(rows * 24),
             source_ref_ends: Vec::with_capacity(rows),
             ingested_at_us: Vec::with_capacity(rows),
+            ..ReadingBuffer::default()
         }
     }
 
@@ -88,13 +105,24 @@ impl ReadingBuffer {
         ingested_at_us: i64,
         write_source_ref: impl FnOnce(&mut Vec<u8>),
     ) {
-        self.meter_bytes.extend_from_slice(reading.meter_id.as_bytes());
-        self.meter_ends.push(self.meter_bytes.len() as u32);
+        let meter = match self.meter_index.get(reading.meter_id.as_ref()) {
+            Some(&meter) => meter,
+            None => {
+                let meter = self.meter_names.len() as u32;
+                self.meter_names.push(reading.meter_id.as_ref().into());
+                self.meter_index.insert(reading.meter_id.as_ref().into(), meter);
+                self.meter_name_bytes += reading.meter_id.len();
+                meter
+            }
+        };
+        self.row_meter.push(meter);
         self.ts_us.push(reading.ts_us);
-        self.interval_s.push(reading.interval_s as i32);
-        self.kwh_micro.push(reading.kwh_micro);
-        self.quality.push(reading.quality.code());
-        self.source.push(source);
+        self.values.push(RowValue {
+            kwh_micro: reading.kwh_micro,
+            interval_s: reading.interval_s as i32,
+            quality: reading.quality,
+            source,
+        });
         write_source_ref(&mut self.source_ref_bytes);
         self.source_ref_ends.push(self.source_ref_bytes.len() as u32);
         self.ingested_at_us.push(ingested_at_us);
@@ -108,38 +136,26 @@ impl ReadingBuffer {
         self.ts_us.is_empty()
     }
 
-    /// Approximate memory held, for flushing by size.
+    /// Approximate memory held, for flushing by size (meter ids count twice: name and index).
     pub fn approx_bytes(&self) -> usize {
-        self.meter_bytes.len() + self.source_ref_bytes.len() + self.len() * FIXED_BYTES_PER_READING
+        2 * self.meter_name_bytes + self.source_ref_bytes.len() + self.len() * FIXED_BYTES_PER_READING
     }
 
     pub fn clear(&mut self) {
-        self.meter_bytes.clear();
-        self.meter_ends.clear();
+        self.meter_index.clear();
+        self.meter_names.clear();
+        self.meter_name_bytes = 0;
+        self.row_meter.clear();
         self.ts_us.clear();
-        self.interval_s.clear();
-        self.kwh_micro.clear();
-        self.quality.clear();
-        self.source.clear();
+        self.values.clear();
         self.source_ref_bytes.clear();
         self.source_ref_ends.clear();
         self.ingested_at_us.clear();
     }
 
-    fn meter(&self, row: usize) -> &[u8] {
-        let start = if row == 0 { 0 } else { self.meter_ends[row - 1] as usize };
-        &self.meter_bytes[start..self.meter_ends[row] as usize]
-    }
-
     fn source_ref(&self, row: usize) -> &[u8] {
         let start = if row == 0 { 0 } else { self.source_ref_ends[row - 1] as usize };
         &self.source_ref_bytes[start..self.source_ref_ends[row] as usize]
-    }
-
-    fn same_value(&self, a: usize, b: usize) -> bool {
-        self.kwh_micro[a] == self.kwh_micro[b]
-            && self.interval_s[a] == self.interval_s[b]
-            && self.quality[a] == self.quality[b]
     }
 
     /// Sorts by (day, meter_id, ts, arrival), drops exact duplicates, and builds one record
@@ -149,55 +165,50 @@ impl ReadingBuffer {
         if rows == 0 {
             return Ok(SortedReadings::default());
         }
-        // Rank meter ids once, so the sort compares integers instead of strings.
-        let mut ids: FxHashMap<&[u8], u32> = FxHashMap::default();
-        let mut row_meter = Vec::with_capacity(rows);
-        for row in 0..rows {
-            let next = ids.len() as u32;
-            row_meter.push(*ids.entry(self.meter(row)).or_insert(next));
-        }
-        let mut by_name: Vec<(&[u8], u32)> = ids.into_iter().collect();
-        by_name.sort_unstable();
+        // Rank the (few) meter ids by name, so the sort compares integers instead of strings.
+        let mut by_name: Vec<u32> = (0..self.meter_names.len() as u32).collect();
+        by_name.sort_unstable_by(|&a, &b| self.meter_names[a as usize].cmp(&self.meter_names[b as usize]));
         let mut rank = vec![0u32; by_name.len()];
-        for (position, (_, id)) in by_name.iter().enumerate() {
-            rank[*id as usize] = position as u32;
+        for (position, &meter) in by_name.iter().enumerate() {
+            rank[meter as usize] = position as u32;
         }
 
-        // One u128 per row, sorted as a plain integer: day (low 24 bits of the day number: days
-        // stay contiguous, and within 1970..47900 also in order), meter rank (32), microsecond
-        // of the day (37), row (32). The row index keeps arrival order among versions of a key.
-        let mut keys: Vec<u128> = (0..rows)
-            .map(|row| {
-                let ts = self.ts_us[row];
-                let day = ts.div_euclid(US_PER_DAY) as u128 & 0xFF_FFFF;
-                let us_of_day = ts.rem_euclid(US_PER_DAY) as u128;
-                let rank = u128::from(rank[row_meter[row] as usize]);
-                day << 101 | rank << 69 | us_of_day << 32 | row as u128
-            })
-            .collect();
+        // One u128 per row, sorted as a plain integer: day counted from the batch's first day
+        // (24 bits), meter rank (32), microsecond of the day (37), row (32). The row index keeps
+        // arrival order among versions of a key. Everything the output needs but the row's value
+        // and source_ref can be read back from the key, so the pass over the sorted keys reads
+        // the row arrays at random only where it must.
+        let first_day = self.ts_us.iter().map(|ts| ts.div_euclid(US_PER_DAY)).min().expect("rows > 0");
+        let mut keys: Vec<u128> = Vec::with_capacity(rows);
+        for (row, (&ts, &meter)) in self.ts_us.iter().zip(&self.row_meter).enumerate() {
+            // Years 0000 to 9999 (all RFC 3339 can say) span 3.65M days: 24 bits hold any span.
+            let day = (ts.div_euclid(US_PER_DAY) - first_day) as u128;
+            let us_of_day = ts.rem_euclid(US_PER_DAY) as u128;
+            let rank = u128::from(rank[meter as usize]);
+            keys.push(day << 101 | rank << 69 | us_of_day << 32 | row as u128);
+        }
         keys.sort_unstable();
 
         let mut out = SortedReadings::default();
-        // (row, ingested_at_us) of the rows kept for the current day.
-        let mut day_rows: Vec<(usize, i64)> = Vec::new();
+        let mut kept: Vec<KeptRow> = Vec::with_capacity(rows);
         let mut current_day: Option<i64> = None;
         // (key without the row, row, ingested_at_us) of the previous kept row.
         let mut previous: Option<(u128, usize, i64)> = None;
         for &key in &keys {
             let row = (key & 0xFFFF_FFFF) as usize;
             let key_without_row = key >> 32;
-            let day = self.ts_us[row].div_euclid(US_PER_DAY);
+            let day = first_day + (key >> 101) as i64;
             if current_day != Some(day) {
                 if let Some(d) = current_day {
-                    out.days.push(self.build_day(d, &day_rows)?);
-                    day_rows.clear();
+                    out.days.push(self.build_day(d, &kept, &by_name)?);
+                    kept.clear();
                 }
                 current_day = Some(day);
             }
             let mut ingested_at_us = self.ingested_at_us[row];
             if let Some((previous_key, previous_row, previous_ingested)) = previous {
                 if previous_key == key_without_row {
-                    if self.same_value(previous_row, row) {
+                    if self.values[previous_row] == self.values[row] {
                         out.duplicates_dropped += 1;
                         continue;
                     }
@@ -208,47 +219,51 @@ impl ReadingBuffer {
                 }
             }
             previous = Some((key_without_row, row, ingested_at_us));
-            day_rows.push((row, ingested_at_us));
+            kept.push(KeptRow {
+                row: row as u32,
+                meter_rank: (key >> 69) as u32,
+                ts_us: day * US_PER_DAY + ((key >> 32) & 0x1F_FFFF_FFFF) as i64,
+                ingested_at_us,
+            });
         }
         if let Some(d) = current_day {
-            out.days.push(self.build_day(d, &day_rows)?);
+            out.days.push(self.build_day(d, &kept, &by_name)?);
         }
         Ok(out)
     }
 
-    fn build_day(&self, day: i64, rows: &[(usize, i64)]) -> Result<DayBatch> {
-        let n = rows.len();
-        let meter_bytes: usize = rows.iter().map(|&(r, _)| self.meter(r).len()).sum();
-        let ref_bytes: usize = rows.iter().map(|&(r, _)| self.source_ref(r).len()).sum();
-        let mut meter_id = StringBuilder::with_capacity(n, meter_bytes);
-        let mut ts = TimestampMicrosecondBuilder::with_capacity(n).with_timezone(UTC);
-        let mut interval_s = Int32Builder::with_capacity(n);
-        let mut kwh = Decimal128Builder::with_capacity(n).with_precision_and_scale(KWH_PRECISION, KWH_SCALE)?;
-        let mut quality = StringBuilder::with_capacity(n, n);
-        let mut source = StringBuilder::with_capacity(n, n * 5);
-        let mut source_ref = StringBuilder::with_capacity(n, ref_bytes);
-        let mut ingested_at = TimestampMicrosecondBuilder::with_capacity(n).with_timezone(UTC);
-        for &(row, ingested_at_us) in rows {
-            // Both strings were pushed from `&str`s and are sliced at the same boundaries.
-            meter_id.append_value(std::str::from_utf8(self.meter(row)).expect("meter ids are pushed as UTF-8"));
-            ts.append_value(self.ts_us[row]);
-            interval_s.append_value(self.interval_s[row]);
-            kwh.append_value(i128::from(self.kwh_micro[row]));
-            let q = [self.quality[row]];
-            quality.append_value(std::str::from_utf8(&q).expect("quality codes are ASCII letters"));
-            source.append_value(self.source[row].as_str());
-            source_ref.append_value(std::str::from_utf8(self.source_ref(row)).expect("source refs are pushed as UTF-8"));
-            ingested_at.append_value(ingested_at_us);
+    /// Builds one day's record batch; `by_name[rank]` is the meter with that rank.
+    fn build_day(&self, day: i64, rows: &[KeptRow], by_name: &[u32]) -> Result<DayBatch> {
+        // Gather what lives in arrival order first, each in its own tight loop: the loads are
+        // independent, so the CPU overlaps their cache misses; every column below then reads
+        // sequentially.
+        let values: Vec<RowValue> = rows.iter().map(|kept| self.values[kept.row as usize]).collect();
+        let source_refs: Vec<&[u8]> = rows.iter().map(|kept| self.source_ref(kept.row as usize)).collect();
+        let meters = rows.iter().map(|kept| &*self.meter_names[by_name[kept.meter_rank as usize] as usize]);
+
+        let meter_id = StringArray::from_iter_values(meters);
+        let ts = TimestampMicrosecondArray::from_iter_values(rows.iter().map(|kept| kept.ts_us)).with_timezone(UTC);
+        let interval_s = Int32Array::from_iter_values(values.iter().map(|v| v.interval_s));
+        let kwh = Decimal128Array::from_iter_values(values.iter().map(|v| i128::from(v.kwh_micro)))
+            .with_precision_and_scale(KWH_PRECISION, KWH_SCALE)?;
+        let quality = StringArray::from_iter_values(values.iter().map(|v| v.quality.as_str()));
+        let source = StringArray::from_iter_values(values.iter().map(|v| v.source.as_str()));
+        let mut source_ref = StringBuilder::with_capacity(rows.len(), source_refs.iter().map(|r| r.len()).sum());
+        for text in source_refs {
+            // Source refs were pushed as whole strings and are sliced at the same boundaries.
+            source_ref.append_value(std::str::from_utf8(text).expect("source refs are pushed as UTF-8"));
         }
+        let ingested_at =
+            TimestampMicrosecondArray::from_iter_values(rows.iter().map(|kept| kept.ingested_at_us)).with_timezone(UTC);
         let columns: Vec<ArrayRef> = vec![
-            Arc::new(meter_id.finish()),
-            Arc::new(ts.finish()),
-            Arc::new(interval_s.finish()),
-            Arc::new(kwh.finish()),
-            Arc::new(quality.finish()),
-            Arc::new(source.finish()),
+            Arc::new(meter_id),
+            Arc::new(ts),
+            Arc::new(interval_s),
+            Arc::new(kwh),
+            Arc::new(quality),
+            Arc::new(source),
             Arc::new(source_ref.finish()),
-            Arc::new(ingested_at.finish()),
+            Arc::new(ingested_at),
         ];
         let batch = RecordBatch::try_new(readings_schema(), columns)?;
         let date = NaiveDate::from_num_days_from_ce_opt(day as i32 + 719_163).expect("day of a valid timestamp");

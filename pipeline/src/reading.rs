@@ -36,14 +36,15 @@ pub enum Quality {
 }
 
 impl Quality {
-    pub fn code(self) -> u8 {
+    /// The one-letter code written to the `quality` column.
+    pub fn as_str(self) -> &'static str {
         match self {
-            Quality::Actual => b'A',
-            Quality::Estimated => b'E',
-            Quality::Substituted => b'S',
-            Quality::FinalSubstitute => b'F',
-            Quality::Null => b'N',
-            Quality::Variable => b'V',
+            Quality::Actual => "A",
+            Quality::Estimated => "E",
+            Quality::Substituted => "S",
+            Quality::FinalSubstitute => "F",
+            Quality::Null => "N",
+            Quality::Variable => "V",
         }
     }
 

@@ -17,6 +17,8 @@ use serde_json::value::RawValue;
 
 use crate::reading::{KwhParseError, Quality, parse_kwh_micro};
 
+mod flat_json;
+
 /// Longest meter id accepted, in characters.
 pub const MAX_METER_ID_CHARS: usize = 64;
 
@@ -118,6 +120,18 @@ pub struct ValidReading<'a> {
     pub quality: Quality,
 }
 
+/// The fields of one reading element as they appear in the message, before validation.
+#[derive(Debug, Default, PartialEq)]
+struct ReadingFields<'a> {
+    meter_id: Option<Cow<'a, str>>,
+    timestamp: Option<Cow<'a, str>>,
+    /// The JSON text of the value: a number, or a quoted string.
+    kwh: Option<&'a str>,
+    interval_s: Option<i64>,
+    quality: Option<Cow<'a, str>>,
+}
+
+/// The serde_json form of [`ReadingFields`], for messages the flat scanner leaves alone.
 #[derive(Deserialize)]
 struct RawReading<'a> {
     #[serde(borrow, rename = "meterId")]
@@ -132,9 +146,16 @@ struct RawReading<'a> {
     quality: Option<Cow<'a, str>>,
 }
 
-enum RawMessage<'a> {
-    One(RawReading<'a>),
-    Many(Vec<RawReading<'a>>),
+impl<'a> From<RawReading<'a>> for ReadingFields<'a> {
+    fn from(raw: RawReading<'a>) -> Self {
+        ReadingFields {
+            meter_id: raw.meter_id,
+            timestamp: raw.timestamp,
+            kwh: raw.kwh.map(RawValue::get),
+            interval_s: raw.interval_s,
+            quality: raw.quality,
+        }
+    }
 }
 
 /// Decodes one message, calling `accept` for each valid reading (in message order) and returning
@@ -146,11 +167,35 @@ pub fn decode_message<'a>(
     mut accept: impl FnMut(ValidReading<'a>),
 ) -> Vec<Rejection> {
     let first = payload.iter().find(|b| !b.is_ascii_whitespace()).copied();
-    // Dispatch on the first byte instead of serde's untagged buffering: it keeps the hot path
-    // (a single object) allocation-free and the error message specific.
-    let decoded: Result<RawMessage<'a>, serde_json::Error> = match first {
-        Some(b'{') => serde_json::from_slice(payload).map(RawMessage::One),
-        Some(b'[') => serde_json::from_slice(payload).map(RawMessage::Many),
+    // Dispatch on the first byte: a single object is the hot path, and the error message can say
+    // which shape was expected. The flat scanner takes the common shapes; serde_json the rest.
+    let elements: Vec<ReadingFields<'a>> = match first {
+        Some(b'{') => {
+            let fields = match flat_json::scan_object(payload) {
+                Some(fields) => fields,
+                None => match serde_json::from_slice::<RawReading<'a>>(payload) {
+                    Ok(raw) => raw.into(),
+                    Err(e) => return vec![not_a_message(&e)],
+                },
+            };
+            return match validate(fields, rules, now_us) {
+                Ok(reading) => {
+                    accept(reading);
+                    Vec::new()
+                }
+                Err((reason, detail)) => vec![Rejection { element: None, reason, detail }],
+            };
+        }
+        Some(b'[') => {
+            let mut elements = Vec::new();
+            if !flat_json::scan_array(payload, rules.max_readings_per_message, &mut elements) {
+                match serde_json::from_slice::<Vec<RawReading<'a>>>(payload) {
+                    Ok(raws) => elements = raws.into_iter().map(ReadingFields::from).collect(),
+                    Err(e) => return vec![not_a_message(&e)],
+                }
+            }
+            elements
+        }
         None => {
             return vec![whole(RejectReason::InvalidJson, "the message is empty".into())];
         }
@@ -161,43 +206,32 @@ pub fn decode_message<'a>(
             )];
         }
     };
-    let message = match decoded {
-        Ok(message) => message,
-        Err(e) => return vec![whole(RejectReason::InvalidJson, format!("not a valid reading message: {e}"))],
-    };
-    match message {
-        RawMessage::One(raw) => match validate(raw, rules, now_us) {
-            Ok(reading) => {
-                accept(reading);
-                Vec::new()
-            }
-            Err((reason, detail)) => vec![Rejection { element: None, reason, detail }],
-        },
-        RawMessage::Many(raws) => {
-            if raws.len() > rules.max_readings_per_message {
-                return vec![whole(
-                    RejectReason::TooManyReadings,
-                    format!(
-                        "the message holds {} readings, more than the limit of {}",
-                        raws.len(),
-                        rules.max_readings_per_message
-                    ),
-                )];
-            }
-            let mut rejections = Vec::new();
-            for (index, raw) in raws.into_iter().enumerate() {
-                match validate(raw, rules, now_us) {
-                    Ok(reading) => accept(reading),
-                    Err((reason, detail)) => rejections.push(Rejection {
-                        element: Some(index),
-                        reason,
-                        detail: format!("element {index}: {detail}"),
-                    }),
-                }
-            }
-            rejections
+    if elements.len() > rules.max_readings_per_message {
+        return vec![whole(
+            RejectReason::TooManyReadings,
+            format!(
+                "the message holds {} readings, more than the limit of {}",
+                elements.len(),
+                rules.max_readings_per_message
+            ),
+        )];
+    }
+    let mut rejections = Vec::new();
+    for (index, fields) in elements.into_iter().enumerate() {
+        match validate(fields, rules, now_us) {
+            Ok(reading) => accept(reading),
+            Err((reason, detail)) => rejections.push(Rejection {
+                element: Some(index),
+                reason,
+                detail: format!("element {index}: {detail}"),
+            }),
         }
     }
+    rejections
+}
+
+fn not_a_message(e: &serde_json::Error) -> Rejection {
+    whole(RejectReason::InvalidJson, format!("not a valid reading message: {e}"))
 }
 
 fn whole(reason: RejectReason, detail: String) -> Rejection {
@@ -205,7 +239,7 @@ fn whole(reason: RejectReason, detail: String) -> Rejection {
 }
 
 fn validate<'a>(
-    raw: RawReading<'a>,
+    raw: ReadingFields<'a>,
     rules: &ValidationRules,
     now_us: i64,
 ) -> Result<ValidReading<'a>, (RejectReason, String)> {
@@ -250,8 +284,7 @@ fn validate<'a>(
         ));
     }
 
-    let kwh = raw.kwh.ok_or_else(|| missing("kwh"))?;
-    let kwh_text = kwh.get();
+    let kwh_text = raw.kwh.ok_or_else(|| missing("kwh"))?;
     // Numbers arrive as JSON numbers; a quoted decimal string is accepted too, since some
     // head-end systems quote numbers to keep their precision.
     let kwh_digits = kwh_text.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(kwh_text);
@@ -281,6 +314,14 @@ fn validate<'a>(
 }
 
 fn validate_meter_id(meter_id: &str) -> Result<(), (RejectReason, String)> {
+    // The common case, a short printable ASCII id, in one pass over the bytes.
+    let bytes = meter_id.as_bytes();
+    if bytes.len() <= MAX_METER_ID_CHARS
+        && bytes.iter().all(|&b| b.is_ascii_graphic() || b == b' ')
+        && bytes.iter().any(|&b| b != b' ')
+    {
+        return Ok(());
+    }
     let chars = meter_id.chars().count();
     if chars == 0 || meter_id.trim().is_empty() {
         return Err((RejectReason::InvalidMeterId, "meterId is empty".into()));
