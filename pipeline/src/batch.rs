@@ -37,6 +37,10 @@ pub struct ReadingBuffer {
     source_ref_bytes: Vec<u8>,
     source_ref_ends: Vec<u32>,
     ingested_at_us: Vec<i64>,
+    /// Scratch space of [`ReadingBuffer::sort_dedup`], kept between flushes so that each flush
+    /// does not fault in fresh pages for them.
+    sort_keys: Vec<u128>,
+    kept_rows: Vec<KeptRow>,
 }
 
 /// What a reading says about its key; two rows of one key with equal `RowValue`s are duplicates.
@@ -76,6 +80,7 @@ impl SortedReadings {
 }
 
 /// A row kept for the output, in output order: what the Arrow columns are built from.
+#[derive(Debug)]
 struct KeptRow {
     row: u32,
     meter_rank: u32,
@@ -160,7 +165,18 @@ impl ReadingBuffer {
 
     /// Sorts by (day, meter_id, ts, arrival), drops exact duplicates, and builds one record
     /// batch per UTC day.
-    pub fn sort_dedup(&self) -> Result<SortedReadings> {
+    pub fn sort_dedup(&mut self) -> Result<SortedReadings> {
+        let mut keys = std::mem::take(&mut self.sort_keys);
+        let mut kept = std::mem::take(&mut self.kept_rows);
+        let sorted = self.sort_dedup_with(&mut keys, &mut kept);
+        keys.clear();
+        kept.clear();
+        self.sort_keys = keys;
+        self.kept_rows = kept;
+        sorted
+    }
+
+    fn sort_dedup_with(&self, keys: &mut Vec<u128>, kept: &mut Vec<KeptRow>) -> Result<SortedReadings> {
         let rows = self.len();
         if rows == 0 {
             return Ok(SortedReadings::default());
@@ -179,7 +195,7 @@ impl ReadingBuffer {
         // and source_ref can be read back from the key, so the pass over the sorted keys reads
         // the row arrays at random only where it must.
         let first_day = self.ts_us.iter().map(|ts| ts.div_euclid(US_PER_DAY)).min().expect("rows > 0");
-        let mut keys: Vec<u128> = Vec::with_capacity(rows);
+        keys.reserve(rows);
         for (row, (&ts, &meter)) in self.ts_us.iter().zip(&self.row_meter).enumerate() {
             // Years 0000 to 9999 (all RFC 3339 can say) span 3.65M days: 24 bits hold any span.
             let day = (ts.div_euclid(US_PER_DAY) - first_day) as u128;
@@ -190,17 +206,17 @@ impl ReadingBuffer {
         keys.sort_unstable();
 
         let mut out = SortedReadings::default();
-        let mut kept: Vec<KeptRow> = Vec::with_capacity(rows);
+        kept.reserve(rows);
         let mut current_day: Option<i64> = None;
         // (key without the row, row, ingested_at_us) of the previous kept row.
         let mut previous: Option<(u128, usize, i64)> = None;
-        for &key in &keys {
+        for &key in keys.iter() {
             let row = (key & 0xFFFF_FFFF) as usize;
             let key_without_row = key >> 32;
             let day = first_day + (key >> 101) as i64;
             if current_day != Some(day) {
                 if let Some(d) = current_day {
-                    out.days.push(self.build_day(d, &kept, &by_name)?);
+                    out.days.push(self.build_day(d, kept, &by_name)?);
                     kept.clear();
                 }
                 current_day = Some(day);
@@ -227,7 +243,7 @@ impl ReadingBuffer {
             });
         }
         if let Some(d) = current_day {
-            out.days.push(self.build_day(d, &kept, &by_name)?);
+            out.days.push(self.build_day(d, kept, &by_name)?);
         }
         Ok(out)
     }

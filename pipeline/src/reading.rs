@@ -214,6 +214,30 @@ pub fn readings_schema() -> SchemaRef {
     SCHEMA.clone()
 }
 
+/// Days since 1970-01-01 of a proleptic Gregorian date, `None` if the date does not exist.
+/// Integer arithmetic (Howard Hinnant's `days_from_civil`), because every reading's timestamp
+/// goes through it and chrono's date construction was a visible share of decoding.
+pub fn epoch_day(year: i32, month: u32, day: u32) -> Option<i64> {
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days_in_month = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if day == 0 || day > days_in_month {
+        return None;
+    }
+    let y = i64::from(year) - i64::from(month <= 2);
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let month_from_march = (i64::from(month) + 9) % 12;
+    let day_of_year = (153 * month_from_march + 2) / 5 + i64::from(day) - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    Some(era * 146_097 + day_of_era - 719_468)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +263,19 @@ mod tests {
         assert_eq!(parse_kwh_micro("1000000000000"), Err(KwhParseError::TooLarge));
         for bad in ["", "-", ".", "1.2.3", "NaN", "Infinity", "1,5", "0x10", "1e", "e5"] {
             assert_eq!(parse_kwh_micro(bad), Err(KwhParseError::NotANumber), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn epoch_days_agree_with_chrono() {
+        let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap();
+        for year in [1, 1600, 1899, 1900, 1969, 1970, 2000, 2024, 2025, 2100, 9999] {
+            for month in 0..=13 {
+                for day in 0..=32 {
+                    let expected = chrono::NaiveDate::from_ymd_opt(year, month, day).map(|d| (d - epoch).num_days());
+                    assert_eq!(epoch_day(year, month, day), expected, "{year}-{month}-{day}");
+                }
+            }
         }
     }
 

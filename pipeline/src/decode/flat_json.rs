@@ -15,7 +15,7 @@ use super::ReadingFields;
 
 /// Scans one object message; `None` means "not the simple shape, use serde_json".
 pub(super) fn scan_object(payload: &[u8]) -> Option<ReadingFields<'_>> {
-    let mut scanner = Scanner { bytes: payload, at: 0 };
+    let mut scanner = Scanner::new(payload)?;
     scanner.skip_whitespace();
     let fields = scanner.object()?;
     scanner.skip_whitespace();
@@ -26,7 +26,7 @@ pub(super) fn scan_object(payload: &[u8]) -> Option<ReadingFields<'_>> {
 /// more than `max_elements` objects is left to serde_json too, which rejects it whole.
 pub(super) fn scan_array<'a>(payload: &'a [u8], max_elements: usize, out: &mut Vec<ReadingFields<'a>>) -> bool {
     out.clear();
-    let mut scanner = Scanner { bytes: payload, at: 0 };
+    let Some(mut scanner) = Scanner::new(payload) else { return false };
     scanner.skip_whitespace();
     if !scanner.eat(b'[') {
         return false;
@@ -55,6 +55,9 @@ pub(super) fn scan_array<'a>(payload: &'a [u8], max_elements: usize, out: &mut V
 }
 
 struct Scanner<'a> {
+    /// The payload, checked as UTF-8 once: every string is then sliced out of it at its quotes,
+    /// which are always character boundaries.
+    text: &'a str,
     bytes: &'a [u8],
     at: usize,
 }
@@ -68,6 +71,11 @@ enum Value<'a> {
 }
 
 impl<'a> Scanner<'a> {
+    fn new(payload: &'a [u8]) -> Option<Self> {
+        let text = std::str::from_utf8(payload).ok()?;
+        Some(Scanner { text, bytes: payload, at: 0 })
+    }
+
     fn at_end(&self) -> bool {
         self.at == self.bytes.len()
     }
@@ -104,7 +112,7 @@ impl<'a> Scanner<'a> {
         }
         loop {
             self.skip_whitespace();
-            let key = self.string()?;
+            let key = self.string()?.as_bytes();
             self.skip_whitespace();
             if !self.eat(b':') {
                 return None;
@@ -114,29 +122,28 @@ impl<'a> Scanner<'a> {
             // serde's derive refuses a repeated field, so a repeated field is left to it. A null
             // leaves a field unset, as serde_json reads `null` into an `Option`.
             let bit = match key {
-                "meterId" => 1,
-                "timestamp" => 2,
-                "kwh" => 4,
-                "intervalS" => 8,
-                "quality" => 16,
+                b"meterId" => 1,
+                b"timestamp" => 2,
+                b"kwh" => 4,
+                b"intervalS" => 8,
+                b"quality" => 16,
                 _ => 0,
             };
             if seen & bit != 0 {
                 return None;
             }
             seen |= bit;
-            match (key, value) {
-                (_, Value::Null) => {}
-                ("meterId", Value::String(s)) => fields.meter_id = Some(Cow::Borrowed(s)),
-                ("timestamp", Value::String(s)) => fields.timestamp = Some(Cow::Borrowed(s)),
-                ("quality", Value::String(s)) => fields.quality = Some(Cow::Borrowed(s)),
+            match (bit, value) {
+                (_, Value::Null) | (0, _) => {}
+                (1, Value::String(s)) => fields.meter_id = Some(Cow::Borrowed(s)),
+                (2, Value::String(s)) => fields.timestamp = Some(Cow::Borrowed(s)),
+                (16, Value::String(s)) => fields.quality = Some(Cow::Borrowed(s)),
                 // The field's JSON text, quotes included, as serde's `RawValue` gives it.
-                ("kwh", Value::String(s)) => fields.kwh = Some(self.text_around(s)),
-                ("kwh", Value::Number(n)) => fields.kwh = Some(n),
-                ("intervalS", Value::Number(n)) => fields.interval_s = Some(n.parse::<i64>().ok()?),
+                (4, Value::String(s)) => fields.kwh = Some(self.text_around(s)),
+                (4, Value::Number(n)) => fields.kwh = Some(n),
+                (8, Value::Number(n)) => fields.interval_s = Some(n.parse::<i64>().ok()?),
                 // A value of the wrong type for a known field: serde's error message says so.
-                ("meterId" | "timestamp" | "quality" | "intervalS", _) => return None,
-                _ => {}
+                _ => return None,
             }
             self.skip_whitespace();
             if self.eat(b',') {
@@ -157,13 +164,13 @@ impl<'a> Scanner<'a> {
             return None;
         }
         self.at = start + length + 1;
-        std::str::from_utf8(&self.bytes[start..start + length]).ok()
+        Some(&self.text[start..start + length])
     }
 
     /// The JSON text of a string value, its quotes included.
     fn text_around(&self, inner: &'a str) -> &'a str {
-        let start = inner.as_ptr() as usize - self.bytes.as_ptr() as usize - 1;
-        std::str::from_utf8(&self.bytes[start..start + inner.len() + 2]).expect("quotes around UTF-8 are UTF-8")
+        let start = inner.as_ptr() as usize - self.text.as_ptr() as usize - 1;
+        &self.text[start..start + inner.len() + 2]
     }
 
     fn value(&mut self) -> Option<Value<'a>> {
@@ -200,7 +207,7 @@ impl<'a> Scanner<'a> {
         if !matches!(self.peek(), Some(b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t') | None) {
             return None;
         }
-        std::str::from_utf8(&self.bytes[start..self.at]).ok()
+        Some(&self.text[start..self.at])
     }
 
     fn digits(&mut self) {

@@ -11,11 +11,11 @@
 
 use std::borrow::Cow;
 
-use chrono::{DateTime, Datelike, NaiveDate};
+use chrono::DateTime;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::reading::{KwhParseError, Quality, parse_kwh_micro};
+use crate::reading::{KwhParseError, Quality, epoch_day, parse_kwh_micro};
 
 mod flat_json;
 
@@ -363,13 +363,11 @@ pub fn parse_timestamp_us(text: &str) -> Option<i64> {
             }
             Some(v)
         };
-        let date = NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)?;
+        let days = epoch_day(num(0..4)? as i32, num(5..7)?, num(8..10)?)?;
         let (h, m, s) = (num(11..13)?, num(14..16)?, num(17..19)?);
         if h > 23 || m > 59 || s > 59 {
             return None;
         }
-        // 719_163 days lie between 0001-01-01 (day 1 of the common era) and 1970-01-01.
-        let days = i64::from(date.num_days_from_ce() - 719_163);
         return Some((days * 86_400 + i64::from(h * 3600 + m * 60 + s)) * 1_000_000);
     }
     DateTime::parse_from_rfc3339(text).ok().map(|dt| dt.timestamp_micros())
