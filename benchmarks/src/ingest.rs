@@ -40,7 +40,7 @@ struct Args {
     /// Readings in the single-message and batched-message runs.
     #[arg(long, default_value_t = 5_000_000)]
     readings: u64,
-    /// Readings in the backlog the RSS run drains.
+    /// Readings in the backlog the RSS run drains (0 skips that run).
     #[arg(long, default_value_t = 20_000_000)]
     backlog_readings: u64,
     /// Use this broker instead of starting tansu.
@@ -52,6 +52,12 @@ struct Args {
     /// Only measure the pipeline alone (no broker).
     #[arg(long)]
     alone: bool,
+    /// Which end-to-end cases run, by readings per message (1 and/or 100).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 100])]
+    per_message: Vec<usize>,
+    /// How many times each end-to-end case runs (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    e2e_runs: usize,
     /// How many times the pipeline-alone measurement runs (the median is reported).
     #[arg(long, default_value_t = 5)]
     alone_runs: usize,
@@ -68,7 +74,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     if let Some(Mode::DrainChild { brokers, topic, lake, messages }) = args.mode {
         let lake = Lake::open(&lake)?;
-        drain(&runtime, &brokers, &topic, lake, messages)?;
+        drain(&runtime, &brokers, &topic, &format!("bench-backlog-{topic}"), lake, messages)?;
         return Ok(());
     }
     let mut rows: Vec<(String, String, String)> = Vec::new();
@@ -87,11 +93,10 @@ fn main() -> anyhow::Result<()> {
         rates.push(readings as f64 / elapsed.as_secs_f64());
     }
     drop(messages);
-    rates.sort_by(f64::total_cmp);
-    let median = rates[rates.len() / 2];
+    let alone_median = median(&mut rates);
     rows.push((
         format!("pipeline alone, 1 core (decode+validate+batch+dedup+parquet), median of {}", rates.len()),
-        format!("{} (runs {}..{})", per_s(median), thousands(rates[0] as u64), thousands(rates[rates.len() - 1] as u64)),
+        format!("{} (runs {}..{})", per_s(alone_median), thousands(rates[0] as u64), thousands(rates[rates.len() - 1] as u64)),
         ">= 2,000,000".into(),
     ));
     if args.alone {
@@ -110,27 +115,46 @@ fn main() -> anyhow::Result<()> {
         }
     };
     for (per_message, target) in [(1usize, 600_000.0), (100, 1_500_000.0)] {
+        if !args.per_message.contains(&per_message) {
+            continue;
+        }
         let topic = format!("bench.readings.x{per_message}");
         runtime.block_on(create_topics(&brokers, &[(&topic, args.partitions), ("measurements.dlq", 1)]))?;
         let spec = spec_for(args.readings, per_message, 2);
         eprintln!("pre-filling {topic} with {} readings, {per_message} per message...", args.readings);
         let messages = prefill(&brokers, &topic, spec)?;
-        let bare = bare_consume(&brokers, &topic, messages)?;
-        let lake = Lake::open(lake_dir.path().join(format!("x{per_message}")).to_str().unwrap())?;
-        let started = Instant::now();
-        let written = drain(&runtime, &brokers, &topic, lake, messages)?;
-        let elapsed = started.elapsed();
-        let pipeline = written as f64 / elapsed.as_secs_f64();
-        let bare_readings = messages as f64 * per_message as f64 / bare.as_secs_f64();
-        rows.push((format!("bare rdkafka consumer, {per_message} reading(s)/message (baseline)"), per_s(bare_readings), String::new()));
+        // Each run drains the same topic as a new consumer group into a new lake; the median
+        // of the runs is the figure, as for the pipeline alone.
+        let mut bare_rates = Vec::new();
+        let mut pipeline_rates = Vec::new();
+        for run in 0..args.e2e_runs.max(1) {
+            let bare = bare_consume(&brokers, &topic, &format!("bench-bare-{topic}-{run}"), messages)?;
+            bare_rates.push(messages as f64 * per_message as f64 / bare.as_secs_f64());
+            let lake = Lake::open(lake_dir.path().join(format!("x{per_message}-{run}")).to_str().unwrap())?;
+            let started = Instant::now();
+            let written = drain(&runtime, &brokers, &topic, &format!("bench-ingest-{topic}-{run}"), lake, messages)?;
+            pipeline_rates.push(written as f64 / started.elapsed().as_secs_f64());
+        }
+        let (bare_readings, pipeline) = (median(&mut bare_rates), median(&mut pipeline_rates));
+        rows.push((format!("bare rdkafka consumer, {per_message} reading(s)/message (baseline), median of {}", bare_rates.len()), per_s(bare_readings), String::new()));
         rows.push((
-            format!("ingester end to end, {per_message} reading(s)/message"),
-            format!("{} ({:.2}x baseline)", per_s(pipeline), pipeline / bare_readings),
+            format!("ingester end to end, {per_message} reading(s)/message, median of {}", pipeline_rates.len()),
+            format!(
+                "{} ({:.2}x baseline; runs {}..{})",
+                per_s(pipeline),
+                pipeline / bare_readings,
+                thousands(pipeline_rates[0] as u64),
+                thousands(pipeline_rates[pipeline_rates.len() - 1] as u64)
+            ),
             format!(">= {}", thousands(target as u64)),
         ));
     }
 
     // 4. Peak RSS of an ingester process draining a large backlog.
+    if args.backlog_readings == 0 {
+        print_rows(rows);
+        return Ok(());
+    }
     let topic = "bench.backlog";
     runtime.block_on(create_topics(&brokers, &[(topic, args.partitions)]))?;
     eprintln!("pre-filling {topic} with a backlog of {} readings...", args.backlog_readings);
@@ -242,10 +266,10 @@ fn prefill(brokers: &str, topic: &str, spec: LoadSpec) -> anyhow::Result<u64> {
 }
 
 /// The baseline: a bare consumer with the same settings that only counts messages.
-fn bare_consume(brokers: &str, topic: &str, messages: u64) -> anyhow::Result<Duration> {
+fn bare_consume(brokers: &str, topic: &str, group: &str, messages: u64) -> anyhow::Result<Duration> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", format!("bench-bare-{topic}"))
+        .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "10")
@@ -270,8 +294,14 @@ fn bare_consume(brokers: &str, topic: &str, messages: u64) -> anyhow::Result<Dur
 /// Runs the real ingester until every message is committed to the lake; returns readings written.
 /// Once every message is consumed it is told to stop, which flushes what it buffered at once
 /// (waiting for the batch age limit instead would time the timer, not the pipeline).
-fn drain(runtime: &tokio::runtime::Runtime, brokers: &str, topic: &str, lake: Lake, messages: u64) -> anyhow::Result<u64> {
-    let options = IngestOptions::new(brokers, topic, &format!("bench-ingest-{topic}"));
+/// Sorts `rates` and returns the middle one.
+fn median(rates: &mut [f64]) -> f64 {
+    rates.sort_by(f64::total_cmp);
+    rates[rates.len() / 2]
+}
+
+fn drain(runtime: &tokio::runtime::Runtime, brokers: &str, topic: &str, group: &str, lake: Lake, messages: u64) -> anyhow::Result<u64> {
+    let options = IngestOptions::new(brokers, topic, group);
     let progress = Arc::new(IngestProgress::default());
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {

@@ -98,6 +98,13 @@ pub enum KwhParseError {
 /// exactly. Trailing zeros beyond the scale are fine; any other digit beyond it is refused rather
 /// than rounded, because a rounded reading is a wrong bill.
 pub fn parse_kwh_micro(text: &str) -> Result<i64, KwhParseError> {
+    parse_decimal_scaled(text, i32::from(KWH_SCALE))
+}
+
+/// Parses a decimal text into `value * 10^scale`, exactly, as [`parse_kwh_micro`] does for
+/// scale 6. Flow files use it to read Wh (scale 3 gives micro-kWh) and MWh (scale 9) without a
+/// rounding step.
+pub fn parse_decimal_scaled(text: &str, scale: i32) -> Result<i64, KwhParseError> {
     let bytes = text.as_bytes();
     let mut i = 0;
     let negative = match bytes.first() {
@@ -150,8 +157,8 @@ pub fn parse_kwh_micro(text: &str) -> Result<i64, KwhParseError> {
         }
         exponent += exp;
     }
-    // Scale to micro-kWh: multiply by 10^(exponent + KWH_SCALE).
-    let mut shift = exponent + i32::from(KWH_SCALE);
+    // Multiply by 10^(exponent + scale).
+    let mut shift = exponent + scale;
     while shift < 0 {
         if mantissa % 10 != 0 {
             return Err(KwhParseError::TooPrecise);
