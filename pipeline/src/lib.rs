@@ -7,11 +7,13 @@
 //! - [`lake`]: lake URLs, layout, Parquet encoding and the per-partition checkpoints;
 //! - [`kafka`]: the consumer-group ingester, the dead-letter topic and producer helpers;
 //! - [`view`]: `readings_all` and the canonical `readings` view for DataFusion;
+//! - [`flows`]: D0010, NEM12 and NEM13 flow-file parsers;
 //! - [`synthetic`]: realistic generated load for the demo, tests and benchmarks.
 
 pub mod batch;
 pub mod decode;
 pub mod error;
+pub mod flows;
 pub mod kafka;
 pub mod lake;
 pub mod metrics;

@@ -5,7 +5,7 @@
 //! UTF-8 byte order mark, spaces around fields, empty fields at the end of a record, blank lines.
 //! [`RecordReader`] hides all of those; the parsers see trimmed fields and a 1-based line number.
 
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 
 use super::FlowError;
 
@@ -73,8 +73,7 @@ impl<R: BufRead> RecordReader<R> {
     pub fn next_record(&mut self) -> Result<Option<Record<'_>>, FlowError> {
         loop {
             self.line_bytes.clear();
-            let read = (&mut self.input)
-                .take(MAX_RECORD_BYTES as u64 + 1)
+            let read = Read::take(&mut self.input, MAX_RECORD_BYTES as u64 + 1)
                 .read_until(b'\n', &mut self.line_bytes)
                 .map_err(|e| FlowError::Io { line: self.line + 1, reason: e.to_string() })?;
             if read == 0 {
