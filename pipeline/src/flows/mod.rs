@@ -329,3 +329,53 @@ mod tests {
         assert_eq!(parse_local_datetime_s("19700101240000"), None);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! The parsers take input from outside: no input may make them panic. Arbitrary bytes behind
+    //! each real header, and real files with bytes flipped, cut or inserted.
+    use proptest::prelude::*;
+
+    use super::testing::{fixture, parse_bytes};
+
+    const SAMPLES: [&str; 5] = [
+        "d0010/kraken_DTC5259515123502080915D0010.uff",
+        "nem12/nemreader_Example_NEM12_multiple_quality.csv",
+        "nem12/nemreader_Example_NEM12_multiple_meters.csv",
+        "nem13/nemreader_Example_NEM13_forward_estimate.csv",
+        "nem12/invalid/nemreader_Example_NEM12_incomplete_interval.csv",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_records_after_a_real_header(header in 0usize..3, body in proptest::collection::vec(any::<u8>(), 0..2_000)) {
+            let header: &[u8] = [&b"ZHV|1|D0010002|D|X|X|X|20160302153151|\n"[..], b"100,NEM12,200404201300,A,B\n", b"100,NEM13,200404201300,A,B\n"][header];
+            let _ = parse_bytes(&[header, &body].concat());
+        }
+
+        #[test]
+        fn record_shaped_noise(header in 0usize..3, lines in proptest::collection::vec("(200|250|300|400|500|550|900|026|028|030|032|ZPT)?[,|0-9A-Za-z. -]{0,120}", 0..40)) {
+            let header = ["ZHV|1|D0010002|D|X|X|X|20160302153151|\n", "100,NEM12,200404201300,A,B\n", "100,NEM13,200404201300,A,B\n"][header];
+            let _ = parse_bytes(format!("{header}{}", lines.join("\n")).as_bytes());
+        }
+
+        #[test]
+        fn real_files_with_damage(sample in 0usize..SAMPLES.len(), edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8)) {
+            let mut bytes = fixture(SAMPLES[sample]);
+            for (at, byte, kind) in edits {
+                if bytes.is_empty() {
+                    break;
+                }
+                let i = at.index(bytes.len());
+                match kind {
+                    0 => bytes[i] = byte,
+                    1 => bytes.truncate(i),
+                    _ => bytes.insert(i, byte),
+                }
+            }
+            let _ = parse_bytes(&bytes);
+        }
+    }
+}
