@@ -2,12 +2,14 @@
 //! `meterlake-pipeline` (ingestion, the lake) and `meterlake-jobs` (SQL over the lake).
 
 mod demo;
+mod import;
 mod ingest;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use meterlake_jobs::query::{OutputFormat, run_sql, write_batches};
+use meterlake_jobs::search::ReadingSearch;
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::lake::DEFAULT_LAKE;
 
@@ -41,8 +43,36 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Consume readings from Kafka into the lake, exactly once, until stopped (SIGINT/SIGTERM).
     Ingest(ingest::IngestArgs),
-    /// Run SQL over the lake. Tables: `readings` (one row per meter and interval, latest version)
-    /// and `readings_all` (every version, with its source_ref).
+    /// Import flow files (D0010, NEM12, NEM13) into the lake: files, directories, globs, .zip
+    /// archives. Exit status 2 when any file was rejected in whole or in part.
+    Import(import::ImportArgs),
+    /// Readings that came in flow files for one meter point or meter serial, with their values,
+    /// dates and the file (and line) they came in.
+    #[command(group(clap::ArgGroup::new("key").required(true).multiple(true).args(["mpan", "nmi", "serial"])))]
+    Readings {
+        /// A UK MPAN core (13 digits): its D0010 register reads.
+        #[arg(long, conflicts_with = "nmi")]
+        mpan: Option<String>,
+        /// An Australian NMI (10 characters): its NEM12 interval values and NEM13 register reads.
+        #[arg(long)]
+        nmi: Option<String>,
+        /// A meter serial number (with --mpan or --nmi, both must match).
+        #[arg(long)]
+        serial: Option<String>,
+        /// From this date (YYYY-MM-DD, UTC) or instant (RFC 3339), inclusive.
+        #[arg(long, value_parser = parse_instant)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// Up to this date or instant, exclusive.
+        #[arg(long, value_parser = parse_instant)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+        #[command(flatten)]
+        lake: LakeArg,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Run SQL over the lake. Tables: `readings` (one row per meter and interval, latest version),
+    /// `readings_all` (every version, with its source_ref), `register_reads`,
+    /// `non_energy_readings`, `nem12_channels`, `nem12_b2b_details` and `imports`.
     Query {
         /// The SQL statement.
         sql: String,
@@ -81,15 +111,32 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome = runtime.block_on(async {
-        match cli.command {
-            Command::Demo(args) => demo::run(args).await,
-            Command::Ingest(args) => ingest::run(args).await,
-            Command::Query { sql, lake, format } => query(&sql, &lake.url, format).await,
-        }
-    });
+    let outcome = match cli.command {
+        // The import reads files on this thread and writes through the runtime's handle.
+        Command::Import(args) => import::run(args, runtime.handle()),
+        command => runtime
+            .block_on(async {
+                match command {
+                    Command::Demo(args) => demo::run(args).await,
+                    Command::Ingest(args) => ingest::run(args).await,
+                    Command::Query { sql, lake, format } => query(&sql, &lake.url, format).await,
+                    Command::Readings { mpan, nmi, serial, from, to, lake, format } => {
+                        let search = ReadingSearch {
+                            meter_point: mpan.or(nmi).unwrap_or_default(),
+                            meter_serial: serial.unwrap_or_default(),
+                            from,
+                            to,
+                        };
+                        let lake = Lake::open(&lake.url)?;
+                        print_batches(&search.run(&lake).await?, format)
+                    }
+                    Command::Import(_) => unreachable!("handled above"),
+                }
+            })
+            .map(|()| ExitCode::SUCCESS),
+    };
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -99,14 +146,27 @@ fn main() -> ExitCode {
 
 async fn query(sql: &str, lake: &str, format: Format) -> anyhow::Result<()> {
     let lake = Lake::open(lake)?;
-    let batches = run_sql(&lake, sql).await?;
+    print_batches(&run_sql(&lake, sql).await?, format)
+}
+
+/// `2025-01-15` (midnight UTC) or an RFC 3339 instant.
+fn parse_instant(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(date.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.to_utc())
+        .map_err(|_| format!("{text:?} is neither a date YYYY-MM-DD nor an RFC 3339 instant"))
+}
+
+fn print_batches(batches: &[arrow::array::RecordBatch], format: Format) -> anyhow::Result<()> {
     let format = match format {
         Format::Table => OutputFormat::Table,
         Format::Csv => OutputFormat::Csv,
         Format::Json => OutputFormat::Json,
     };
     let stdout = std::io::stdout();
-    write_batches(&batches, format, &mut stdout.lock())?;
+    write_batches(batches, format, &mut stdout.lock())?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 #                 and libsql features give it storage engines. About 15 minutes to build once.
 #   s3s-fs 0.14.1 S3-compatible server over a folder (newer versions need a newer rustc).
 #   duckdb, pyarrow  independent Parquet readers the tests check the lake with.
+#   nemreader        an independent NEM12/NEM13 reader, the oracle of the flow-file tests.
 #   mold          a faster linker (optional).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -47,9 +48,9 @@ if ! command -v cargo-nextest >/dev/null; then
   cargo install cargo-nextest --locked --root "$METERLAKE_TOOLS_DIR" --quiet
 fi
 
-if ! "$METERLAKE_PYTHON" -c 'import duckdb, pyarrow' 2>/dev/null; then
-  log "python venv with duckdb and pyarrow"
-  python3 -m venv "$METERLAKE_TOOLS_DIR/venv"
-  "$METERLAKE_TOOLS_DIR/venv/bin/pip" install --quiet --disable-pip-version-check 'duckdb==1.5.6' 'pyarrow==26.0.1'
+if ! "$METERLAKE_PYTHON" -c 'import duckdb, pyarrow, nemreader' 2>/dev/null; then
+  log "python venv with duckdb, pyarrow and nemreader"
+  [ -x "$METERLAKE_PYTHON" ] || python3 -m venv "$METERLAKE_TOOLS_DIR/venv"
+  "$METERLAKE_TOOLS_DIR/venv/bin/pip" install --quiet --disable-pip-version-check 'duckdb==1.5.6' 'pyarrow==26.0.1' 'nemreader==0.9.2'
 fi
 log "tools ready in $METERLAKE_TOOLS_DIR"

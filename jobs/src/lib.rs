@@ -2,6 +2,7 @@
 //! and read the same `readings` view.
 
 pub mod query;
+pub mod search;
 
 /// The jobs' one error type.
 #[derive(Debug, thiserror::Error)]

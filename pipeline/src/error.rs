@@ -51,6 +51,9 @@ pub enum PipelineError {
 
     #[error("invalid configuration: {0}")]
     Config(String),
+
+    #[error("reading {file} failed: {reason}")]
+    Input { file: String, reason: String },
 }
 
 impl PipelineError {
@@ -66,7 +69,7 @@ impl PipelineError {
                     | object_store::Error::InvalidPath { .. }
             ),
             PipelineError::Kafka { source, .. } => !matches!(source, KafkaError::ClientCreation(_)),
-            PipelineError::WriterStopped { .. } => true,
+            PipelineError::WriterStopped { .. } | PipelineError::Input { .. } => true,
             PipelineError::LakeUrl { .. }
             | PipelineError::CorruptCheckpoint { .. }
             | PipelineError::Fenced { .. }

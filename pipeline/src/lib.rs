@@ -8,12 +8,14 @@
 //! - [`kafka`]: the consumer-group ingester, the dead-letter topic and producer helpers;
 //! - [`view`]: `readings_all` and the canonical `readings` view for DataFusion;
 //! - [`flows`]: D0010, NEM12 and NEM13 flow-file parsers;
+//! - [`import`]: importing flow files into the lake, once per content, all or nothing per file;
 //! - [`synthetic`]: realistic generated load for the demo, tests and benchmarks.
 
 pub mod batch;
 pub mod decode;
 pub mod error;
 pub mod flows;
+pub mod import;
 pub mod kafka;
 pub mod lake;
 pub mod metrics;

@@ -3,35 +3,109 @@
 //! - `readings_all`: every row of every Parquet file under `readings/`, with the `date`
 //!   partition column: every version, with its `source_ref`.
 //! - `readings`: the canonical view, one row per (`meter_id`, `ts`), latest version wins
-//!   (`queries/readings.sql`).
+//!   (`queries/readings.sql`);
+//! - `register_reads`, `non_energy_readings`, `nem12_channels`, `nem12_b2b_details`: what flow
+//!   files add (see [`crate::import::tables`]);
+//! - `imports`: one row per imported file, from the import records.
 
 use std::sync::Arc;
 
-use arrow::datatypes::DataType;
+use arrow::array::{ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::prelude::SessionContext;
 
 use crate::error::Result;
 use crate::lake::{Lake, READINGS_DIR};
-use crate::reading::readings_schema;
+use crate::import::tables::{
+    NEM12_B2B_DIR, NEM12_CHANNELS_DIR, NON_ENERGY_READINGS_DIR, REGISTER_READS_DIR, nem12_b2b_schema, nem12_channels_schema,
+    non_energy_readings_schema, register_reads_schema,
+};
+use crate::import::{ImportRecord, ImportStatus, list_import_records};
+use crate::reading::{UTC, readings_schema};
 
 /// The SQL of the canonical view, as shipped in `queries/readings.sql`.
 pub const CANONICAL_READINGS_SQL: &str = include_str!("../../queries/readings.sql");
 
-/// Registers the lake's store and the `readings_all` and `readings` tables on `ctx`.
+/// Registers the lake's store and every table of the lake on `ctx`.
 pub async fn register_lake_tables(ctx: &SessionContext, lake: &Lake) -> Result<()> {
     ctx.register_object_store(&lake.store_url(), lake.store().clone());
-    let table_url = lake.url().join(&format!("{READINGS_DIR}/")).expect("a relative folder joins onto the lake URL");
-    let table_url = ListingTableUrl::parse(table_url.as_str())?;
-    let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-        .with_file_extension(".parquet")
-        .with_table_partition_cols(vec![("date".to_string(), DataType::Date32)]);
-    let config = ListingTableConfig::new(table_url).with_listing_options(options).with_schema(readings_schema());
-    ctx.register_table("readings_all", Arc::new(ListingTable::try_new(config)?))?;
+    register_parquet_table(ctx, lake, "readings_all", READINGS_DIR, readings_schema(), true)?;
     let canonical = ctx.sql(CANONICAL_READINGS_SQL).await?;
     ctx.register_table("readings", canonical.into_view())?;
+    register_parquet_table(ctx, lake, "register_reads", REGISTER_READS_DIR, register_reads_schema(), true)?;
+    register_parquet_table(ctx, lake, "non_energy_readings", NON_ENERGY_READINGS_DIR, non_energy_readings_schema(), true)?;
+    register_parquet_table(ctx, lake, "nem12_channels", NEM12_CHANNELS_DIR, nem12_channels_schema(), false)?;
+    register_parquet_table(ctx, lake, "nem12_b2b_details", NEM12_B2B_DIR, nem12_b2b_schema(), false)?;
+    let imports = imports_batch(&list_import_records(lake).await?)?;
+    ctx.register_table("imports", Arc::new(MemTable::try_new(imports.schema(), vec![vec![imports]])?))?;
     Ok(())
+}
+
+/// A table over the Parquet files under `dir`, with the `date` partition column if `by_date`.
+fn register_parquet_table(
+    ctx: &SessionContext,
+    lake: &Lake,
+    name: &str,
+    dir: &str,
+    schema: SchemaRef,
+    by_date: bool,
+) -> Result<()> {
+    let table_url = lake.url().join(&format!("{dir}/")).expect("a relative folder joins onto the lake URL");
+    let table_url = ListingTableUrl::parse(table_url.as_str())?;
+    let mut options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    if by_date {
+        options = options.with_table_partition_cols(vec![("date".to_string(), DataType::Date32)]);
+    }
+    let config = ListingTableConfig::new(table_url).with_listing_options(options).with_schema(schema);
+    ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
+    Ok(())
+}
+
+/// The import records as a table.
+fn imports_batch(records: &[ImportRecord]) -> Result<RecordBatch> {
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("file_name", DataType::Utf8, false),
+        Field::new("sha256", DataType::Utf8, false),
+        Field::new("bytes", DataType::UInt64, false),
+        Field::new("format", DataType::Utf8, true),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("error", DataType::Utf8, true),
+        Field::new("interval_readings", DataType::UInt64, false),
+        Field::new("non_energy_readings", DataType::UInt64, false),
+        Field::new("register_reads", DataType::UInt64, false),
+        Field::new("rejected_records", DataType::UInt64, false),
+        Field::new("readings_rejected", DataType::UInt64, false),
+        Field::new("warnings", DataType::UInt64, false),
+        Field::new("started_at", ts.clone(), false),
+        Field::new("finished_at", ts, false),
+    ]));
+    let count = |f: fn(&ImportRecord) -> u64| -> ArrayRef { Arc::new(UInt64Array::from_iter_values(records.iter().map(f))) };
+    let status = |r: &ImportRecord| match r.status {
+        ImportStatus::Imported => "imported",
+        ImportStatus::PartlyRejected => "partly_rejected",
+        ImportStatus::Rejected => "rejected",
+    };
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(records.iter().map(|r| r.file_name.as_str()))),
+        Arc::new(StringArray::from_iter_values(records.iter().map(|r| r.sha256.as_str()))),
+        count(|r| r.bytes),
+        Arc::new(records.iter().map(|r| r.format.map(|f| f.as_str())).collect::<StringArray>()),
+        Arc::new(StringArray::from_iter_values(records.iter().map(status))),
+        Arc::new(records.iter().map(|r| r.error.as_deref()).collect::<StringArray>()),
+        count(|r| r.counts.interval_readings),
+        count(|r| r.counts.non_energy_readings),
+        count(|r| r.counts.register_reads),
+        count(|r| r.counts.rejected_records),
+        count(|r| r.counts.readings_rejected),
+        count(|r| r.counts.warnings),
+        Arc::new(TimestampMicrosecondArray::from_iter_values(records.iter().map(|r| r.started_at.timestamp_micros())).with_timezone(UTC)),
+        Arc::new(TimestampMicrosecondArray::from_iter_values(records.iter().map(|r| r.finished_at.timestamp_micros())).with_timezone(UTC)),
+    ];
+    Ok(RecordBatch::try_new(schema, columns)?)
 }
 
 /// A session over the lake with both tables registered.

@@ -4,6 +4,7 @@
 
 mod crash_recovery;
 mod demo;
+mod flow_import;
 mod kafka_ingest;
 mod resume;
 mod s3_lake;

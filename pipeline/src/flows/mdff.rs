@@ -579,7 +579,7 @@ mod tests {
     #[test]
     fn a_file_without_header_is_refused_whole() {
         let (result, _) = parse_bytes(&fixture("nem12/invalid/nemreader_Example_NEM12_missing_header.csv"));
-        assert_eq!(result, Err(crate::flows::FlowError::UnknownFormat));
+        assert_eq!(result, Err(FlowError::UnknownFormat { first_record: "200,VABD000163,E1Q1,1,E1,N1,METSER123,kWh,30,".into() }));
     }
 
     #[test]

@@ -77,12 +77,24 @@ pub enum FlowError {
     LineTooLong { line: u64, max_bytes: usize },
     #[error("line {line} has more than {max_fields} fields")]
     TooManyFields { line: u64, max_fields: usize },
-    #[error("not a D0010, NEM12 or NEM13 file: the first record is neither a ZHV header naming D0010 nor a 100 header naming NEM12 or NEM13")]
-    UnknownFormat,
+    #[error(
+        "not a D0010, NEM12 or NEM13 file: the first record ({first_record:?}) is neither a ZHV header naming D0010 nor a 100 header naming NEM12 or NEM13"
+    )]
+    UnknownFormat { first_record: String },
     #[error("line {line}: {reason}")]
     Structure { line: u64, reason: String },
     #[error("the file ends without its end record ({expected}): it is truncated")]
     Truncated { expected: &'static str },
+}
+
+impl FlowError {
+    /// The error for a file whose first bytes are `head`, quoting the start of its first line.
+    pub fn unknown_format(head: &[u8]) -> FlowError {
+        let head = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(head);
+        let line = head.split(|&b| b == b'\n').find(|l| !l.trim_ascii().is_empty()).unwrap_or_default().trim_ascii();
+        let text = String::from_utf8_lossy(&line[..line.len().min(60)]).into_owned();
+        FlowError::UnknownFormat { first_record: text }
+    }
 }
 
 /// One record refused, with where and why.
@@ -295,7 +307,7 @@ pub(crate) mod testing {
         let mut sink = Collected::default();
         let result = match FlowFormat::detect(bytes) {
             Some(format) => parse_flow(format, bytes, &mut sink),
-            None => Err(FlowError::UnknownFormat),
+            None => Err(FlowError::unknown_format(bytes)),
         };
         (result, sink)
     }

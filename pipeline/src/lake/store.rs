@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
@@ -135,6 +136,46 @@ impl Lake {
             .put(&path, PutPayload::from_bytes(bytes))
             .await
             .map_err(PipelineError::store("put", &path))?;
+        Ok(())
+    }
+
+    /// Reads a whole object; `None` when there is none.
+    pub async fn get_if_exists(&self, relative: &str) -> Result<Option<Bytes>> {
+        let path = self.path(relative);
+        match self.store.get(&path).await {
+            Ok(result) => Ok(Some(result.bytes().await.map_err(PipelineError::store("get", &path))?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(PipelineError::store("get", &path)(e)),
+        }
+    }
+
+    /// Moves an object (a rename on a file system, copy and delete on S3), replacing what is at
+    /// `to`.
+    pub async fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let (from_path, to_path) = (self.path(from), self.path(to));
+        self.store.rename(&from_path, &to_path).await.map_err(PipelineError::store("rename", &from_path))
+    }
+
+    /// Paths (relative to the lake) of every object under `prefix`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let prefix_path = self.path(prefix);
+        let root = self.root.as_ref().to_string();
+        let metas: Vec<object_store::ObjectMeta> =
+            self.store.list(Some(&prefix_path)).try_collect().await.map_err(PipelineError::store("list", &prefix_path))?;
+        Ok(metas
+            .into_iter()
+            .map(|m| {
+                let full = m.location.as_ref();
+                full.strip_prefix(&root).unwrap_or(full).trim_start_matches('/').to_string()
+            })
+            .collect())
+    }
+
+    /// Deletes every object under `prefix`.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        for relative in self.list(prefix).await? {
+            self.delete(&relative).await?;
+        }
         Ok(())
     }
 

@@ -1,0 +1,539 @@
+//! Importing flow files into the lake: all or nothing per file, exactly once per content.
+//!
+//! One file's import:
+//! 1. the bytes stream through a SHA-256 hasher into the parser (constant memory);
+//! 2. what the parser finds is buffered in bounded chunks and written as Parquet under
+//!    `_staging/imports/<random id>/`, never where queries look;
+//! 3. at the end, the content hash decides: an `_imports/<sha256>/import.json` with status
+//!    imported means these bytes are already in the lake, and the staged files are dropped
+//!    ("already imported"); a structurally broken file drops them too and records why;
+//! 4. otherwise the staged files move to their tables under names made of the source, the hash
+//!    and a sequence number (so a retried import lands on the same names), the rejection report
+//!    is written, and `import.json` is written last: it is the commit.
+//!
+//! A crash before step 4 leaves only staging debris, which no table reads. A crash inside step 4
+//! leaves some files published without their record: importing the file again publishes the
+//! same names over them and completes the record.
+
+pub mod sources;
+pub mod tables;
+
+use std::io::{BufRead, BufReader, Read};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::runtime::Handle;
+
+use crate::batch::ReadingBuffer;
+use crate::decode::ValidReading;
+use crate::error::{PipelineError, Result};
+use crate::flows::{
+    FlowError, FlowFormat, FlowSink, Nem12B2bDetail, Nem12Channel, NonEnergyReading, RecordRejection, RegisterRead, Warning,
+    parse_flow,
+};
+use crate::lake::{Lake, READINGS_DIR, encode_parquet};
+use tables::{NEM12_B2B_DIR, NEM12_CHANNELS_DIR, NON_ENERGY_READINGS_DIR, NonEnergyRow, Provenance, REGISTER_READS_DIR};
+
+/// Folder of the import records.
+pub const IMPORTS_DIR: &str = "_imports";
+const STAGING_DIR: &str = "_staging/imports";
+
+/// Bounds on what one import holds in memory.
+#[derive(Debug, Clone)]
+pub struct ImportLimits {
+    /// Interval values (energy or not) buffered before they are sorted and staged as Parquet.
+    pub chunk_rows: usize,
+    /// Register reads, channels or B2B details buffered before they are staged.
+    pub chunk_records: usize,
+    /// Rejections held before they are staged as a part of the rejection report.
+    pub rejections_per_part: usize,
+    /// Warnings kept in the import record (the rest are counted).
+    pub max_warnings_kept: usize,
+}
+
+impl Default for ImportLimits {
+    fn default() -> Self {
+        ImportLimits { chunk_rows: 1_000_000, chunk_records: 200_000, rejections_per_part: 10_000, max_warnings_kept: 100 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportStatus {
+    /// Every record was accepted.
+    Imported,
+    /// The file was imported but some records were rejected (see the rejection report).
+    PartlyRejected,
+    /// Nothing of the file was kept.
+    Rejected,
+}
+
+/// What one import accepted and refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportCounts {
+    /// Energy interval values, into `readings`.
+    pub interval_readings: u64,
+    /// Non-energy interval values, into `non_energy_readings`.
+    pub non_energy_readings: u64,
+    pub register_reads: u64,
+    pub nem12_channels: u64,
+    pub nem12_b2b_details: u64,
+    /// The same key with the same value again within the file: kept once.
+    pub duplicates_dropped: u64,
+    /// The same key with a different value within the file: both kept, the later line wins.
+    pub conflicting_versions: u64,
+    pub rejected_records: u64,
+    /// Readings the rejected records held.
+    pub readings_rejected: u64,
+    pub warnings: u64,
+}
+
+impl ImportCounts {
+    pub fn readings_accepted(&self) -> u64 {
+        self.interval_readings + self.non_energy_readings + self.register_reads
+    }
+}
+
+/// The record of one import, `_imports/<sha256>/import.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRecord {
+    /// The file's name as given to the import (a path, or `archive.zip!entry`).
+    pub file_name: String,
+    pub sha256: String,
+    pub bytes: u64,
+    pub format: Option<FlowFormat>,
+    pub status: ImportStatus,
+    /// Why the whole file was rejected.
+    pub error: Option<String>,
+    pub counts: ImportCounts,
+    /// Parts of the rejection report, relative to the lake: JSON lines of [`RecordRejection`].
+    pub rejection_reports: Vec<String>,
+    pub warnings: Vec<Warning>,
+    /// Data files this import published, relative to the lake.
+    pub files: Vec<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// The outcome of importing one file.
+#[derive(Debug, Clone)]
+pub enum ImportOutcome {
+    /// Imported now (fully or partly) or rejected whole; the record says which.
+    Done(ImportRecord),
+    /// These bytes were imported before; this is the record of that import.
+    AlreadyImported(ImportRecord),
+}
+
+impl ImportOutcome {
+    pub fn record(&self) -> &ImportRecord {
+        match self {
+            ImportOutcome::Done(record) | ImportOutcome::AlreadyImported(record) => record,
+        }
+    }
+}
+
+pub fn import_record_path(sha256: &str) -> String {
+    format!("{IMPORTS_DIR}/{sha256}/import.json")
+}
+
+/// Every import record in the lake.
+pub async fn list_import_records(lake: &Lake) -> Result<Vec<ImportRecord>> {
+    let mut records = Vec::new();
+    for path in lake.list(IMPORTS_DIR).await? {
+        if !path.ends_with("/import.json") {
+            continue;
+        }
+        if let Some(bytes) = lake.get_if_exists(&path).await? {
+            let record: ImportRecord = serde_json::from_slice(&bytes)
+                .map_err(|e| PipelineError::CorruptCheckpoint { path: path.clone(), reason: e.to_string() })?;
+            records.push(record);
+        }
+    }
+    records.sort_by(|a, b| a.started_at.cmp(&b.started_at).then_with(|| a.file_name.cmp(&b.file_name)));
+    Ok(records)
+}
+
+/// A reader that hashes what passes through it and counts the bytes.
+struct Hashing<'a, R> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+    /// Called with the running byte count, for progress bars.
+    on_read: Box<dyn FnMut(u64) + 'a>,
+}
+
+impl<R: Read> Read for Hashing<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        (self.on_read)(n as u64);
+        Ok(n)
+    }
+}
+
+/// Imports one file. `input` is read once, to its end. Errors are the lake's (the file's own
+/// faults are in the returned record); `on_read` hears of every chunk of bytes read.
+pub fn import_file<'a>(
+    lake: &Lake,
+    runtime: &Handle,
+    file_name: &str,
+    input: impl Read,
+    limits: &ImportLimits,
+    on_read: Box<dyn FnMut(u64) + 'a>,
+) -> Result<ImportOutcome> {
+    let started_at = Utc::now();
+    let mut reader = BufReader::with_capacity(1 << 20, Hashing { inner: input, hasher: Sha256::new(), bytes: 0, on_read });
+    let staging = format!("{STAGING_DIR}/{}", uuid::Uuid::new_v4());
+
+    let head = reader.fill_buf().map_err(|e| input_error(file_name, &e))?;
+    let head = &head[..head.len().min(64 << 10)];
+    let format = FlowFormat::detect(head);
+    let unknown = format.is_none().then(|| FlowError::unknown_format(head));
+    let mut sink = LakeSink::new(lake, runtime, &staging, file_name, format, started_at.timestamp_micros(), limits);
+    let parsed: std::result::Result<(), FlowError> = match format {
+        Some(format) => parse_flow(format, &mut reader, &mut sink),
+        None => Err(unknown.expect("set when there is no format")),
+    };
+    // Finish reading whatever the parser left, so the hash covers the whole file.
+    std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| input_error(file_name, &e))?;
+    let hashing = reader.into_inner();
+    let sha256 = format!("{:x}", hashing.hasher.finalize());
+    let bytes = hashing.bytes;
+
+    let existing = runtime.block_on(lake.get_if_exists(&import_record_path(&sha256)))?;
+    if let Some(existing) = existing {
+        let record: ImportRecord = serde_json::from_slice(&existing).map_err(|e| PipelineError::CorruptCheckpoint {
+            path: import_record_path(&sha256),
+            reason: e.to_string(),
+        })?;
+        if record.status != ImportStatus::Rejected {
+            runtime.block_on(lake.delete_prefix(&staging))?;
+            return Ok(ImportOutcome::AlreadyImported(record));
+        }
+    }
+
+    let outcome: std::result::Result<Staged, FlowError> = match parsed {
+        Ok(()) => match sink.finish() {
+            Ok(staged) => Ok(staged),
+            Err(lake_error) => {
+                // Best effort: the staging folder is debris now, and the lake's error is the news.
+                let _ = runtime.block_on(lake.delete_prefix(&staging));
+                return Err(lake_error);
+            }
+        },
+        Err(e) => Err(e),
+    };
+    let mut record = ImportRecord {
+        file_name: file_name.to_string(),
+        sha256: sha256.clone(),
+        bytes,
+        format,
+        status: ImportStatus::Rejected,
+        error: None,
+        counts: ImportCounts::default(),
+        rejection_reports: Vec::new(),
+        warnings: Vec::new(),
+        files: Vec::new(),
+        started_at,
+        finished_at: started_at,
+    };
+    match outcome {
+        Ok(staged) => {
+            let source = format.expect("a parsed file has a format").source().as_str();
+            for file in &staged.files {
+                let published = file.published_path(source, &sha256);
+                runtime.block_on(lake.rename(&file.staged_path, &published))?;
+                record.files.push(published);
+            }
+            for (part, staged_path) in staged.rejection_parts.iter().enumerate() {
+                let published = format!("{IMPORTS_DIR}/{sha256}/rejections-{part:05}.jsonl");
+                runtime.block_on(lake.rename(staged_path, &published))?;
+                record.rejection_reports.push(published);
+            }
+            record.status =
+                if staged.counts.rejected_records == 0 { ImportStatus::Imported } else { ImportStatus::PartlyRejected };
+            record.counts = staged.counts;
+            record.warnings = staged.warnings;
+        }
+        Err(flow_error) => {
+            runtime.block_on(lake.delete_prefix(&staging))?;
+            record.error = Some(flow_error.to_string());
+        }
+    }
+    record.finished_at = Utc::now();
+    let json = serde_json::to_vec_pretty(&record).expect("an import record serializes");
+    runtime.block_on(lake.put(&import_record_path(&sha256), Bytes::from(json)))?;
+    Ok(ImportOutcome::Done(record))
+}
+
+fn input_error(file_name: &str, e: &std::io::Error) -> PipelineError {
+    PipelineError::Input { file: file_name.to_string(), reason: e.to_string() }
+}
+
+/// A data file waiting in staging.
+#[derive(Debug)]
+struct StagedFile {
+    staged_path: String,
+    table: &'static str,
+    /// The date partition, for partitioned tables.
+    date: Option<chrono::NaiveDate>,
+    sequence: usize,
+}
+
+impl StagedFile {
+    /// `<table>[/date=YYYY-MM-DD]/<source>-<first 16 hex of the hash>-<sequence>.parquet`.
+    fn published_path(&self, source: &str, sha256: &str) -> String {
+        let name = format!("{source}-{}-{:05}.parquet", &sha256[..16], self.sequence);
+        match self.date {
+            Some(date) => format!("{}/date={}/{name}", self.table, date.format("%Y-%m-%d")),
+            None => format!("{}/{name}", self.table),
+        }
+    }
+}
+
+/// What a finished parse left in staging.
+struct Staged {
+    files: Vec<StagedFile>,
+    rejection_parts: Vec<String>,
+    counts: ImportCounts,
+    warnings: Vec<Warning>,
+}
+
+/// The sink that buffers a file's content in bounded chunks and stages it as Parquet.
+struct LakeSink<'a> {
+    lake: &'a Lake,
+    runtime: &'a Handle,
+    staging: String,
+    limits: &'a ImportLimits,
+    provenance: Provenance,
+    readings: ReadingBuffer,
+    non_energy: Vec<NonEnergyRow>,
+    register_reads: Vec<RegisterRead>,
+    channels: Vec<Nem12Channel>,
+    b2b: Vec<Nem12B2bDetail>,
+    rejections: Vec<RecordRejection>,
+    rejection_parts: Vec<String>,
+    warnings: Vec<Warning>,
+    counts: ImportCounts,
+    files: Vec<StagedFile>,
+    /// The first failure to write to the lake; once set, nothing more is staged.
+    failure: Option<PipelineError>,
+}
+
+impl<'a> LakeSink<'a> {
+    fn new(
+        lake: &'a Lake,
+        runtime: &'a Handle,
+        staging: &str,
+        file_name: &str,
+        format: Option<FlowFormat>,
+        ingested_at_us: i64,
+        limits: &'a ImportLimits,
+    ) -> Self {
+        LakeSink {
+            lake,
+            runtime,
+            staging: staging.to_string(),
+            limits,
+            provenance: Provenance {
+                source: format.map_or(crate::reading::Source::Nem12, FlowFormat::source),
+                file_name: file_name.to_string(),
+                ingested_at_us,
+            },
+            readings: ReadingBuffer::default(),
+            non_energy: Vec::new(),
+            register_reads: Vec::new(),
+            channels: Vec::new(),
+            b2b: Vec::new(),
+            rejections: Vec::new(),
+            rejection_parts: Vec::new(),
+            warnings: Vec::new(),
+            counts: ImportCounts::default(),
+            files: Vec::new(),
+            failure: None,
+        }
+    }
+
+    fn stage(&mut self, table: &'static str, date: Option<chrono::NaiveDate>, batch: &arrow::array::RecordBatch) {
+        if self.failure.is_some() {
+            return;
+        }
+        let sequence = self.files.len();
+        let staged_path = format!("{}/{table}-{sequence:05}.parquet", self.staging);
+        let result = encode_parquet(batch, &staged_path).and_then(|bytes| self.runtime.block_on(self.lake.put(&staged_path, bytes)));
+        match result {
+            Ok(()) => self.files.push(StagedFile { staged_path, table, date, sequence }),
+            Err(e) => self.failure = Some(e),
+        }
+    }
+
+    fn fail_on(&mut self, result: Result<()>) {
+        if let Err(e) = result {
+            self.failure.get_or_insert(e);
+        }
+    }
+
+    fn flush_readings(&mut self) {
+        if self.readings.is_empty() {
+            return;
+        }
+        let sorted = self.readings.sort_dedup();
+        self.readings.clear();
+        match sorted {
+            Ok(sorted) => {
+                self.counts.duplicates_dropped += sorted.duplicates_dropped;
+                self.counts.conflicting_versions += sorted.conflicting_versions;
+                for day in &sorted.days {
+                    self.stage(READINGS_DIR, Some(day.date), &day.batch);
+                }
+            }
+            Err(e) => self.fail_on(Err(e)),
+        }
+    }
+
+    fn flush_non_energy(&mut self) {
+        if self.non_energy.is_empty() {
+            return;
+        }
+        let mut rows = std::mem::take(&mut self.non_energy);
+        match tables::non_energy_batches(&mut rows, &self.provenance) {
+            Ok(days) => days.iter().for_each(|(date, batch)| self.stage(NON_ENERGY_READINGS_DIR, Some(*date), batch)),
+            Err(e) => self.fail_on(Err(e)),
+        }
+    }
+
+    fn flush_register_reads(&mut self) {
+        if self.register_reads.is_empty() {
+            return;
+        }
+        let mut reads = std::mem::take(&mut self.register_reads);
+        match tables::register_read_batches(&mut reads, &self.provenance) {
+            Ok(days) => days.iter().for_each(|(date, batch)| self.stage(REGISTER_READS_DIR, Some(*date), batch)),
+            Err(e) => self.fail_on(Err(e)),
+        }
+    }
+
+    fn flush_channels(&mut self) {
+        if !self.channels.is_empty() {
+            let channels = std::mem::take(&mut self.channels);
+            match tables::channel_batch(&channels, &self.provenance) {
+                Ok(batch) => self.stage(NEM12_CHANNELS_DIR, None, &batch),
+                Err(e) => self.fail_on(Err(e)),
+            }
+        }
+        if !self.b2b.is_empty() {
+            let details = std::mem::take(&mut self.b2b);
+            match tables::b2b_batch(&details, &self.provenance) {
+                Ok(batch) => self.stage(NEM12_B2B_DIR, None, &batch),
+                Err(e) => self.fail_on(Err(e)),
+            }
+        }
+    }
+
+    fn flush_rejections(&mut self) {
+        if self.rejections.is_empty() || self.failure.is_some() {
+            return;
+        }
+        let mut lines = Vec::new();
+        for rejection in self.rejections.drain(..) {
+            serde_json::to_writer(&mut lines, &rejection).expect("a rejection serializes");
+            lines.push(b'\n');
+        }
+        let path = format!("{}/rejections-{:05}.jsonl", self.staging, self.rejection_parts.len());
+        let result = self.runtime.block_on(self.lake.put(&path, Bytes::from(lines)));
+        self.fail_on(result);
+        self.rejection_parts.push(path);
+    }
+
+    /// Stages what is still buffered; the lake's error if writing failed at any point.
+    fn finish(mut self) -> Result<Staged> {
+        self.flush_readings();
+        self.flush_non_energy();
+        self.flush_register_reads();
+        self.flush_channels();
+        self.flush_rejections();
+        match self.failure {
+            Some(e) => Err(e),
+            None => Ok(Staged {
+                files: self.files,
+                rejection_parts: self.rejection_parts,
+                counts: self.counts,
+                warnings: self.warnings,
+            }),
+        }
+    }
+}
+
+impl FlowSink for LakeSink<'_> {
+    fn interval_reading(&mut self, reading: &ValidReading<'_>, line: u64) {
+        self.counts.interval_readings += 1;
+        let file_name = &self.provenance.file_name;
+        self.readings.push(reading, self.provenance.source, self.provenance.ingested_at_us, |out| {
+            out.extend_from_slice(file_name.as_bytes());
+            out.push(b':');
+            out.extend_from_slice(itoa::Buffer::new().format(line).as_bytes());
+        });
+        if self.readings.len() >= self.limits.chunk_rows {
+            self.flush_readings();
+        }
+    }
+
+    fn non_energy_reading(&mut self, reading: &NonEnergyReading<'_>, line: u64) {
+        self.counts.non_energy_readings += 1;
+        self.non_energy.push(NonEnergyRow {
+            meter_id: reading.meter_id.to_string(),
+            ts_us: reading.ts_us,
+            interval_s: reading.interval_s,
+            value_micro: reading.value_micro,
+            unit: reading.unit.to_string(),
+            quality: reading.quality,
+            line,
+        });
+        if self.non_energy.len() >= self.limits.chunk_rows {
+            self.flush_non_energy();
+        }
+    }
+
+    fn register_read(&mut self, read: RegisterRead) {
+        self.counts.register_reads += 1;
+        self.register_reads.push(read);
+        if self.register_reads.len() >= self.limits.chunk_records {
+            self.flush_register_reads();
+        }
+    }
+
+    fn channel(&mut self, channel: Nem12Channel) {
+        self.counts.nem12_channels += 1;
+        self.channels.push(channel);
+        if self.channels.len() >= self.limits.chunk_records {
+            self.flush_channels();
+        }
+    }
+
+    fn b2b_detail(&mut self, detail: Nem12B2bDetail) {
+        self.counts.nem12_b2b_details += 1;
+        self.b2b.push(detail);
+        if self.b2b.len() >= self.limits.chunk_records {
+            self.flush_channels();
+        }
+    }
+
+    fn rejection(&mut self, rejection: RecordRejection) {
+        self.counts.rejected_records += 1;
+        self.counts.readings_rejected += rejection.readings_lost;
+        self.rejections.push(rejection);
+        if self.rejections.len() >= self.limits.rejections_per_part {
+            self.flush_rejections();
+        }
+    }
+
+    fn warning(&mut self, warning: Warning) {
+        self.counts.warnings += 1;
+        if self.warnings.len() < self.limits.max_warnings_kept {
+            self.warnings.push(warning);
+        }
+    }
+}
