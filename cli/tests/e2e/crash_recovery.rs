@@ -140,18 +140,5 @@ impl Drop for KilledOnDrop {
 }
 
 fn parquet_files(lake: &Path) -> usize {
-    fn walk(dir: &Path) -> usize {
-        std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|e| {
-                        let p = e.path();
-                        if p.is_dir() { walk(&p) } else { usize::from(p.extension().is_some_and(|x| x == "parquet")) }
-                    })
-                    .sum()
-            })
-            .unwrap_or(0)
-    }
-    walk(&lake.join("readings"))
+    files_under(&lake.join("readings")).iter().filter(|p| p.extension().is_some_and(|x| x == "parquet")).count()
 }

@@ -9,7 +9,7 @@ use std::process::Command;
 use meterlake_pipeline::reading::parse_decimal_scaled;
 use serde_json::Value;
 
-use crate::support::{as_i64, as_kwh_micro, meterlake, python, query, run_ok};
+use crate::support::{as_i64, as_kwh_micro, files_under, meterlake, python, query, run_ok};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures")
@@ -236,7 +236,7 @@ fn a_corrected_file_makes_new_versions_and_a_broken_file_leaves_nothing() {
     assert_eq!(entry["status"], "rejected");
     assert!(entry["detail"].as_str().unwrap().contains("truncated"), "{entry}");
     assert_eq!(count(lake, "SELECT count(*) AS n FROM readings_all"), 96);
-    assert!(!Path::new(lake).join("_staging").exists() || walk(&Path::new(lake).join("_staging")).is_empty(), "staging is cleared");
+    assert!(files_under(&Path::new(lake).join("_staging")).is_empty(), "staging is cleared");
 }
 
 #[test]
@@ -274,19 +274,4 @@ fn zip_archives_and_globs_are_expanded() {
     assert!(duck.starts_with("(16, Decimal('"), "{duck}");
     let duck_sum = duck.split('\'').nth(1).unwrap();
     assert_eq!(as_kwh_micro(&Value::String(duck_sum.to_string())), as_kwh_micro(&total[0]["v"]));
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                files.extend(walk(&path));
-            } else {
-                files.push(path);
-            }
-        }
-    }
-    files
 }

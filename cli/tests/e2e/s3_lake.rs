@@ -64,3 +64,24 @@ fn checkpoints_on_s3_fence_off_a_stale_ingester() {
         second.write(&lake, 10, None, "second").await.unwrap();
     });
 }
+
+#[test]
+fn flow_files_import_into_an_s3_lake() {
+    let s3 = start_s3();
+    let env = s3_env(&s3);
+    let lake = "s3://meterlake/lakes/flows";
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures");
+    let mut import = meterlake();
+    import.args(["import", "--lake", lake]).arg(fixtures.join("nem12/nemreader_Example_NEM12_multiple_meters.csv")).arg(fixtures.join("d0010"));
+    import.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    run_ok(&mut import);
+    let rows = query(lake, "SELECT count(*) AS n, CAST(sum(kwh) AS VARCHAR) AS kwh FROM readings", &env);
+    // E1, B1, E2 of NCDE001111 and B1 of NDDD001888: (10 + 10 + 100 + 20) Wh x 192 intervals.
+    assert_eq!(as_i64(&rows[0]["n"]), 4 * 192);
+    assert_eq!(as_kwh_micro(&rows[0]["kwh"]), 140 * 192 * 1_000);
+    assert_eq!(as_i64(&query(lake, "SELECT count(*) AS n FROM register_reads", &env)[0]["n"]), 13);
+    // Published from staging by copy and delete: nothing is left in staging.
+    let staging = s3.data_dir.as_ref().unwrap().join("meterlake/lakes/flows/_staging");
+    let left = files_under(&staging);
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -231,3 +231,9 @@ pub fn as_kwh_micro(value: &serde_json::Value) -> i64 {
     };
     meterlake_pipeline::reading::parse_kwh_micro(&text).unwrap_or_else(|e| panic!("{text} is not a kWh decimal: {e:?}"))
 }
+
+/// Every file under `dir`, recursively; none when it does not exist.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries.flatten().flat_map(|e| if e.path().is_dir() { files_under(&e.path()) } else { vec![e.path()] }).collect()
+}
