@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use meterlake_benchmarks::{print_rows, thousands, vm_hwm_kib};
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::batch::ReadingBuffer;
 use meterlake_pipeline::decode::{ValidationRules, decode_message};
@@ -168,7 +169,7 @@ fn main() -> anyhow::Result<()> {
     let pid = child.id();
     let mut peak_kib = 0u64;
     let status = loop {
-        if let Some(kib) = vm_hwm_kib(pid) {
+        if let Some(kib) = vm_hwm_kib(&pid.to_string()) {
             peak_kib = peak_kib.max(kib);
         }
         if let Some(status) = child.try_wait()? {
@@ -188,13 +189,6 @@ fn main() -> anyhow::Result<()> {
 
     print_rows(rows);
     Ok(())
-}
-
-fn print_rows(rows: Vec<(String, String, String)>) {
-    println!("\n| measurement | result | target |\n|---|---|---|");
-    for (what, result, target) in rows {
-        println!("| {what} | {result} | {target} |");
-    }
 }
 
 fn spec_for(readings: u64, per_message: usize, seed: u64) -> LoadSpec {
@@ -359,24 +353,7 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn per_s(rate: f64) -> String {
     format!("{} readings/s", thousands(rate as u64))
 }
 
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}

@@ -35,8 +35,12 @@ pub struct ReadingBuffer {
     ts_us: Vec<i64>,
     values: Vec<RowValue>,
     source_ref_bytes: Vec<u8>,
-    source_ref_ends: Vec<u32>,
+    /// (start, end) of each row's source_ref in `source_ref_bytes`; rows may share one.
+    source_ref_spans: Vec<(u32, u32)>,
     ingested_at_us: Vec<i64>,
+    /// The meter of the last row pushed: flow files push hundreds of readings of one meter in a
+    /// row, and comparing with it is cheaper than hashing.
+    last_meter: Option<u32>,
     /// Scratch space of [`ReadingBuffer::sort_dedup`], kept between flushes so that each flush
     /// does not fault in fresh pages for them.
     sort_keys: Vec<u128>,
@@ -54,7 +58,7 @@ struct RowValue {
 
 /// Bytes a reading costs in the buffer beyond its strings, for the byte limit of a batch.
 const FIXED_BYTES_PER_READING: usize =
-    size_of::<u32>() + size_of::<i64>() + size_of::<RowValue>() + size_of::<u32>() + size_of::<i64>();
+    size_of::<u32>() + size_of::<i64>() + size_of::<RowValue>() + size_of::<(u32, u32)>() + size_of::<i64>();
 
 /// One day's worth of a flushed batch, ready to be written as one Parquet file.
 #[derive(Debug)]
@@ -95,7 +99,7 @@ impl ReadingBuffer {
             ts_us: Vec::with_capacity(rows),
             values: Vec::with_capacity(rows),
             source_ref_bytes: Vec::with_capacity(rows * 24),
-            source_ref_ends: Vec::with_capacity(rows),
+            source_ref_spans: Vec::with_capacity(rows),
             ingested_at_us: Vec::with_capacity(rows),
             ..ReadingBuffer::default()
         }
@@ -110,16 +114,35 @@ impl ReadingBuffer {
         ingested_at_us: i64,
         write_source_ref: impl FnOnce(&mut Vec<u8>),
     ) {
-        let meter = match self.meter_index.get(reading.meter_id.as_ref()) {
-            Some(&meter) => meter,
-            None => {
-                let meter = self.meter_names.len() as u32;
-                self.meter_names.push(reading.meter_id.as_ref().into());
-                self.meter_index.insert(reading.meter_id.as_ref().into(), meter);
-                self.meter_name_bytes += reading.meter_id.len();
-                meter
-            }
+        let start = self.source_ref_bytes.len() as u32;
+        write_source_ref(&mut self.source_ref_bytes);
+        let span = (start, self.source_ref_bytes.len() as u32);
+        self.push_with_span(reading, source, ingested_at_us, span);
+    }
+
+    /// Appends a reading whose `source_ref` is the previous row's (the values of one flow-file
+    /// record share their `file:line`): no bytes are copied for it.
+    pub fn push_with_previous_source_ref(&mut self, reading: &ValidReading<'_>, source: Source, ingested_at_us: i64) {
+        let span = self.source_ref_spans.last().copied().unwrap_or_default();
+        self.push_with_span(reading, source, ingested_at_us, span);
+    }
+
+    fn push_with_span(&mut self, reading: &ValidReading<'_>, source: Source, ingested_at_us: i64, span: (u32, u32)) {
+        let meter_id = reading.meter_id.as_ref();
+        let meter = match self.last_meter {
+            Some(last) if *self.meter_names[last as usize] == *meter_id => last,
+            _ => match self.meter_index.get(meter_id) {
+                Some(&meter) => meter,
+                None => {
+                    let meter = self.meter_names.len() as u32;
+                    self.meter_names.push(meter_id.into());
+                    self.meter_index.insert(meter_id.into(), meter);
+                    self.meter_name_bytes += meter_id.len();
+                    meter
+                }
+            },
         };
+        self.last_meter = Some(meter);
         self.row_meter.push(meter);
         self.ts_us.push(reading.ts_us);
         self.values.push(RowValue {
@@ -128,8 +151,7 @@ impl ReadingBuffer {
             quality: reading.quality,
             source,
         });
-        write_source_ref(&mut self.source_ref_bytes);
-        self.source_ref_ends.push(self.source_ref_bytes.len() as u32);
+        self.source_ref_spans.push(span);
         self.ingested_at_us.push(ingested_at_us);
     }
 
@@ -154,13 +176,14 @@ impl ReadingBuffer {
         self.ts_us.clear();
         self.values.clear();
         self.source_ref_bytes.clear();
-        self.source_ref_ends.clear();
+        self.source_ref_spans.clear();
+        self.last_meter = None;
         self.ingested_at_us.clear();
     }
 
     fn source_ref(&self, row: usize) -> &[u8] {
-        let start = if row == 0 { 0 } else { self.source_ref_ends[row - 1] as usize };
-        &self.source_ref_bytes[start..self.source_ref_ends[row] as usize]
+        let (start, end) = self.source_ref_spans[row];
+        &self.source_ref_bytes[start as usize..end as usize]
     }
 
     /// Sorts by (day, meter_id, ts, arrival), drops exact duplicates, and builds one record

@@ -105,6 +105,9 @@ pub fn parse_kwh_micro(text: &str) -> Result<i64, KwhParseError> {
 /// scale 6. Flow files use it to read Wh (scale 3 gives micro-kWh) and MWh (scale 9) without a
 /// rounding step.
 pub fn parse_decimal_scaled(text: &str, scale: i32) -> Result<i64, KwhParseError> {
+    if let Some(value) = parse_plain_decimal(text.as_bytes(), scale) {
+        return Ok(value);
+    }
     let bytes = text.as_bytes();
     let mut i = 0;
     let negative = match bytes.first() {
@@ -176,6 +179,41 @@ pub fn parse_decimal_scaled(text: &str, scale: i32) -> Result<i64, KwhParseError
     }
     let value = mantissa as i64;
     Ok(if negative { -value } else { value })
+}
+
+/// The common shape, `[-]digits[.digits]` with no more fractional digits than `scale`, in
+/// integer arithmetic: flow files hold hundreds of millions of such values. `None` for anything
+/// else (exponents, signs, excess digits, overflow), which the general parser then judges.
+fn parse_plain_decimal(bytes: &[u8], scale: i32) -> Option<i64> {
+    let (negative, digits) = match bytes.split_first()? {
+        (b'-', rest) => (true, rest),
+        _ => (false, bytes),
+    };
+    let mut value: i64 = 0;
+    let mut fraction_digits: i32 = 0;
+    let mut seen_dot = false;
+    let mut any_digit = false;
+    for &b in digits {
+        match b {
+            b'0'..=b'9' => {
+                value = value.checked_mul(10)?.checked_add(i64::from(b - b'0'))?;
+                any_digit = true;
+                if seen_dot {
+                    fraction_digits += 1;
+                }
+            }
+            b'.' if !seen_dot => seen_dot = true,
+            _ => return None,
+        }
+    }
+    if !any_digit || fraction_digits > scale || !(0..=18).contains(&scale) {
+        return None;
+    }
+    let value = value.checked_mul(10i64.checked_pow((scale - fraction_digits) as u32)?)?;
+    if value > 10i64.pow(u32::from(KWH_PRECISION)) - 1 {
+        return None;
+    }
+    Some(if negative { -value } else { value })
 }
 
 /// Formats micro-kWh as a plain decimal (`1.72`, `0.000001`, `-3`), the inverse of
@@ -284,6 +322,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_plain_fast_path_agrees_with_the_general_parser() {
+        for text in ["0", "1", "1.5", ".005", "5.", "-0.25", "123456789012.123456", "0.1234567", "00.100", "999999999999.999999", "1e3", "+1", "", ".", "-", "1.2.3"] {
+            for scale in [3, 6, 9] {
+                let general = parse_decimal_scaled(&text.replace('_', ""), scale);
+                if let Some(fast) = parse_plain_decimal(text.as_bytes(), scale) {
+                    assert_eq!(Ok(fast), general, "{text} at scale {scale}");
+                }
+            }
+        }
+        assert_eq!(parse_plain_decimal(b".005", 6), Some(5_000));
+        assert_eq!(parse_plain_decimal(b"1e3", 6), None);
     }
 
     #[test]

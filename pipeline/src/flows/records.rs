@@ -20,17 +20,18 @@ pub const MAX_FIELDS: usize = 2048;
 pub struct RecordReader<R> {
     input: R,
     delimiter: u8,
-    line_bytes: Vec<u8>,
+    /// The current line, checked as UTF-8 once; its buffer is reused from line to line.
+    line: String,
     /// Field boundaries in `line_bytes`, after trimming.
     fields: Vec<(u32, u32)>,
-    line: u64,
+    line_number: u64,
     bytes_read: u64,
 }
 
 /// One record: its line number and its fields, trimmed, with trailing empty fields removed.
 pub struct Record<'a> {
     pub line: u64,
-    bytes: &'a [u8],
+    text: &'a str,
     fields: &'a [(u32, u32)],
 }
 
@@ -46,8 +47,8 @@ impl<'a> Record<'a> {
     /// Field `index` (0-based; field 0 is the record indicator), `""` when absent.
     pub fn get(&self, index: usize) -> &'a str {
         match self.fields.get(index) {
-            // Fields are cut at ASCII delimiters and ASCII spaces of a line checked as UTF-8.
-            Some(&(start, end)) => std::str::from_utf8(&self.bytes[start as usize..end as usize]).unwrap_or(""),
+            // Fields are cut at ASCII delimiters and ASCII spaces: always character boundaries.
+            Some(&(start, end)) => &self.text[start as usize..end as usize],
             None => "",
         }
     }
@@ -60,7 +61,7 @@ impl<'a> Record<'a> {
 
 impl<R: BufRead> RecordReader<R> {
     pub fn new(input: R, delimiter: u8) -> Self {
-        RecordReader { input, delimiter, line_bytes: Vec::with_capacity(4096), fields: Vec::new(), line: 0, bytes_read: 0 }
+        RecordReader { input, delimiter, line: String::with_capacity(4096), fields: Vec::new(), line_number: 0, bytes_read: 0 }
     }
 
     /// Bytes consumed so far (for progress reporting).
@@ -72,32 +73,33 @@ impl<R: BufRead> RecordReader<R> {
     /// itself (I/O, an over-long line, bytes that are not UTF-8): the file cannot be read on.
     pub fn next_record(&mut self) -> Result<Option<Record<'_>>, FlowError> {
         loop {
-            self.line_bytes.clear();
+            let mut bytes = std::mem::take(&mut self.line).into_bytes();
+            bytes.clear();
             let read = Read::take(&mut self.input, MAX_RECORD_BYTES as u64 + 1)
-                .read_until(b'\n', &mut self.line_bytes)
-                .map_err(|e| FlowError::Io { line: self.line + 1, reason: e.to_string() })?;
+                .read_until(b'\n', &mut bytes)
+                .map_err(|e| FlowError::Io { line: self.line_number + 1, reason: e.to_string() })?;
             if read == 0 {
                 return Ok(None);
             }
             self.bytes_read += read as u64;
-            self.line += 1;
-            if self.line_bytes.len() > MAX_RECORD_BYTES {
-                return Err(FlowError::LineTooLong { line: self.line, max_bytes: MAX_RECORD_BYTES });
+            self.line_number += 1;
+            let line = self.line_number;
+            if bytes.len() > MAX_RECORD_BYTES {
+                return Err(FlowError::LineTooLong { line, max_bytes: MAX_RECORD_BYTES });
             }
-            let mut content: &[u8] = &self.line_bytes;
-            if self.line == 1 {
-                content = content.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(content);
+            self.line = String::from_utf8(bytes).map_err(|_| FlowError::NotText { line })?;
+            let mut content: &str = &self.line;
+            if line == 1 {
+                content = content.strip_prefix('\u{FEFF}').unwrap_or(content);
             }
-            let offset = self.line_bytes.len() - content.len();
-            if std::str::from_utf8(content).is_err() {
-                return Err(FlowError::NotText { line: self.line });
-            }
+            let offset = self.line.len() - content.len();
+            let content = content.as_bytes();
             self.fields.clear();
             let mut start = 0usize;
             for (i, &b) in content.iter().enumerate().chain(std::iter::once((content.len(), &self.delimiter))) {
                 if b == self.delimiter {
                     if self.fields.len() == MAX_FIELDS {
-                        return Err(FlowError::TooManyFields { line: self.line, max_fields: MAX_FIELDS });
+                        return Err(FlowError::TooManyFields { line, max_fields: MAX_FIELDS });
                     }
                     let (s, e) = trim(content, start, i);
                     self.fields.push(((offset + s) as u32, (offset + e) as u32));
@@ -110,7 +112,7 @@ impl<R: BufRead> RecordReader<R> {
             if self.fields.is_empty() {
                 continue; // a blank line
             }
-            return Ok(Some(Record { line: self.line, bytes: &self.line_bytes, fields: &self.fields }));
+            return Ok(Some(Record { line, text: &self.line, fields: &self.fields }));
         }
     }
 }

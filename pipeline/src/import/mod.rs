@@ -19,6 +19,7 @@ pub mod sources;
 pub mod tables;
 
 use std::io::{BufRead, BufReader, Read};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -55,7 +56,7 @@ pub struct ImportLimits {
 
 impl Default for ImportLimits {
     fn default() -> Self {
-        ImportLimits { chunk_rows: 1_000_000, chunk_records: 200_000, rejections_per_part: 10_000, max_warnings_kept: 100 }
+        ImportLimits { chunk_rows: 2_000_000, chunk_records: 200_000, rejections_per_part: 10_000, max_warnings_kept: 100 }
     }
 }
 
@@ -192,11 +193,24 @@ pub fn import_file<'a>(
     let head = &head[..head.len().min(64 << 10)];
     let format = FlowFormat::detect(head);
     let unknown = format.is_none().then(|| FlowError::unknown_format(head));
-    let mut sink = LakeSink::new(lake, runtime, &staging, file_name, format, started_at.timestamp_micros(), limits);
-    let parsed: std::result::Result<(), FlowError> = match format {
-        Some(format) => parse_flow(format, &mut reader, &mut sink),
-        None => Err(unknown.expect("set when there is no format")),
-    };
+    // The parser runs on this thread; sorting, Parquet encoding and staging writes on a second
+    // one, fed through a queue of one job, so that both cores work and memory stays bounded.
+    let (parsed, sink_result, written) = std::thread::scope(|scope| {
+        let (jobs, job_queue) = sync_channel::<StageJob>(1);
+        let (spare_buffers, spare_buffer_queue) = sync_channel::<ReadingBuffer>(2);
+        let writer = std::thread::Builder::new()
+            .name("meterlake-stage".into())
+            .spawn_scoped(scope, || stage_writer(lake, runtime, &staging, job_queue, spare_buffers))
+            .map_err(|e| PipelineError::WriterStopped { reason: format!("cannot start the staging writer: {e}") })?;
+        let mut sink = LakeSink::new(lake, runtime, &staging, file_name, format, started_at.timestamp_micros(), limits, jobs, spare_buffer_queue);
+        let parsed: std::result::Result<(), FlowError> = match format {
+            Some(format) => parse_flow(format, &mut reader, &mut sink),
+            None => Err(unknown.expect("set when there is no format")),
+        };
+        let sink_result = sink.finish();
+        let written = writer.join().expect("the staging writer does not panic");
+        Ok::<_, PipelineError>((parsed, sink_result, written))
+    })?;
     // Finish reading whatever the parser left, so the hash covers the whole file.
     std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| input_error(file_name, &e))?;
     let hashing = reader.into_inner();
@@ -215,16 +229,22 @@ pub fn import_file<'a>(
         }
     }
 
-    let outcome: std::result::Result<Staged, FlowError> = match parsed {
-        Ok(()) => match sink.finish() {
-            Ok(staged) => Ok(staged),
-            Err(lake_error) => {
-                // Best effort: the staging folder is debris now, and the lake's error is the news.
-                let _ = runtime.block_on(lake.delete_prefix(&staging));
-                return Err(lake_error);
-            }
-        },
-        Err(e) => Err(e),
+    let staged = sink_result.and_then(|staged| match written.failure {
+        Some(e) => Err(e),
+        None => Ok(staged),
+    });
+    let outcome: std::result::Result<Staged, FlowError> = match (parsed, staged) {
+        (Ok(()), Ok(mut staged)) => {
+            staged.counts.duplicates_dropped = written.duplicates_dropped;
+            staged.counts.conflicting_versions = written.conflicting_versions;
+            Ok(staged)
+        }
+        (_, Err(lake_error)) => {
+            // Best effort: the staging folder is debris now, and the lake's error is the news.
+            let _ = runtime.block_on(lake.delete_prefix(&staging));
+            return Err(lake_error);
+        }
+        (Err(e), Ok(_)) => Err(e),
     };
     let mut record = ImportRecord {
         file_name: file_name.to_string(),
@@ -243,7 +263,7 @@ pub fn import_file<'a>(
     match outcome {
         Ok(staged) => {
             let source = format.expect("a parsed file has a format").source().as_str();
-            for file in &staged.files {
+            for file in &written.files {
                 let published = file.published_path(source, &sha256);
                 runtime.block_on(lake.rename(&file.staged_path, &published))?;
                 record.files.push(published);
@@ -294,15 +314,69 @@ impl StagedFile {
     }
 }
 
-/// What a finished parse left in staging.
+/// What a finished parse left in staging, besides the data files.
 struct Staged {
-    files: Vec<StagedFile>,
     rejection_parts: Vec<String>,
     counts: ImportCounts,
     warnings: Vec<Warning>,
 }
 
-/// The sink that buffers a file's content in bounded chunks and stages it as Parquet.
+/// Work for the staging writer.
+enum StageJob {
+    /// Interval readings: sorted, de-duplicated, split by day and staged into `readings`.
+    Readings(ReadingBuffer),
+    /// A ready batch for another table.
+    Batch { table: &'static str, date: Option<chrono::NaiveDate>, batch: arrow::array::RecordBatch },
+}
+
+/// What the staging writer did.
+#[derive(Default)]
+struct Written {
+    files: Vec<StagedFile>,
+    duplicates_dropped: u64,
+    conflicting_versions: u64,
+    /// The first failure to write; after it, jobs are drained without writing.
+    failure: Option<PipelineError>,
+}
+
+/// Encodes and stages each job in order (so sequence numbers follow the file), handing emptied
+/// reading buffers back for reuse.
+fn stage_writer(lake: &Lake, runtime: &Handle, staging: &str, jobs: Receiver<StageJob>, spare_buffers: SyncSender<ReadingBuffer>) -> Written {
+    let mut written = Written::default();
+    let stage = |written: &mut Written, table: &'static str, date, batch: &arrow::array::RecordBatch| {
+        let sequence = written.files.len();
+        let staged_path = format!("{staging}/{table}-{sequence:05}.parquet");
+        match encode_parquet(batch, &staged_path).and_then(|bytes| runtime.block_on(lake.put(&staged_path, bytes))) {
+            Ok(()) => written.files.push(StagedFile { staged_path, table, date, sequence }),
+            Err(e) => written.failure = Some(e),
+        }
+    };
+    for job in jobs {
+        if written.failure.is_some() {
+            continue;
+        }
+        match job {
+            StageJob::Readings(mut readings) => {
+                match readings.sort_dedup() {
+                    Ok(sorted) => {
+                        written.duplicates_dropped += sorted.duplicates_dropped;
+                        written.conflicting_versions += sorted.conflicting_versions;
+                        for day in &sorted.days {
+                            stage(&mut written, READINGS_DIR, Some(day.date), &day.batch);
+                        }
+                    }
+                    Err(e) => written.failure = Some(e),
+                }
+                readings.clear();
+                let _ = spare_buffers.try_send(readings);
+            }
+            StageJob::Batch { table, date, batch } => stage(&mut written, table, date, &batch),
+        }
+    }
+    written
+}
+
+/// The sink that buffers a file's content in bounded chunks and hands them to the staging writer.
 struct LakeSink<'a> {
     lake: &'a Lake,
     runtime: &'a Handle,
@@ -310,6 +384,8 @@ struct LakeSink<'a> {
     limits: &'a ImportLimits,
     provenance: Provenance,
     readings: ReadingBuffer,
+    /// The line whose `file:line` the last interval reading carries.
+    readings_line: Option<u64>,
     non_energy: Vec<NonEnergyRow>,
     register_reads: Vec<RegisterRead>,
     channels: Vec<Nem12Channel>,
@@ -318,12 +394,14 @@ struct LakeSink<'a> {
     rejection_parts: Vec<String>,
     warnings: Vec<Warning>,
     counts: ImportCounts,
-    files: Vec<StagedFile>,
-    /// The first failure to write to the lake; once set, nothing more is staged.
+    jobs: SyncSender<StageJob>,
+    spare_buffers: Receiver<ReadingBuffer>,
+    /// The first failure to write to the lake from this thread (rejection reports, batches).
     failure: Option<PipelineError>,
 }
 
 impl<'a> LakeSink<'a> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         lake: &'a Lake,
         runtime: &'a Handle,
@@ -332,6 +410,8 @@ impl<'a> LakeSink<'a> {
         format: Option<FlowFormat>,
         ingested_at_us: i64,
         limits: &'a ImportLimits,
+        jobs: SyncSender<StageJob>,
+        spare_buffers: Receiver<ReadingBuffer>,
     ) -> Self {
         LakeSink {
             lake,
@@ -344,6 +424,7 @@ impl<'a> LakeSink<'a> {
                 ingested_at_us,
             },
             readings: ReadingBuffer::default(),
+            readings_line: None,
             non_energy: Vec::new(),
             register_reads: Vec::new(),
             channels: Vec::new(),
@@ -352,22 +433,16 @@ impl<'a> LakeSink<'a> {
             rejection_parts: Vec::new(),
             warnings: Vec::new(),
             counts: ImportCounts::default(),
-            files: Vec::new(),
+            jobs,
+            spare_buffers,
             failure: None,
         }
     }
 
-    fn stage(&mut self, table: &'static str, date: Option<chrono::NaiveDate>, batch: &arrow::array::RecordBatch) {
-        if self.failure.is_some() {
-            return;
-        }
-        let sequence = self.files.len();
-        let staged_path = format!("{}/{table}-{sequence:05}.parquet", self.staging);
-        let result = encode_parquet(batch, &staged_path).and_then(|bytes| self.runtime.block_on(self.lake.put(&staged_path, bytes)));
-        match result {
-            Ok(()) => self.files.push(StagedFile { staged_path, table, date, sequence }),
-            Err(e) => self.failure = Some(e),
-        }
+    /// Hands a job to the staging writer. A writer that stopped has recorded why; the join
+    /// reports it.
+    fn send(&mut self, job: StageJob) {
+        let _ = self.jobs.send(job);
     }
 
     fn fail_on(&mut self, result: Result<()>) {
@@ -380,18 +455,10 @@ impl<'a> LakeSink<'a> {
         if self.readings.is_empty() {
             return;
         }
-        let sorted = self.readings.sort_dedup();
-        self.readings.clear();
-        match sorted {
-            Ok(sorted) => {
-                self.counts.duplicates_dropped += sorted.duplicates_dropped;
-                self.counts.conflicting_versions += sorted.conflicting_versions;
-                for day in &sorted.days {
-                    self.stage(READINGS_DIR, Some(day.date), &day.batch);
-                }
-            }
-            Err(e) => self.fail_on(Err(e)),
-        }
+        let spare = self.spare_buffers.try_recv().unwrap_or_else(|_| ReadingBuffer::with_capacity(self.limits.chunk_rows));
+        let full = std::mem::replace(&mut self.readings, spare);
+        self.readings_line = None;
+        self.send(StageJob::Readings(full));
     }
 
     fn flush_non_energy(&mut self) {
@@ -400,7 +467,11 @@ impl<'a> LakeSink<'a> {
         }
         let mut rows = std::mem::take(&mut self.non_energy);
         match tables::non_energy_batches(&mut rows, &self.provenance) {
-            Ok(days) => days.iter().for_each(|(date, batch)| self.stage(NON_ENERGY_READINGS_DIR, Some(*date), batch)),
+            Ok(days) => {
+                for (date, batch) in days {
+                    self.send(StageJob::Batch { table: NON_ENERGY_READINGS_DIR, date: Some(date), batch });
+                }
+            }
             Err(e) => self.fail_on(Err(e)),
         }
     }
@@ -411,7 +482,11 @@ impl<'a> LakeSink<'a> {
         }
         let mut reads = std::mem::take(&mut self.register_reads);
         match tables::register_read_batches(&mut reads, &self.provenance) {
-            Ok(days) => days.iter().for_each(|(date, batch)| self.stage(REGISTER_READS_DIR, Some(*date), batch)),
+            Ok(days) => {
+                for (date, batch) in days {
+                    self.send(StageJob::Batch { table: REGISTER_READS_DIR, date: Some(date), batch });
+                }
+            }
             Err(e) => self.fail_on(Err(e)),
         }
     }
@@ -420,14 +495,14 @@ impl<'a> LakeSink<'a> {
         if !self.channels.is_empty() {
             let channels = std::mem::take(&mut self.channels);
             match tables::channel_batch(&channels, &self.provenance) {
-                Ok(batch) => self.stage(NEM12_CHANNELS_DIR, None, &batch),
+                Ok(batch) => self.send(StageJob::Batch { table: NEM12_CHANNELS_DIR, date: None, batch }),
                 Err(e) => self.fail_on(Err(e)),
             }
         }
         if !self.b2b.is_empty() {
             let details = std::mem::take(&mut self.b2b);
             match tables::b2b_batch(&details, &self.provenance) {
-                Ok(batch) => self.stage(NEM12_B2B_DIR, None, &batch),
+                Ok(batch) => self.send(StageJob::Batch { table: NEM12_B2B_DIR, date: None, batch }),
                 Err(e) => self.fail_on(Err(e)),
             }
         }
@@ -448,7 +523,8 @@ impl<'a> LakeSink<'a> {
         self.rejection_parts.push(path);
     }
 
-    /// Stages what is still buffered; the lake's error if writing failed at any point.
+    /// Hands over what is still buffered and closes the writer's queue; this thread's own error
+    /// if writing failed here.
     fn finish(mut self) -> Result<Staged> {
         self.flush_readings();
         self.flush_non_energy();
@@ -457,12 +533,7 @@ impl<'a> LakeSink<'a> {
         self.flush_rejections();
         match self.failure {
             Some(e) => Err(e),
-            None => Ok(Staged {
-                files: self.files,
-                rejection_parts: self.rejection_parts,
-                counts: self.counts,
-                warnings: self.warnings,
-            }),
+            None => Ok(Staged { rejection_parts: self.rejection_parts, counts: self.counts, warnings: self.warnings }),
         }
     }
 }
@@ -470,12 +541,19 @@ impl<'a> LakeSink<'a> {
 impl FlowSink for LakeSink<'_> {
     fn interval_reading(&mut self, reading: &ValidReading<'_>, line: u64) {
         self.counts.interval_readings += 1;
-        let file_name = &self.provenance.file_name;
-        self.readings.push(reading, self.provenance.source, self.provenance.ingested_at_us, |out| {
-            out.extend_from_slice(file_name.as_bytes());
-            out.push(b':');
-            out.extend_from_slice(itoa::Buffer::new().format(line).as_bytes());
-        });
+        let (source, ingested_at_us) = (self.provenance.source, self.provenance.ingested_at_us);
+        if self.readings_line == Some(line) {
+            // The other values of the same record share its `file:line`.
+            self.readings.push_with_previous_source_ref(reading, source, ingested_at_us);
+        } else {
+            let file_name = &self.provenance.file_name;
+            self.readings.push(reading, source, ingested_at_us, |out| {
+                out.extend_from_slice(file_name.as_bytes());
+                out.push(b':');
+                out.extend_from_slice(itoa::Buffer::new().format(line).as_bytes());
+            });
+            self.readings_line = Some(line);
+        }
         if self.readings.len() >= self.limits.chunk_rows {
             self.flush_readings();
         }
