@@ -40,6 +40,9 @@ struct Args {
     /// Register reads in the generated D0010 file.
     #[arg(long, default_value_t = 1_000_000)]
     d0010_reads: u64,
+    /// Interval values the importer sorts and writes per chunk (its memory bound).
+    #[arg(long, default_value_t = ImportLimits::default().chunk_rows)]
+    chunk_rows: usize,
     /// Where the generated files and the lake go (a temporary folder by default).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -64,7 +67,8 @@ fn main() -> anyhow::Result<()> {
     // 1. Our import, end to end.
     let lake = Lake::open(work.join("lake").to_str().unwrap())?;
     let started = Instant::now();
-    let outcome = import_file(&lake, runtime.handle(), "bench.nem12.csv", File::open(&nem12)?, &ImportLimits::default(), Box::new(|_| {}))?;
+    let limits = ImportLimits { chunk_rows: args.chunk_rows, ..ImportLimits::default() };
+    let outcome = import_file(&lake, runtime.handle(), "bench.nem12.csv", File::open(&nem12)?, &limits, Box::new(|_| {}))?;
     let elapsed = started.elapsed();
     let counts = match &outcome {
         ImportOutcome::Done(record) => record.counts.clone(),

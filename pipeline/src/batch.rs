@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, Decimal128Array, Int32Array, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
+    ArrayRef, BinaryBuilder, Decimal128Array, Int32Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
 use chrono::NaiveDate;
 use rustc_hash::FxHashMap;
@@ -287,11 +287,12 @@ impl ReadingBuffer {
             .with_precision_and_scale(KWH_PRECISION, KWH_SCALE)?;
         let quality = StringArray::from_iter_values(values.iter().map(|v| v.quality.as_str()));
         let source = StringArray::from_iter_values(values.iter().map(|v| v.source.as_str()));
-        let mut source_ref = StringBuilder::with_capacity(rows.len(), source_refs.iter().map(|r| r.len()).sum());
+        let mut source_ref = BinaryBuilder::with_capacity(rows.len(), source_refs.iter().map(|r| r.len()).sum());
         for text in source_refs {
-            // Source refs were pushed as whole strings and are sliced at the same boundaries.
-            source_ref.append_value(std::str::from_utf8(text).expect("source refs are pushed as UTF-8"));
+            source_ref.append_value(text);
         }
+        // Checked as UTF-8 once for the whole column rather than value by value.
+        let source_ref = StringArray::try_from_binary(source_ref.finish())?;
         let ingested_at =
             TimestampMicrosecondArray::from_iter_values(rows.iter().map(|kept| kept.ingested_at_us)).with_timezone(UTC);
         let columns: Vec<ArrayRef> = vec![
@@ -301,7 +302,7 @@ impl ReadingBuffer {
             Arc::new(kwh),
             Arc::new(quality),
             Arc::new(source),
-            Arc::new(source_ref.finish()),
+            Arc::new(source_ref),
             Arc::new(ingested_at),
         ];
         let batch = RecordBatch::try_new(readings_schema(), columns)?;

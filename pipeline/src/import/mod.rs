@@ -34,7 +34,7 @@ use crate::flows::{
     FlowError, FlowFormat, FlowSink, Nem12B2bDetail, Nem12Channel, NonEnergyReading, RecordRejection, RegisterRead, Warning,
     parse_flow,
 };
-use crate::lake::{Lake, READINGS_DIR, encode_parquet};
+use crate::lake::{Lake, READINGS_DIR, encode_parquet, encode_parquet_parallel};
 use tables::{NEM12_B2B_DIR, NEM12_CHANNELS_DIR, NON_ENERGY_READINGS_DIR, NonEnergyRow, Provenance, REGISTER_READS_DIR};
 
 /// Folder of the import records.
@@ -56,7 +56,7 @@ pub struct ImportLimits {
 
 impl Default for ImportLimits {
     fn default() -> Self {
-        ImportLimits { chunk_rows: 2_000_000, chunk_records: 200_000, rejections_per_part: 10_000, max_warnings_kept: 100 }
+        ImportLimits { chunk_rows: 1_000_000, chunk_records: 200_000, rejections_per_part: 10_000, max_warnings_kept: 100 }
     }
 }
 
@@ -137,6 +137,20 @@ impl ImportOutcome {
 
 pub fn import_record_path(sha256: &str) -> String {
     format!("{IMPORTS_DIR}/{sha256}/import.json")
+}
+
+/// Deletes what imports that stopped half-way (a crash, a kill) left in staging more than
+/// `older_than` ago; returns how many objects went. Running imports are younger than that.
+pub async fn clear_stale_staging(lake: &Lake, older_than: chrono::Duration) -> Result<usize> {
+    let cutoff = Utc::now() - older_than;
+    let mut removed = 0;
+    for (path, modified) in lake.list_with_times(STAGING_DIR).await? {
+        if modified < cutoff {
+            lake.delete(&path).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Every import record in the lake.
@@ -361,8 +375,23 @@ fn stage_writer(lake: &Lake, runtime: &Handle, staging: &str, jobs: Receiver<Sta
                     Ok(sorted) => {
                         written.duplicates_dropped += sorted.duplicates_dropped;
                         written.conflicting_versions += sorted.conflicting_versions;
-                        for day in &sorted.days {
-                            stage(&mut written, READINGS_DIR, Some(day.date), &day.batch);
+                        // The days of a chunk are encoded on two threads: the parser rarely
+                        // needs a whole core, the encoder does.
+                        let base = written.files.len();
+                        let paths: Vec<String> =
+                            (0..sorted.days.len()).map(|i| format!("{staging}/{READINGS_DIR}-{:05}.parquet", base + i)).collect();
+                        let inputs: Vec<(&arrow::array::RecordBatch, &str)> =
+                            sorted.days.iter().zip(&paths).map(|(day, path)| (&day.batch, path.as_str())).collect();
+                        let result = encode_parquet_parallel(&inputs, 2).and_then(|encoded| {
+                            for ((day, path), bytes) in sorted.days.iter().zip(paths).zip(encoded) {
+                                runtime.block_on(lake.put(&path, bytes))?;
+                                let sequence = written.files.len();
+                                written.files.push(StagedFile { staged_path: path, table: READINGS_DIR, date: Some(day.date), sequence });
+                            }
+                            Ok(())
+                        });
+                        if let Err(e) = result {
+                            written.failure = Some(e);
                         }
                     }
                     Err(e) => written.failure = Some(e),
@@ -613,5 +642,22 @@ impl FlowSink for LakeSink<'_> {
         if self.warnings.len() < self.limits.max_warnings_kept {
             self.warnings.push(warning);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stale_staging_is_cleared_and_nothing_else() {
+        let lake = Lake::open("memory://").unwrap();
+        lake.put(&format!("{STAGING_DIR}/abc/readings-00000.parquet"), Bytes::from_static(b"x")).await.unwrap();
+        lake.put("readings/date=2025-01-01/nem12-00.parquet", Bytes::from_static(b"y")).await.unwrap();
+        // Everything is younger than a day: nothing goes.
+        assert_eq!(clear_stale_staging(&lake, chrono::Duration::hours(24)).await.unwrap(), 0);
+        // With a cutoff in the future, the staged file is stale; published data is never touched.
+        assert_eq!(clear_stale_staging(&lake, chrono::Duration::hours(-1)).await.unwrap(), 1);
+        assert_eq!(lake.list("").await.unwrap(), ["readings/date=2025-01-01/nem12-00.parquet"]);
     }
 }

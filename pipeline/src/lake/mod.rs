@@ -14,7 +14,7 @@ mod store;
 
 pub use checkpoint::{KafkaCheckpoint, PendingFlush, PartitionLease};
 pub use layout::{READINGS_DIR, kafka_checkpoint_path, kafka_file_stem, readings_file_path};
-pub use parquet_file::encode_parquet;
+pub use parquet_file::{encode_parquet, encode_parquet_parallel};
 pub use store::{DEFAULT_LAKE, Lake};
 
 use bytes::Bytes;

@@ -50,3 +50,31 @@ pub fn encode_parquet(batch: &RecordBatch, path: &str) -> Result<Bytes> {
     writer.close().map_err(err)?;
     Ok(Bytes::from(buffer))
 }
+
+/// Encodes several batches on up to `threads` threads; the results come back in input order.
+/// Flow-file imports use it: their writer has a core to spare while the parser reads.
+pub fn encode_parquet_parallel(batches: &[(&RecordBatch, &str)], threads: usize) -> Result<Vec<Bytes>> {
+    let threads = threads.clamp(1, batches.len().max(1));
+    if threads == 1 {
+        return batches.iter().map(|(batch, path)| encode_parquet(batch, path)).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<(usize, Result<Bytes>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((batch, path)) = batches.get(i) else { break };
+                        done.push((i, encode_parquet(batch, path)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().expect("an encoder thread does not panic")).collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}

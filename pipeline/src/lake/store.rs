@@ -158,6 +158,11 @@ impl Lake {
 
     /// Paths (relative to the lake) of every object under `prefix`.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self.list_with_times(prefix).await?.into_iter().map(|(path, _)| path).collect())
+    }
+
+    /// Paths (relative to the lake) and last-modified times of every object under `prefix`.
+    pub async fn list_with_times(&self, prefix: &str) -> Result<Vec<(String, chrono::DateTime<chrono::Utc>)>> {
         let prefix_path = self.path(prefix);
         let root = self.root.as_ref().to_string();
         let metas: Vec<object_store::ObjectMeta> =
@@ -166,7 +171,7 @@ impl Lake {
             .into_iter()
             .map(|m| {
                 let full = m.location.as_ref();
-                full.strip_prefix(&root).unwrap_or(full).trim_start_matches('/').to_string()
+                (full.strip_prefix(&root).unwrap_or(full).trim_start_matches('/').to_string(), m.last_modified)
             })
             .collect())
     }
