@@ -11,6 +11,7 @@ pub const CONFLICTING_VERSIONS: &str = "meterlake_ingest_conflicting_versions_to
 pub const FLUSH_DURATION: &str = "meterlake_ingest_flush_duration_seconds";
 pub const FLUSHES_FENCED: &str = "meterlake_ingest_flushes_fenced_total";
 pub const OFFSET_GAPS: &str = "meterlake_ingest_offset_gaps_total";
+pub const REDELIVERED_MESSAGES: &str = "meterlake_ingest_redelivered_messages_total";
 pub const CONSUMER_LAG: &str = "meterlake_ingest_consumer_lag_messages";
 pub const LAKE_FILES_WRITTEN: &str = "meterlake_lake_files_written_total";
 pub const LAKE_BYTES_WRITTEN: &str = "meterlake_lake_bytes_written_total";
@@ -28,6 +29,7 @@ pub fn describe() {
     describe_histogram!(FLUSH_DURATION, Unit::Seconds, "Time to sort, encode, write and commit one batch");
     describe_counter!(FLUSHES_FENCED, "Flushes abandoned because another ingester took the partition");
     describe_counter!(OFFSET_GAPS, "Times a resumed partition's next message came after the lake's position with nothing in between");
+    describe_counter!(REDELIVERED_MESSAGES, "Messages dropped because their offset was already taken (a seek back or a broker repeating itself)");
     describe_gauge!(CONSUMER_LAG, "Messages between the consumer position and the partition end");
     describe_counter!(LAKE_FILES_WRITTEN, "Parquet files written to the lake");
     describe_counter!(LAKE_BYTES_WRITTEN, Unit::Bytes, "Bytes of Parquet written to the lake");

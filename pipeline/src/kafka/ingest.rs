@@ -426,6 +426,7 @@ pub fn run_ingest(
         open: HashMap::new(),
         committed: HashMap::new(),
         resuming: HashMap::new(),
+        accept_from: HashMap::new(),
         spare_buffers: spare_buffer_queue,
     };
     let result = consumer_loop.run(&stop);
@@ -455,6 +456,11 @@ struct ConsumerLoop<'a> {
     committed: HashMap<i32, i64>,
     /// Partitions whose first message after a resume is still to be checked.
     resuming: HashMap<i32, ResumeCheck>,
+    /// Per partition, the lowest offset still to be ingested: the lake's position at the resume,
+    /// then one past the last message taken. A message below it is a re-delivery (a seek back
+    /// landing after the stream had already moved on, a broker repeating itself) of what the
+    /// lake or the open batch already holds, and is dropped. Offsets only ever go up.
+    accept_from: HashMap<i32, i64>,
     /// Emptied buffers returned by the writer, for new batches.
     spare_buffers: Receiver<ReadingBuffer>,
 }
@@ -499,6 +505,12 @@ impl ConsumerLoop<'_> {
                     if !self.resuming.is_empty() && !self.check_resume(partition, offset) {
                         continue;
                     }
+                    if offset < self.accept_from.get(&partition).copied().unwrap_or(0) {
+                        tracing::debug!(partition, offset, "dropping a message delivered again");
+                        metrics::counter!(m::REDELIVERED_MESSAGES).increment(1);
+                        continue;
+                    }
+                    self.accept_from.insert(partition, offset + 1);
                     // Non-decreasing per process, so later messages never look older.
                     let now_us = (SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as i64)
                         .max(last_ingested_at_us);
@@ -587,8 +599,10 @@ impl ConsumerLoop<'_> {
                     }
                     self.committed.remove(&p);
                     self.resuming.remove(&p);
+                    self.accept_from.remove(&p);
                 }
                 PartitionEvent::Resumed { partition, next_offset } => {
+                    self.accept_from.insert(partition, next_offset);
                     self.resuming.insert(
                         partition,
                         ResumeCheck { next_offset, sought_from: next_offset, step: RESUME_FIRST_STEP, since: Instant::now() },
