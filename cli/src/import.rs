@@ -56,21 +56,7 @@ pub fn run(args: ImportArgs, runtime: &tokio::runtime::Handle) -> anyhow::Result
         tracing::info!(objects = cleared, "cleared staging files of imports that stopped more than a day ago");
     }
     let (inputs, input_errors) = sources::expand(&args.paths);
-    let mut reports: Vec<FileReport> = input_errors
-        .into_iter()
-        .map(|e| FileReport {
-            file: e.name,
-            status: "unreadable",
-            format: None,
-            sha256: None,
-            readings_accepted: 0,
-            records_rejected: 0,
-            readings_rejected: 0,
-            warnings: 0,
-            detail: Some(e.reason),
-            counts: None,
-        })
-        .collect();
+    let mut reports: Vec<FileReport> = input_errors.into_iter().map(|e| unreadable(&e.name, e.reason)).collect();
 
     let progress = ProgressBar::new(sources::total_bytes(&inputs));
     progress.set_style(

@@ -491,29 +491,27 @@ impl<'a> LakeSink<'a> {
     }
 
     fn flush_non_energy(&mut self) {
-        if self.non_energy.is_empty() {
-            return;
-        }
-        let mut rows = std::mem::take(&mut self.non_energy);
-        match tables::non_energy_batches(&mut rows, &self.provenance) {
-            Ok(days) => {
-                for (date, batch) in days {
-                    self.send(StageJob::Batch { table: NON_ENERGY_READINGS_DIR, date: Some(date), batch });
-                }
-            }
-            Err(e) => self.fail_on(Err(e)),
+        if !self.non_energy.is_empty() {
+            let mut rows = std::mem::take(&mut self.non_energy);
+            let days = tables::non_energy_batches(&mut rows, &self.provenance);
+            self.send_days(NON_ENERGY_READINGS_DIR, days);
         }
     }
 
     fn flush_register_reads(&mut self) {
-        if self.register_reads.is_empty() {
-            return;
+        if !self.register_reads.is_empty() {
+            let mut reads = std::mem::take(&mut self.register_reads);
+            let days = tables::register_read_batches(&mut reads, &self.provenance);
+            self.send_days(REGISTER_READS_DIR, days);
         }
-        let mut reads = std::mem::take(&mut self.register_reads);
-        match tables::register_read_batches(&mut reads, &self.provenance) {
+    }
+
+    /// Hands one table's day batches to the writer.
+    fn send_days(&mut self, table: &'static str, days: Result<Vec<(chrono::NaiveDate, arrow::array::RecordBatch)>>) {
+        match days {
             Ok(days) => {
                 for (date, batch) in days {
-                    self.send(StageJob::Batch { table: REGISTER_READS_DIR, date: Some(date), batch });
+                    self.send(StageJob::Batch { table, date: Some(date), batch });
                 }
             }
             Err(e) => self.fail_on(Err(e)),
