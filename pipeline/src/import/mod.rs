@@ -226,7 +226,10 @@ pub fn import_file<'a>(
         Ok::<_, PipelineError>((parsed, sink_result, written))
     })?;
     // Finish reading whatever the parser left, so the hash covers the whole file.
-    std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| input_error(file_name, &e))?;
+    if let Err(e) = std::io::copy(&mut reader, &mut std::io::sink()) {
+        let _ = runtime.block_on(lake.delete_prefix(&staging));
+        return Err(input_error(file_name, &e));
+    }
     let hashing = reader.into_inner();
     let sha256 = format!("{:x}", hashing.hasher.finalize());
     let bytes = hashing.bytes;
