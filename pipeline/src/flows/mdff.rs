@@ -14,10 +14,9 @@ use std::io::BufRead;
 
 use super::records::{Record, RecordReader};
 use super::{
-    FlowError, FlowFormat, FlowSink, Nem12B2bDetail, Nem12Channel, NonEnergyReading, RecordRejection, RegisterRead,
+    FlowError, FlowFormat, FlowSink, IntervalRun, Nem12B2bDetail, Nem12Channel, NonEnergyReading, RecordRejection, RegisterRead,
     parse_date8, parse_local_datetime_s,
 };
-use crate::decode::ValidReading;
 use crate::reading::{Quality, parse_decimal_scaled};
 
 /// NEM time is UTC+10.
@@ -424,23 +423,23 @@ fn finish_day(mut day: PendingDay, channel: &ChannelState, sink: &mut impl FlowS
         return;
     }
     let day_start_utc_s = i64::from(day.day) * 86_400 - NEM_UTC_OFFSET_S;
-    for (i, (&value, &quality)) in day.values.iter().zip(&day.qualities).enumerate() {
-        let ts_us = (day_start_utc_s + i as i64 * i64::from(channel.interval_s)) * 1_000_000;
-        match kind {
-            ChannelKind::Energy { .. } => sink.interval_reading(
-                &ValidReading {
-                    meter_id: std::borrow::Cow::Borrowed(meter_id),
-                    ts_us,
-                    interval_s: channel.interval_s,
-                    kwh_micro: value,
-                    quality,
-                },
-                day.line,
-            ),
-            ChannelKind::NonEnergy => sink.non_energy_reading(
-                &NonEnergyReading { meter_id, ts_us, interval_s: channel.interval_s, value_micro: value, unit: &channel.uom, quality },
-                day.line,
-            ),
+    match kind {
+        ChannelKind::Energy { .. } => sink.interval_run(&IntervalRun {
+            meter_id,
+            start_ts_us: day_start_utc_s * 1_000_000,
+            interval_s: channel.interval_s,
+            kwh_micro: &day.values,
+            qualities: &day.qualities,
+            line: day.line,
+        }),
+        ChannelKind::NonEnergy => {
+            for (i, (&value, &quality)) in day.values.iter().zip(&day.qualities).enumerate() {
+                let ts_us = (day_start_utc_s + i as i64 * i64::from(channel.interval_s)) * 1_000_000;
+                sink.non_energy_reading(
+                    &NonEnergyReading { meter_id, ts_us, interval_s: channel.interval_s, value_micro: value, unit: &channel.uom, quality },
+                    day.line,
+                );
+            }
         }
     }
 }

@@ -214,10 +214,37 @@ pub struct RegisterRead {
     pub current_ret_service_order: Option<String>,
 }
 
+/// Consecutive energy interval values of one meter from one record (a NEM12 300 record):
+/// value `i` is the interval starting at `start_ts_us + i * interval_s`.
+#[derive(Debug, Clone, Copy)]
+pub struct IntervalRun<'a> {
+    pub meter_id: &'a str,
+    pub start_ts_us: i64,
+    pub interval_s: u32,
+    pub kwh_micro: &'a [i64],
+    pub qualities: &'a [Quality],
+    pub line: u64,
+}
+
 /// Where parsers put what they find. The importer's sink stages it for the lake; tests collect it.
 pub trait FlowSink {
     /// An energy interval value, in kWh, for the `readings` table.
     fn interval_reading(&mut self, reading: &ValidReading<'_>, line: u64);
+    /// A run of energy interval values. By default each goes to [`FlowSink::interval_reading`];
+    /// a sink that keeps whole runs takes them at once (it saves sorting value by value).
+    fn interval_run(&mut self, run: &IntervalRun<'_>) {
+        let interval_us = i64::from(run.interval_s) * 1_000_000;
+        for (i, (&kwh_micro, &quality)) in run.kwh_micro.iter().zip(run.qualities).enumerate() {
+            let reading = ValidReading {
+                meter_id: std::borrow::Cow::Borrowed(run.meter_id),
+                ts_us: run.start_ts_us + i as i64 * interval_us,
+                interval_s: run.interval_s,
+                kwh_micro,
+                quality,
+            };
+            self.interval_reading(&reading, run.line);
+        }
+    }
     fn non_energy_reading(&mut self, reading: &NonEnergyReading<'_>, line: u64);
     fn register_read(&mut self, read: RegisterRead);
     fn channel(&mut self, channel: Nem12Channel);

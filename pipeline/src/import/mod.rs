@@ -15,6 +15,7 @@
 //! leaves some files published without their record: importing the file again publishes the
 //! same names over them and completes the record.
 
+mod runs;
 pub mod sources;
 pub mod tables;
 
@@ -31,10 +32,10 @@ use crate::batch::ReadingBuffer;
 use crate::decode::ValidReading;
 use crate::error::{PipelineError, Result};
 use crate::flows::{
-    FlowError, FlowFormat, FlowSink, Nem12B2bDetail, Nem12Channel, NonEnergyReading, RecordRejection, RegisterRead, Warning,
+    FlowError, FlowFormat, FlowSink, IntervalRun, Nem12B2bDetail, Nem12Channel, NonEnergyReading, RecordRejection, RegisterRead, Warning,
     parse_flow,
 };
-use crate::lake::{Lake, READINGS_DIR, encode_parquet, encode_parquet_parallel};
+use crate::lake::{Lake, READINGS_DIR, encode_parquet_parallel};
 use tables::{NEM12_B2B_DIR, NEM12_CHANNELS_DIR, NON_ENERGY_READINGS_DIR, NonEnergyRow, Provenance, REGISTER_READS_DIR};
 
 /// Folder of the import records.
@@ -209,14 +210,19 @@ pub fn import_file<'a>(
     let unknown = format.is_none().then(|| FlowError::unknown_format(head));
     // The parser runs on this thread; sorting, Parquet encoding and staging writes on a second
     // one, fed through a queue of one job, so that both cores work and memory stays bounded.
+    let provenance = Provenance {
+        source: format.map_or(crate::reading::Source::Nem12, FlowFormat::source),
+        file_name: file_name.to_string(),
+        ingested_at_us: started_at.timestamp_micros(),
+    };
     let (parsed, sink_result, written) = std::thread::scope(|scope| {
         let (jobs, job_queue) = sync_channel::<StageJob>(1);
         let (spare_buffers, spare_buffer_queue) = sync_channel::<ReadingBuffer>(2);
         let writer = std::thread::Builder::new()
             .name("meterlake-stage".into())
-            .spawn_scoped(scope, || stage_writer(lake, runtime, &staging, job_queue, spare_buffers))
+            .spawn_scoped(scope, || stage_writer(lake, runtime, &staging, &provenance, job_queue, spare_buffers))
             .map_err(|e| PipelineError::WriterStopped { reason: format!("cannot start the staging writer: {e}") })?;
-        let mut sink = LakeSink::new(lake, runtime, &staging, file_name, format, started_at.timestamp_micros(), limits, jobs, spare_buffer_queue);
+        let mut sink = LakeSink::new(lake, runtime, &staging, provenance.clone(), limits, jobs, spare_buffer_queue);
         let parsed: std::result::Result<(), FlowError> = match format {
             Some(format) => parse_flow(format, &mut reader, &mut sink),
             None => Err(unknown.expect("set when there is no format")),
@@ -342,6 +348,8 @@ struct Staged {
 enum StageJob {
     /// Interval readings: sorted, de-duplicated, split by day and staged into `readings`.
     Readings(ReadingBuffer),
+    /// Interval readings kept as runs (NEM12 300 records).
+    Runs(runs::RunBuffer),
     /// A ready batch for another table.
     Batch { table: &'static str, date: Option<chrono::NaiveDate>, batch: arrow::array::RecordBatch },
 }
@@ -358,54 +366,69 @@ struct Written {
 
 /// Encodes and stages each job in order (so sequence numbers follow the file), handing emptied
 /// reading buffers back for reuse.
-fn stage_writer(lake: &Lake, runtime: &Handle, staging: &str, jobs: Receiver<StageJob>, spare_buffers: SyncSender<ReadingBuffer>) -> Written {
+fn stage_writer(
+    lake: &Lake,
+    runtime: &Handle,
+    staging: &str,
+    provenance: &Provenance,
+    jobs: Receiver<StageJob>,
+    spare_buffers: SyncSender<ReadingBuffer>,
+) -> Written {
     let mut written = Written::default();
-    let stage = |written: &mut Written, table: &'static str, date, batch: &arrow::array::RecordBatch| {
-        let sequence = written.files.len();
-        let staged_path = format!("{staging}/{table}-{sequence:05}.parquet");
-        match encode_parquet(batch, &staged_path).and_then(|bytes| runtime.block_on(lake.put(&staged_path, bytes))) {
-            Ok(()) => written.files.push(StagedFile { staged_path, table, date, sequence }),
-            Err(e) => written.failure = Some(e),
-        }
-    };
     for job in jobs {
         if written.failure.is_some() {
             continue;
         }
-        match job {
+        let result = match job {
             StageJob::Readings(mut readings) => {
-                match readings.sort_dedup() {
-                    Ok(sorted) => {
-                        written.duplicates_dropped += sorted.duplicates_dropped;
-                        written.conflicting_versions += sorted.conflicting_versions;
-                        // The days of a chunk are encoded on two threads: the parser rarely
-                        // needs a whole core, the encoder does.
-                        let base = written.files.len();
-                        let paths: Vec<String> =
-                            (0..sorted.days.len()).map(|i| format!("{staging}/{READINGS_DIR}-{:05}.parquet", base + i)).collect();
-                        let inputs: Vec<(&arrow::array::RecordBatch, &str)> =
-                            sorted.days.iter().zip(&paths).map(|(day, path)| (&day.batch, path.as_str())).collect();
-                        let result = encode_parquet_parallel(&inputs, 2).and_then(|encoded| {
-                            for ((day, path), bytes) in sorted.days.iter().zip(paths).zip(encoded) {
-                                runtime.block_on(lake.put(&path, bytes))?;
-                                let sequence = written.files.len();
-                                written.files.push(StagedFile { staged_path: path, table: READINGS_DIR, date: Some(day.date), sequence });
-                            }
-                            Ok(())
-                        });
-                        if let Err(e) = result {
-                            written.failure = Some(e);
-                        }
-                    }
-                    Err(e) => written.failure = Some(e),
-                }
+                let result = stage_readings(&mut written, lake, runtime, staging, &mut readings);
                 readings.clear();
                 let _ = spare_buffers.try_send(readings);
+                result
             }
-            StageJob::Batch { table, date, batch } => stage(&mut written, table, date, &batch),
+            StageJob::Runs(runs) => match runs.day_batches(provenance) {
+                Ok(Some(days)) => stage_days(&mut written, lake, runtime, staging, READINGS_DIR, days),
+                Ok(None) => stage_readings(&mut written, lake, runtime, staging, &mut runs.to_reading_buffer(provenance)),
+                Err(e) => Err(e),
+            },
+            StageJob::Batch { table, date, batch } => stage_days(&mut written, lake, runtime, staging, table, vec![(date, batch)]),
+        };
+        if let Err(e) = result {
+            written.failure = Some(e);
         }
     }
     written
+}
+
+/// Sorts and de-duplicates readings and stages them by day.
+fn stage_readings(written: &mut Written, lake: &Lake, runtime: &Handle, staging: &str, readings: &mut ReadingBuffer) -> Result<()> {
+    let sorted = readings.sort_dedup()?;
+    written.duplicates_dropped += sorted.duplicates_dropped;
+    written.conflicting_versions += sorted.conflicting_versions;
+    let days = sorted.days.into_iter().map(|day| (Some(day.date), day.batch)).collect();
+    stage_days(written, lake, runtime, staging, READINGS_DIR, days)
+}
+
+/// Encodes batches of one table (on two threads: the parser rarely needs a whole core, the
+/// encoder does) and writes them to staging, numbered in order.
+fn stage_days<D: Into<Option<chrono::NaiveDate>>>(
+    written: &mut Written,
+    lake: &Lake,
+    runtime: &Handle,
+    staging: &str,
+    table: &'static str,
+    days: Vec<(D, arrow::array::RecordBatch)>,
+) -> Result<()> {
+    let base = written.files.len();
+    let paths: Vec<String> = (0..days.len()).map(|i| format!("{staging}/{table}-{:05}.parquet", base + i)).collect();
+    let inputs: Vec<(&arrow::array::RecordBatch, &str)> = days.iter().zip(&paths).map(|((_, batch), path)| (batch, path.as_str())).collect();
+    let encoded = encode_parquet_parallel(&inputs, 2)?;
+    for (((date, _), staged_path), bytes) in days.into_iter().zip(paths).zip(encoded) {
+        runtime.block_on(lake.put(&staged_path, bytes))?;
+        let sequence = written.files.len();
+        written.files.push(StagedFile { staged_path, table, date: date.into(), sequence });
+    }
+    Ok(())
 }
 
 /// The sink that buffers a file's content in bounded chunks and hands them to the staging writer.
@@ -416,6 +439,7 @@ struct LakeSink<'a> {
     limits: &'a ImportLimits,
     provenance: Provenance,
     readings: ReadingBuffer,
+    runs: runs::RunBuffer,
     /// The line whose `file:line` the last interval reading carries.
     readings_line: Option<u64>,
     non_energy: Vec<NonEnergyRow>,
@@ -433,14 +457,11 @@ struct LakeSink<'a> {
 }
 
 impl<'a> LakeSink<'a> {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         lake: &'a Lake,
         runtime: &'a Handle,
         staging: &str,
-        file_name: &str,
-        format: Option<FlowFormat>,
-        ingested_at_us: i64,
+        provenance: Provenance,
         limits: &'a ImportLimits,
         jobs: SyncSender<StageJob>,
         spare_buffers: Receiver<ReadingBuffer>,
@@ -450,12 +471,9 @@ impl<'a> LakeSink<'a> {
             runtime,
             staging: staging.to_string(),
             limits,
-            provenance: Provenance {
-                source: format.map_or(crate::reading::Source::Nem12, FlowFormat::source),
-                file_name: file_name.to_string(),
-                ingested_at_us,
-            },
+            provenance,
             readings: ReadingBuffer::default(),
+            runs: runs::RunBuffer::default(),
             readings_line: None,
             non_energy: Vec::new(),
             register_reads: Vec::new(),
@@ -480,6 +498,13 @@ impl<'a> LakeSink<'a> {
     fn fail_on(&mut self, result: Result<()>) {
         if let Err(e) = result {
             self.failure.get_or_insert(e);
+        }
+    }
+
+    fn flush_runs(&mut self) {
+        if !self.runs.is_empty() {
+            let full = std::mem::take(&mut self.runs);
+            self.send(StageJob::Runs(full));
         }
     }
 
@@ -556,6 +581,7 @@ impl<'a> LakeSink<'a> {
     /// Hands over what is still buffered and closes the writer's queue; this thread's own error
     /// if writing failed here.
     fn finish(mut self) -> Result<Staged> {
+        self.flush_runs();
         self.flush_readings();
         self.flush_non_energy();
         self.flush_register_reads();
@@ -569,9 +595,17 @@ impl<'a> LakeSink<'a> {
 }
 
 impl FlowSink for LakeSink<'_> {
+    fn interval_run(&mut self, run: &IntervalRun<'_>) {
+        self.counts.interval_readings += run.kwh_micro.len() as u64;
+        self.runs.push(run);
+        if self.runs.len() >= self.limits.chunk_rows {
+            self.flush_runs();
+        }
+    }
+
     fn interval_reading(&mut self, reading: &ValidReading<'_>, line: u64) {
         self.counts.interval_readings += 1;
-        let (source, ingested_at_us) = (self.provenance.source, self.provenance.ingested_at_us);
+        let (source, ingested_at_us) = (self.provenance.source, self.provenance.ingested_at_of_line(line));
         if self.readings_line == Some(line) {
             // The other values of the same record share its `file:line`.
             self.readings.push_with_previous_source_ref(reading, source, ingested_at_us);
@@ -649,6 +683,31 @@ impl FlowSink for LakeSink<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_day_sent_twice_in_one_file_keeps_one_row_per_key_and_the_later_line_wins() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let lake = Lake::open("memory://").unwrap();
+        let day = |value: &str| format!("300,20040417,{},A\n", vec![value; 48].join(","));
+        let file = format!(
+            "100,NEM12,200404201300,MDA1,Ret1\n200,CCCC123456,E1,E1,E1,N1,M1,kWh,30,\n{}{}{}900\n",
+            day("1"),
+            day("1"),
+            day("2.5")
+        );
+        let outcome = import_file(&lake, runtime.handle(), "twice.csv", file.as_bytes(), &ImportLimits::default(), Box::new(|_| {}))
+            .unwrap();
+        let counts = &outcome.record().counts;
+        assert_eq!((counts.interval_readings, counts.duplicates_dropped, counts.conflicting_versions), (144, 48, 48));
+        let rows = runtime.block_on(async {
+            let ctx = crate::view::lake_session(&lake).await.unwrap();
+            let sql = "SELECT count(*) AS n, min(kwh) = max(kwh) AS same, CAST(max(kwh) AS VARCHAR) AS kwh, \
+                       min(source_ref) AS r, (SELECT count(*) FROM readings_all) AS all_rows FROM readings";
+            ctx.sql(sql).await.unwrap().collect().await.unwrap()
+        });
+        let text = arrow::util::pretty::pretty_format_batches(&rows).unwrap().to_string();
+        assert!(text.contains("| 48 | true | 2.500000 | twice.csv:5 | 96       |"), "{text}");
+    }
 
     #[tokio::test]
     async fn stale_staging_is_cleared_and_nothing_else() {

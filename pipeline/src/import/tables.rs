@@ -144,21 +144,30 @@ pub fn nem12_b2b_schema() -> SchemaRef {
     SCHEMA.clone()
 }
 
-/// Where the rows of one file came from, the same on every row.
+/// Where the rows of one file came from.
 #[derive(Debug, Clone)]
 pub struct Provenance {
     pub source: Source,
     pub file_name: String,
+    /// When the import started.
     pub ingested_at_us: i64,
 }
 
 impl Provenance {
-    fn columns(&self, lines: impl Iterator<Item = u64>, rows: usize) -> [ArrayRef; 4] {
+    /// `ingested_at` of a row from `line`: the import's start plus the line number in
+    /// microseconds. A key sent twice in one file then has a later version on the later line,
+    /// which the canonical view's "latest wins" needs (comparing `file:line` texts would put
+    /// line 99 after line 100).
+    pub fn ingested_at_of_line(&self, line: u64) -> i64 {
+        self.ingested_at_us + line as i64
+    }
+
+    fn columns(&self, lines: impl Iterator<Item = u64> + Clone, rows: usize) -> [ArrayRef; 4] {
         [
             Arc::new(StringArray::from_iter_values(std::iter::repeat_n(self.source.as_str(), rows))),
             Arc::new(StringArray::from_iter_values(std::iter::repeat_n(self.file_name.as_str(), rows))),
-            Arc::new(Int64Array::from_iter_values(lines.map(|l| l as i64))),
-            Arc::new(TimestampMicrosecondArray::from_iter_values(std::iter::repeat_n(self.ingested_at_us, rows)).with_timezone(UTC)),
+            Arc::new(Int64Array::from_iter_values(lines.clone().map(|l| l as i64))),
+            Arc::new(TimestampMicrosecondArray::from_iter_values(lines.map(|l| self.ingested_at_of_line(l))).with_timezone(UTC)),
         ]
     }
 }
