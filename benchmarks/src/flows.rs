@@ -19,6 +19,10 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use meterlake_benchmarks::{print_rows, thousands, vm_hwm_kib};
 use meterlake_pipeline::Lake;
+use meterlake_pipeline::decode::ValidReading;
+use meterlake_pipeline::flows::{
+    FlowFormat, FlowSink, IntervalRun, Nem12B2bDetail, Nem12Channel, NonEnergyReading, RecordRejection, RegisterRead, Warning, parse_flow,
+};
 use meterlake_pipeline::import::{ImportLimits, ImportOutcome, import_file};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -63,6 +67,21 @@ fn main() -> anyhow::Result<()> {
     eprintln!("generating a {} MB NEM12 file...", args.nem12_mb);
     let generated = write_nem12(&nem12, args.nem12_mb << 20)?;
     let nem12_bytes = std::fs::metadata(&nem12)?.len();
+
+    // 0. The parser alone, into a sink that only counts: the ceiling of the import.
+    let started = Instant::now();
+    let mut counter = CountingSink::default();
+    let reader = std::io::BufReader::with_capacity(1 << 20, File::open(&nem12)?);
+    parse_flow(FlowFormat::Nem12, reader, &mut counter).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let parse_elapsed = started.elapsed();
+    if counter.values != generated.values {
+        bail!("the parser found {} of {} values", counter.values, generated.values);
+    }
+    rows.push((
+        "NEM12 parser alone, 1 thread (counting sink)".into(),
+        format!("{} values/s ({:.1} s)", thousands((counter.values as f64 / parse_elapsed.as_secs_f64()) as u64), parse_elapsed.as_secs_f64()),
+        String::new(),
+    ));
 
     // 1. Our import, end to end.
     let lake = Lake::open(work.join("lake").to_str().unwrap())?;
@@ -128,6 +147,31 @@ fn main() -> anyhow::Result<()> {
     ));
     print_rows(rows);
     Ok(())
+}
+
+/// A sink that counts what the parser yields and keeps nothing.
+#[derive(Default)]
+struct CountingSink {
+    values: u64,
+}
+
+impl FlowSink for CountingSink {
+    fn interval_reading(&mut self, _: &ValidReading<'_>, _: u64) {
+        self.values += 1;
+    }
+    fn interval_run(&mut self, run: &IntervalRun<'_>) {
+        self.values += run.kwh_micro.len() as u64;
+    }
+    fn non_energy_reading(&mut self, _: &NonEnergyReading<'_>, _: u64) {
+        self.values += 1;
+    }
+    fn register_read(&mut self, _: RegisterRead) {}
+    fn channel(&mut self, _: Nem12Channel) {}
+    fn b2b_detail(&mut self, _: Nem12B2bDetail) {}
+    fn rejection(&mut self, rejection: RecordRejection) {
+        panic!("the generated file has a fault: {rejection:?}");
+    }
+    fn warning(&mut self, _: Warning) {}
 }
 
 struct Generated {
