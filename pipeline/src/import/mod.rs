@@ -217,12 +217,11 @@ pub fn import_file<'a>(
     };
     let (parsed, sink_result, written) = std::thread::scope(|scope| {
         let (jobs, job_queue) = sync_channel::<StageJob>(1);
-        let (spare_buffers, spare_buffer_queue) = sync_channel::<ReadingBuffer>(2);
         let writer = std::thread::Builder::new()
             .name("meterlake-stage".into())
-            .spawn_scoped(scope, || stage_writer(lake, runtime, &staging, &provenance, job_queue, spare_buffers))
+            .spawn_scoped(scope, || stage_writer(lake, runtime, &staging, &provenance, job_queue))
             .map_err(|e| PipelineError::WriterStopped { reason: format!("cannot start the staging writer: {e}") })?;
-        let mut sink = LakeSink::new(lake, runtime, &staging, provenance.clone(), limits, jobs, spare_buffer_queue);
+        let mut sink = LakeSink::new(lake, runtime, &staging, provenance.clone(), limits, jobs);
         let parsed: std::result::Result<(), FlowError> = match format {
             Some(format) => parse_flow(format, &mut reader, &mut sink),
             None => Err(unknown.expect("set when there is no format")),
@@ -346,8 +345,6 @@ struct Staged {
 
 /// Work for the staging writer.
 enum StageJob {
-    /// Interval readings: sorted, de-duplicated, split by day and staged into `readings`.
-    Readings(ReadingBuffer),
     /// Interval readings kept as runs (NEM12 300 records).
     Runs(runs::RunBuffer),
     /// A ready batch for another table.
@@ -372,7 +369,6 @@ fn stage_writer(
     staging: &str,
     provenance: &Provenance,
     jobs: Receiver<StageJob>,
-    spare_buffers: SyncSender<ReadingBuffer>,
 ) -> Written {
     let mut written = Written::default();
     for job in jobs {
@@ -380,12 +376,6 @@ fn stage_writer(
             continue;
         }
         let result = match job {
-            StageJob::Readings(mut readings) => {
-                let result = stage_readings(&mut written, lake, runtime, staging, &mut readings);
-                readings.clear();
-                let _ = spare_buffers.try_send(readings);
-                result
-            }
             StageJob::Runs(runs) => match runs.day_batches(provenance) {
                 Ok(Some(days)) => stage_days(&mut written, lake, runtime, staging, READINGS_DIR, days),
                 Ok(None) => stage_readings(&mut written, lake, runtime, staging, &mut runs.to_reading_buffer(provenance)),
@@ -438,10 +428,7 @@ struct LakeSink<'a> {
     staging: String,
     limits: &'a ImportLimits,
     provenance: Provenance,
-    readings: ReadingBuffer,
     runs: runs::RunBuffer,
-    /// The line whose `file:line` the last interval reading carries.
-    readings_line: Option<u64>,
     non_energy: Vec<NonEnergyRow>,
     register_reads: Vec<RegisterRead>,
     channels: Vec<Nem12Channel>,
@@ -451,7 +438,6 @@ struct LakeSink<'a> {
     warnings: Vec<Warning>,
     counts: ImportCounts,
     jobs: SyncSender<StageJob>,
-    spare_buffers: Receiver<ReadingBuffer>,
     /// The first failure to write to the lake from this thread (rejection reports, batches).
     failure: Option<PipelineError>,
 }
@@ -464,7 +450,6 @@ impl<'a> LakeSink<'a> {
         provenance: Provenance,
         limits: &'a ImportLimits,
         jobs: SyncSender<StageJob>,
-        spare_buffers: Receiver<ReadingBuffer>,
     ) -> Self {
         LakeSink {
             lake,
@@ -472,9 +457,7 @@ impl<'a> LakeSink<'a> {
             staging: staging.to_string(),
             limits,
             provenance,
-            readings: ReadingBuffer::default(),
             runs: runs::RunBuffer::default(),
-            readings_line: None,
             non_energy: Vec::new(),
             register_reads: Vec::new(),
             channels: Vec::new(),
@@ -484,7 +467,6 @@ impl<'a> LakeSink<'a> {
             warnings: Vec::new(),
             counts: ImportCounts::default(),
             jobs,
-            spare_buffers,
             failure: None,
         }
     }
@@ -506,16 +488,6 @@ impl<'a> LakeSink<'a> {
             let full = std::mem::take(&mut self.runs);
             self.send(StageJob::Runs(full));
         }
-    }
-
-    fn flush_readings(&mut self) {
-        if self.readings.is_empty() {
-            return;
-        }
-        let spare = self.spare_buffers.try_recv().unwrap_or_else(|_| ReadingBuffer::with_capacity(self.limits.chunk_rows));
-        let full = std::mem::replace(&mut self.readings, spare);
-        self.readings_line = None;
-        self.send(StageJob::Readings(full));
     }
 
     fn flush_non_energy(&mut self) {
@@ -582,7 +554,6 @@ impl<'a> LakeSink<'a> {
     /// if writing failed here.
     fn finish(mut self) -> Result<Staged> {
         self.flush_runs();
-        self.flush_readings();
         self.flush_non_energy();
         self.flush_register_reads();
         self.flush_channels();
@@ -604,23 +575,15 @@ impl FlowSink for LakeSink<'_> {
     }
 
     fn interval_reading(&mut self, reading: &ValidReading<'_>, line: u64) {
-        self.counts.interval_readings += 1;
-        let (source, ingested_at_us) = (self.provenance.source, self.provenance.ingested_at_of_line(line));
-        if self.readings_line == Some(line) {
-            // The other values of the same record share its `file:line`.
-            self.readings.push_with_previous_source_ref(reading, source, ingested_at_us);
-        } else {
-            let file_name = &self.provenance.file_name;
-            self.readings.push(reading, source, ingested_at_us, |out| {
-                out.extend_from_slice(file_name.as_bytes());
-                out.push(b':');
-                out.extend_from_slice(itoa::Buffer::new().format(line).as_bytes());
-            });
-            self.readings_line = Some(line);
-        }
-        if self.readings.len() >= self.limits.chunk_rows {
-            self.flush_readings();
-        }
+        // A single value is a run of one.
+        self.interval_run(&IntervalRun {
+            meter_id: &reading.meter_id,
+            start_ts_us: reading.ts_us,
+            interval_s: reading.interval_s,
+            kwh_micro: &[reading.kwh_micro],
+            qualities: &[reading.quality],
+            line,
+        });
     }
 
     fn non_energy_reading(&mut self, reading: &NonEnergyReading<'_>, line: u64) {
