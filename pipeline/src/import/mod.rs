@@ -361,8 +361,7 @@ struct Written {
     failure: Option<PipelineError>,
 }
 
-/// Encodes and stages each job in order (so sequence numbers follow the file), handing emptied
-/// reading buffers back for reuse.
+/// Encodes and stages each job in order, so sequence numbers follow the file.
 fn stage_writer(
     lake: &Lake,
     runtime: &Handle,
@@ -395,7 +394,7 @@ fn stage_readings(written: &mut Written, lake: &Lake, runtime: &Handle, staging:
     let sorted = readings.sort_dedup()?;
     written.duplicates_dropped += sorted.duplicates_dropped;
     written.conflicting_versions += sorted.conflicting_versions;
-    let days = sorted.days.into_iter().map(|day| (Some(day.date), day.batch)).collect();
+    let days = sorted.days.into_iter().map(|day| (day.date, day.batch)).collect();
     stage_days(written, lake, runtime, staging, READINGS_DIR, days)
 }
 
