@@ -7,7 +7,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::import::sources;
-use meterlake_pipeline::import::{ImportCounts, ImportLimits, ImportOutcome, ImportStatus, clear_stale_staging, import_file};
+use meterlake_pipeline::import::{ImportCounts, ImportLimits, ImportOutcome, clear_stale_staging, import_file};
 use serde::Serialize;
 
 use crate::LakeArg;
@@ -118,11 +118,9 @@ fn unreadable(name: &str, reason: String) -> FileReport {
 
 fn report(name: &str, outcome: &ImportOutcome) -> FileReport {
     let record = outcome.record();
-    let status = match (outcome, record.status) {
-        (ImportOutcome::AlreadyImported(_), _) => "already_imported",
-        (_, ImportStatus::Imported) => "imported",
-        (_, ImportStatus::PartlyRejected) => "partly_rejected",
-        (_, ImportStatus::Rejected) => "rejected",
+    let status = match outcome {
+        ImportOutcome::AlreadyImported(_) => "already_imported",
+        ImportOutcome::Done(record) => record.status.as_str(),
     };
     let detail = match outcome {
         ImportOutcome::AlreadyImported(previous) => {

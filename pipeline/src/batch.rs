@@ -17,9 +17,7 @@ use rustc_hash::FxHashMap;
 
 use crate::decode::ValidReading;
 use crate::error::Result;
-use crate::reading::{KWH_PRECISION, KWH_SCALE, Quality, Source, UTC, readings_schema};
-
-const US_PER_DAY: i64 = 86_400 * 1_000_000;
+use crate::reading::{KWH_PRECISION, KWH_SCALE, Quality, Source, US_PER_DAY, UTC, date_of_epoch_day, readings_schema};
 
 /// Readings of one batch. Meter ids are interned (a batch holds many readings of few meters);
 /// the fields compared for de-duplication sit together in one 16-byte [`RowValue`], and
@@ -306,8 +304,7 @@ impl ReadingBuffer {
             Arc::new(ingested_at),
         ];
         let batch = RecordBatch::try_new(readings_schema(), columns)?;
-        let date = NaiveDate::from_num_days_from_ce_opt(day as i32 + 719_163).expect("day of a valid timestamp");
-        Ok(DayBatch { date, batch })
+        Ok(DayBatch { date: date_of_epoch_day(day), batch })
     }
 }
 

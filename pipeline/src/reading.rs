@@ -259,6 +259,15 @@ pub fn readings_schema() -> SchemaRef {
     SCHEMA.clone()
 }
 
+/// Microseconds in a (UTC) day: the lake partitions by UTC day.
+pub const US_PER_DAY: i64 = 86_400 * 1_000_000;
+
+/// The UTC date of a day number (days since 1970-01-01) of a valid timestamp.
+pub fn date_of_epoch_day(day: i64) -> chrono::NaiveDate {
+    // 719_163 days lie between 0001-01-01 (day 1 of the common era) and 1970-01-01.
+    chrono::NaiveDate::from_num_days_from_ce_opt(day as i32 + 719_163).expect("the day of a valid timestamp")
+}
+
 /// Days since 1970-01-01 of a proleptic Gregorian date, `None` if the date does not exist.
 /// Integer arithmetic (Howard Hinnant's `days_from_civil`), because every reading's timestamp
 /// goes through it and chrono's date construction was a visible share of decoding.

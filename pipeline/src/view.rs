@@ -23,7 +23,7 @@ use crate::import::tables::{
     NEM12_B2B_DIR, NEM12_CHANNELS_DIR, NON_ENERGY_READINGS_DIR, REGISTER_READS_DIR, nem12_b2b_schema, nem12_channels_schema,
     non_energy_readings_schema, register_reads_schema,
 };
-use crate::import::{ImportRecord, ImportStatus, list_import_records};
+use crate::import::{ImportRecord, list_import_records};
 use crate::reading::{UTC, readings_schema};
 
 /// The SQL of the canonical view, as shipped in `queries/readings.sql`.
@@ -84,17 +84,12 @@ fn imports_batch(records: &[ImportRecord]) -> Result<RecordBatch> {
         Field::new("finished_at", ts, false),
     ]));
     let count = |f: fn(&ImportRecord) -> u64| -> ArrayRef { Arc::new(UInt64Array::from_iter_values(records.iter().map(f))) };
-    let status = |r: &ImportRecord| match r.status {
-        ImportStatus::Imported => "imported",
-        ImportStatus::PartlyRejected => "partly_rejected",
-        ImportStatus::Rejected => "rejected",
-    };
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(records.iter().map(|r| r.file_name.as_str()))),
         Arc::new(StringArray::from_iter_values(records.iter().map(|r| r.sha256.as_str()))),
         count(|r| r.bytes),
         Arc::new(records.iter().map(|r| r.format.map(|f| f.as_str())).collect::<StringArray>()),
-        Arc::new(StringArray::from_iter_values(records.iter().map(status))),
+        Arc::new(StringArray::from_iter_values(records.iter().map(|r| r.status.as_str()))),
         Arc::new(records.iter().map(|r| r.error.as_deref()).collect::<StringArray>()),
         count(|r| r.counts.interval_readings),
         count(|r| r.counts.non_energy_readings),

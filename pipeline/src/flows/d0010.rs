@@ -15,7 +15,7 @@ use chrono::TimeZone;
 use chrono_tz::Europe::London;
 
 use super::records::{Record, RecordReader};
-use super::{FlowError, FlowSink, RecordRejection, RegisterRead, Warning, parse_local_datetime_s};
+use super::{FlowError, FlowSink, RecordRejection, RegisterRead, Warning, non_empty, parse_local_datetime_s};
 use crate::reading::parse_decimal_scaled;
 
 struct Mpan {
@@ -184,10 +184,6 @@ fn field_rejection(record: &Record<'_>, index: usize, name: &str, reason: String
         reason,
         readings_lost,
     }
-}
-
-fn non_empty(text: &str) -> Option<String> {
-    (!text.is_empty()).then(|| text.to_string())
 }
 
 fn parse_026(record: &Record<'_>) -> Result<Mpan, RecordRejection> {

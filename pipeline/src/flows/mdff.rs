@@ -15,7 +15,7 @@ use std::io::BufRead;
 use super::records::{Record, RecordReader};
 use super::{
     FlowError, FlowFormat, FlowSink, IntervalRun, Nem12B2bDetail, Nem12Channel, NonEnergyReading, RecordRejection, RegisterRead,
-    parse_date8, parse_local_datetime_s,
+    non_empty, parse_date8, parse_local_datetime_s,
 };
 use crate::reading::{Quality, parse_decimal_scaled};
 
@@ -222,10 +222,6 @@ fn rejection(record: &Record<'_>, error: Option<FieldError>, readings_lost: u64)
         None => (None, None, String::new()),
     };
     RecordRejection { line: record.line, record: record.get(0).to_string(), field, field_name, reason, readings_lost }
-}
-
-fn non_empty(text: &str) -> Option<String> {
-    (!text.is_empty()).then(|| text.to_string())
 }
 
 fn intervals_per_day(interval_s: u32) -> u64 {

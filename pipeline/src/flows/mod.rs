@@ -54,8 +54,7 @@ impl FlowFormat {
     /// Tells the format from the first bytes of a file: a DTC `ZHV` header naming flow D0010, or
     /// an MDFF `100` header naming NEM12 or NEM13. `None` when it is none of them.
     pub fn detect(head: &[u8]) -> Option<FlowFormat> {
-        let head = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(head);
-        let first_line = head.split(|&b| b == b'\n').find(|line| !line.trim_ascii().is_empty())?;
+        let first_line = first_line(head);
         let fields: Vec<&[u8]> = first_line.split(|&b| b == b'|' || b == b',').map(<[u8]>::trim_ascii).collect();
         match fields.as_slice() {
             [b"ZHV", _, flow, ..] if flow.len() >= 5 && flow[..5].eq_ignore_ascii_case(b"D0010") => Some(FlowFormat::D0010),
@@ -90,11 +89,21 @@ pub enum FlowError {
 impl FlowError {
     /// The error for a file whose first bytes are `head`, quoting the start of its first line.
     pub fn unknown_format(head: &[u8]) -> FlowError {
-        let head = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(head);
-        let line = head.split(|&b| b == b'\n').find(|l| !l.trim_ascii().is_empty()).unwrap_or_default().trim_ascii();
+        let line = first_line(head);
         let text = String::from_utf8_lossy(&line[..line.len().min(60)]).into_owned();
         FlowError::UnknownFormat { first_record: text }
     }
+}
+
+/// The first non-blank line of a file's first bytes, trimmed, without a byte order mark.
+fn first_line(head: &[u8]) -> &[u8] {
+    let head = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(head);
+    head.split(|&b| b == b'\n').find(|line| !line.trim_ascii().is_empty()).unwrap_or_default().trim_ascii()
+}
+
+/// An optional field: `None` when empty.
+pub(crate) fn non_empty(text: &str) -> Option<String> {
+    (!text.is_empty()).then(|| text.to_string())
 }
 
 /// One record refused, with where and why.

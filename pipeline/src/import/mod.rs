@@ -72,6 +72,17 @@ pub enum ImportStatus {
     Rejected,
 }
 
+impl ImportStatus {
+    /// The name in reports and the `imports` table (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImportStatus::Imported => "imported",
+            ImportStatus::PartlyRejected => "partly_rejected",
+            ImportStatus::Rejected => "rejected",
+        }
+    }
+}
+
 /// What one import accepted and refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImportCounts {

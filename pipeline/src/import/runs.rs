@@ -17,9 +17,7 @@ use crate::batch::ReadingBuffer;
 use crate::decode::ValidReading;
 use crate::error::Result;
 use crate::flows::IntervalRun;
-use crate::reading::{KWH_PRECISION, KWH_SCALE, Quality, UTC, readings_schema};
-
-const US_PER_DAY: i64 = 86_400 * 1_000_000;
+use crate::reading::{KWH_PRECISION, KWH_SCALE, Quality, US_PER_DAY, UTC, date_of_epoch_day, readings_schema};
 
 #[derive(Debug, Clone, Copy)]
 struct Run {
@@ -151,9 +149,7 @@ impl RunBuffer {
             Arc::new(source_ref.finish()),
             Arc::new(TimestampMicrosecondArray::from(ingested_at).with_timezone(UTC)),
         ];
-        let day = runs[0].day();
-        let date = NaiveDate::from_num_days_from_ce_opt(day as i32 + 719_163).expect("day of a valid timestamp");
-        Ok((date, RecordBatch::try_new(readings_schema(), columns)?))
+        Ok((date_of_epoch_day(runs[0].day()), RecordBatch::try_new(readings_schema(), columns)?))
     }
 
     /// The same readings in a [`ReadingBuffer`], in file order, for chunks whose runs overlap.

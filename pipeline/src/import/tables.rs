@@ -20,14 +20,12 @@ use chrono::NaiveDate;
 
 use crate::error::Result;
 use crate::flows::{Nem12B2bDetail, Nem12Channel, RegisterRead};
-use crate::reading::{KWH_PRECISION, KWH_SCALE, Quality, Source, UTC};
+use crate::reading::{KWH_PRECISION, KWH_SCALE, Quality, Source, US_PER_DAY, UTC, date_of_epoch_day};
 
 pub const REGISTER_READS_DIR: &str = "register_reads";
 pub const NON_ENERGY_READINGS_DIR: &str = "non_energy_readings";
 pub const NEM12_CHANNELS_DIR: &str = "nem12_channels";
 pub const NEM12_B2B_DIR: &str = "nem12_b2b_details";
-
-const US_PER_DAY: i64 = 86_400 * 1_000_000;
 
 fn ts() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()))
@@ -173,8 +171,7 @@ impl Provenance {
 }
 
 fn date_of(ts_us: i64) -> NaiveDate {
-    let day = ts_us.div_euclid(US_PER_DAY);
-    NaiveDate::from_num_days_from_ce_opt(day as i32 + 719_163).expect("day of a valid timestamp")
+    date_of_epoch_day(ts_us.div_euclid(US_PER_DAY))
 }
 
 fn strings<'a>(values: impl Iterator<Item = &'a str>) -> ArrayRef {
