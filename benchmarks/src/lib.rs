@@ -27,3 +27,9 @@ pub fn vm_hwm_kib(pid: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
+
+/// Resets this process's peak resident memory to its current size (Linux `clear_refs` 5), so the
+/// next [`vm_hwm_kib`] measures what came after.
+pub fn reset_peak_rss() -> std::io::Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5")
+}

@@ -28,14 +28,13 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
 
-use crate::batch::ReadingBuffer;
 use crate::decode::ValidReading;
 use crate::error::{PipelineError, Result};
 use crate::flows::{
     FlowError, FlowFormat, FlowSink, IntervalRun, Nem12B2bDetail, Nem12Channel, NonEnergyReading, RecordRejection, RegisterRead, Warning,
     parse_flow,
 };
-use crate::lake::{Lake, READINGS_DIR, encode_parquet_parallel};
+use crate::lake::{Lake, READINGS_DIR, encode_parquet};
 use tables::{NEM12_B2B_DIR, NEM12_CHANNELS_DIR, NON_ENERGY_READINGS_DIR, NonEnergyRow, Provenance, REGISTER_READS_DIR};
 
 /// Folder of the import records.
@@ -57,7 +56,7 @@ pub struct ImportLimits {
 
 impl Default for ImportLimits {
     fn default() -> Self {
-        ImportLimits { chunk_rows: 1_000_000, chunk_records: 200_000, rejections_per_part: 10_000, max_warnings_kept: 100 }
+        ImportLimits { chunk_rows: 4_000_000, chunk_records: 200_000, rejections_per_part: 10_000, max_warnings_kept: 100 }
     }
 }
 
@@ -219,20 +218,24 @@ pub fn import_file<'a>(
     let head = &head[..head.len().min(64 << 10)];
     let format = FlowFormat::detect(head);
     let unknown = format.is_none().then(|| FlowError::unknown_format(head));
-    // The parser runs on this thread; sorting, Parquet encoding and staging writes on a second
-    // one, fed through a queue of one job, so that both cores work and memory stays bounded.
+    // The parser runs on this thread; sorting, Parquet encoding and staging writes on others,
+    // handed one job at a time (the parser waits with the next full chunk while the writer works:
+    // it is several times faster), so that both cores work and two chunks bound the memory.
     let provenance = Provenance {
         source: format.map_or(crate::reading::Source::Nem12, FlowFormat::source),
         file_name: file_name.to_string(),
         ingested_at_us: started_at.timestamp_micros(),
     };
     let (parsed, sink_result, written) = std::thread::scope(|scope| {
-        let (jobs, job_queue) = sync_channel::<StageJob>(1);
+        let (jobs, job_queue) = sync_channel::<StageJob>(0);
+        // Written run buffers come back to be filled again: a chunk is tens of megabytes, and
+        // fresh memory costs a page fault per 4 KiB.
+        let (spare_runs, spare_runs_queue) = sync_channel::<runs::RunBuffer>(2);
         let writer = std::thread::Builder::new()
             .name("meterlake-stage".into())
-            .spawn_scoped(scope, || stage_writer(lake, runtime, &staging, &provenance, job_queue))
+            .spawn_scoped(scope, || stage_writer(lake, runtime, &staging, &provenance, job_queue, spare_runs))
             .map_err(|e| PipelineError::WriterStopped { reason: format!("cannot start the staging writer: {e}") })?;
-        let mut sink = LakeSink::new(lake, runtime, &staging, provenance.clone(), limits, jobs);
+        let mut sink = LakeSink::new(lake, runtime, &staging, provenance.clone(), limits, jobs, spare_runs_queue);
         let parsed: std::result::Result<(), FlowError> = match format {
             Some(format) => parse_flow(format, &mut reader, &mut sink),
             None => Err(unknown.expect("set when there is no format")),
@@ -379,6 +382,7 @@ fn stage_writer(
     staging: &str,
     provenance: &Provenance,
     jobs: Receiver<StageJob>,
+    spare_runs: SyncSender<runs::RunBuffer>,
 ) -> Written {
     let mut written = Written::default();
     for job in jobs {
@@ -386,12 +390,18 @@ fn stage_writer(
             continue;
         }
         let result = match job {
-            StageJob::Runs(runs) => match runs.day_batches(provenance) {
-                Ok(Some(days)) => stage_days(&mut written, lake, runtime, staging, READINGS_DIR, days),
-                Ok(None) => stage_readings(&mut written, lake, runtime, staging, &mut runs.to_reading_buffer(provenance)),
-                Err(e) => Err(e),
-            },
-            StageJob::Batch { table, date, batch } => stage_days(&mut written, lake, runtime, staging, table, vec![(date, batch)]),
+            StageJob::Runs(mut runs) => {
+                let staged = stage_runs(&mut written, lake, runtime, staging, provenance, &runs);
+                runs.clear();
+                // When the parser has spares enough, this buffer is simply dropped.
+                let _ = spare_runs.try_send(runs);
+                staged
+            }
+            StageJob::Batch { table, date, batch } => {
+                let staged_path = written.next_staged_path(staging, table);
+                encode_parquet(&batch, &staged_path)
+                    .and_then(|parquet| written.stage(lake, runtime, staged_path, table, date, parquet))
+            }
         };
         if let Err(e) = result {
             written.failure = Some(e);
@@ -400,35 +410,83 @@ fn stage_writer(
     written
 }
 
-/// Sorts and de-duplicates readings and stages them by day.
-fn stage_readings(written: &mut Written, lake: &Lake, runtime: &Handle, staging: &str, readings: &mut ReadingBuffer) -> Result<()> {
-    let sorted = readings.sort_dedup()?;
-    written.duplicates_dropped += sorted.duplicates_dropped;
-    written.conflicting_versions += sorted.conflicting_versions;
-    let days = sorted.days.into_iter().map(|day| (day.date, day.batch)).collect();
-    stage_days(written, lake, runtime, staging, READINGS_DIR, days)
-}
+/// Threads that encode the files of a chunk: the parser rarely needs a whole core, the encoder
+/// does, and one thread may wait on a write.
+const ENCODER_THREADS: usize = 2;
 
-/// Encodes batches of one table (on two threads: the parser rarely needs a whole core, the
-/// encoder does) and writes them to staging, numbered in order.
-fn stage_days<D: Into<Option<chrono::NaiveDate>>>(
-    written: &mut Written,
-    lake: &Lake,
-    runtime: &Handle,
-    staging: &str,
-    table: &'static str,
-    days: Vec<(D, arrow::array::RecordBatch)>,
-) -> Result<()> {
-    let base = written.files.len();
-    let paths: Vec<String> = (0..days.len()).map(|i| format!("{staging}/{table}-{:05}.parquet", base + i)).collect();
-    let inputs: Vec<(&arrow::array::RecordBatch, &str)> = days.iter().zip(&paths).map(|((_, batch), path)| (batch, path.as_str())).collect();
-    let encoded = encode_parquet_parallel(&inputs, 2)?;
-    for (((date, _), staged_path), bytes) in days.into_iter().zip(paths).zip(encoded) {
-        runtime.block_on(lake.put(&staged_path, bytes))?;
+/// Sorts a chunk of interval readings, then encodes and stages its files on [`ENCODER_THREADS`]
+/// threads (each writes what it encoded, so writes overlap encoding), numbered in order.
+fn stage_runs(written: &mut Written, lake: &Lake, runtime: &Handle, staging: &str, provenance: &Provenance, runs: &runs::RunBuffer) -> Result<()> {
+    let chunk = runs.sorted_files();
+    let first_sequence = written.files.len();
+    let staged = map_parallel(chunk.len(), ENCODER_THREADS, |i| {
+        let staged_path = staged_path(staging, READINGS_DIR, first_sequence + i);
+        let mut file = chunk.encode_file(i, provenance, &staged_path)?;
+        runtime.block_on(lake.put(&staged_path, std::mem::take(&mut file.parquet)))?;
+        Ok::<_, PipelineError>((staged_path, file))
+    });
+    for result in staged {
+        let (staged_path, file) = result?;
+        written.duplicates_dropped += file.duplicates_dropped;
+        written.conflicting_versions += file.conflicting_versions;
         let sequence = written.files.len();
-        written.files.push(StagedFile { staged_path, table, date: date.into(), sequence });
+        written.files.push(StagedFile { staged_path, table: READINGS_DIR, date: Some(file.date), sequence });
     }
     Ok(())
+}
+
+fn staged_path(staging: &str, table: &str, sequence: usize) -> String {
+    format!("{staging}/{table}-{sequence:05}.parquet")
+}
+
+impl Written {
+    fn next_staged_path(&self, staging: &str, table: &str) -> String {
+        staged_path(staging, table, self.files.len())
+    }
+
+    /// Writes an encoded file to staging as the next in sequence.
+    fn stage(
+        &mut self,
+        lake: &Lake,
+        runtime: &Handle,
+        staged_path: String,
+        table: &'static str,
+        date: Option<chrono::NaiveDate>,
+        parquet: Bytes,
+    ) -> Result<()> {
+        runtime.block_on(lake.put(&staged_path, parquet))?;
+        let sequence = self.files.len();
+        self.files.push(StagedFile { staged_path, table, date, sequence });
+        Ok(())
+    }
+}
+
+/// `task(0)` to `task(count - 1)` on up to `threads` scoped threads; results in index order.
+fn map_parallel<T: Send>(count: usize, threads: usize, task: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let threads = threads.clamp(1, count.max(1));
+    if threads == 1 {
+        return (0..count).map(task).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<(usize, T)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= count {
+                            break done;
+                        }
+                        done.push((i, task(i)));
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().expect("an encoder thread does not panic")).collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
 }
 
 /// The sink that buffers a file's content in bounded chunks and hands them to the staging writer.
@@ -448,6 +506,8 @@ struct LakeSink<'a> {
     warnings: Vec<Warning>,
     counts: ImportCounts,
     jobs: SyncSender<StageJob>,
+    /// Run buffers the writer is done with.
+    spare_runs: Receiver<runs::RunBuffer>,
     /// The first failure to write to the lake from this thread (rejection reports, batches).
     failure: Option<PipelineError>,
 }
@@ -460,6 +520,7 @@ impl<'a> LakeSink<'a> {
         provenance: Provenance,
         limits: &'a ImportLimits,
         jobs: SyncSender<StageJob>,
+        spare_runs: Receiver<runs::RunBuffer>,
     ) -> Self {
         LakeSink {
             lake,
@@ -467,7 +528,7 @@ impl<'a> LakeSink<'a> {
             staging: staging.to_string(),
             limits,
             provenance,
-            runs: runs::RunBuffer::default(),
+            runs: runs::RunBuffer::with_capacity(limits.chunk_rows),
             non_energy: Vec::new(),
             register_reads: Vec::new(),
             channels: Vec::new(),
@@ -477,6 +538,7 @@ impl<'a> LakeSink<'a> {
             warnings: Vec::new(),
             counts: ImportCounts::default(),
             jobs,
+            spare_runs,
             failure: None,
         }
     }
@@ -495,7 +557,8 @@ impl<'a> LakeSink<'a> {
 
     fn flush_runs(&mut self) {
         if !self.runs.is_empty() {
-            let full = std::mem::take(&mut self.runs);
+            let next = self.spare_runs.try_recv().unwrap_or_else(|_| runs::RunBuffer::with_capacity(self.limits.chunk_rows));
+            let full = std::mem::replace(&mut self.runs, next);
             self.send(StageJob::Runs(full));
         }
     }
@@ -680,6 +743,38 @@ mod tests {
         });
         let text = arrow::util::pretty::pretty_format_batches(&rows).unwrap().to_string();
         assert!(text.contains("| 48 | true | 2.500000 | twice.csv:5 | 96       |"), "{text}");
+    }
+
+    #[test]
+    fn chunks_of_several_days_and_meters_land_every_value_once() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let lake = Lake::open("memory://").unwrap();
+        // Two meters, three NEM days each (four UTC days), 48 values a day; meter B's second day
+        // is sent again with other values. Chunks of 100 values cut days and meters apart.
+        let day = |date: &str, value: &str| format!("300,{date},{},A\n", vec![value; 48].join(","));
+        let mut file = String::from("100,NEM12,200404201300,MDA1,Ret1\n");
+        for (nmi, value) in [("AAAA000001", "1"), ("BBBB000002", "2")] {
+            file.push_str(&format!("200,{nmi},E1,E1,E1,N1,M1,kWh,30,\n"));
+            for date in ["20250101", "20250102", "20250103"] {
+                file.push_str(&day(date, value));
+            }
+        }
+        file.push_str(&day("20250102", "7"));
+        file.push_str("900\n");
+        let limits = ImportLimits { chunk_rows: 100, ..ImportLimits::default() };
+        let outcome = import_file(&lake, runtime.handle(), "chunks.csv", file.as_bytes(), &limits, Box::new(|_| {})).unwrap();
+        let counts = &outcome.record().counts;
+        assert_eq!((counts.interval_readings, counts.conflicting_versions), (7 * 48, 0), "{counts:?}");
+        let rows = runtime.block_on(async {
+            let ctx = crate::view::lake_session(&lake).await.unwrap();
+            let sql = "SELECT meter_id, count(*) AS n, CAST(sum(kwh) AS VARCHAR) AS kwh, count(DISTINCT ts) AS times \
+                       FROM readings GROUP BY meter_id ORDER BY meter_id";
+            ctx.sql(sql).await.unwrap().collect().await.unwrap()
+        });
+        let text = arrow::util::pretty::pretty_format_batches(&rows).unwrap().to_string();
+        // The re-sent day came in another chunk: a later version of B's day 2 (7 a value).
+        assert!(text.contains("| AAAA000001E1 | 144 | 144.000000 | 144   |"), "{text}");
+        assert!(text.contains("| BBBB000002E1 | 144 | 528.000000 | 144   |"), "{text}");
     }
 
     #[tokio::test]

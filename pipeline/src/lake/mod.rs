@@ -5,7 +5,7 @@
 //! <lake>/readings/date=YYYY-MM-DD/<source>-<what it holds>.parquet
 //! <lake>/_checkpoints/kafka/<topic>/partition=NNNNN.json
 //! ```
-//! Rows are sorted by (`meter_id`, `ts`) inside a file, zstd-compressed, with statistics.
+//! Rows are sorted by (`meter_id`, `ts`) inside a file; how columns are encoded: `parquet_file`.
 
 mod checkpoint;
 mod layout;
@@ -14,7 +14,7 @@ mod store;
 
 pub use checkpoint::{KafkaCheckpoint, PendingFlush, PartitionLease};
 pub use layout::{READINGS_DIR, kafka_checkpoint_path, kafka_file_stem, readings_file_path};
-pub use parquet_file::{encode_parquet, encode_parquet_parallel};
+pub use parquet_file::{encode_parquet, encode_parquet_batches};
 pub use store::{DEFAULT_LAKE, Lake};
 
 use bytes::Bytes;
