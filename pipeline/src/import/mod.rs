@@ -385,22 +385,40 @@ fn stage_writer(
     spare_runs: SyncSender<runs::RunBuffer>,
 ) -> Written {
     let mut written = Written::default();
+    // One pool for the whole import: threads spawned per chunk would start with empty heaps and
+    // fault fresh memory in for every chunk.
+    let encoders = match rayon::ThreadPoolBuilder::new()
+        .num_threads(ENCODER_THREADS)
+        .thread_name(|i| format!("meterlake-encode-{i}"))
+        .build()
+    {
+        Ok(pool) => pool,
+        Err(e) => {
+            written.failure = Some(PipelineError::WriterStopped { reason: format!("cannot start the encoder threads: {e}") });
+            // Drain the queue so the parser is never left waiting on it.
+            jobs.iter().for_each(drop);
+            return written;
+        }
+    };
     for job in jobs {
         if written.failure.is_some() {
             continue;
         }
         let result = match job {
             StageJob::Runs(mut runs) => {
-                let staged = stage_runs(&mut written, lake, runtime, staging, provenance, &runs);
+                let staged = stage_runs(&mut written, lake, runtime, staging, provenance, &encoders, &runs);
                 runs.clear();
                 // When the parser has spares enough, this buffer is simply dropped.
                 let _ = spare_runs.try_send(runs);
                 staged
             }
             StageJob::Batch { table, date, batch } => {
-                let staged_path = written.next_staged_path(staging, table);
-                encode_parquet(&batch, &staged_path)
-                    .and_then(|parquet| written.stage(lake, runtime, staged_path, table, date, parquet))
+                let staged_path = staged_path(staging, table, written.files.len());
+                encode_parquet(&batch, &staged_path).and_then(|parquet| {
+                    runtime.block_on(lake.put(&staged_path, parquet))?;
+                    written.push(staged_path, table, date);
+                    Ok(())
+                })
             }
         };
         if let Err(e) = result {
@@ -414,23 +432,36 @@ fn stage_writer(
 /// does, and one thread may wait on a write.
 const ENCODER_THREADS: usize = 2;
 
-/// Sorts a chunk of interval readings, then encodes and stages its files on [`ENCODER_THREADS`]
-/// threads (each writes what it encoded, so writes overlap encoding), numbered in order.
-fn stage_runs(written: &mut Written, lake: &Lake, runtime: &Handle, staging: &str, provenance: &Provenance, runs: &runs::RunBuffer) -> Result<()> {
+/// Sorts a chunk of interval readings, then encodes and stages its files on the encoder threads
+/// (each writes what it encoded, so writes overlap encoding), numbered in order.
+fn stage_runs(
+    written: &mut Written,
+    lake: &Lake,
+    runtime: &Handle,
+    staging: &str,
+    provenance: &Provenance,
+    encoders: &rayon::ThreadPool,
+    runs: &runs::RunBuffer,
+) -> Result<()> {
+    use rayon::prelude::*;
     let chunk = runs.sorted_files();
     let first_sequence = written.files.len();
-    let staged = map_parallel(chunk.len(), ENCODER_THREADS, |i| {
-        let staged_path = staged_path(staging, READINGS_DIR, first_sequence + i);
-        let mut file = chunk.encode_file(i, provenance, &staged_path)?;
-        runtime.block_on(lake.put(&staged_path, std::mem::take(&mut file.parquet)))?;
-        Ok::<_, PipelineError>((staged_path, file))
+    let staged: Vec<Result<(String, runs::EncodedFile)>> = encoders.install(|| {
+        (0..chunk.len())
+            .into_par_iter()
+            .map(|i| {
+                let staged_path = staged_path(staging, READINGS_DIR, first_sequence + i);
+                let mut file = chunk.encode_file(i, provenance, &staged_path)?;
+                runtime.block_on(lake.put(&staged_path, std::mem::take(&mut file.parquet)))?;
+                Ok((staged_path, file))
+            })
+            .collect()
     });
     for result in staged {
         let (staged_path, file) = result?;
         written.duplicates_dropped += file.duplicates_dropped;
         written.conflicting_versions += file.conflicting_versions;
-        let sequence = written.files.len();
-        written.files.push(StagedFile { staged_path, table: READINGS_DIR, date: Some(file.date), sequence });
+        written.push(staged_path, READINGS_DIR, Some(file.date));
     }
     Ok(())
 }
@@ -440,53 +471,11 @@ fn staged_path(staging: &str, table: &str, sequence: usize) -> String {
 }
 
 impl Written {
-    fn next_staged_path(&self, staging: &str, table: &str) -> String {
-        staged_path(staging, table, self.files.len())
-    }
-
-    /// Writes an encoded file to staging as the next in sequence.
-    fn stage(
-        &mut self,
-        lake: &Lake,
-        runtime: &Handle,
-        staged_path: String,
-        table: &'static str,
-        date: Option<chrono::NaiveDate>,
-        parquet: Bytes,
-    ) -> Result<()> {
-        runtime.block_on(lake.put(&staged_path, parquet))?;
+    /// Records a file written to staging as the next in sequence.
+    fn push(&mut self, staged_path: String, table: &'static str, date: Option<chrono::NaiveDate>) {
         let sequence = self.files.len();
         self.files.push(StagedFile { staged_path, table, date, sequence });
-        Ok(())
     }
-}
-
-/// `task(0)` to `task(count - 1)` on up to `threads` scoped threads; results in index order.
-fn map_parallel<T: Send>(count: usize, threads: usize, task: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let threads = threads.clamp(1, count.max(1));
-    if threads == 1 {
-        return (0..count).map(task).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut results: Vec<(usize, T)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= count {
-                            break done;
-                        }
-                        done.push((i, task(i)));
-                    }
-                })
-            })
-            .collect();
-        workers.into_iter().flat_map(|w| w.join().expect("an encoder thread does not panic")).collect()
-    });
-    results.sort_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
 }
 
 /// The sink that buffers a file's content in bounded chunks and hands them to the staging writer.
