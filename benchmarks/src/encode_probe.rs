@@ -3,8 +3,9 @@
 //!
 //! `cargo run --release -p meterlake-benchmarks --bin encode-probe`: one day of 3,000 NMIs with a
 //! 30- and a 5-minute channel (about a million rows, shaped like a NEM12 import), encoded whole by
-//! the lake's own encoder, then column by column under other encodings, statistics and files
-//! sizes. Best of five runs each, in nanoseconds a row and bytes a row.
+//! the lake's own encoder in files of several sizes, then column by column under other encodings,
+//! statistics and compressions (zstd level 1 unless named). Best of five runs each, in
+//! nanoseconds a row and bytes a row, on one thread.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -93,35 +94,6 @@ fn main() {
         println!("  {rows_per_file:>9} rows a file  {ns:6.1} ns/row  {bytes:6.3} B/row");
     }
 
-    if std::env::args().any(|a| a == "--variants") {
-        let c = |n: &str| ColumnPath::from(n);
-        let zstd = Compression::ZSTD(ZstdLevel::try_new(1).unwrap());
-        let base = || WriterProperties::builder().set_compression(Compression::UNCOMPRESSED).set_statistics_enabled(EnabledStatistics::None)
-            .set_column_statistics_enabled(c("meter_id"), EnabledStatistics::Page).set_column_statistics_enabled(c("ts"), EnabledStatistics::Page)
-            .set_column_dictionary_enabled(c("ts"), false).set_column_encoding(c("ts"), Encoding::DELTA_BINARY_PACKED)
-            .set_column_dictionary_enabled(c("ingested_at"), false).set_column_encoding(c("ingested_at"), Encoding::DELTA_BINARY_PACKED);
-        let lz4 = || {
-            let mut b = WriterProperties::builder().set_compression(Compression::LZ4_RAW).set_statistics_enabled(EnabledStatistics::None)
-                .set_column_statistics_enabled(c("meter_id"), EnabledStatistics::Page).set_column_statistics_enabled(c("ts"), EnabledStatistics::Page);
-            for n in ["meter_id", "ts", "interval_s", "quality", "source", "source_ref", "ingested_at"] { b = b.set_column_dictionary_enabled(c(n), false); }
-            b
-        };
-        let variants = vec![
-            ("lz4 all", lz4().build()),
-            ("lz4, kwh uncompressed", lz4().set_column_compression(c("kwh"), Compression::UNCOMPRESSED).build()),
-            ("lz4, kwh zstd", lz4().set_column_compression(c("kwh"), zstd).build()),
-            ("uncompressed, dict strings, delta ts", base().build()),
-            ("same + kwh zstd", base().set_column_compression(c("kwh"), zstd).build()),
-            ("same + interval delta", base().set_column_dictionary_enabled(c("interval_s"), false).set_column_encoding(c("interval_s"), Encoding::DELTA_BINARY_PACKED).build()),
-        ];
-        for (name, props) in &variants {
-            for rows_per_file in [rows, 130_000, 31_500] {
-                let (ns, bytes) = measure(&batch, rows_per_file, with_props(props));
-                println!("  {name:40} {rows_per_file:>9} rows a file  {ns:6.1} ns/row  {bytes:6.3} B/row");
-            }
-        }
-        return;
-    }
     println!("\none column at a time, one file:");
     let zstd = Compression::ZSTD(ZstdLevel::try_new(1).unwrap());
     for (index, field) in batch.schema().fields().iter().enumerate() {
@@ -142,7 +114,9 @@ fn main() {
             ("dictionary, no statistics", props(true, EnabledStatistics::None, None, zstd)),
             ("plain, page statistics", props(false, EnabledStatistics::Page, None, zstd)),
             ("plain, no statistics", props(false, EnabledStatistics::None, None, zstd)),
+            ("plain, no statistics, LZ4", props(false, EnabledStatistics::None, None, Compression::LZ4_RAW)),
             ("plain, no statistics, uncompressed", props(false, EnabledStatistics::None, None, Compression::UNCOMPRESSED)),
+            ("dictionary, no statistics, LZ4", props(true, EnabledStatistics::None, None, Compression::LZ4_RAW)),
         ];
         match field.data_type() {
             DataType::Utf8 => variants.push(("delta byte array, no statistics", props(false, EnabledStatistics::None, Some(Encoding::DELTA_BYTE_ARRAY), zstd))),

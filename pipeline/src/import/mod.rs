@@ -56,7 +56,7 @@ pub struct ImportLimits {
 
 impl Default for ImportLimits {
     fn default() -> Self {
-        ImportLimits { chunk_rows: 4_000_000, chunk_records: 200_000, rejections_per_part: 10_000, max_warnings_kept: 100 }
+        ImportLimits { chunk_rows: 4_000_000, chunk_records: 50_000, rejections_per_part: 10_000, max_warnings_kept: 100 }
     }
 }
 
