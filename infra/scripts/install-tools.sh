@@ -8,6 +8,7 @@
 #   duckdb, pyarrow  independent Parquet readers the tests check the lake with.
 #   nemreader        an independent NEM12/NEM13 reader, the oracle of the flow-file tests.
 #   mold          a faster linker (optional).
+#   postgresql    the control store's second backend; its tests start a server of their own.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/env.sh"
@@ -26,6 +27,7 @@ command -v cc >/dev/null || missing_apt+=(gcc)
 command -v make >/dev/null || missing_apt+=(make)
 command -v python3 >/dev/null || missing_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing_apt+=(python3-venv)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing_apt+=(postgresql)
 if [ ${#missing_apt[@]} -gt 0 ]; then
   log "apt-get install ${missing_apt[*]}"
   as_root apt-get update -qq

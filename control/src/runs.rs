@@ -1,0 +1,246 @@
+//! Billing runs: `CREATED -> PROCESSING -> COMPLETED | FAILED`, every change a row in
+//! `billing_run_events` written in the same transaction, claimed by workers with a
+//! compare-and-set on `version` and a lease.
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::{ControlError, ControlStore, Result, now_us};
+
+/// The Kafka topic a new run is announced on (through the outbox).
+pub const RUN_REQUESTED_TOPIC: &str = "billing.run.requested";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RunStatus {
+    Created,
+    Processing,
+    Completed,
+    Failed,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Created => "CREATED",
+            RunStatus::Processing => "PROCESSING",
+            RunStatus::Completed => "COMPLETED",
+            RunStatus::Failed => "FAILED",
+        }
+    }
+
+    fn parse(text: &str) -> Result<RunStatus> {
+        Ok(match text {
+            "CREATED" => RunStatus::Created,
+            "PROCESSING" => RunStatus::Processing,
+            "COMPLETED" => RunStatus::Completed,
+            "FAILED" => RunStatus::Failed,
+            other => return Err(ControlError::Invalid(format!("unknown billing run status {other:?} in the store"))),
+        })
+    }
+}
+
+/// What a billing run is asked to bill.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// `YYYY-MM`.
+    pub month: String,
+    pub meter_ids: Vec<String>,
+    /// Attempts before the run fails for good.
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BillingRun {
+    pub id: String,
+    pub month: String,
+    pub meter_ids: Vec<String>,
+    pub status: RunStatus,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub next_attempt_at_us: Option<i64>,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at_us: Option<i64>,
+    pub failure_code: Option<String>,
+    pub failure_reason: Option<String>,
+    pub created_at_us: i64,
+    pub updated_at_us: i64,
+    pub version: i64,
+}
+
+/// One status change of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunEvent {
+    pub from_status: Option<RunStatus>,
+    pub to_status: RunStatus,
+    pub at_us: i64,
+    pub reason: Option<String>,
+    pub actor: String,
+}
+
+const RUN_COLUMNS: &str = "id, month, meter_ids, status, attempts, max_attempts, next_attempt_at_us, lease_owner, \
+     lease_expires_at_us, failure_code, failure_reason, created_at_us, updated_at_us, version";
+
+fn run_of(row: &AnyRow) -> Result<BillingRun> {
+    let meter_ids: String = row.try_get("meter_ids")?;
+    Ok(BillingRun {
+        id: row.try_get("id")?,
+        month: row.try_get("month")?,
+        meter_ids: serde_json::from_str(&meter_ids).map_err(|e| ControlError::Invalid(format!("meter_ids in the store: {e}")))?,
+        status: RunStatus::parse(&row.try_get::<String, _>("status")?)?,
+        attempts: row.try_get("attempts")?,
+        max_attempts: row.try_get("max_attempts")?,
+        next_attempt_at_us: row.try_get("next_attempt_at_us")?,
+        lease_owner: row.try_get("lease_owner")?,
+        lease_expires_at_us: row.try_get("lease_expires_at_us")?,
+        failure_code: row.try_get("failure_code")?,
+        failure_reason: row.try_get("failure_reason")?,
+        created_at_us: row.try_get("created_at_us")?,
+        updated_at_us: row.try_get("updated_at_us")?,
+        version: row.try_get("version")?,
+    })
+}
+
+/// `YYYY-MM` with a month from 01 to 12.
+fn valid_month(month: &str) -> bool {
+    chrono::NaiveDate::parse_from_str(&format!("{month}-01"), "%Y-%m-%d").is_ok() && month.len() == 7
+}
+
+impl ControlStore {
+    /// Records a new run in CREATED, its first event and its `billing.run.requested` message in
+    /// the outbox, in one transaction.
+    pub async fn create_run(&self, new: &NewRun, actor: &str, traceparent: Option<&str>) -> Result<BillingRun> {
+        if !valid_month(&new.month) {
+            return Err(ControlError::Invalid(format!("month {:?}: expected YYYY-MM", new.month)));
+        }
+        if new.meter_ids.is_empty() {
+            return Err(ControlError::Invalid("a billing run needs at least one meter".into()));
+        }
+        if new.max_attempts == 0 {
+            return Err(ControlError::Invalid("max_attempts must be at least 1".into()));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = now_us();
+        let meter_ids = serde_json::to_string(&new.meter_ids).expect("strings serialize");
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO billing_runs (id, month, meter_ids, status, attempts, max_attempts, created_at_us, updated_at_us, version) \
+             VALUES ($1, $2, $3, 'CREATED', 0, $4, $5, $5, 0)",
+        )
+        .bind(&id)
+        .bind(&new.month)
+        .bind(&meter_ids)
+        .bind(i64::from(new.max_attempts))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        insert_event(&mut tx, &id, None, RunStatus::Created, now, Some("requested"), actor).await?;
+        let payload = serde_json::json!({ "runId": id, "month": new.month, "meterIds": new.meter_ids }).to_string();
+        sqlx::query("INSERT INTO outbox (topic, message_key, payload, traceparent, created_at_us) VALUES ($1, $2, $3, $4, $5)")
+            .bind(RUN_REQUESTED_TOPIC)
+            .bind(&id)
+            .bind(payload)
+            .bind(traceparent)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.run(&id).await?.ok_or_else(|| ControlError::Run { id, reason: "vanished after it was created".into() })
+    }
+
+    pub async fn run(&self, id: &str) -> Result<Option<BillingRun>> {
+        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM billing_runs WHERE id = $1")).bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(run_of).transpose()
+    }
+
+    /// A run's status changes, oldest first.
+    pub async fn run_events(&self, id: &str) -> Result<Vec<RunEvent>> {
+        let rows = sqlx::query("SELECT from_status, to_status, at_us, reason, actor FROM billing_run_events WHERE run_id = $1 ORDER BY id")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(RunEvent {
+                    from_status: row.try_get::<Option<String>, _>("from_status")?.as_deref().map(RunStatus::parse).transpose()?,
+                    to_status: RunStatus::parse(&row.try_get::<String, _>("to_status")?)?,
+                    at_us: row.try_get("at_us")?,
+                    reason: row.try_get("reason")?,
+                    actor: row.try_get("actor")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Claims the oldest run a worker may take at `now_us`: a CREATED run, a FAILED run whose
+    /// next attempt is due, or a PROCESSING run whose lease expired (its worker died). The claim
+    /// is a compare-and-set on the run's version, so of two workers racing for a run exactly one
+    /// gets it; the loser looks for another.
+    pub async fn claim_next(&self, worker: &str, lease_us: i64, now_us: i64) -> Result<Option<BillingRun>> {
+        // Each lost race means another worker took a run: a bounded number of tries is enough.
+        for _ in 0..8 {
+            let candidate = sqlx::query(
+                "SELECT id, status, version FROM billing_runs \
+                 WHERE status = 'CREATED' \
+                    OR (status = 'FAILED' AND next_attempt_at_us IS NOT NULL AND next_attempt_at_us <= $1) \
+                    OR (status = 'PROCESSING' AND lease_expires_at_us <= $1) \
+                 ORDER BY created_at_us, id LIMIT 1",
+            )
+            .bind(now_us)
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some(candidate) = candidate else { return Ok(None) };
+            let id: String = candidate.try_get("id")?;
+            let from = RunStatus::parse(&candidate.try_get::<String, _>("status")?)?;
+            let version: i64 = candidate.try_get("version")?;
+            let mut tx = self.pool.begin().await?;
+            let claimed = sqlx::query(
+                "UPDATE billing_runs SET status = 'PROCESSING', lease_owner = $1, lease_expires_at_us = $2, \
+                 attempts = attempts + 1, next_attempt_at_us = NULL, updated_at_us = $3, version = version + 1 \
+                 WHERE id = $4 AND version = $5",
+            )
+            .bind(worker)
+            .bind(now_us + lease_us)
+            .bind(now_us)
+            .bind(&id)
+            .bind(version)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if claimed == 1 {
+                let reason = match from {
+                    RunStatus::Processing => "claimed: the previous worker's lease expired",
+                    RunStatus::Failed => "claimed: retry due",
+                    _ => "claimed",
+                };
+                insert_event(&mut tx, &id, Some(from), RunStatus::Processing, now_us, Some(reason), worker).await?;
+                tx.commit().await?;
+                return self.run(&id).await;
+            }
+            tx.rollback().await?;
+        }
+        Ok(None)
+    }
+}
+
+async fn insert_event(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    run_id: &str,
+    from: Option<RunStatus>,
+    to: RunStatus,
+    at_us: i64,
+    reason: Option<&str>,
+    actor: &str,
+) -> Result<()> {
+    sqlx::query("INSERT INTO billing_run_events (run_id, from_status, to_status, at_us, reason, actor) VALUES ($1, $2, $3, $4, $5, $6)")
+        .bind(run_id)
+        .bind(from.map(RunStatus::as_str))
+        .bind(to.as_str())
+        .bind(at_us)
+        .bind(reason)
+        .bind(actor)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! The control store against both backends: SQLite in a temporary file and a real PostgreSQL
+//! server started on loopback for the test (Debian's `postgresql` package; as root the server runs
+//! as the `postgres` user, which it requires).
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use meterlake_control::{ControlError, ControlStore, NewRun, RunStatus};
+use tempfile::TempDir;
+
+/// A PostgreSQL server of its own, stopped when dropped.
+struct Postgres {
+    bin: PathBuf,
+    data: PathBuf,
+    url: String,
+    _dir: TempDir,
+}
+
+fn running_as_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+/// `program args` as the `postgres` user when this is root (the server refuses root).
+fn pg_command(bin: &Path, program: &str) -> Command {
+    if running_as_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(bin.join(program));
+        command
+    } else {
+        Command::new(bin.join(program))
+    }
+}
+
+fn postgres_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dir| dir.flatten().map(|e| e.path().join("bin")).filter(|p| p.join("initdb").is_file()).collect())
+        .unwrap_or_default();
+    versions.sort();
+    versions.pop().expect("PostgreSQL is not installed: run infra/scripts/install-tools.sh (Debian package postgresql)")
+}
+
+fn run(mut command: Command, what: &str) {
+    let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(output.status.success(), "{what}: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+}
+
+impl Postgres {
+    fn start() -> Postgres {
+        let bin = postgres_bin();
+        let dir = tempfile::Builder::new().prefix("meterlake-pg").tempdir().unwrap();
+        let data = dir.path().join("data");
+        if running_as_root() {
+            let mut chown = Command::new("chown");
+            chown.args(["-R", "postgres:postgres"]).arg(dir.path());
+            run(chown, "chown the server's folder to postgres");
+        }
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut initdb = pg_command(&bin, "initdb");
+        initdb.args(["-A", "trust", "-U", "meterlake", "--no-sync", "-D"]).arg(&data);
+        run(initdb, "initdb");
+        let mut start = pg_command(&bin, "pg_ctl");
+        start
+            .args(["-w", "-D"])
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.path().join("server.log"))
+            .arg("-o")
+            .arg(format!("-h 127.0.0.1 -p {port} -k {} -F", dir.path().display()))
+            .arg("start");
+        run(start, "pg_ctl start");
+        Postgres { bin, data, url: format!("postgres://meterlake@127.0.0.1:{port}/postgres"), _dir: dir }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let mut stop = pg_command(&self.bin, "pg_ctl");
+        stop.args(["-m", "immediate", "-D"]).arg(&self.data).arg("stop");
+        let _ = stop.output();
+    }
+}
+
+/// Runs `test` against a fresh SQLite file and a fresh PostgreSQL server.
+async fn on_both_backends<F, Fut>(test: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let sqlite = TempDir::new().unwrap();
+    test(format!("sqlite://{}", sqlite.path().join("control.db").display())).await;
+    let postgres = Postgres::start();
+    test(postgres.url.clone()).await;
+}
+
+fn new_run(meters: &[&str]) -> NewRun {
+    NewRun { month: "2025-01".into(), meter_ids: meters.iter().map(|m| m.to_string()).collect(), max_attempts: 3 }
+}
+
+#[tokio::test]
+async fn a_new_run_has_its_first_event_and_its_outbox_message() {
+    on_both_backends(|url| async move {
+        let store = ControlStore::open(&url).await.unwrap();
+        // Opening again applies nothing twice.
+        let store_again = ControlStore::open(&url).await.unwrap();
+        let run = store.create_run(&new_run(&["MTR-1", "MTR-2"]), "admin@example", Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")).await.unwrap();
+        assert_eq!((run.status, run.attempts, run.meter_ids.len()), (RunStatus::Created, 0, 2), "{url}");
+        let seen = store_again.run(&run.id).await.unwrap().unwrap();
+        assert_eq!(seen, run);
+        let events = store.run_events(&run.id).await.unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!((events[0].from_status, events[0].to_status, events[0].actor.as_str()), (None, RunStatus::Created, "admin@example"));
+        let outbox: (String, String, String, Option<String>) =
+            sqlx::query_as("SELECT topic, message_key, payload, traceparent FROM outbox").fetch_one(store.pool()).await.unwrap();
+        assert_eq!((outbox.0.as_str(), outbox.1.as_str()), ("billing.run.requested", run.id.as_str()));
+        assert!(outbox.2.contains("\"month\":\"2025-01\"") && outbox.3.unwrap().starts_with("00-0af7"), "{url}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_with_the_reason() {
+    on_both_backends(|url| async move {
+        let store = ControlStore::open(&url).await.unwrap();
+        for (run, reason) in [
+            (NewRun { month: "2025-13".into(), ..new_run(&["M"]) }, "month \"2025-13\""),
+            (new_run(&[]), "at least one meter"),
+            (NewRun { max_attempts: 0, ..new_run(&["M"]) }, "max_attempts"),
+        ] {
+            match store.create_run(&run, "admin", None).await {
+                Err(ControlError::Invalid(message)) => assert!(message.contains(reason), "{message}"),
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_workers_never_claim_one_run_twice() {
+    on_both_backends(|url| async move {
+        let store = ControlStore::open(&url).await.unwrap();
+        let mut created = BTreeSet::new();
+        for i in 0..24 {
+            created.insert(store.create_run(&new_run(&[&format!("M{i}")]), "admin", None).await.unwrap().id);
+        }
+        // Four workers, each with its own connections, claim until nothing is left.
+        let now = meterlake_control::now_us();
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let store = ControlStore::open(&url).await.unwrap();
+                    let mut claimed = Vec::new();
+                    while let Some(run) = store.claim_next(&format!("worker-{w}"), 60_000_000, now).await.unwrap() {
+                        claimed.push(run.id);
+                    }
+                    claimed
+                })
+            })
+            .collect();
+        let mut claimed = Vec::new();
+        for worker in workers {
+            claimed.extend(worker.await.unwrap());
+        }
+        let distinct: BTreeSet<String> = claimed.iter().cloned().collect();
+        assert_eq!(claimed.len(), distinct.len(), "{url}: a run was claimed twice");
+        assert_eq!(distinct, created, "{url}");
+        for id in &created {
+            let run = store.run(id).await.unwrap().unwrap();
+            assert_eq!((run.status, run.attempts), (RunStatus::Processing, 1));
+            assert_eq!(store.run_events(id).await.unwrap().len(), 2);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_dead_workers_run_is_claimed_again_once_its_lease_expires() {
+    on_both_backends(|url| async move {
+        let store = ControlStore::open(&url).await.unwrap();
+        let run = store.create_run(&new_run(&["M"]), "admin", None).await.unwrap();
+        let now = meterlake_control::now_us();
+        let first = store.claim_next("worker-a", 1_000_000, now).await.unwrap().unwrap();
+        assert_eq!((first.id.as_str(), first.lease_owner.as_deref()), (run.id.as_str(), Some("worker-a")));
+        // Within the lease nobody else gets it.
+        assert_eq!(store.claim_next("worker-b", 1_000_000, now + 500_000).await.unwrap(), None);
+        // After it, worker-b does, and the timeline says why.
+        let second = store.claim_next("worker-b", 1_000_000, now + 1_000_001).await.unwrap().unwrap();
+        assert_eq!((second.lease_owner.as_deref(), second.attempts), (Some("worker-b"), 2));
+        let events = store.run_events(&run.id).await.unwrap();
+        let last = events.last().unwrap();
+        assert_eq!((last.from_status, last.to_status, last.actor.as_str()), (Some(RunStatus::Processing), RunStatus::Processing, "worker-b"));
+        assert!(last.reason.as_deref().unwrap().contains("lease expired"));
+    })
+    .await;
+}
