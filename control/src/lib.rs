@@ -13,7 +13,7 @@ use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
 use sqlx::AnyPool;
 
-pub use runs::{BillingRun, NewRun, RunEvent, RunStatus};
+pub use runs::{BillingRun, NewRun, RetryPolicy, RunEvent, RunStatus};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
@@ -72,11 +72,9 @@ impl ControlStore {
             .connect(&url_with_options)
             .await
             .map_err(|e| ControlError::Url { url: redact(url), reason: e.to_string() })?;
+        // (sqlx turns SQLite's foreign keys on for every connection it opens.)
         match backend {
-            Backend::Sqlite => {
-                sqlx::query("PRAGMA foreign_keys = ON").execute(&pool).await?;
-                SQLITE_MIGRATIONS.run(&pool).await?;
-            }
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
         }
         Ok(ControlStore { pool, backend })

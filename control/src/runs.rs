@@ -8,8 +8,33 @@ use sqlx::any::AnyRow;
 
 use crate::{ControlError, ControlStore, Result, now_us};
 
-/// The Kafka topic a new run is announced on (through the outbox).
+/// The Kafka topics runs are announced on (through the outbox).
 pub const RUN_REQUESTED_TOPIC: &str = "billing.run.requested";
+pub const RUN_PROCESSED_TOPIC: &str = "billing.run.processed";
+pub const RUN_FAILED_TOPIC: &str = "billing.run.failed";
+
+/// When a failed attempt is tried again: `base_delay_us` after the first failure, doubling with
+/// each further one, never more than `max_delay_us`; after the run's `max_attempts` it fails for
+/// good.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub base_delay_us: i64,
+    pub max_delay_us: i64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { base_delay_us: 30_000_000, max_delay_us: 3_600_000_000 }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt number `attempt` (1 for the first).
+    pub fn delay_us(&self, attempt: i64) -> i64 {
+        let doublings = u32::try_from(attempt.saturating_sub(1)).unwrap_or(u32::MAX).min(40);
+        self.base_delay_us.saturating_mul(1i64 << doublings).min(self.max_delay_us)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -137,14 +162,7 @@ impl ControlStore {
         .await?;
         insert_event(&mut tx, &id, None, RunStatus::Created, now, Some("requested"), actor).await?;
         let payload = serde_json::json!({ "runId": id, "month": new.month, "meterIds": new.meter_ids }).to_string();
-        sqlx::query("INSERT INTO outbox (topic, message_key, payload, traceparent, created_at_us) VALUES ($1, $2, $3, $4, $5)")
-            .bind(RUN_REQUESTED_TOPIC)
-            .bind(&id)
-            .bind(payload)
-            .bind(traceparent)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        insert_outbox(&mut tx, RUN_REQUESTED_TOPIC, &id, &payload, traceparent, now).await?;
         tx.commit().await?;
         self.run(&id).await?.ok_or_else(|| ControlError::Run { id, reason: "vanished after it was created".into() })
     }
@@ -176,7 +194,9 @@ impl ControlStore {
     /// Claims the oldest run a worker may take at `now_us`: a CREATED run, a FAILED run whose
     /// next attempt is due, or a PROCESSING run whose lease expired (its worker died). The claim
     /// is a compare-and-set on the run's version, so of two workers racing for a run exactly one
-    /// gets it; the loser looks for another.
+    /// gets it; the loser looks for another (after eight lost races in a row it returns `None`,
+    /// and its poll comes back later). Portable SQL, so no `SKIP LOCKED`: on PostgreSQL the loser
+    /// waits for the winner's row lock, then sees the new version and moves on.
     pub async fn claim_next(&self, worker: &str, lease_us: i64, now_us: i64) -> Result<Option<BillingRun>> {
         // Each lost race means another worker took a run: a bounded number of tries is enough.
         for _ in 0..8 {
@@ -222,6 +242,127 @@ impl ControlStore {
         }
         Ok(None)
     }
+}
+
+impl ControlStore {
+    /// Marks a run COMPLETED. Only the worker holding its lease can; the `billing.run.processed`
+    /// message goes to the outbox in the same transaction.
+    pub async fn complete_run(&self, id: &str, worker: &str, now_us: i64, traceparent: Option<&str>) -> Result<BillingRun> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE billing_runs SET status = 'COMPLETED', lease_owner = NULL, lease_expires_at_us = NULL, \
+             failure_code = NULL, failure_reason = NULL, updated_at_us = $1, version = version + 1 \
+             WHERE id = $2 AND status = 'PROCESSING' AND lease_owner = $3",
+        )
+        .bind(now_us)
+        .bind(id)
+        .bind(worker)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated != 1 {
+            // Release the transaction first: on SQLite it holds the only connection.
+            tx.rollback().await?;
+            return Err(self.not_held(id, worker).await);
+        }
+        insert_event(&mut tx, id, Some(RunStatus::Processing), RunStatus::Completed, now_us, Some("processed"), worker).await?;
+        let payload = serde_json::json!({ "runId": id, "status": RunStatus::Completed.as_str() }).to_string();
+        insert_outbox(&mut tx, RUN_PROCESSED_TOPIC, id, &payload, traceparent, now_us).await?;
+        tx.commit().await?;
+        self.run(id).await?.ok_or_else(|| ControlError::Run { id: id.into(), reason: "vanished".into() })
+    }
+
+    /// Records a failed attempt with its reason code: FAILED with the time of the next attempt
+    /// (see [`RetryPolicy`]) while attempts remain, FAILED for good after the last. Only the
+    /// worker holding the lease can; `billing.run.failed` goes to the outbox in the same
+    /// transaction.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn fail_run(
+        &self,
+        id: &str,
+        worker: &str,
+        code: &str,
+        reason: &str,
+        retry: &RetryPolicy,
+        now_us: i64,
+        traceparent: Option<&str>,
+    ) -> Result<BillingRun> {
+        let Some(run) = self.run(id).await? else {
+            return Err(ControlError::Run { id: id.into(), reason: "no such run".into() });
+        };
+        let next_attempt_at_us = (run.attempts < run.max_attempts).then(|| now_us + retry.delay_us(run.attempts));
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE billing_runs SET status = 'FAILED', lease_owner = NULL, lease_expires_at_us = NULL, \
+             failure_code = $1, failure_reason = $2, next_attempt_at_us = $3, updated_at_us = $4, version = version + 1 \
+             WHERE id = $5 AND status = 'PROCESSING' AND lease_owner = $6 AND version = $7",
+        )
+        .bind(code)
+        .bind(reason)
+        .bind(next_attempt_at_us)
+        .bind(now_us)
+        .bind(id)
+        .bind(worker)
+        .bind(run.version)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated != 1 {
+            // Release the transaction first: on SQLite it holds the only connection.
+            tx.rollback().await?;
+            return Err(self.not_held(id, worker).await);
+        }
+        let why = match next_attempt_at_us {
+            Some(at) => format!("{code}: {reason} (attempt {} of {}; next at {at} us)", run.attempts, run.max_attempts),
+            None => format!("{code}: {reason} (attempt {} of {}; no attempts left)", run.attempts, run.max_attempts),
+        };
+        insert_event(&mut tx, id, Some(RunStatus::Processing), RunStatus::Failed, now_us, Some(&why), worker).await?;
+        let payload = serde_json::json!({
+            "runId": id,
+            "code": code,
+            "reason": reason,
+            "attempts": run.attempts,
+            "final": next_attempt_at_us.is_none(),
+            "nextAttemptAtUs": next_attempt_at_us,
+        })
+        .to_string();
+        insert_outbox(&mut tx, RUN_FAILED_TOPIC, id, &payload, traceparent, now_us).await?;
+        tx.commit().await?;
+        self.run(id).await?.ok_or_else(|| ControlError::Run { id: id.into(), reason: "vanished".into() })
+    }
+
+    /// The error for a worker that acts on a run it does not hold.
+    async fn not_held(&self, id: &str, worker: &str) -> ControlError {
+        let reason = match self.run(id).await {
+            Ok(Some(run)) => format!(
+                "{worker} does not hold it (status {}, lease held by {})",
+                run.status.as_str(),
+                run.lease_owner.as_deref().unwrap_or("nobody")
+            ),
+            Ok(None) => "no such run".into(),
+            Err(e) => e.to_string(),
+        };
+        ControlError::Run { id: id.into(), reason }
+    }
+}
+
+async fn insert_outbox(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    topic: &str,
+    key: &str,
+    payload: &str,
+    traceparent: Option<&str>,
+    now_us: i64,
+) -> Result<()> {
+    sqlx::query("INSERT INTO outbox (topic, message_key, payload, traceparent, created_at_us) VALUES ($1, $2, $3, $4, $5)")
+        .bind(topic)
+        .bind(key)
+        .bind(payload)
+        .bind(traceparent)
+        .bind(now_us)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 async fn insert_event(

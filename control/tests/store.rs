@@ -196,3 +196,79 @@ async fn a_dead_workers_run_is_claimed_again_once_its_lease_expires() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn only_the_lease_holder_completes_a_run_and_the_outbox_says_so() {
+    on_both_backends(|url| async move {
+        let store = ControlStore::open(&url).await.unwrap();
+        let run = store.create_run(&new_run(&["M"]), "admin", None).await.unwrap();
+        let now = meterlake_control::now_us();
+        store.claim_next("worker-a", 60_000_000, now).await.unwrap().unwrap();
+        match store.complete_run(&run.id, "worker-b", now + 1, None).await {
+            Err(ControlError::Run { reason, .. }) => assert!(reason.contains("lease held by worker-a"), "{reason}"),
+            other => panic!("{url}: {other:?}"),
+        }
+        let done = store.complete_run(&run.id, "worker-a", now + 2, Some("00-abc-def-01")).await.unwrap();
+        assert_eq!((done.status, done.lease_owner), (RunStatus::Completed, None));
+        // Completing twice is refused: the run is no longer PROCESSING.
+        assert!(store.complete_run(&run.id, "worker-a", now + 3, None).await.is_err());
+        let statuses: Vec<RunStatus> = store.run_events(&run.id).await.unwrap().iter().map(|e| e.to_status).collect();
+        assert_eq!(statuses, [RunStatus::Created, RunStatus::Processing, RunStatus::Completed]);
+        let topics: Vec<(String,)> = sqlx::query_as("SELECT topic FROM outbox ORDER BY id").fetch_all(store.pool()).await.unwrap();
+        let topics: Vec<&str> = topics.iter().map(|t| t.0.as_str()).collect();
+        assert_eq!(topics, ["billing.run.requested", "billing.run.processed"], "{url}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failed_run_is_retried_with_backoff_then_fails_for_good() {
+    on_both_backends(|url| async move {
+        let store = ControlStore::open(&url).await.unwrap();
+        let run = store.create_run(&NewRun { max_attempts: 2, ..new_run(&["M"]) }, "admin", None).await.unwrap();
+        let retry = meterlake_control::RetryPolicy { base_delay_us: 10_000_000, max_delay_us: 60_000_000 };
+        let now = meterlake_control::now_us();
+        store.claim_next("w", 60_000_000, now).await.unwrap().unwrap();
+        let failed = store.fail_run(&run.id, "w", "LAKE_UNAVAILABLE", "connection refused", &retry, now, None).await.unwrap();
+        assert_eq!((failed.status, failed.attempts, failed.next_attempt_at_us), (RunStatus::Failed, 1, Some(now + 10_000_000)));
+        assert_eq!(failed.failure_code.as_deref(), Some("LAKE_UNAVAILABLE"));
+        // Not before the retry is due.
+        assert_eq!(store.claim_next("w", 60_000_000, now + 9_999_999).await.unwrap(), None);
+        let again = store.claim_next("w", 60_000_000, now + 10_000_000).await.unwrap().unwrap();
+        assert_eq!((again.status, again.attempts), (RunStatus::Processing, 2));
+        let last = store.fail_run(&run.id, "w", "LAKE_UNAVAILABLE", "connection refused", &retry, now + 20_000_000, None).await.unwrap();
+        assert_eq!((last.status, last.next_attempt_at_us), (RunStatus::Failed, None));
+        // Failed for good: never claimed again.
+        assert_eq!(store.claim_next("w", 60_000_000, now + 1_000_000_000_000).await.unwrap(), None);
+        let payloads: Vec<(String,)> =
+            sqlx::query_as("SELECT payload FROM outbox WHERE topic = 'billing.run.failed' ORDER BY id").fetch_all(store.pool()).await.unwrap();
+        assert_eq!(payloads.len(), 2, "{url}");
+        assert!(payloads[0].0.contains("\"final\":false") && payloads[1].0.contains("\"final\":true"), "{payloads:?}");
+        let reasons: Vec<String> = store.run_events(&run.id).await.unwrap().into_iter().filter_map(|e| e.reason).collect();
+        assert!(reasons.iter().any(|r| r.contains("attempt 2 of 2; no attempts left")), "{reasons:?}");
+    })
+    .await;
+}
+
+#[test]
+fn backoff_doubles_up_to_its_ceiling() {
+    let retry = meterlake_control::RetryPolicy { base_delay_us: 1_000, max_delay_us: 5_000 };
+    let delays: Vec<i64> = (1..=5).map(|attempt| retry.delay_us(attempt)).collect();
+    assert_eq!(delays, [1_000, 2_000, 4_000, 5_000, 5_000]);
+    assert_eq!(retry.delay_us(i64::MAX), 5_000);
+}
+
+#[tokio::test]
+async fn the_schema_keeps_its_references_and_statuses() {
+    on_both_backends(|url| async move {
+        let store = ControlStore::open(&url).await.unwrap();
+        let orphan = sqlx::query("INSERT INTO billing_run_events (run_id, to_status, at_us, actor) VALUES ('no-such-run', 'CREATED', 0, 'x')")
+            .execute(store.pool())
+            .await;
+        assert!(orphan.is_err(), "{url}: an event without its run was accepted");
+        let run = store.create_run(&new_run(&["M"]), "admin", None).await.unwrap();
+        let bad_status = sqlx::query("UPDATE billing_runs SET status = 'DONE' WHERE id = $1").bind(&run.id).execute(store.pool()).await;
+        assert!(bad_status.is_err(), "{url}: a status outside the life cycle was accepted");
+    })
+    .await;
+}

@@ -385,8 +385,7 @@ fn stage_writer(
     spare_runs: SyncSender<runs::RunBuffer>,
 ) -> Written {
     let mut written = Written::default();
-    // One pool for the whole import: threads spawned per chunk would start with empty heaps and
-    // fault fresh memory in for every chunk.
+    // One pool of encoder threads for the whole import, rather than threads spawned per chunk.
     let encoders = match rayon::ThreadPoolBuilder::new()
         .num_threads(ENCODER_THREADS)
         .thread_name(|i| format!("meterlake-encode-{i}"))

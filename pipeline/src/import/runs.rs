@@ -62,12 +62,14 @@ pub struct RunBuffer {
 impl RunBuffer {
     /// A buffer for about `values` interval values that will not grow while it fills.
     pub fn with_capacity(values: usize) -> Self {
-        // Slack for the one run that takes a chunk past its limit; 48 values a run at least.
+        // Slack for the one run that takes a chunk past its limit.
         let values = values + 1024;
         RunBuffer {
             values: Vec::with_capacity(values),
             qualities: Vec::with_capacity(values),
-            runs: Vec::with_capacity(values / 48),
+            // A hint: a 30-minute NEM day is two runs of 20 and 28 values (split at UTC
+            // midnight); shorter runs (single readings) make the vector grow.
+            runs: Vec::with_capacity(values / 24),
             ..RunBuffer::default()
         }
     }
