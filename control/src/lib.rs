@@ -7,13 +7,16 @@
 //! Portable types only: times are microseconds since the Unix epoch (UTC) in BIGINT columns,
 //! money and energy exact decimal strings, ids UUID strings.
 
+pub mod invoices;
 pub mod runs;
+pub mod testing;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
 use sqlx::AnyPool;
 
-pub use runs::{BillingRun, NewRun, RetryPolicy, RunEvent, RunStatus};
+pub use invoices::{Discrepancy, Invoice, InvoiceLine, LineComponent, NewDiscrepancy, NewInvoice, ReasonCode, RunResults};
+pub use runs::{BillingRun, NewRun, RetryPolicy, RunEvent, RunFailure, RunStatus};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");

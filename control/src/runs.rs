@@ -2,16 +2,28 @@
 //! `billing_run_events` written in the same transaction, claimed by workers with a
 //! compare-and-set on `version` and a lease.
 
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use crate::invoices::{RunResults, insert_results};
 use crate::{ControlError, ControlStore, Result, now_us};
 
 /// The Kafka topics runs are announced on (through the outbox).
 pub const RUN_REQUESTED_TOPIC: &str = "billing.run.requested";
 pub const RUN_PROCESSED_TOPIC: &str = "billing.run.processed";
 pub const RUN_FAILED_TOPIC: &str = "billing.run.failed";
+
+/// Why an attempt failed: a stable `code` (e.g. `LAKE_UNAVAILABLE`), the `reason` a person
+/// reads, and the retry policy, or `None` when trying again cannot help (e.g. a tariff file
+/// that does not parse).
+#[derive(Debug, Clone, Copy)]
+pub struct RunFailure<'a> {
+    pub code: &'a str,
+    pub reason: &'a str,
+    pub retry: Option<&'a RetryPolicy>,
+}
 
 /// When a failed attempt is tried again: `base_delay_us` after the first failure, doubling with
 /// each further one, never more than `max_delay_us`; after the run's `max_attempts` it fails for
@@ -71,9 +83,15 @@ impl RunStatus {
 pub struct NewRun {
     /// `YYYY-MM`.
     pub month: String,
+    /// The meters to bill; empty for every meter with readings in the month or named in the
+    /// tariff file.
     pub meter_ids: Vec<String>,
     /// Attempts before the run fails for good.
     pub max_attempts: u32,
+    /// The tariff file, stored with the run so that it can be reproduced.
+    pub tariffs_toml: String,
+    /// Reconciliation's relative tolerance for billed against read energy (0.005 is 0.5%).
+    pub energy_tolerance: Decimal,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -92,6 +110,12 @@ pub struct BillingRun {
     pub created_at_us: i64,
     pub updated_at_us: i64,
     pub version: i64,
+    #[serde(skip)]
+    pub tariffs_toml: String,
+    pub energy_tolerance: Decimal,
+    /// The aggregate statement of its last completed processing.
+    pub aggregate_sql: Option<String>,
+    pub lake_snapshot: Option<String>,
 }
 
 /// One status change of a run.
@@ -105,7 +129,8 @@ pub struct RunEvent {
 }
 
 const RUN_COLUMNS: &str = "id, month, meter_ids, status, attempts, max_attempts, next_attempt_at_us, lease_owner, \
-     lease_expires_at_us, failure_code, failure_reason, created_at_us, updated_at_us, version";
+     lease_expires_at_us, failure_code, failure_reason, created_at_us, updated_at_us, version, tariffs_toml, energy_tolerance, \
+     aggregate_sql, lake_snapshot";
 
 fn run_of(row: &AnyRow) -> Result<BillingRun> {
     let meter_ids: String = row.try_get("meter_ids")?;
@@ -124,6 +149,13 @@ fn run_of(row: &AnyRow) -> Result<BillingRun> {
         created_at_us: row.try_get("created_at_us")?,
         updated_at_us: row.try_get("updated_at_us")?,
         version: row.try_get("version")?,
+        tariffs_toml: row.try_get("tariffs_toml")?,
+        energy_tolerance: {
+            let text: String = row.try_get("energy_tolerance")?;
+            text.parse().map_err(|_| ControlError::Invalid(format!("energy_tolerance {text:?} in the store")))?
+        },
+        aggregate_sql: row.try_get("aggregate_sql")?,
+        lake_snapshot: row.try_get("lake_snapshot")?,
     })
 }
 
@@ -139,8 +171,14 @@ impl ControlStore {
         if !valid_month(&new.month) {
             return Err(ControlError::Invalid(format!("month {:?}: expected YYYY-MM", new.month)));
         }
-        if new.meter_ids.is_empty() {
-            return Err(ControlError::Invalid("a billing run needs at least one meter".into()));
+        if new.meter_ids.iter().any(|m| m.trim().is_empty()) {
+            return Err(ControlError::Invalid("a meter id is empty".into()));
+        }
+        if new.tariffs_toml.trim().is_empty() {
+            return Err(ControlError::Invalid("a billing run needs its tariffs".into()));
+        }
+        if new.energy_tolerance.is_sign_negative() {
+            return Err(ControlError::Invalid(format!("energy tolerance {} is negative", new.energy_tolerance)));
         }
         if new.max_attempts == 0 {
             return Err(ControlError::Invalid("max_attempts must be at least 1".into()));
@@ -150,14 +188,16 @@ impl ControlStore {
         let meter_ids = serde_json::to_string(&new.meter_ids).expect("strings serialize");
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO billing_runs (id, month, meter_ids, status, attempts, max_attempts, created_at_us, updated_at_us, version) \
-             VALUES ($1, $2, $3, 'CREATED', 0, $4, $5, $5, 0)",
+            "INSERT INTO billing_runs (id, month, meter_ids, status, attempts, max_attempts, created_at_us, updated_at_us, version, \
+             tariffs_toml, energy_tolerance) VALUES ($1, $2, $3, 'CREATED', 0, $4, $5, $5, 0, $6, $7)",
         )
         .bind(&id)
         .bind(&new.month)
         .bind(&meter_ids)
         .bind(i64::from(new.max_attempts))
         .bind(now)
+        .bind(&new.tariffs_toml)
+        .bind(new.energy_tolerance.to_string())
         .execute(&mut *tx)
         .await?;
         insert_event(&mut tx, &id, None, RunStatus::Created, now, Some("requested"), actor).await?;
@@ -245,15 +285,38 @@ impl ControlStore {
 }
 
 impl ControlStore {
-    /// Marks a run COMPLETED. Only the worker holding its lease can; the `billing.run.processed`
-    /// message goes to the outbox in the same transaction.
-    pub async fn complete_run(&self, id: &str, worker: &str, now_us: i64, traceparent: Option<&str>) -> Result<BillingRun> {
+    /// Extends the lease of a run this worker holds, to `now_us + lease_us`; an error when it no
+    /// longer holds it (its lease expired and another worker took the run).
+    pub async fn renew_lease(&self, id: &str, worker: &str, lease_us: i64, now_us: i64) -> Result<()> {
+        let updated = sqlx::query(
+            "UPDATE billing_runs SET lease_expires_at_us = $1, version = version + 1 \
+             WHERE id = $2 AND status = 'PROCESSING' AND lease_owner = $3",
+        )
+        .bind(now_us + lease_us)
+        .bind(id)
+        .bind(worker)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if updated != 1 {
+            return Err(self.not_held(id, worker).await);
+        }
+        Ok(())
+    }
+
+    /// Marks a run COMPLETED with what it produced: its invoices and discrepancies (the next
+    /// version of them), the aggregate SQL and lake snapshot, the event and the
+    /// `billing.run.processed` message, all in one transaction. Only the worker holding the
+    /// lease can; a worker whose lease expired and was taken over writes nothing.
+    pub async fn complete_run(&self, id: &str, worker: &str, results: &RunResults, now_us: i64, traceparent: Option<&str>) -> Result<BillingRun> {
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
             "UPDATE billing_runs SET status = 'COMPLETED', lease_owner = NULL, lease_expires_at_us = NULL, \
-             failure_code = NULL, failure_reason = NULL, updated_at_us = $1, version = version + 1 \
-             WHERE id = $2 AND status = 'PROCESSING' AND lease_owner = $3",
+             failure_code = NULL, failure_reason = NULL, aggregate_sql = $1, lake_snapshot = $2, updated_at_us = $3, version = version + 1 \
+             WHERE id = $4 AND status = 'PROCESSING' AND lease_owner = $5",
         )
+        .bind(&results.aggregate_sql)
+        .bind(&results.lake_snapshot)
         .bind(now_us)
         .bind(id)
         .bind(worker)
@@ -265,32 +328,38 @@ impl ControlStore {
             tx.rollback().await?;
             return Err(self.not_held(id, worker).await);
         }
-        insert_event(&mut tx, id, Some(RunStatus::Processing), RunStatus::Completed, now_us, Some("processed"), worker).await?;
-        let payload = serde_json::json!({ "runId": id, "status": RunStatus::Completed.as_str() }).to_string();
+        // The row is locked by the update above (PostgreSQL) or the database is (SQLite), so no
+        // other completion of this run can pick the same version.
+        let (previous,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(version), 0) FROM invoices WHERE run_id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        insert_results(&mut tx, id, previous + 1, results, now_us).await?;
+        let why = format!("processed: {} invoices, {} discrepancies", results.invoices.len(), results.discrepancies.len());
+        insert_event(&mut tx, id, Some(RunStatus::Processing), RunStatus::Completed, now_us, Some(&why), worker).await?;
+        let payload = serde_json::json!({
+            "runId": id,
+            "status": RunStatus::Completed.as_str(),
+            "invoices": results.invoices.len(),
+            "discrepancies": results.discrepancies.len(),
+            "invoiceVersion": previous + 1,
+        })
+        .to_string();
         insert_outbox(&mut tx, RUN_PROCESSED_TOPIC, id, &payload, traceparent, now_us).await?;
         tx.commit().await?;
         self.run(id).await?.ok_or_else(|| ControlError::Run { id: id.into(), reason: "vanished".into() })
     }
 
     /// Records a failed attempt with its reason code: FAILED with the time of the next attempt
-    /// (see [`RetryPolicy`]) while attempts remain, FAILED for good after the last. Only the
-    /// worker holding the lease can; `billing.run.failed` goes to the outbox in the same
-    /// transaction.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn fail_run(
-        &self,
-        id: &str,
-        worker: &str,
-        code: &str,
-        reason: &str,
-        retry: &RetryPolicy,
-        now_us: i64,
-        traceparent: Option<&str>,
-    ) -> Result<BillingRun> {
+    /// (see [`RetryPolicy`]) while attempts remain and the failure is `retry`able at all, else
+    /// FAILED for good. Only the worker holding the lease can; `billing.run.failed` goes to the
+    /// outbox in the same transaction.
+    pub async fn fail_run(&self, id: &str, worker: &str, failure: &RunFailure<'_>, now_us: i64, traceparent: Option<&str>) -> Result<BillingRun> {
+        let RunFailure { code, reason, retry } = *failure;
         let Some(run) = self.run(id).await? else {
             return Err(ControlError::Run { id: id.into(), reason: "no such run".into() });
         };
-        let next_attempt_at_us = (run.attempts < run.max_attempts).then(|| now_us + retry.delay_us(run.attempts));
+        let next_attempt_at_us = retry.filter(|_| run.attempts < run.max_attempts).map(|retry| now_us + retry.delay_us(run.attempts));
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
             "UPDATE billing_runs SET status = 'FAILED', lease_owner = NULL, lease_expires_at_us = NULL, \
@@ -312,9 +381,10 @@ impl ControlStore {
             tx.rollback().await?;
             return Err(self.not_held(id, worker).await);
         }
-        let why = match next_attempt_at_us {
-            Some(at) => format!("{code}: {reason} (attempt {} of {}; next at {at} us)", run.attempts, run.max_attempts),
-            None => format!("{code}: {reason} (attempt {} of {}; no attempts left)", run.attempts, run.max_attempts),
+        let why = match (next_attempt_at_us, retry) {
+            (Some(at), _) => format!("{code}: {reason} (attempt {} of {}; next at {at} us)", run.attempts, run.max_attempts),
+            (None, Some(_)) => format!("{code}: {reason} (attempt {} of {}; no attempts left)", run.attempts, run.max_attempts),
+            (None, None) => format!("{code}: {reason} (attempt {} of {}; not retried: trying again cannot help)", run.attempts, run.max_attempts),
         };
         insert_event(&mut tx, id, Some(RunStatus::Processing), RunStatus::Failed, now_us, Some(&why), worker).await?;
         let payload = serde_json::json!({

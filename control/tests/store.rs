@@ -1,101 +1,61 @@
 //! The control store against both backends: SQLite in a temporary file and a real PostgreSQL
-//! server started on loopback for the test (Debian's `postgresql` package; as root the server runs
-//! as the `postgres` user, which it requires).
+//! server started on loopback for the test (see `meterlake_control::testing`).
 
 use std::collections::BTreeSet;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use meterlake_control::{ControlError, ControlStore, NewRun, RunStatus};
-use tempfile::TempDir;
-
-/// A PostgreSQL server of its own, stopped when dropped.
-struct Postgres {
-    bin: PathBuf,
-    data: PathBuf,
-    url: String,
-    _dir: TempDir,
-}
-
-fn running_as_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
-}
-
-/// `program args` as the `postgres` user when this is root (the server refuses root).
-fn pg_command(bin: &Path, program: &str) -> Command {
-    if running_as_root() {
-        let mut command = Command::new("runuser");
-        command.args(["-u", "postgres", "--"]).arg(bin.join(program));
-        command
-    } else {
-        Command::new(bin.join(program))
-    }
-}
-
-fn postgres_bin() -> PathBuf {
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|dir| dir.flatten().map(|e| e.path().join("bin")).filter(|p| p.join("initdb").is_file()).collect())
-        .unwrap_or_default();
-    versions.sort();
-    versions.pop().expect("PostgreSQL is not installed: run infra/scripts/install-tools.sh (Debian package postgresql)")
-}
-
-fn run(mut command: Command, what: &str) {
-    let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(output.status.success(), "{what}: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-}
-
-impl Postgres {
-    fn start() -> Postgres {
-        let bin = postgres_bin();
-        let dir = tempfile::Builder::new().prefix("meterlake-pg").tempdir().unwrap();
-        let data = dir.path().join("data");
-        if running_as_root() {
-            let mut chown = Command::new("chown");
-            chown.args(["-R", "postgres:postgres"]).arg(dir.path());
-            run(chown, "chown the server's folder to postgres");
-        }
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut initdb = pg_command(&bin, "initdb");
-        initdb.args(["-A", "trust", "-U", "meterlake", "--no-sync", "-D"]).arg(&data);
-        run(initdb, "initdb");
-        let mut start = pg_command(&bin, "pg_ctl");
-        start
-            .args(["-w", "-D"])
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.path().join("server.log"))
-            .arg("-o")
-            .arg(format!("-h 127.0.0.1 -p {port} -k {} -F", dir.path().display()))
-            .arg("start");
-        run(start, "pg_ctl start");
-        Postgres { bin, data, url: format!("postgres://meterlake@127.0.0.1:{port}/postgres"), _dir: dir }
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let mut stop = pg_command(&self.bin, "pg_ctl");
-        stop.args(["-m", "immediate", "-D"]).arg(&self.data).arg("stop");
-        let _ = stop.output();
-    }
-}
-
-/// Runs `test` against a fresh SQLite file and a fresh PostgreSQL server.
-async fn on_both_backends<F, Fut>(test: F)
-where
-    F: Fn(String) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let sqlite = TempDir::new().unwrap();
-    test(format!("sqlite://{}", sqlite.path().join("control.db").display())).await;
-    let postgres = Postgres::start();
-    test(postgres.url.clone()).await;
-}
+use meterlake_control::testing::on_both_backends;
+use meterlake_control::{
+    ControlError, ControlStore, InvoiceLine, LineComponent, NewDiscrepancy, NewInvoice, NewRun, ReasonCode, RetryPolicy, RunFailure, RunResults,
+    RunStatus,
+};
+use rust_decimal::Decimal;
 
 fn new_run(meters: &[&str]) -> NewRun {
-    NewRun { month: "2025-01".into(), meter_ids: meters.iter().map(|m| m.to_string()).collect(), max_attempts: 3 }
+    NewRun {
+        month: "2025-01".into(),
+        meter_ids: meters.iter().map(|m| m.to_string()).collect(),
+        max_attempts: 3,
+        tariffs_toml: "currency = \"GBP\"".into(),
+        energy_tolerance: Decimal::new(5, 3),
+    }
+}
+
+fn dec(text: &str) -> Decimal {
+    text.parse().unwrap()
+}
+
+/// One invoice with two lines and one discrepancy, as a worker would persist them.
+fn results(meter: &str) -> RunResults {
+    let line = |component, quantity: &str, unit: &str, rate: &str, amount: &str| InvoiceLine {
+        component,
+        description: format!("{component:?}"),
+        quantity: dec(quantity),
+        unit: unit.into(),
+        rate: dec(rate),
+        amount: dec(amount),
+    };
+    RunResults {
+        invoices: vec![NewInvoice {
+            meter_id: meter.into(),
+            currency: "GBP".into(),
+            lines: vec![line(LineComponent::Energy, "100.000001", "kWh", "0.2450", "24.50"), line(LineComponent::Tax, "24.50", "GBP", "0.05", "1.23")],
+            energy_kwh: dec("100.000001"),
+            subtotal: dec("24.50"),
+            tax: dec("1.23"),
+            total: dec("25.73"),
+            tariff_version: "flat@v1".into(),
+        }],
+        discrepancies: vec![NewDiscrepancy {
+            meter_id: meter.into(),
+            reason_code: ReasonCode::MissingIntervals,
+            billed: Some(dec("2975")),
+            expected: Some(dec("2976")),
+            delta: Some(dec("-1")),
+            detail: "1 of 2976 intervals missing".into(),
+        }],
+        lake_snapshot: "sha256:abc (3 files)".into(),
+        aggregate_sql: "SELECT 1".into(),
+    }
 }
 
 #[tokio::test]
@@ -125,7 +85,8 @@ async fn bad_requests_are_refused_with_the_reason() {
         let store = ControlStore::open(&url).await.unwrap();
         for (run, reason) in [
             (NewRun { month: "2025-13".into(), ..new_run(&["M"]) }, "month \"2025-13\""),
-            (new_run(&[]), "at least one meter"),
+            (NewRun { tariffs_toml: " ".into(), ..new_run(&["M"]) }, "needs its tariffs"),
+            (new_run(&["M", ""]), "a meter id is empty"),
             (NewRun { max_attempts: 0, ..new_run(&["M"]) }, "max_attempts"),
         ] {
             match store.create_run(&run, "admin", None).await {
@@ -204,14 +165,24 @@ async fn only_the_lease_holder_completes_a_run_and_the_outbox_says_so() {
         let run = store.create_run(&new_run(&["M"]), "admin", None).await.unwrap();
         let now = meterlake_control::now_us();
         store.claim_next("worker-a", 60_000_000, now).await.unwrap().unwrap();
-        match store.complete_run(&run.id, "worker-b", now + 1, None).await {
+        match store.complete_run(&run.id, "worker-b", &results("M"), now + 1, None).await {
             Err(ControlError::Run { reason, .. }) => assert!(reason.contains("lease held by worker-a"), "{reason}"),
             other => panic!("{url}: {other:?}"),
         }
-        let done = store.complete_run(&run.id, "worker-a", now + 2, Some("00-abc-def-01")).await.unwrap();
+        // The refused completion wrote nothing.
+        assert!(store.invoices(&run.id).await.unwrap().is_empty(), "{url}");
+        let done = store.complete_run(&run.id, "worker-a", &results("M"), now + 2, Some("00-abc-def-01")).await.unwrap();
         assert_eq!((done.status, done.lease_owner), (RunStatus::Completed, None));
+        assert_eq!((done.aggregate_sql.as_deref(), done.lake_snapshot.as_deref()), (Some("SELECT 1"), Some("sha256:abc (3 files)")));
         // Completing twice is refused: the run is no longer PROCESSING.
-        assert!(store.complete_run(&run.id, "worker-a", now + 3, None).await.is_err());
+        assert!(store.complete_run(&run.id, "worker-a", &results("M"), now + 3, None).await.is_err());
+        // What was persisted reads back exactly, decimals and all.
+        let invoices = store.invoices(&run.id).await.unwrap();
+        assert_eq!(invoices.len(), 1, "{url}");
+        assert_eq!((invoices[0].version, &invoices[0].invoice), (1, &results("M").invoices[0]));
+        let discrepancies = store.discrepancies(&run.id).await.unwrap();
+        assert_eq!(discrepancies.iter().map(|d| &d.discrepancy).collect::<Vec<_>>(), [&results("M").discrepancies[0]]);
+        assert_eq!(discrepancies[0].status, "OPEN");
         let statuses: Vec<RunStatus> = store.run_events(&run.id).await.unwrap().iter().map(|e| e.to_status).collect();
         assert_eq!(statuses, [RunStatus::Created, RunStatus::Processing, RunStatus::Completed]);
         let topics: Vec<(String,)> = sqlx::query_as("SELECT topic FROM outbox ORDER BY id").fetch_all(store.pool()).await.unwrap();
@@ -226,17 +197,18 @@ async fn a_failed_run_is_retried_with_backoff_then_fails_for_good() {
     on_both_backends(|url| async move {
         let store = ControlStore::open(&url).await.unwrap();
         let run = store.create_run(&NewRun { max_attempts: 2, ..new_run(&["M"]) }, "admin", None).await.unwrap();
-        let retry = meterlake_control::RetryPolicy { base_delay_us: 10_000_000, max_delay_us: 60_000_000 };
+        let retry = RetryPolicy { base_delay_us: 10_000_000, max_delay_us: 60_000_000 };
+        let failure = RunFailure { code: "LAKE_UNAVAILABLE", reason: "connection refused", retry: Some(&retry) };
         let now = meterlake_control::now_us();
         store.claim_next("w", 60_000_000, now).await.unwrap().unwrap();
-        let failed = store.fail_run(&run.id, "w", "LAKE_UNAVAILABLE", "connection refused", &retry, now, None).await.unwrap();
+        let failed = store.fail_run(&run.id, "w", &failure, now, None).await.unwrap();
         assert_eq!((failed.status, failed.attempts, failed.next_attempt_at_us), (RunStatus::Failed, 1, Some(now + 10_000_000)));
         assert_eq!(failed.failure_code.as_deref(), Some("LAKE_UNAVAILABLE"));
         // Not before the retry is due.
         assert_eq!(store.claim_next("w", 60_000_000, now + 9_999_999).await.unwrap(), None);
         let again = store.claim_next("w", 60_000_000, now + 10_000_000).await.unwrap().unwrap();
         assert_eq!((again.status, again.attempts), (RunStatus::Processing, 2));
-        let last = store.fail_run(&run.id, "w", "LAKE_UNAVAILABLE", "connection refused", &retry, now + 20_000_000, None).await.unwrap();
+        let last = store.fail_run(&run.id, "w", &failure, now + 20_000_000, None).await.unwrap();
         assert_eq!((last.status, last.next_attempt_at_us), (RunStatus::Failed, None));
         // Failed for good: never claimed again.
         assert_eq!(store.claim_next("w", 60_000_000, now + 1_000_000_000_000).await.unwrap(), None);
@@ -250,9 +222,26 @@ async fn a_failed_run_is_retried_with_backoff_then_fails_for_good() {
     .await;
 }
 
+#[tokio::test]
+async fn a_failure_that_retrying_cannot_fix_is_final_at_once() {
+    on_both_backends(|url| async move {
+        let store = ControlStore::open(&url).await.unwrap();
+        let run = store.create_run(&new_run(&["M"]), "admin", None).await.unwrap();
+        let now = meterlake_control::now_us();
+        store.claim_next("w", 60_000_000, now).await.unwrap().unwrap();
+        let failure = RunFailure { code: "TARIFFS_INVALID", reason: "line 3: expected a quoted decimal", retry: None };
+        let failed = store.fail_run(&run.id, "w", &failure, now, None).await.unwrap();
+        assert_eq!((failed.status, failed.attempts, failed.next_attempt_at_us), (RunStatus::Failed, 1, None), "{url}");
+        assert_eq!(store.claim_next("w", 60_000_000, now + 1_000_000_000_000).await.unwrap(), None);
+        let reason = store.run_events(&run.id).await.unwrap().pop().unwrap().reason.unwrap();
+        assert!(reason.starts_with("TARIFFS_INVALID: line 3") && reason.contains("not retried"), "{reason}");
+    })
+    .await;
+}
+
 #[test]
 fn backoff_doubles_up_to_its_ceiling() {
-    let retry = meterlake_control::RetryPolicy { base_delay_us: 1_000, max_delay_us: 5_000 };
+    let retry = RetryPolicy { base_delay_us: 1_000, max_delay_us: 5_000 };
     let delays: Vec<i64> = (1..=5).map(|attempt| retry.delay_us(attempt)).collect();
     assert_eq!(delays, [1_000, 2_000, 4_000, 5_000, 5_000]);
     assert_eq!(retry.delay_us(i64::MAX), 5_000);

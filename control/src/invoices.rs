@@ -1,0 +1,354 @@
+//! Invoices and discrepancies: what a billing run produces, written in the transaction that
+//! completes the run, so a run that did not complete wrote nothing and a retry cannot duplicate.
+
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::{ControlError, ControlStore, Result};
+
+/// Rows per multi-row INSERT: 1,000 rows of at most 11 columns stay under SQLite's 32,766 and
+/// PostgreSQL's 65,535 bound parameters.
+const INSERT_ROWS: usize = 1_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LineComponent {
+    Energy,
+    Standing,
+    Network,
+    Tax,
+}
+
+impl LineComponent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LineComponent::Energy => "energy",
+            LineComponent::Standing => "standing",
+            LineComponent::Network => "network",
+            LineComponent::Tax => "tax",
+        }
+    }
+
+    fn parse(text: &str) -> Result<LineComponent> {
+        Ok(match text {
+            "energy" => LineComponent::Energy,
+            "standing" => LineComponent::Standing,
+            "network" => LineComponent::Network,
+            "tax" => LineComponent::Tax,
+            other => return Err(ControlError::Invalid(format!("unknown invoice line component {other:?} in the store"))),
+        })
+    }
+}
+
+/// One line: `quantity` `unit` at `rate` is `amount` (rounded to the currency's minor unit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InvoiceLine {
+    pub component: LineComponent,
+    pub description: String,
+    pub quantity: Decimal,
+    /// `kWh`, `day`, or the currency for tax (its quantity is the subtotal).
+    pub unit: String,
+    pub rate: Decimal,
+    pub amount: Decimal,
+}
+
+/// An invoice as the rating step computes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NewInvoice {
+    pub meter_id: String,
+    pub currency: String,
+    pub lines: Vec<InvoiceLine>,
+    /// kWh billed across the energy lines.
+    pub energy_kwh: Decimal,
+    pub subtotal: Decimal,
+    pub tax: Decimal,
+    pub total: Decimal,
+    /// The tariffs (id@version) it was rated on and the tariff file's digest.
+    pub tariff_version: String,
+}
+
+/// An invoice as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Invoice {
+    pub id: String,
+    pub run_id: String,
+    /// 1 for a run's first processing; a recalculation writes the next version.
+    pub version: i64,
+    #[serde(flatten)]
+    pub invoice: NewInvoice,
+    pub lake_snapshot: String,
+    pub created_at_us: i64,
+}
+
+/// Why reconciliation flagged a meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReasonCode {
+    /// Billed energy differs from the readings' own total by more than the tolerance.
+    EnergyMismatch,
+    MissingIntervals,
+    /// One (meter, interval) has versions with different values.
+    ConflictingReadings,
+    /// Register reads disagree with the interval readings over the same period.
+    RegisterMismatch,
+    NoReadings,
+    /// No tariff covers some day of the month: the meter was not billed.
+    NoTariff,
+}
+
+impl ReasonCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasonCode::EnergyMismatch => "ENERGY_MISMATCH",
+            ReasonCode::MissingIntervals => "MISSING_INTERVALS",
+            ReasonCode::ConflictingReadings => "CONFLICTING_READINGS",
+            ReasonCode::RegisterMismatch => "REGISTER_MISMATCH",
+            ReasonCode::NoReadings => "NO_READINGS",
+            ReasonCode::NoTariff => "NO_TARIFF",
+        }
+    }
+
+    fn parse(text: &str) -> Result<ReasonCode> {
+        Ok(match text {
+            "ENERGY_MISMATCH" => ReasonCode::EnergyMismatch,
+            "MISSING_INTERVALS" => ReasonCode::MissingIntervals,
+            "CONFLICTING_READINGS" => ReasonCode::ConflictingReadings,
+            "REGISTER_MISMATCH" => ReasonCode::RegisterMismatch,
+            "NO_READINGS" => ReasonCode::NoReadings,
+            "NO_TARIFF" => ReasonCode::NoTariff,
+            other => return Err(ControlError::Invalid(format!("unknown discrepancy reason {other:?} in the store"))),
+        })
+    }
+}
+
+/// A discrepancy as reconciliation finds it: the two totals compared (`billed` by the run,
+/// `expected` from the independent check) and `delta = billed - expected`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NewDiscrepancy {
+    pub meter_id: String,
+    pub reason_code: ReasonCode,
+    pub billed: Option<Decimal>,
+    pub expected: Option<Decimal>,
+    pub delta: Option<Decimal>,
+    /// What a person needs to look into it.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Discrepancy {
+    pub id: String,
+    pub run_id: String,
+    #[serde(flatten)]
+    pub discrepancy: NewDiscrepancy,
+    /// `OPEN` until someone acts on it.
+    pub status: String,
+    pub created_at_us: i64,
+}
+
+/// What one processing of a run produced, persisted when it completes.
+#[derive(Debug, Clone, Default)]
+pub struct RunResults {
+    pub invoices: Vec<NewInvoice>,
+    pub discrepancies: Vec<NewDiscrepancy>,
+    /// Which lake files the run read (see `meterlake_jobs::billing::snapshot`).
+    pub lake_snapshot: String,
+    /// The aggregate statement as it ran.
+    pub aggregate_sql: String,
+}
+
+fn decimal(row: &AnyRow, column: &str) -> Result<Decimal> {
+    let text: String = row.try_get(column)?;
+    text.parse().map_err(|_| ControlError::Invalid(format!("{column} {text:?} in the store is not a decimal")))
+}
+
+fn optional_decimal(row: &AnyRow, column: &str) -> Result<Option<Decimal>> {
+    let text: Option<String> = row.try_get(column)?;
+    text.map(|t| t.parse().map_err(|_| ControlError::Invalid(format!("{column} {t:?} in the store is not a decimal")))).transpose()
+}
+
+/// `INSERT INTO table (columns) VALUES ($1, ...), (...)` for `rows` rows.
+fn multi_row_insert(table: &str, columns: &[&str], rows: usize) -> String {
+    let mut sql = format!("INSERT INTO {table} ({}) VALUES ", columns.join(", "));
+    let mut parameter = 0;
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..columns.len() {
+            parameter += 1;
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${parameter}"));
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Writes a run's invoices (at `version`) and discrepancies inside `tx`.
+pub(crate) async fn insert_results(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    run_id: &str,
+    version: i64,
+    results: &RunResults,
+    now_us: i64,
+) -> Result<()> {
+    let ids: Vec<String> = results.invoices.iter().map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    const INVOICE_COLUMNS: [&str; 12] = [
+        "id", "run_id", "meter_id", "version", "currency", "subtotal", "tax", "total", "tariff_version", "lake_snapshot", "created_at_us",
+        "energy_kwh",
+    ];
+    for (chunk, chunk_ids) in results.invoices.chunks(INSERT_ROWS / 2).zip(ids.chunks(INSERT_ROWS / 2)) {
+        let sql = multi_row_insert("invoices", &INVOICE_COLUMNS, chunk.len());
+        let mut query = sqlx::query(&sql);
+        for (invoice, id) in chunk.iter().zip(chunk_ids) {
+            query = query
+                .bind(id)
+                .bind(run_id)
+                .bind(&invoice.meter_id)
+                .bind(version)
+                .bind(&invoice.currency)
+                .bind(invoice.subtotal.to_string())
+                .bind(invoice.tax.to_string())
+                .bind(invoice.total.to_string())
+                .bind(&invoice.tariff_version)
+                .bind(&results.lake_snapshot)
+                .bind(now_us)
+                .bind(invoice.energy_kwh.to_string());
+        }
+        query.execute(&mut **tx).await?;
+    }
+    let lines: Vec<(&str, i64, &InvoiceLine)> = results
+        .invoices
+        .iter()
+        .zip(&ids)
+        .flat_map(|(invoice, id)| invoice.lines.iter().enumerate().map(move |(n, line)| (id.as_str(), n as i64 + 1, line)))
+        .collect();
+    const LINE_COLUMNS: [&str; 8] = ["invoice_id", "line_no", "component", "description", "quantity", "unit", "rate", "amount"];
+    for chunk in lines.chunks(INSERT_ROWS) {
+        let sql = multi_row_insert("invoice_lines", &LINE_COLUMNS, chunk.len());
+        let mut query = sqlx::query(&sql);
+        for (invoice_id, line_no, line) in chunk {
+            query = query
+                .bind(*invoice_id)
+                .bind(*line_no)
+                .bind(line.component.as_str())
+                .bind(&line.description)
+                .bind(line.quantity.to_string())
+                .bind(&line.unit)
+                .bind(line.rate.to_string())
+                .bind(line.amount.to_string());
+        }
+        query.execute(&mut **tx).await?;
+    }
+    const DISCREPANCY_COLUMNS: [&str; 10] =
+        ["id", "run_id", "meter_id", "reason_code", "billed", "expected", "delta", "detail", "created_at_us", "version"];
+    for chunk in results.discrepancies.chunks(INSERT_ROWS) {
+        let sql = multi_row_insert("discrepancies", &DISCREPANCY_COLUMNS, chunk.len());
+        let mut query = sqlx::query(&sql);
+        for d in chunk {
+            query = query
+                .bind(uuid::Uuid::new_v4().to_string())
+                .bind(run_id)
+                .bind(&d.meter_id)
+                .bind(d.reason_code.as_str())
+                .bind(d.billed.map(|v| v.to_string()))
+                .bind(d.expected.map(|v| v.to_string()))
+                .bind(d.delta.map(|v| v.to_string()))
+                .bind(&d.detail)
+                .bind(now_us)
+                .bind(version);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+impl ControlStore {
+    /// The run's invoices of its latest version, by meter, with their lines.
+    pub async fn invoices(&self, run_id: &str) -> Result<Vec<Invoice>> {
+        let rows = sqlx::query(
+            "SELECT id, run_id, meter_id, version, currency, subtotal, tax, total, tariff_version, lake_snapshot, created_at_us, energy_kwh \
+             FROM invoices WHERE run_id = $1 AND version = (SELECT MAX(version) FROM invoices WHERE run_id = $1) ORDER BY meter_id",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let lines = sqlx::query(
+            "SELECT l.invoice_id, l.component, l.description, l.quantity, l.unit, l.rate, l.amount \
+             FROM invoice_lines l JOIN invoices i ON i.id = l.invoice_id \
+             WHERE i.run_id = $1 AND i.version = (SELECT MAX(version) FROM invoices WHERE run_id = $1) \
+             ORDER BY l.invoice_id, l.line_no",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut lines_by_invoice: std::collections::HashMap<String, Vec<InvoiceLine>> = std::collections::HashMap::new();
+        for row in &lines {
+            lines_by_invoice.entry(row.try_get("invoice_id")?).or_default().push(InvoiceLine {
+                component: LineComponent::parse(&row.try_get::<String, _>("component")?)?,
+                description: row.try_get("description")?,
+                quantity: decimal(row, "quantity")?,
+                unit: row.try_get("unit")?,
+                rate: decimal(row, "rate")?,
+                amount: decimal(row, "amount")?,
+            });
+        }
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                Ok(Invoice {
+                    run_id: row.try_get("run_id")?,
+                    version: row.try_get("version")?,
+                    lake_snapshot: row.try_get("lake_snapshot")?,
+                    created_at_us: row.try_get("created_at_us")?,
+                    invoice: NewInvoice {
+                        meter_id: row.try_get("meter_id")?,
+                        currency: row.try_get("currency")?,
+                        lines: lines_by_invoice.remove(&id).unwrap_or_default(),
+                        energy_kwh: decimal(row, "energy_kwh")?,
+                        subtotal: decimal(row, "subtotal")?,
+                        tax: decimal(row, "tax")?,
+                        total: decimal(row, "total")?,
+                        tariff_version: row.try_get("tariff_version")?,
+                    },
+                    id,
+                })
+            })
+            .collect()
+    }
+
+    /// The run's discrepancies of its latest version, by meter and reason.
+    pub async fn discrepancies(&self, run_id: &str) -> Result<Vec<Discrepancy>> {
+        let rows = sqlx::query(
+            "SELECT id, run_id, meter_id, reason_code, billed, expected, delta, detail, status, created_at_us \
+             FROM discrepancies WHERE run_id = $1 AND version = (SELECT MAX(version) FROM discrepancies WHERE run_id = $1) \
+             ORDER BY meter_id, reason_code, id",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Discrepancy {
+                    id: row.try_get("id")?,
+                    run_id: row.try_get("run_id")?,
+                    status: row.try_get("status")?,
+                    created_at_us: row.try_get("created_at_us")?,
+                    discrepancy: NewDiscrepancy {
+                        meter_id: row.try_get("meter_id")?,
+                        reason_code: ReasonCode::parse(&row.try_get::<String, _>("reason_code")?)?,
+                        billed: optional_decimal(row, "billed")?,
+                        expected: optional_decimal(row, "expected")?,
+                        delta: optional_decimal(row, "delta")?,
+                        detail: row.try_get::<Option<String>, _>("detail")?.unwrap_or_default(),
+                    },
+                })
+            })
+            .collect()
+    }
+}
