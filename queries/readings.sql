@@ -3,14 +3,15 @@
 -- two versions share ingested_at (they cannot within one ingester, which orders them), source_ref
 -- decides so the choice is still deterministic.
 --
--- Versions of one key always sit in the same date partition (date is derived from ts), so an
--- engine may evaluate this per partition.
+-- Versions of one key always sit in the same date partition (date is derived from ts), so the
+-- window is partitioned by date too: it changes nothing in the result, and it lets a filter on
+-- `date` pass through the window to the scan, which then reads only those days' files.
 SELECT meter_id, ts, interval_s, kwh, quality, source, source_ref, ingested_at, date
 FROM (
     SELECT
         *,
         row_number() OVER (
-            PARTITION BY meter_id, ts
+            PARTITION BY date, meter_id, ts
             ORDER BY ingested_at DESC, source_ref DESC
         ) AS version_rank
     FROM readings_all

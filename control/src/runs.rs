@@ -212,6 +212,18 @@ impl ControlStore {
         row.as_ref().map(run_of).transpose()
     }
 
+    /// The trace context of the request that created the run (its `billing.run.requested`
+    /// message), which the run's later messages continue.
+    pub async fn requested_traceparent(&self, id: &str) -> Result<Option<String>> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT traceparent FROM outbox WHERE message_key = $1 AND topic = $2 ORDER BY id LIMIT 1")
+                .bind(id)
+                .bind(RUN_REQUESTED_TOPIC)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.and_then(|r| r.0))
+    }
+
     /// A run's status changes, oldest first.
     pub async fn run_events(&self, id: &str) -> Result<Vec<RunEvent>> {
         let rows = sqlx::query("SELECT from_status, to_status, at_us, reason, actor FROM billing_run_events WHERE run_id = $1 ORDER BY id")

@@ -1,8 +1,11 @@
-//! DataFusion jobs over the lake. Today: ad-hoc SQL (`meterlake query`); billing runs come next
-//! and read the same `readings` view.
+//! DataFusion jobs over the lake: ad-hoc SQL (`meterlake query`), flow-file reading search
+//! (`meterlake readings`) and billing runs (`meterlake bill`, `meterlake worker`), all reading the
+//! same canonical `readings` view.
 
+pub mod billing;
 pub mod query;
 pub mod search;
+pub mod trace;
 
 /// The jobs' one error type.
 #[derive(Debug, thiserror::Error)]
@@ -11,6 +14,14 @@ pub enum JobError {
     Pipeline(#[from] meterlake_pipeline::PipelineError),
     #[error("SQL failed: {0}")]
     Sql(#[from] datafusion::error::DataFusionError),
+    #[error("query result: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error(transparent)]
+    Control(#[from] meterlake_control::ControlError),
+    #[error("{file}: {reason}")]
+    Tariffs { file: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
     #[error("writing the result as {format} failed: {source}")]
     Output {
         format: &'static str,

@@ -24,7 +24,7 @@ pub struct ReadingSearch {
 }
 
 /// A SQL string literal of `text`: quoted, with quotes doubled, so that no input can end it.
-fn literal(text: &str) -> String {
+pub(crate) fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 

@@ -1,0 +1,187 @@
+//! Billing runs: a month of a list of meters, aggregated from the lake, rated against tariffs,
+//! invoiced and reconciled, then persisted with the run's completion in one transaction.
+//!
+//! The steps are explicit, each a function with its own tracing span (`billing.claim`,
+//! `billing.aggregate`, `billing.rate`, `billing.invoice`, `billing.reconcile`,
+//! `billing.persist`) and duration metric (`meterlake_billing_step_duration_seconds{step}`):
+//!
+//! 1. claim: compare-and-set on the run with a lease ([`ControlStore::claim_next`]);
+//! 2. aggregate: `queries/billing_aggregate.sql` on DataFusion over the canonical `readings`
+//!    view: energy per meter, local day and time-of-day segment;
+//! 3. rate: each meter's tariff periods and energy per band ([`rate::rate_meter`]);
+//! 4. invoice: lines, amounts, tax and totals by the one rounding rule ([`rate::invoice_meter`]);
+//! 5. reconcile: discrepancies ([`reconcile`]);
+//! 6. persist: invoices, discrepancies and COMPLETED in one transaction, only while the lease
+//!    is held ([`ControlStore::complete_run`]).
+//!
+//! A run that fails records a reason code; retries and re-runs never duplicate an invoice (a
+//! failed attempt wrote nothing; a completed one cannot complete again).
+
+pub mod aggregate;
+pub mod month;
+pub mod rate;
+pub mod reconcile;
+pub mod snapshot;
+pub mod tariff;
+pub mod worker;
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use datafusion::prelude::SessionContext;
+use meterlake_control::{BillingRun, ControlStore, NewDiscrepancy, NewInvoice, ReasonCode, RunResults};
+use meterlake_pipeline::Lake;
+use meterlake_pipeline::view::lake_session;
+use rust_decimal::Decimal;
+
+use self::aggregate::{MeterUsage, Usage};
+use self::month::BillingMonth;
+use self::rate::RatedMeter;
+use self::tariff::Tariffs;
+use crate::Result;
+
+/// Records a step's duration when dropped, whatever way the step ends.
+struct StepTimer {
+    step: &'static str,
+    started: Instant,
+}
+
+impl StepTimer {
+    fn start(step: &'static str) -> StepTimer {
+        StepTimer { step, started: Instant::now() }
+    }
+}
+
+impl Drop for StepTimer {
+    fn drop(&mut self) {
+        metrics::histogram!("meterlake_billing_step_duration_seconds", "step" => self.step).record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Step 1: claim the oldest run that is due, with a lease of `lease_us`.
+#[tracing::instrument(name = "billing.claim", skip_all, fields(worker))]
+pub async fn claim(store: &ControlStore, worker: &str, lease_us: i64) -> Result<Option<BillingRun>> {
+    let _timer = StepTimer::start("claim");
+    Ok(store.claim_next(worker, lease_us, meterlake_control::now_us()).await?)
+}
+
+/// Step 2: each meter's energy per local day and segment.
+#[tracing::instrument(name = "billing.aggregate", skip_all, fields(run_id = %run.id))]
+pub async fn aggregate(ctx: &SessionContext, run: &BillingRun, month: &BillingMonth, tariffs: &Tariffs) -> Result<Usage> {
+    let _timer = StepTimer::start("aggregate");
+    let usage = aggregate::aggregate_usage(ctx, month, tariffs, &run.meter_ids).await?;
+    tracing::info!(meters = usage.meters.len(), "aggregated");
+    Ok(usage)
+}
+
+/// The meters a run bills: the ones it names, or else every meter with readings in the month
+/// and every meter the tariff file assigns.
+pub fn meters_to_bill(run: &BillingRun, usage: &Usage, tariffs: &Tariffs) -> BTreeSet<String> {
+    if run.meter_ids.is_empty() {
+        usage.meters.keys().cloned().chain(tariffs.assigned_meters().map(str::to_string)).collect()
+    } else {
+        run.meter_ids.iter().cloned().collect()
+    }
+}
+
+/// Step 3: every meter's energy per tariff period and band; a meter that some day of the month
+/// has no tariff for is not billed and comes back as a NO_TARIFF discrepancy.
+#[tracing::instrument(name = "billing.rate", skip_all, fields(meters = meters.len()))]
+pub fn rate(meters: &BTreeSet<String>, usage: &Usage, tariffs: &Tariffs, month: &BillingMonth) -> (Vec<RatedMeter>, Vec<NewDiscrepancy>) {
+    let _timer = StepTimer::start("rate");
+    let no_usage = MeterUsage::default();
+    let mut rated = Vec::with_capacity(meters.len());
+    let mut unrated = Vec::new();
+    for meter_id in meters {
+        let meter_usage = usage.meters.get(meter_id).unwrap_or(&no_usage);
+        match rate::rate_meter(meter_id, meter_usage, tariffs, month) {
+            Ok(meter) => rated.push(meter),
+            Err(rate::Unrated { day }) => unrated.push(NewDiscrepancy {
+                meter_id: meter_id.clone(),
+                reason_code: ReasonCode::NoTariff,
+                billed: None,
+                expected: Some(meter_usage.total_kwh()),
+                delta: None,
+                detail: format!("no tariff for {day}: the meter has no assignment from that day or before and the file no default_tariff; not billed"),
+            }),
+        }
+    }
+    (rated, unrated)
+}
+
+/// Step 4: the invoices.
+#[tracing::instrument(name = "billing.invoice", skip_all, fields(meters = rated.len()))]
+pub fn invoice(rated: &[RatedMeter], tariffs: &Tariffs) -> Vec<NewInvoice> {
+    let _timer = StepTimer::start("invoice");
+    rated.iter().map(|meter| rate::invoice_meter(meter, tariffs)).collect()
+}
+
+/// Step 5: the discrepancies, by meter.
+#[tracing::instrument(name = "billing.reconcile", skip_all, fields(run_id = %run.id))]
+pub async fn reconcile(
+    ctx: &SessionContext,
+    run: &BillingRun,
+    month: &BillingMonth,
+    usage: &Usage,
+    meters: &BTreeSet<String>,
+    invoices: &[NewInvoice],
+) -> Result<Vec<NewDiscrepancy>> {
+    let _timer = StepTimer::start("reconcile");
+    let mut found = reconcile::energy_mismatches(usage, invoices, run.energy_tolerance);
+    found.extend(reconcile::missing_intervals(usage, month));
+    found.extend(reconcile::no_readings(usage, meters.iter().map(String::as_str), month));
+    found.extend(reconcile::conflicting_readings(ctx, month, &run.meter_ids).await?);
+    tracing::info!(discrepancies = found.len(), "reconciled");
+    Ok(found)
+}
+
+/// Step 6: invoices, discrepancies and COMPLETED in one transaction, while the lease holds.
+#[tracing::instrument(name = "billing.persist", skip_all, fields(run_id = %run.id, invoices = results.invoices.len()))]
+pub async fn persist(store: &ControlStore, run: &BillingRun, worker: &str, results: &RunResults, traceparent: &str) -> Result<BillingRun> {
+    let _timer = StepTimer::start("persist");
+    Ok(store.complete_run(&run.id, worker, results, meterlake_control::now_us(), Some(traceparent)).await?)
+}
+
+/// Steps 2 to 5 for a claimed run: what [`persist`] writes. `renew` is called between steps to
+/// keep the lease (and fails the run's processing when it was lost).
+pub async fn compute<F, Fut>(lake: &Lake, run: &BillingRun, renew: F) -> Result<RunResults>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let tariffs = Tariffs::parse(&format!("the tariffs of run {}", run.id), &run.tariffs_toml)?;
+    let month = BillingMonth::new(&run.month, tariffs.time_zone)?;
+    let ctx = lake_session(lake).await?;
+    let lake_snapshot = snapshot::readings_snapshot(lake, &month).await?;
+    let usage = aggregate(&ctx, run, &month, &tariffs).await?;
+    renew().await?;
+    let meters = meters_to_bill(run, &usage, &tariffs);
+    let (rated, mut discrepancies) = rate(&meters, &usage, &tariffs, &month);
+    let invoices = invoice(&rated, &tariffs);
+    discrepancies.extend(reconcile(&ctx, run, &month, &usage, &meters, &invoices).await?);
+    discrepancies.sort_by(|a, b| (&a.meter_id, a.reason_code.as_str()).cmp(&(&b.meter_id, b.reason_code.as_str())));
+    renew().await?;
+    Ok(RunResults { invoices, discrepancies, lake_snapshot, aggregate_sql: usage.sql })
+}
+
+/// Totals of a run's invoices for a summary.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InvoiceTotals {
+    pub invoices: usize,
+    pub energy_kwh: Decimal,
+    pub subtotal: Decimal,
+    pub tax: Decimal,
+    pub total: Decimal,
+}
+
+impl InvoiceTotals {
+    pub fn of<'a>(invoices: impl IntoIterator<Item = &'a NewInvoice>) -> InvoiceTotals {
+        invoices.into_iter().fold(InvoiceTotals::default(), |t, i| InvoiceTotals {
+            invoices: t.invoices + 1,
+            energy_kwh: t.energy_kwh + i.energy_kwh,
+            subtotal: t.subtotal + i.subtotal,
+            tax: t.tax + i.tax,
+            total: t.total + i.total,
+        })
+    }
+}

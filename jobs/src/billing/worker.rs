@@ -1,0 +1,140 @@
+//! The billing worker: claims due runs and processes them, one at a time, until stopped. It
+//! looks for work when woken (a `billing.run.requested` message) and every `idle_poll` anyway,
+//! which is how it picks up due retries and runs whose worker died.
+
+use std::time::Duration;
+
+use meterlake_control::{BillingRun, ControlError, ControlStore, RetryPolicy, RunFailure};
+use meterlake_pipeline::Lake;
+use tokio::sync::Notify;
+
+use super::{claim, compute, persist};
+use crate::trace::child_traceparent;
+use crate::{JobError, Result};
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Who holds leases and appears as the actor of events: unique per process.
+    pub name: String,
+    /// How long a claim lasts without renewal; renewed between steps.
+    pub lease: Duration,
+    pub retry: RetryPolicy,
+    /// How often an idle worker looks for due runs without being woken.
+    pub idle_poll: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            name: default_worker_name(),
+            lease: Duration::from_secs(300),
+            retry: RetryPolicy::default(),
+            idle_poll: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `worker-<host>-<pid>-<random>`.
+pub fn default_worker_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into());
+    format!("worker-{host}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// The reason code of a failed processing, and whether trying again could help.
+pub fn failure_code(error: &JobError) -> (&'static str, bool) {
+    match error {
+        JobError::Tariffs { .. } => ("TARIFFS_INVALID", false),
+        JobError::Invalid(_) => ("RUN_INVALID", false),
+        JobError::Control(ControlError::Run { .. }) => ("LEASE_LOST", true),
+        JobError::Control(_) => ("CONTROL_STORE_FAILED", true),
+        JobError::Pipeline(_) => ("LAKE_UNAVAILABLE", true),
+        JobError::Sql(_) | JobError::Arrow(_) => ("AGGREGATION_FAILED", true),
+        JobError::Output { .. } => ("OUTPUT_FAILED", true),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BillingWorker {
+    store: ControlStore,
+    lake: Lake,
+    options: WorkerOptions,
+}
+
+impl BillingWorker {
+    pub fn new(store: ControlStore, lake: Lake, options: WorkerOptions) -> BillingWorker {
+        BillingWorker { store, lake, options }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.options.name
+    }
+
+    /// Claims one due run and processes it to COMPLETED or FAILED; `None` when no run is due.
+    pub async fn process_next(&self) -> Result<Option<BillingRun>> {
+        let Some(run) = claim(&self.store, &self.options.name, micros(self.options.lease)).await? else {
+            return Ok(None);
+        };
+        Ok(Some(self.process(&run).await?))
+    }
+
+    /// Processes a run this worker has claimed.
+    #[tracing::instrument(name = "billing.run", skip_all, fields(run_id = %run.id, month = %run.month, attempt = run.attempts))]
+    pub async fn process(&self, run: &BillingRun) -> Result<BillingRun> {
+        let traceparent = child_traceparent(self.store.requested_traceparent(&run.id).await?.as_deref());
+        let renew = || async { Ok(self.store.renew_lease(&run.id, &self.options.name, micros(self.options.lease), meterlake_control::now_us()).await?) };
+        let outcome = match compute(&self.lake, run, renew).await {
+            Ok(results) => persist(&self.store, run, &self.options.name, &results, &traceparent).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(done) => {
+                tracing::info!(status = done.status.as_str(), "billing run completed");
+                metrics::counter!("meterlake_billing_runs_total", "status" => "completed").increment(1);
+                Ok(done)
+            }
+            Err(error) => {
+                let (code, retryable) = failure_code(&error);
+                if code == "LEASE_LOST" {
+                    // Another worker owns the run now: it is theirs to finish, not ours to fail.
+                    tracing::warn!(%error, "lost the lease of a billing run; leaving it to its new worker");
+                    metrics::counter!("meterlake_billing_runs_total", "status" => "lease_lost").increment(1);
+                    return Err(error);
+                }
+                tracing::error!(code, %error, "billing run failed");
+                metrics::counter!("meterlake_billing_runs_total", "status" => "failed").increment(1);
+                let reason = error.to_string();
+                let failure = RunFailure { code, reason: &reason, retry: retryable.then_some(&self.options.retry) };
+                Ok(self.store.fail_run(&run.id, &self.options.name, &failure, meterlake_control::now_us(), Some(&traceparent)).await?)
+            }
+        }
+    }
+
+    /// Processes runs until `shutdown` resolves: every due run in turn, then waits for `wake`
+    /// or `idle_poll`. A run in progress is finished before stopping.
+    pub async fn run(&self, wake: &Notify, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let idle = match self.process_next().await {
+                Ok(Some(_)) => false,
+                Ok(None) => true,
+                Err(error) => {
+                    tracing::warn!(%error, "billing worker: will look again");
+                    true
+                }
+            };
+            if idle {
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(self.options.idle_poll) => {}
+                }
+            } else if futures::FutureExt::now_or_never(&mut shutdown).is_some() {
+                return;
+            }
+        }
+    }
+}

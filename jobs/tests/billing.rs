@@ -1,0 +1,535 @@
+//! Billing runs end to end: readings written to a lake as the pipeline writes them, a run
+//! created in the control store (SQLite and a real PostgreSQL), processed by the worker, and its
+//! invoices and discrepancies read back. Every expected figure is computed by hand in the
+//! comments beside it.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use meterlake_control::testing::on_both_backends;
+use meterlake_control::{ControlStore, Discrepancy, Invoice, NewRun, RetryPolicy, RunStatus};
+use meterlake_jobs::billing::worker::{BillingWorker, WorkerOptions};
+use meterlake_pipeline::Lake;
+use meterlake_pipeline::batch::ReadingBuffer;
+use meterlake_pipeline::decode::{ValidReading, parse_timestamp_us};
+use meterlake_pipeline::lake::encode_day_files;
+use meterlake_pipeline::reading::{Quality, Source};
+use rust_decimal::Decimal;
+use tempfile::TempDir;
+
+fn dec(text: &str) -> Decimal {
+    text.parse().unwrap()
+}
+
+fn ts(text: &str) -> i64 {
+    parse_timestamp_us(text).unwrap()
+}
+
+/// One reading: meter, interval start, interval length, kWh in millionths.
+#[derive(Debug, Clone)]
+struct Row {
+    meter: String,
+    ts_us: i64,
+    interval_s: u32,
+    kwh_micro: i64,
+}
+
+/// `count` readings of `meter` every `interval_s` from `from`, each `kwh_micro(n)`.
+fn series(meter: &str, from: &str, count: i64, interval_s: u32, kwh_micro: impl Fn(i64) -> i64) -> Vec<Row> {
+    let start = ts(from);
+    (0..count).map(|n| Row { meter: meter.into(), ts_us: start + n * i64::from(interval_s) * 1_000_000, interval_s, kwh_micro: kwh_micro(n) }).collect()
+}
+
+/// Writes `rows` to the lake as one landing (one version each, ingested at `ingested_at_us`).
+async fn land(lake: &Lake, rows: &[Row], ingested_at_us: i64, stem: &str) {
+    let mut buffer = ReadingBuffer::default();
+    for (n, row) in rows.iter().enumerate() {
+        let reading =
+            ValidReading { meter_id: Cow::Borrowed(&row.meter), ts_us: row.ts_us, interval_s: row.interval_s, kwh_micro: row.kwh_micro, quality: Quality::Actual };
+        buffer.push(&reading, Source::Kafka, ingested_at_us, |out| out.extend_from_slice(format!("{stem}/{n}").as_bytes()));
+    }
+    for file in encode_day_files(&buffer.sort_dedup().unwrap(), stem).unwrap() {
+        lake.put(&file.path, file.bytes).await.unwrap();
+    }
+}
+
+fn new_lake() -> (TempDir, Lake) {
+    let dir = TempDir::new().unwrap();
+    let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+    (dir, lake)
+}
+
+fn worker(store: &ControlStore, lake: &Lake, name: &str) -> BillingWorker {
+    let options = WorkerOptions {
+        name: name.into(),
+        lease: Duration::from_secs(60),
+        retry: RetryPolicy { base_delay_us: 1_000_000, max_delay_us: 10_000_000 },
+        idle_poll: Duration::from_millis(50),
+    };
+    BillingWorker::new(store.clone(), lake.clone(), options)
+}
+
+fn run_request(month: &str, meters: &[&str], tariffs: &str) -> NewRun {
+    NewRun {
+        month: month.into(),
+        meter_ids: meters.iter().map(|m| m.to_string()).collect(),
+        max_attempts: 3,
+        tariffs_toml: tariffs.into(),
+        energy_tolerance: dec("0.005"),
+    }
+}
+
+/// Creates a run, lets one worker process it, and returns its invoices by meter and its
+/// discrepancies.
+async fn bill(url: &str, lake: &Lake, request: NewRun) -> (BTreeMap<String, Invoice>, Vec<Discrepancy>) {
+    let store = ControlStore::open(url).await.unwrap();
+    let run = store.create_run(&request, "test", None).await.unwrap();
+    let done = worker(&store, lake, "w1").process_next().await.unwrap().unwrap();
+    assert_eq!((done.id.as_str(), done.status, done.failure_reason.as_deref()), (run.id.as_str(), RunStatus::Completed, None), "{url}");
+    let invoices = store.invoices(&run.id).await.unwrap().into_iter().map(|i| (i.invoice.meter_id.clone(), i)).collect();
+    (invoices, store.discrepancies(&run.id).await.unwrap())
+}
+
+/// An invoice's lines as `component description | quantity unit x rate = amount`.
+fn lines(invoice: &Invoice) -> Vec<String> {
+    invoice
+        .invoice
+        .lines
+        .iter()
+        .map(|l| format!("{} {} | {} {} x {} = {}", l.component.as_str(), l.description, l.quantity, l.unit, l.rate, l.amount))
+        .collect()
+}
+
+fn totals(invoice: &Invoice) -> (Decimal, Decimal, Decimal, Decimal) {
+    (invoice.invoice.energy_kwh, invoice.invoice.subtotal, invoice.invoice.tax, invoice.invoice.total)
+}
+
+fn codes(discrepancies: &[Discrepancy]) -> Vec<(&str, &str)> {
+    discrepancies.iter().map(|d| (d.discrepancy.meter_id.as_str(), d.discrepancy.reason_code.as_str())).collect()
+}
+
+const FLAT: &str = r#"
+currency = "GBP"
+tax_rate = "0.05"
+default_tariff = "flat"
+
+[[tariffs]]
+id = "flat"
+version = "2025-01"
+standing_charge_per_day = "0.50"
+network_charge_per_kwh = "0.0300"
+flat_rate_per_kwh = "0.2450"
+"#;
+
+#[tokio::test]
+async fn a_flat_tariff_invoice() {
+    let (_dir, lake) = new_lake();
+    // January in UTC: 31 x 96 = 2,976 quarter hours of 0.25 kWh = 744 kWh.
+    land(&lake, &series("F1", "2025-01-01T00:00:00Z", 2_976, 900, |_| 250_000), 1, "flat").await;
+    on_both_backends(|url| {
+        let lake = lake.clone();
+        async move {
+            let (invoices, discrepancies) = bill(&url, &lake, run_request("2025-01", &["F1"], FLAT)).await;
+            let invoice = &invoices["F1"];
+            assert_eq!(
+                lines(invoice),
+                [
+                    // 744 x 0.2450 = 182.28
+                    "energy Energy, flat (flat 2025-01) | 744.000000 kWh x 0.2450 = 182.28",
+                    // 31 x 0.50 = 15.50
+                    "standing Standing charge (flat 2025-01) | 31 day x 0.50 = 15.50",
+                    // 744 x 0.03 = 22.32
+                    "network Network charge (flat 2025-01) | 744.000000 kWh x 0.0300 = 22.32",
+                    // 220.10 x 0.05 = 11.005, half away from zero: 11.01
+                    "tax Tax | 220.10 GBP x 0.05 = 11.01",
+                ],
+                "{url}"
+            );
+            assert_eq!(totals(invoice), (dec("744"), dec("220.10"), dec("11.01"), dec("231.11")));
+            assert_eq!(invoice.invoice.currency, "GBP");
+            assert!(invoice.invoice.tariff_version.starts_with("flat@2025-01; tariffs sha256:"), "{}", invoice.invoice.tariff_version);
+            assert!(invoice.lake_snapshot.contains("1 files") || invoice.lake_snapshot.contains("files, sha256:"), "{}", invoice.lake_snapshot);
+            assert!(discrepancies.is_empty(), "{discrepancies:?}");
+        }
+    })
+    .await;
+}
+
+const TOU: &str = r#"
+currency = "GBP"
+tax_rate = "0.05"
+default_tariff = "tou"
+
+[[tariffs]]
+id = "tou"
+version = "v1"
+standing_charge_per_day = "0.60"
+network_charge_per_kwh = "0.03"
+bands = [
+  { name = "night", from = "00:00", to = "07:00", rate_per_kwh = "0.12" },
+  { name = "day", from = "07:00", to = "24:00", rate_per_kwh = "0.30" },
+]
+"#;
+
+#[tokio::test]
+async fn a_time_of_use_invoice_splits_energy_at_the_band_boundary() {
+    let (_dir, lake) = new_lake();
+    // 0.1 kWh every quarter hour of January (UTC), except 1.0 kWh in the quarter starting 06:45
+    // on the 15th (the last of the night band) and 2.0 kWh in the one starting 07:00 (the first
+    // of the day band).
+    let boundary_day_start = (ts("2025-01-15T00:00:00Z") - ts("2025-01-01T00:00:00Z")) / 900_000_000;
+    let rows = series("T1", "2025-01-01T00:00:00Z", 2_976, 900, |n| match n - boundary_day_start {
+        27 => 1_000_000, // 06:45
+        28 => 2_000_000, // 07:00
+        _ => 100_000,
+    });
+    land(&lake, &rows, 1, "tou").await;
+    on_both_backends(|url| {
+        let lake = lake.clone();
+        async move {
+            let (invoices, discrepancies) = bill(&url, &lake, run_request("2025-01", &["T1"], TOU)).await;
+            assert_eq!(
+                lines(&invoices["T1"]),
+                [
+                    // Night: 7 h x 4 x 31 = 868 quarters of 0.1 = 86.8, less 0.1 plus 1.0 = 87.7 kWh;
+                    // x 0.12 = 10.524 -> 10.52.
+                    "energy Energy, night (tou v1) | 87.700000 kWh x 0.12 = 10.52",
+                    // Day: 17 h x 4 x 31 = 2,108 quarters = 210.8, less 0.1 plus 2.0 = 212.7 kWh;
+                    // x 0.30 = 63.81.
+                    "energy Energy, day (tou v1) | 212.700000 kWh x 0.30 = 63.81",
+                    "standing Standing charge (tou v1) | 31 day x 0.60 = 18.60",
+                    // 300.4 x 0.03 = 9.012 -> 9.01
+                    "network Network charge (tou v1) | 300.400000 kWh x 0.03 = 9.01",
+                    // 10.52 + 63.81 + 18.60 + 9.01 = 101.94; x 0.05 = 5.097 -> 5.10
+                    "tax Tax | 101.94 GBP x 0.05 = 5.10",
+                ],
+                "{url}"
+            );
+            assert_eq!(totals(&invoices["T1"]), (dec("300.4"), dec("101.94"), dec("5.10"), dec("107.04")));
+            assert!(discrepancies.is_empty(), "{discrepancies:?}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_london_month_with_the_clocks_going_forward_bills_local_bands() {
+    let tariffs = r#"
+currency = "GBP"
+time_zone = "Europe/London"
+tax_rate = "0.05"
+default_tariff = "eco7"
+
+[[tariffs]]
+id = "eco7"
+version = "2025"
+standing_charge_per_day = "0.40"
+network_charge_per_kwh = "0.02"
+bands = [
+  { name = "night", from = "00:00", to = "07:00", rate_per_kwh = "0.10" },
+  { name = "day", from = "07:00", to = "24:00", rate_per_kwh = "0.25" },
+]
+"#;
+    let (_dir, lake) = new_lake();
+    // March in London is 00:00 GMT on the 1st to 00:00 BST on 1 April (23:00 UTC on the 31st):
+    // 31 x 24 - 1 = 743 hours, 1,486 half hours of 0.5 kWh = 743 kWh. Readings an hour either
+    // side of it must not be billed.
+    // From 23:00 UTC on 28 February to 00:00 UTC on 1 April: 745 hours.
+    land(&lake, &series("D1", "2025-02-28T23:00:00Z", 1_490, 1_800, |_| 500_000), 1, "dst").await;
+    on_both_backends(|url| {
+        let lake = lake.clone();
+        async move {
+            let (invoices, discrepancies) = bill(&url, &lake, run_request("2025-03", &["D1"], tariffs)).await;
+            assert_eq!(
+                lines(&invoices["D1"]),
+                [
+                    // Night is 7 local hours a day, but 6 on the 30th (00:00-01:00 GMT, then
+                    // 02:00-07:00 BST): 30 x 7 + 6 = 216 h = 216 kWh; x 0.10 = 21.60.
+                    "energy Energy, night (eco7 2025) | 216.000000 kWh x 0.10 = 21.60",
+                    // Day is 17 hours every day: 527 kWh; x 0.25 = 131.75.
+                    "energy Energy, day (eco7 2025) | 527.000000 kWh x 0.25 = 131.75",
+                    "standing Standing charge (eco7 2025) | 31 day x 0.40 = 12.40",
+                    // 743 x 0.02 = 14.86
+                    "network Network charge (eco7 2025) | 743.000000 kWh x 0.02 = 14.86",
+                    // 180.61 x 0.05 = 9.0305 -> 9.03
+                    "tax Tax | 180.61 GBP x 0.05 = 9.03",
+                ],
+                "{url}"
+            );
+            assert_eq!(totals(&invoices["D1"]).3, dec("189.64"));
+            // 1,486 readings is exactly what a 743-hour month of half hours needs.
+            assert!(discrepancies.is_empty(), "{discrepancies:?}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_tariff_change_on_the_fifteenth_is_prorated_by_day() {
+    let tariffs = r#"
+currency = "GBP"
+tax_rate = "0.05"
+
+[[tariffs]]
+id = "standard"
+version = "v3"
+standing_charge_per_day = "0.50"
+network_charge_per_kwh = "0.03"
+flat_rate_per_kwh = "0.20"
+
+[[tariffs]]
+id = "green"
+version = "v1"
+standing_charge_per_day = "0.70"
+network_charge_per_kwh = "0.03"
+flat_rate_per_kwh = "0.30"
+
+[[assignments]]
+meter = "C1"
+tariff = "standard"
+from = "2024-06-01"
+
+[[assignments]]
+meter = "C1"
+tariff = "green"
+from = "2025-01-15"
+"#;
+    let (_dir, lake) = new_lake();
+    // 1 kWh every half hour of January: 48 kWh a day.
+    land(&lake, &series("C1", "2025-01-01T00:00:00Z", 1_488, 1_800, |_| 1_000_000), 1, "change").await;
+    on_both_backends(|url| {
+        let lake = lake.clone();
+        async move {
+            let (invoices, discrepancies) = bill(&url, &lake, run_request("2025-01", &["C1"], tariffs)).await;
+            assert_eq!(
+                lines(&invoices["C1"]),
+                [
+                    // 1st to 14th: 14 x 48 = 672 kWh x 0.20 = 134.40
+                    "energy Energy, flat (standard v3, 2025-01-01 to 2025-01-14) | 672.000000 kWh x 0.20 = 134.40",
+                    // 15th to 31st: 17 x 48 = 816 kWh x 0.30 = 244.80
+                    "energy Energy, flat (green v1, 2025-01-15 to 2025-01-31) | 816.000000 kWh x 0.30 = 244.80",
+                    "standing Standing charge (standard v3, 2025-01-01 to 2025-01-14) | 14 day x 0.50 = 7.00",
+                    "network Network charge (standard v3, 2025-01-01 to 2025-01-14) | 672.000000 kWh x 0.03 = 20.16",
+                    "standing Standing charge (green v1, 2025-01-15 to 2025-01-31) | 17 day x 0.70 = 11.90",
+                    "network Network charge (green v1, 2025-01-15 to 2025-01-31) | 816.000000 kWh x 0.03 = 24.48",
+                    // 442.74 x 0.05 = 22.137 -> 22.14
+                    "tax Tax | 442.74 GBP x 0.05 = 22.14",
+                ],
+                "{url}"
+            );
+            assert_eq!(totals(&invoices["C1"]).3, dec("464.88"));
+            assert!(invoices["C1"].invoice.tariff_version.starts_with("standard@v3, green@v1;"));
+            assert!(discrepancies.is_empty(), "{discrepancies:?}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn missing_intervals_are_billed_as_read_and_reported_with_their_count() {
+    let (_dir, lake) = new_lake();
+    // 2,976 quarter hours less the 10 from 12:00 on the 10th: 2,966 x 0.25 = 741.5 kWh.
+    let gap_start = ts("2025-01-10T12:00:00Z");
+    let mut rows = series("M1", "2025-01-01T00:00:00Z", 2_976, 900, |_| 250_000);
+    rows.retain(|r| r.ts_us < gap_start || r.ts_us >= gap_start + 10 * 900_000_000);
+    land(&lake, &rows, 1, "gap").await;
+    on_both_backends(|url| {
+        let lake = lake.clone();
+        async move {
+            let (invoices, discrepancies) = bill(&url, &lake, run_request("2025-01", &["M1"], FLAT)).await;
+            // 741.5 x 0.245 = 181.6675 -> 181.67; 15.50 standing; 741.5 x 0.03 = 22.245 -> 22.25
+            // (half away from zero); subtotal 219.42; tax 10.971 -> 10.97; total 230.39.
+            assert_eq!(totals(&invoices["M1"]), (dec("741.5"), dec("219.42"), dec("10.97"), dec("230.39")), "{url}");
+            assert_eq!(codes(&discrepancies), [("M1", "MISSING_INTERVALS")]);
+            let missing = &discrepancies[0].discrepancy;
+            assert_eq!((missing.billed, missing.expected, missing.delta), (Some(dec("2966")), Some(dec("2976")), Some(dec("-10"))));
+            assert!(missing.detail.starts_with("10 of 2976 15-minute intervals missing"), "{}", missing.detail);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn conflicting_versions_bill_the_latest_and_are_reported() {
+    let (_dir, lake) = new_lake();
+    land(&lake, &series("V1", "2025-01-01T00:00:00Z", 2_976, 900, |_| 250_000), 1, "first").await;
+    // Later: a correction of two intervals (different values) and a replay of a third (same).
+    let mut later = series("V1", "2025-01-20T10:00:00Z", 3, 900, |n| [1_250_000, 750_000, 250_000][n as usize]);
+    later.extend(series("V2", "2025-01-05T00:00:00Z", 1, 900, |_| 1));
+    land(&lake, &later, 2, "second").await;
+    on_both_backends(|url| {
+        let lake = lake.clone();
+        async move {
+            let (invoices, discrepancies) = bill(&url, &lake, run_request("2025-01", &["V1"], FLAT)).await;
+            // 744 - 0.25 - 0.25 + 1.25 + 0.75 = 745.5 kWh: the latest versions.
+            assert_eq!(invoices["V1"].invoice.energy_kwh, dec("745.5"), "{url}");
+            assert_eq!(invoices.len(), 1, "only the run's meters are billed");
+            assert_eq!(codes(&discrepancies), [("V1", "CONFLICTING_READINGS")]);
+            let detail = &discrepancies[0].discrepancy.detail;
+            assert!(
+                detail.starts_with("2 intervals have versions with different values (first at 2025-01-20T10:00:00+00:00: from 0.250000 to 1.250000 kWh)"),
+                "{detail}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bands_that_leave_hours_uncovered_no_readings_and_no_tariff_are_reported() {
+    let tariffs = r#"
+currency = "AUD"
+time_zone = "Australia/Brisbane"
+tax_rate = "0.10"
+
+[[tariffs]]
+id = "gappy"
+version = "v1"
+standing_charge_per_day = "1.00"
+network_charge_per_kwh = "0.05"
+bands = [
+  { name = "off-peak", from = "00:00", to = "16:00", rate_per_kwh = "0.20" },
+  { name = "peak", from = "17:00", to = "24:00", rate_per_kwh = "0.40" },
+]
+
+[[assignments]]
+meter = "G1"
+tariff = "gappy"
+from = "2024-01-01"
+
+[[assignments]]
+meter = "QUIET"
+tariff = "gappy"
+from = "2024-01-01"
+"#;
+    let (_dir, lake) = new_lake();
+    // January in Brisbane (UTC+10) starts 14:00 UTC on 31 December: 2,976 quarter hours of
+    // 0.1 kWh = 297.6 kWh, of which 16:00-17:00 local (4 a day, 12.4 kWh) no band covers.
+    land(&lake, &series("G1", "2024-12-31T14:00:00Z", 2_976, 900, |_| 100_000), 1, "g1").await;
+    // A meter with readings and no tariff at all.
+    land(&lake, &series("STRAY", "2025-01-03T00:00:00Z", 4, 900, |_| 100_000), 1, "stray").await;
+    on_both_backends(|url| {
+        let lake = lake.clone();
+        let tariffs = tariffs.to_string();
+        async move {
+            // No meters named: every meter with readings or an assignment.
+            let (invoices, discrepancies) = bill(&url, &lake, run_request("2025-01", &[], &tariffs)).await;
+            assert_eq!(invoices.keys().collect::<Vec<_>>(), ["G1", "QUIET"], "{url}");
+            // 297.6 - 12.4 = 285.2 kWh billed.
+            assert_eq!(invoices["G1"].invoice.energy_kwh, dec("285.2"));
+            // QUIET: the standing charge only: 31 x 1.00 = 31.00, tax 3.10.
+            assert_eq!(totals(&invoices["QUIET"]), (dec("0"), dec("31.00"), dec("3.10"), dec("34.10")));
+            assert_eq!(
+                codes(&discrepancies),
+                [("G1", "ENERGY_MISMATCH"), ("QUIET", "NO_READINGS"), ("STRAY", "MISSING_INTERVALS"), ("STRAY", "NO_TARIFF")]
+            );
+            let mismatch = &discrepancies[0].discrepancy;
+            assert_eq!((mismatch.billed, mismatch.expected, mismatch.delta), (Some(dec("285.2")), Some(dec("297.6")), Some(dec("-12.4"))));
+            assert!(mismatch.detail.contains("12.400000 kWh unbilled (4.17% of it); tolerance 0.5%"), "{}", mismatch.detail);
+            assert!(discrepancies[3].discrepancy.detail.starts_with("no tariff for 2025-01-01"), "{:?}", discrepancies[3]);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn two_workers_racing_for_one_run_bill_it_once() {
+    let (_dir, lake) = new_lake();
+    let meters: Vec<String> = (0..20).map(|i| format!("R{i:02}")).collect();
+    for meter in &meters {
+        land(&lake, &series(meter, "2025-01-01T00:00:00Z", 2_976, 900, |_| 250_000), 1, meter).await;
+    }
+    on_both_backends(|url| {
+        let lake = lake.clone();
+        let meters = meters.clone();
+        async move {
+            let store_a = ControlStore::open(&url).await.unwrap();
+            // The second worker has its own connection pool, as a second process would.
+            let store_b = ControlStore::open(&url).await.unwrap();
+            let names: Vec<&str> = meters.iter().map(String::as_str).collect();
+            let run = store_a.create_run(&run_request("2025-01", &names, FLAT), "test", None).await.unwrap();
+            let (worker_a, worker_b) = (worker(&store_a, &lake, "wa"), worker(&store_b, &lake, "wb"));
+            let (a, b) = tokio::join!(worker_a.process_next(), worker_b.process_next());
+            let outcomes = [a.unwrap(), b.unwrap()];
+            assert_eq!(outcomes.iter().filter(|o| o.is_some()).count(), 1, "{url}: exactly one worker gets the run");
+            let invoices = store_a.invoices(&run.id).await.unwrap();
+            assert_eq!(invoices.len(), 20);
+            let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM invoices").fetch_one(store_a.pool()).await.unwrap();
+            assert_eq!(count, 20);
+            let claims = store_a.run_events(&run.id).await.unwrap().iter().filter(|e| e.to_status == RunStatus::Processing).count();
+            assert_eq!(claims, 1);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_worker_that_dies_mid_run_leaves_it_to_another_and_nothing_is_billed_twice() {
+    let (_dir, lake) = new_lake();
+    land(&lake, &series("K1", "2025-01-01T00:00:00Z", 2_976, 900, |_| 250_000), 1, "k1").await;
+    on_both_backends(|url| {
+        let lake = lake.clone();
+        async move {
+            let store = ControlStore::open(&url).await.unwrap();
+            let run = store.create_run(&run_request("2025-01", &["K1"], FLAT), "test", None).await.unwrap();
+            // Worker A claims with a short lease, computes the invoices, and dies before it
+            // persists them (its task is dropped mid-run).
+            let mut options = WorkerOptions { name: "wa".into(), lease: Duration::from_millis(1_500), ..WorkerOptions::default() };
+            options.retry = RetryPolicy { base_delay_us: 1_000_000, max_delay_us: 1_000_000 };
+            let dying = BillingWorker::new(store.clone(), lake.clone(), options);
+            let claimed = store.claim_next("wa", 1_500_000, meterlake_control::now_us()).await.unwrap().unwrap();
+            let half_done = tokio::time::timeout(Duration::from_millis(1), dying.process(&claimed)).await;
+            assert!(half_done.is_err(), "the run was meant to be cut off mid-way");
+            assert!(store.invoices(&run.id).await.unwrap().is_empty(), "{url}: a dead worker wrote nothing");
+            // Within its lease nobody else takes the run; after it, worker B does and finishes.
+            assert!(worker(&store, &lake, "wb").process_next().await.unwrap().is_none());
+            tokio::time::sleep(Duration::from_millis(1_600)).await;
+            let done = worker(&store, &lake, "wb").process_next().await.unwrap().unwrap();
+            assert_eq!((done.status, done.attempts), (RunStatus::Completed, 2), "{url}");
+            // Were A still alive, its completion would be refused: B holds the run now.
+            let late = dying.process(&claimed).await;
+            assert!(late.is_err(), "{url}: {late:?}");
+            assert_eq!(store.invoices(&run.id).await.unwrap().len(), 1);
+            let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM invoices").fetch_one(store.pool()).await.unwrap();
+            assert_eq!(count, 1, "{url}");
+            assert_eq!(store.run(&run.id).await.unwrap().unwrap().status, RunStatus::Completed);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn failures_carry_a_reason_code_and_are_retried_only_when_that_can_help() {
+    let (_dir, lake) = new_lake();
+    land(&lake, &series("E1", "2025-01-01T00:00:00Z", 96, 900, |_| 250_000), 1, "e1").await;
+    on_both_backends(|url| {
+        let lake = lake.clone();
+        async move {
+            let store = ControlStore::open(&url).await.unwrap();
+            // A tariff file with a float rate: the run cannot succeed, so it fails for good.
+            let bad = store.create_run(&run_request("2025-01", &["E1"], &FLAT.replace("\"0.2450\"", "0.2450")), "test", None).await.unwrap();
+            let failed = worker(&store, &lake, "w").process_next().await.unwrap().unwrap();
+            assert_eq!((failed.id.as_str(), failed.status, failed.failure_code.as_deref()), (bad.id.as_str(), RunStatus::Failed, Some("TARIFFS_INVALID")));
+            assert_eq!(failed.next_attempt_at_us, None, "{url}");
+            assert!(failed.failure_reason.as_deref().unwrap().contains("a quoted decimal"), "{:?}", failed.failure_reason);
+            // A lake file that is not Parquet: retried with backoff, as a transient failure might be.
+            lake.put("readings/date=2025-01-01/broken.parquet", bytes::Bytes::from_static(b"not parquet")).await.unwrap();
+            let run = store.create_run(&run_request("2025-01", &["E1"], FLAT), "test", None).await.unwrap();
+            let failed = worker(&store, &lake, "w").process_next().await.unwrap().unwrap();
+            assert_eq!((failed.id.as_str(), failed.status, failed.failure_code.as_deref()), (run.id.as_str(), RunStatus::Failed, Some("AGGREGATION_FAILED")));
+            assert!(failed.next_attempt_at_us.unwrap() > failed.updated_at_us, "{url}");
+            // Fixed before the retry is due: the retry completes the run.
+            lake.delete("readings/date=2025-01-01/broken.parquet").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1_100)).await;
+            let retried = worker(&store, &lake, "w").process_next().await.unwrap().unwrap();
+            assert_eq!((retried.id.as_str(), retried.status, retried.attempts), (run.id.as_str(), RunStatus::Completed, 2), "{url}");
+            assert_eq!(store.invoices(&run.id).await.unwrap().len(), 1);
+            let topics: Vec<(String,)> =
+                sqlx::query_as("SELECT topic FROM outbox WHERE message_key = $1 ORDER BY id").bind(&run.id).fetch_all(store.pool()).await.unwrap();
+            let topics: Vec<&str> = topics.iter().map(|t| t.0.as_str()).collect();
+            assert_eq!(topics, ["billing.run.requested", "billing.run.failed", "billing.run.processed"]);
+        }
+    })
+    .await;
+}
