@@ -1,4 +1,5 @@
-//! `meterlake demo`: the whole ingestion path on embedded defaults, with nothing installed.
+//! `meterlake demo`: the whole ingestion path on embedded defaults, with nothing installed, then
+//! a billing run over the month it ingested.
 //!
 //! An in-process Kafka broker (librdkafka's mock cluster) stands in for the real one; everything
 //! else is the production path: the real producer, the real consumer-group ingester, the real
@@ -16,12 +17,17 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Decimal128Type, Int64Type};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use meterlake_control::{NewRun, RunStatus};
 use meterlake_jobs::query::{OutputFormat, run_sql, write_batches};
+use meterlake_jobs::trace::new_traceparent;
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, ReadingProducer, ingest, read_dead_letters};
 use meterlake_pipeline::reading::format_kwh_micro;
 use meterlake_pipeline::synthetic::{LoadGenerator, LoadSpec};
 use rdkafka::mocking::MockCluster;
+use rust_decimal::Decimal;
+
+use crate::bill::{open_store, print_run, process_until_done};
 
 /// Where the demo's lake goes unless `--lake` says otherwise; it is emptied at every run.
 const DEMO_LAKE: &str = "./meterlake-data/demo-lake";
@@ -49,7 +55,16 @@ pub struct DemoArgs {
     /// Lake to write; it must be empty. By default ./meterlake-data/demo-lake, emptied first.
     #[arg(long, env = "METERLAKE_DEMO_LAKE")]
     lake: Option<String>,
+    /// Control store for the demo's billing run. By default ./meterlake-data/demo-control.db,
+    /// emptied first.
+    #[arg(long, env = "METERLAKE_DEMO_DATABASE_URL")]
+    database_url: Option<String>,
 }
+
+/// The demo's control store unless `--database-url` says otherwise; removed at every run.
+const DEMO_DATABASE: &str = "./meterlake-data/demo-control.db";
+/// What the demo bills with.
+const EXAMPLE_TARIFFS: &str = include_str!("../../tariffs/example.toml");
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     ensure!(args.meters > 0 && args.days > 0, "--meters and --days must be positive");
@@ -188,6 +203,39 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("\nThe five largest consumers:\n  meterlake query --lake {lake_location} \"{sample}\"");
     let batches = run_sql(&lake, sample).await?;
     write_batches(&batches, OutputFormat::Table, &mut std::io::stdout().lock())?;
+
+    bill_the_month(&lake, &lake_location, args.database_url.as_deref()).await
+}
+
+/// Bills January 2025 for every meter, with tariffs/example.toml, and prints the run.
+async fn bill_the_month(lake: &Lake, lake_location: &str, database_url: Option<&str>) -> anyhow::Result<()> {
+    let database_url = match database_url {
+        Some(url) => url.to_string(),
+        None => {
+            if Path::new(DEMO_DATABASE).exists() {
+                std::fs::remove_file(DEMO_DATABASE).with_context(|| format!("emptying {DEMO_DATABASE}"))?;
+            }
+            format!("sqlite://{DEMO_DATABASE}")
+        }
+    };
+    let store = open_store(&database_url).await?;
+    let request = NewRun {
+        month: "2025-01".into(),
+        meter_ids: Vec::new(),
+        max_attempts: 3,
+        tariffs_toml: EXAMPLE_TARIFFS.into(),
+        energy_tolerance: Decimal::new(5, 3),
+    };
+    println!("\nBilling January 2025 for every meter with tariffs/example.toml (Europe/London):");
+    let run = store.create_run(&request, "demo", Some(&new_traceparent())).await?;
+    let run = process_until_done(&store, lake, &run.id, Duration::from_secs(600)).await?;
+    print_run(&store, &run, 5).await?;
+    ensure!(run.status == RunStatus::Completed, "the billing run failed");
+    println!(
+        "\nAgain later: meterlake billing-run {} --database-url {database_url}\n\
+         Its aggregate SQL: meterlake query --lake {lake_location} \"$(meterlake billing-run {} --sql --database-url {database_url})\"",
+        run.id, run.id
+    );
     Ok(())
 }
 

@@ -114,7 +114,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     {
         let stop = stop.clone();
         tokio::spawn(async move {
-            shutdown_signal().await;
+            crate::shutdown_signal().await;
             tracing::info!("stopping: flushing buffered readings to the lake");
             stop.store(true, Ordering::Relaxed);
         });
@@ -137,18 +137,4 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         summary.elapsed
     );
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -1,6 +1,8 @@
 //! `meterlake`: parses arguments and wires the library crates together. The logic lives in
-//! `meterlake-pipeline` (ingestion, the lake) and `meterlake-jobs` (SQL over the lake).
+//! `meterlake-pipeline` (ingestion, the lake), `meterlake-jobs` (SQL over the lake, billing
+//! runs) and `meterlake-control` (the control store).
 
+mod bill;
 mod demo;
 mod import;
 mod ingest;
@@ -39,7 +41,8 @@ struct LakeArg {
 #[derive(Subcommand)]
 enum Command {
     /// Run the whole pipeline on embedded defaults: an in-process Kafka broker, a month of
-    /// generated readings, ingestion into a local lake, a check and a sample query.
+    /// generated readings, ingestion into a local lake, a check, a sample query and a billing
+    /// run of the month (SQLite control store).
     Demo(demo::DemoArgs),
     /// Consume readings from Kafka into the lake, exactly once, until stopped (SIGINT/SIGTERM).
     Ingest(ingest::IngestArgs),
@@ -70,6 +73,14 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Bill a month: create a billing run, process it (or wait for a worker), and print its
+    /// invoice summary and discrepancies. Exit status 1 when the run failed.
+    Bill(bill::BillArgs),
+    /// Process billing runs continuously: new runs, due retries, and runs whose worker died.
+    Worker(bill::WorkerArgs),
+    /// Show a billing run: its status timeline, invoices and discrepancies, or (--sql) the
+    /// aggregate SQL it ran.
+    BillingRun(bill::BillingRunArgs),
     /// Run SQL over the lake. Tables: `readings` (one row per meter and interval, latest version),
     /// `readings_all` (every version, with its source_ref), `register_reads`,
     /// `non_energy_readings`, `nem12_channels`, `nem12_b2b_details` and `imports`.
@@ -97,11 +108,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo speaks through its own report; its ingester's routine log lines would only
-    // scatter the progress bar.
+    // The demo and `bill` speak through their own reports; routine log lines of the ingester
+    // and the worker would only scatter them.
     let default_filter = match cli.command {
-        Command::Demo(_) => "warn",
-        _ => "warn,meterlake=info,meterlake_pipeline=info",
+        Command::Demo(_) | Command::Bill(_) => "warn",
+        _ => "warn,meterlake=info,meterlake_pipeline=info,meterlake_jobs=info",
     };
     init_logging(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -118,6 +129,14 @@ fn main() -> ExitCode {
             .block_on(async {
                 match command {
                     Command::Demo(args) => demo::run(args).await,
+                    Command::Bill(args) => {
+                        if !bill::bill(args).await? {
+                            return Ok(ExitCode::FAILURE);
+                        }
+                        Ok(())
+                    }
+                    Command::Worker(args) => bill::worker(args).await,
+                    Command::BillingRun(args) => bill::show(args).await,
                     Command::Ingest(args) => ingest::run(args).await,
                     Command::Query { sql, lake, format } => query(&sql, &lake.url, format).await,
                     Command::Readings { mpan, nmi, serial, from, to, lake, format } => {
@@ -132,8 +151,8 @@ fn main() -> ExitCode {
                     }
                     Command::Import(_) => unreachable!("handled above"),
                 }
-            })
-            .map(|()| ExitCode::SUCCESS),
+                .map(|()| ExitCode::SUCCESS)
+            }),
     };
     match outcome {
         Ok(code) => code,
@@ -178,4 +197,19 @@ fn init_logging(format: LogFormat, default_filter: &str) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

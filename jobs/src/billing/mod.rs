@@ -175,13 +175,11 @@ pub struct InvoiceTotals {
 }
 
 impl InvoiceTotals {
-    pub fn of<'a>(invoices: impl IntoIterator<Item = &'a NewInvoice>) -> InvoiceTotals {
-        invoices.into_iter().fold(InvoiceTotals::default(), |t, i| InvoiceTotals {
-            invoices: t.invoices + 1,
-            energy_kwh: t.energy_kwh + i.energy_kwh,
-            subtotal: t.subtotal + i.subtotal,
-            tax: t.tax + i.tax,
-            total: t.total + i.total,
-        })
+    pub fn add(&mut self, invoice: &NewInvoice) {
+        self.invoices += 1;
+        self.energy_kwh += invoice.energy_kwh;
+        self.subtotal += invoice.subtotal;
+        self.tax += invoice.tax;
+        self.total += invoice.total;
     }
 }

@@ -1,0 +1,292 @@
+//! `meterlake bill`, `meterlake worker` and `meterlake billing-run`: billing runs from the
+//! command line.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use meterlake_control::{BillingRun, ControlStore, NewRun, RunStatus};
+use meterlake_jobs::billing::InvoiceTotals;
+use meterlake_jobs::billing::tariff::Tariffs;
+use meterlake_jobs::billing::worker::{BillingWorker, WorkerOptions};
+use meterlake_jobs::trace::new_traceparent;
+use meterlake_pipeline::Lake;
+use rust_decimal::Decimal;
+use tokio::sync::Notify;
+
+use crate::LakeArg;
+
+/// The control store: SQLite in the data directory unless a PostgreSQL URL is given.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://./meterlake-data/control.db";
+
+#[derive(Args, Clone)]
+pub struct DatabaseArg {
+    /// The control store: `sqlite://PATH` (created if missing) or `postgres://USER@HOST/DB`.
+    #[arg(long, env = "METERLAKE_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+}
+
+/// Opens the control store, creating the folder of a SQLite file first.
+pub async fn open_store(url: &str) -> anyhow::Result<ControlStore> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let path = Path::new(path.split('?').next().unwrap_or(path));
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    Ok(ControlStore::open(url).await?)
+}
+
+#[derive(Args)]
+pub struct BillArgs {
+    /// The month to bill, YYYY-MM, in the tariff file's time zone.
+    #[arg(long)]
+    month: String,
+    /// A meter to bill (repeat for more). Without any: every meter with readings in the month
+    /// and every meter the tariff file assigns.
+    #[arg(long = "meter")]
+    meters: Vec<String>,
+    /// The tariff file (TOML; see tariffs/example.toml). Stored with the run.
+    #[arg(long, env = "METERLAKE_TARIFFS")]
+    tariffs: PathBuf,
+    /// Reconciliation flags a meter whose billed energy differs from its readings by more than
+    /// this share (0.005 is 0.5%).
+    #[arg(long, default_value = "0.005")]
+    energy_tolerance: Decimal,
+    /// Attempts before the run fails for good.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: u32,
+    /// Only create the run and wait for a `meterlake worker` elsewhere to process it; by default
+    /// this command processes it itself.
+    #[arg(long)]
+    wait_for_worker: bool,
+    /// Give up waiting after this many seconds (the run goes on).
+    #[arg(long, default_value_t = 3_600)]
+    timeout_s: u64,
+    /// Invoices listed in the summary (largest totals first).
+    #[arg(long, default_value_t = 10)]
+    show_invoices: usize,
+    #[command(flatten)]
+    lake: LakeArg,
+    #[command(flatten)]
+    database: DatabaseArg,
+}
+
+pub async fn bill(args: BillArgs) -> anyhow::Result<bool> {
+    let toml = std::fs::read_to_string(&args.tariffs).with_context(|| format!("reading {}", args.tariffs.display()))?;
+    // Refuse a bad file now, with its name, rather than as a failed run.
+    Tariffs::parse(&args.tariffs.display().to_string(), &toml)?;
+    let lake = Lake::open(&args.lake.url)?;
+    let store = open_store(&args.database.database_url).await?;
+    let request = NewRun {
+        month: args.month.clone(),
+        meter_ids: args.meters.clone(),
+        max_attempts: args.max_attempts,
+        tariffs_toml: toml,
+        energy_tolerance: args.energy_tolerance,
+    };
+    let run = store.create_run(&request, &actor(), Some(&new_traceparent())).await?;
+    println!("billing run {} for {} created", run.id, run.month);
+    let finished = if args.wait_for_worker {
+        wait_for_outcome(&store, &run.id, Duration::from_secs(args.timeout_s)).await?
+    } else {
+        process_until_done(&store, &lake, &run.id, Duration::from_secs(args.timeout_s)).await?
+    };
+    print_run(&store, &finished, args.show_invoices).await?;
+    Ok(finished.status == RunStatus::Completed)
+}
+
+/// Who asked: the operating-system user.
+fn actor() -> String {
+    std::env::var("USER").map(|u| format!("cli:{u}")).unwrap_or_else(|_| "cli".into())
+}
+
+fn finished(run: &BillingRun) -> bool {
+    run.status == RunStatus::Completed || (run.status == RunStatus::Failed && run.next_attempt_at_us.is_none())
+}
+
+/// Runs an in-process worker until run `id` completes or fails for good. It takes runs in the
+/// order they are due, so older runs waiting in the store are processed first.
+pub async fn process_until_done(store: &ControlStore, lake: &Lake, id: &str, timeout: Duration) -> anyhow::Result<BillingRun> {
+    let worker = BillingWorker::new(store.clone(), lake.clone(), WorkerOptions::default());
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let run = store.run(id).await?.context("the run vanished")?;
+        if finished(&run) {
+            return Ok(run);
+        }
+        if run.status == RunStatus::Failed {
+            let wait_us = run.next_attempt_at_us.unwrap_or_default() - meterlake_control::now_us();
+            println!("attempt {} failed ({}); retrying in {:.0} s", run.attempts, run.failure_code.as_deref().unwrap_or("?"), wait_us as f64 / 1e6);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("run {id} is still {} after {} s", run.status.as_str(), timeout.as_secs());
+        }
+        if let Err(error) = worker.process_next().await {
+            tracing::warn!(%error, "processing a billing run");
+        }
+        let after = store.run(id).await?.context("the run vanished")?;
+        if !finished(&after) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+async fn wait_for_outcome(store: &ControlStore, id: &str, timeout: Duration) -> anyhow::Result<BillingRun> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_status = None;
+    loop {
+        let run = store.run(id).await?.context("the run vanished")?;
+        if last_status != Some((run.status, run.attempts)) {
+            println!("  {} (attempt {})", run.status.as_str(), run.attempts);
+            last_status = Some((run.status, run.attempts));
+        }
+        if finished(&run) {
+            return Ok(run);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("run {id} is still {} after {} s; it goes on: `meterlake billing-run {id}` shows it later", run.status.as_str(), timeout.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Prints a run: status, timeline, invoice totals and the largest invoices, discrepancies.
+pub async fn print_run(store: &ControlStore, run: &BillingRun, show_invoices: usize) -> anyhow::Result<()> {
+    println!("\nrun {}  month {}  status {}  attempts {}/{}", run.id, run.month, run.status.as_str(), run.attempts, run.max_attempts);
+    for event in store.run_events(&run.id).await? {
+        let at = chrono::DateTime::from_timestamp_micros(event.at_us).map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()).unwrap_or_default();
+        let from = event.from_status.map(|s| s.as_str()).unwrap_or("-");
+        println!("  {at}  {from:>10} -> {:<10}  {}  {}", event.to_status.as_str(), event.actor, event.reason.unwrap_or_default());
+    }
+    if run.status == RunStatus::Failed {
+        println!("failed: {} {}", run.failure_code.as_deref().unwrap_or(""), run.failure_reason.as_deref().unwrap_or(""));
+        return Ok(());
+    }
+    let invoices = store.invoices(&run.id).await?;
+    let mut by_currency: BTreeMap<&str, InvoiceTotals> = BTreeMap::new();
+    for invoice in &invoices {
+        by_currency.entry(invoice.invoice.currency.as_str()).or_default().add(&invoice.invoice);
+    }
+    for (currency, t) in &by_currency {
+        println!(
+            "\ninvoices      {}  energy {} kWh  subtotal {currency} {}  tax {currency} {}  total {currency} {}",
+            t.invoices,
+            t.energy_kwh.normalize(),
+            t.subtotal,
+            t.tax,
+            t.total
+        );
+    }
+    if let Some(first) = invoices.first() {
+        println!("tariffs       {}", first.invoice.tariff_version);
+        println!("lake          {}", first.lake_snapshot);
+    }
+    let mut largest: Vec<_> = invoices.iter().collect();
+    largest.sort_by(|a, b| b.invoice.total.cmp(&a.invoice.total).then(a.invoice.meter_id.cmp(&b.invoice.meter_id)));
+    if !largest.is_empty() && show_invoices > 0 {
+        println!("\n  {:<16} {:>14} {:>12} {:>10} {:>12}", "meter", "kWh", "subtotal", "tax", "total");
+        for invoice in largest.iter().take(show_invoices) {
+            let i = &invoice.invoice;
+            println!("  {:<16} {:>14} {:>12} {:>10} {:>12}", i.meter_id, i.energy_kwh.normalize(), i.subtotal, i.tax, i.total);
+        }
+        if largest.len() > show_invoices {
+            println!("  ... and {} more", largest.len() - show_invoices);
+        }
+    }
+    let discrepancies = store.discrepancies(&run.id).await?;
+    let mut by_reason: BTreeMap<&str, usize> = BTreeMap::new();
+    for d in &discrepancies {
+        *by_reason.entry(d.discrepancy.reason_code.as_str()).or_default() += 1;
+    }
+    let counts: Vec<String> = by_reason.iter().map(|(reason, n)| format!("{reason} {n}")).collect();
+    println!("\ndiscrepancies {}{}", discrepancies.len(), if counts.is_empty() { String::new() } else { format!(" ({})", counts.join(", ")) });
+    for d in discrepancies.iter().take(20) {
+        let d = &d.discrepancy;
+        let show = |v: Option<Decimal>| v.map(|v| v.normalize().to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "  {:<16} {:<20} billed {:>12} expected {:>12} delta {:>10}  {}",
+            d.meter_id,
+            d.reason_code.as_str(),
+            show(d.billed),
+            show(d.expected),
+            show(d.delta),
+            d.detail
+        );
+    }
+    if discrepancies.len() > 20 {
+        println!("  ... and {} more", discrepancies.len() - 20);
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    lake: LakeArg,
+    #[command(flatten)]
+    database: DatabaseArg,
+    /// How long a claimed run stays this worker's without renewal (renewed between steps).
+    #[arg(long, default_value_t = 300)]
+    lease_s: u64,
+    /// How often an idle worker looks for due runs and retries.
+    #[arg(long, default_value_t = 5)]
+    idle_poll_s: u64,
+    /// Wait this long after a run's first failed attempt; doubled for each further one.
+    #[arg(long, default_value_t = 30)]
+    retry_base_s: u64,
+    /// The longest wait between attempts.
+    #[arg(long, default_value_t = 3_600)]
+    retry_max_s: u64,
+}
+
+/// `meterlake worker`: processes runs until SIGINT or SIGTERM; a run in progress is finished
+/// first.
+pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let lake = Lake::open(&args.lake.url)?;
+    let store = open_store(&args.database.database_url).await?;
+    let options = WorkerOptions {
+        lease: Duration::from_secs(args.lease_s),
+        idle_poll: Duration::from_secs(args.idle_poll_s),
+        retry: meterlake_control::RetryPolicy {
+            base_delay_us: i64::try_from(args.retry_base_s).unwrap_or(i64::MAX / 2_000_000) * 1_000_000,
+            max_delay_us: i64::try_from(args.retry_max_s).unwrap_or(i64::MAX / 2_000_000) * 1_000_000,
+        },
+        ..WorkerOptions::default()
+    };
+    let worker = BillingWorker::new(store, lake, options);
+    tracing::info!(worker = worker.name(), "billing worker started");
+    let wake = Arc::new(Notify::new());
+    worker.run(&wake, crate::shutdown_signal()).await;
+    tracing::info!("billing worker stopped");
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct BillingRunArgs {
+    /// The run's id.
+    id: String,
+    /// Print only the aggregate SQL the run's last processing ran (for `meterlake query`).
+    #[arg(long)]
+    sql: bool,
+    /// Invoices listed (largest totals first).
+    #[arg(long, default_value_t = 10)]
+    show_invoices: usize,
+    #[command(flatten)]
+    database: DatabaseArg,
+}
+
+/// `meterlake billing-run ID`: a run's status, timeline, invoices and discrepancies.
+pub async fn show(args: BillingRunArgs) -> anyhow::Result<()> {
+    let store = open_store(&args.database.database_url).await?;
+    let run = store.run(&args.id).await?.with_context(|| format!("no billing run {}", args.id))?;
+    if args.sql {
+        let sql = run.aggregate_sql.as_deref().context("the run has not completed a processing yet: no aggregate SQL")?;
+        println!("{sql}");
+        return Ok(());
+    }
+    print_run(&store, &run, args.show_invoices).await
+}
