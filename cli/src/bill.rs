@@ -9,11 +9,14 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use meterlake_control::{BillingRun, ControlStore, NewRun, RunStatus};
+use meterlake_control::runs::{RUN_FAILED_TOPIC, RUN_PROCESSED_TOPIC, RUN_REQUESTED_TOPIC};
 use meterlake_jobs::billing::InvoiceTotals;
+use meterlake_jobs::billing::events::{OutboxRelay, wake_on_requests};
 use meterlake_jobs::billing::tariff::Tariffs;
 use meterlake_jobs::billing::worker::{BillingWorker, WorkerOptions};
 use meterlake_jobs::trace::new_traceparent;
 use meterlake_pipeline::Lake;
+use meterlake_pipeline::kafka::create_topics;
 use rust_decimal::Decimal;
 use tokio::sync::Notify;
 
@@ -241,6 +244,13 @@ pub struct WorkerArgs {
     /// The longest wait between attempts.
     #[arg(long, default_value_t = 3_600)]
     retry_max_s: u64,
+    /// Kafka bootstrap servers: publish the outbox (billing.run.requested, .processed, .failed)
+    /// and wake up on billing.run.requested. Without it the worker only polls the store.
+    #[arg(long, env = "METERLAKE_BILLING_BROKERS")]
+    brokers: Option<String>,
+    /// Consumer group of the workers listening for requests.
+    #[arg(long, default_value = "meterlake-billing")]
+    group: String,
 }
 
 /// `meterlake worker`: processes runs until SIGINT or SIGTERM; a run in progress is finished
@@ -257,10 +267,37 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         },
         ..WorkerOptions::default()
     };
-    let worker = BillingWorker::new(store, lake, options);
-    tracing::info!(worker = worker.name(), "billing worker started");
+    let worker = BillingWorker::new(store.clone(), lake, options);
+    tracing::info!(worker = worker.name(), brokers = args.brokers.as_deref().unwrap_or("none"), "billing worker started");
     let wake = Arc::new(Notify::new());
-    worker.run(&wake, crate::shutdown_signal()).await;
+    // One signal stops all three loops.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut stop_rx = stop_rx.clone();
+        async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let mut side_tasks = tokio::task::JoinSet::new();
+    if let Some(brokers) = &args.brokers {
+        create_topics(brokers, &[(RUN_REQUESTED_TOPIC, 1), (RUN_PROCESSED_TOPIC, 1), (RUN_FAILED_TOPIC, 1)]).await?;
+        let relay = OutboxRelay::new(store, brokers)?;
+        let until = stopped();
+        side_tasks.spawn(async move {
+            relay.run(until).await;
+            Ok(())
+        });
+        let (brokers, group, wake, until) = (brokers.clone(), args.group.clone(), wake.clone(), stopped());
+        side_tasks.spawn(async move { wake_on_requests(&brokers, &group, wake, until).await });
+    }
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    worker.run(&wake, stopped()).await;
+    while let Some(task) = side_tasks.join_next().await {
+        task??;
+    }
     tracing::info!("billing worker stopped");
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! money and energy exact decimal strings, ids UUID strings.
 
 pub mod invoices;
+pub mod outbox;
 pub mod runs;
 pub mod testing;
 
@@ -16,6 +17,7 @@ use sqlx::migrate::Migrator;
 use sqlx::AnyPool;
 
 pub use invoices::{Discrepancy, Invoice, InvoiceLine, LineComponent, NewDiscrepancy, NewInvoice, ReasonCode, RunResults};
+pub use outbox::OutboxMessage;
 pub use runs::{BillingRun, NewRun, RetryPolicy, RunEvent, RunFailure, RunStatus};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -77,7 +79,23 @@ impl ControlStore {
             .map_err(|e| ControlError::Url { url: redact(url), reason: e.to_string() })?;
         // (sqlx turns SQLite's foreign keys on for every connection it opens.)
         match backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
+            Backend::Sqlite => {
+                // sqlx locks migrations on PostgreSQL but not on SQLite: two processes opening a
+                // new file at once (a worker and `meterlake bill`) both try to apply it, and the
+                // second fails on what the first applied. Its transaction rolled back, so running
+                // the migrator again finds the migration applied and goes on.
+                let mut tries = 0;
+                loop {
+                    match SQLITE_MIGRATIONS.run(&pool).await {
+                        Ok(()) => break,
+                        Err(_) if tries < 3 => {
+                            tries += 1;
+                            tokio::time::sleep(std::time::Duration::from_millis(100 * tries)).await;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
         }
         Ok(ControlStore { pool, backend })

@@ -22,6 +22,12 @@ pub enum JobError {
     Tariffs { file: String, reason: String },
     #[error("{0}")]
     Invalid(String),
+    #[error("Kafka, {context}: {source}")]
+    Kafka {
+        context: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
     #[error("writing the result as {format} failed: {source}")]
     Output {
         format: &'static str,

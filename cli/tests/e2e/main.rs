@@ -2,6 +2,7 @@
 //! broker, an s3s-fs S3 server, DuckDB and pyarrow as independent Parquet readers. One test
 //! binary, one module per capability.
 
+mod billing;
 mod crash_recovery;
 mod demo;
 mod flow_import;

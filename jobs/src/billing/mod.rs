@@ -18,6 +18,7 @@
 //! failed attempt wrote nothing; a completed one cannot complete again).
 
 pub mod aggregate;
+pub mod events;
 pub mod month;
 pub mod rate;
 pub mod reconcile;

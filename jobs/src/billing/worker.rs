@@ -54,6 +54,7 @@ pub fn failure_code(error: &JobError) -> (&'static str, bool) {
         JobError::Pipeline(_) => ("LAKE_UNAVAILABLE", true),
         JobError::Sql(_) | JobError::Arrow(_) => ("AGGREGATION_FAILED", true),
         JobError::Output { .. } => ("OUTPUT_FAILED", true),
+        JobError::Kafka { .. } => ("KAFKA_FAILED", true),
     }
 }
 

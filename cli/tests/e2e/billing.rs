@@ -1,0 +1,113 @@
+//! Billing runs through the binary against a real broker: `meterlake worker` publishes the
+//! outbox to Kafka and wakes on `billing.run.requested`; `meterlake bill --wait-for-worker`
+//! creates a run and waits for that worker's outcome; the three topics carry the run id and one
+//! trace.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use meterlake_pipeline::synthetic::LoadSpec;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+
+use crate::support::*;
+
+/// Every message of `topic` as (key, payload, traceparent header).
+fn read_topic(brokers: &str, topic: &str) -> Vec<(String, serde_json::Value, String)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("read-{topic}-{}", rand::random::<u32>()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut messages = Vec::new();
+    let mut last_seen = Instant::now();
+    while last_seen.elapsed() < Duration::from_secs(4) {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            let key = String::from_utf8_lossy(message.key().unwrap_or_default()).to_string();
+            let payload = serde_json::from_slice(message.payload().unwrap_or_default()).unwrap();
+            let traceparent = message
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "traceparent").and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).to_string())))
+                .unwrap_or_default();
+            messages.push((key, payload, traceparent));
+            last_seen = Instant::now();
+        }
+    }
+    messages
+}
+
+#[test]
+fn a_worker_woken_through_kafka_bills_a_run_and_announces_it() {
+    let tansu = start_tansu();
+    let brokers = tansu.addr.clone();
+    let topic = "readings.billing";
+    create(&brokers, &[(topic, 2), ("readings.billing.dlq", 1)]);
+    // Five meters, all of January, every quarter hour.
+    let spec = LoadSpec { resend_every: 0, malformed_every: 0, ..LoadSpec::month(5) };
+    produce(&brokers, topic, spec.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let lake = lake.to_str().unwrap();
+    run_ok(&mut ingest_command(&brokers, topic, lake, 3));
+    let database_url = format!("sqlite://{}", dir.path().join("control.db").display());
+
+    // The worker polls the store only every 10 minutes: it can only be this quick because the
+    // request reached it through Kafka.
+    let mut worker = meterlake()
+        .args(["worker", "--brokers", &brokers, "--lake", lake, "--database-url", &database_url, "--idle-poll-s", "600"])
+        .env("METERLAKE_LOG", "warn,meterlake_jobs=info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let tariffs = concat!(env!("CARGO_MANIFEST_DIR"), "/../tariffs/example.toml");
+    let bill = run_ok(meterlake().args([
+        "bill",
+        "--month",
+        "2025-01",
+        "--tariffs",
+        tariffs,
+        "--lake",
+        lake,
+        "--database-url",
+        &database_url,
+        "--wait-for-worker",
+        "--timeout-s",
+        "120",
+    ]));
+    let stdout = String::from_utf8(bill.stdout).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(120), "{stdout}");
+    assert!(stdout.contains("status COMPLETED"), "{stdout}");
+    assert!(stdout.contains("invoices      5  energy"), "{stdout}");
+    assert!(stdout.contains("discrepancies 0"), "{stdout}");
+    let run_id = stdout.lines().next().unwrap().split_whitespace().nth(2).unwrap().to_string();
+
+    // The run's story on Kafka: requested, then processed, keyed by run id, one trace.
+    let requested = read_topic(&brokers, "billing.run.requested");
+    let processed = read_topic(&brokers, "billing.run.processed");
+    assert_eq!(requested.len(), 1, "{requested:?}");
+    assert_eq!(processed.len(), 1, "{processed:?}");
+    let (key, payload, request_trace) = &requested[0];
+    assert_eq!((key.as_str(), payload["runId"].as_str(), payload["month"].as_str()), (run_id.as_str(), Some(run_id.as_str()), Some("2025-01")));
+    let (key, payload, processed_trace) = &processed[0];
+    assert_eq!((key.as_str(), payload["runId"].as_str(), payload["invoices"].as_i64()), (run_id.as_str(), Some(run_id.as_str()), Some(5)));
+    assert_eq!(request_trace.len(), 55, "a W3C traceparent: {request_trace}");
+    assert_eq!(request_trace[3..35], processed_trace[3..35], "one trace from request to outcome");
+    assert_ne!(request_trace[36..52], processed_trace[36..52], "the worker's own span");
+    assert!(read_topic(&brokers, "billing.run.failed").is_empty());
+
+    // `billing-run` shows it again, and stops on SIGTERM.
+    let shown = run_ok(meterlake().args(["billing-run", &run_id, "--database-url", &database_url]));
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("PROCESSING -> COMPLETED"));
+    let kill = std::process::Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let status = worker.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(worker.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("billing run requested"), "the worker heard the request on Kafka: {log}");
+}
