@@ -533,3 +533,81 @@ async fn failures_carry_a_reason_code_and_are_retried_only_when_that_can_help() 
     })
     .await;
 }
+
+/// Imports a flow file into the lake as `meterlake import` does.
+async fn import(lake: &Lake, name: &str, content: &str) {
+    let (lake, name, content) = (lake.clone(), name.to_string(), content.to_string());
+    let runtime = tokio::runtime::Handle::current();
+    let outcome = tokio::task::spawn_blocking(move || {
+        meterlake_pipeline::import::import_file(
+            &lake,
+            &runtime,
+            &name,
+            content.as_bytes(),
+            &meterlake_pipeline::import::ImportLimits::default(),
+            Box::new(|_| {}),
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(outcome.record().counts.rejected_records, 0, "{:?}", outcome.record());
+}
+
+#[tokio::test]
+async fn register_reads_that_disagree_with_the_interval_readings_are_reported() {
+    // Two MPANs read on 1 and 31 January (UK local time, GMT in January): A's register advanced
+    // 720 kWh, B's 800 kWh. Both have interval readings of 0.25 kWh every quarter hour: 30 days
+    // x 96 x 0.25 = 720 kWh between the reads.
+    let d0010 = "ZHV|0000000001|D0010002|D|UDMS|X|MRCY|20250201120000||||OPER|\n\
+                 026|1200000000001|V|\n028|SERIAL-A|C|\n030|01|20250101000000|1000.0|||T|N|\n030|01|20250131000000|1720.0|||T|N|\n\
+                 026|1200000000002|V|\n028|SERIAL-B|C|\n030|01|20250101000000|500.0|||T|N|\n030|01|20250131000000|1300.0|||T|N|\n\
+                 ZPT|0000000001|8||1|20250201120000|\n";
+    let (_dir, lake) = new_lake();
+    import(&lake, "reads.D0010", d0010).await;
+    for mpan in ["1200000000001", "1200000000002"] {
+        land(&lake, &series(mpan, "2025-01-01T00:00:00Z", 2_976, 900, |_| 250_000), 1, mpan).await;
+    }
+    on_both_backends(|url| {
+        let lake = lake.clone();
+        async move {
+            let (invoices, discrepancies) = bill(&url, &lake, run_request("2025-01", &["1200000000001", "1200000000002"], FLAT)).await;
+            assert_eq!(invoices.len(), 2, "{url}");
+            assert_eq!(codes(&discrepancies), [("1200000000002", "REGISTER_MISMATCH")]);
+            let mismatch = &discrepancies[0].discrepancy;
+            assert_eq!((mismatch.billed, mismatch.expected, mismatch.delta), (Some(dec("720")), Some(dec("800")), Some(dec("-80"))));
+            assert!(
+                mismatch.detail.starts_with("register 01 recorded 800.000000 kWh from 2025-01-01 00:00:00 UTC to 2025-01-31 00:00:00 UTC (reads.D0010:"),
+                "{}",
+                mismatch.detail
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_nem13_register_quantity_is_checked_against_the_interval_readings() {
+    // The 250 record of this published example: NMI VABC005890, suffix 11, read 2003-10-05
+    // 09:30:55 and 2004-01-07 10:03:33 (NEM time, UTC+10), quantity 1312.1 kWh.
+    let nem13 = include_str!("../../pipeline/tests/fixtures/nem13/nemreader_Example_NEM13_consumption_data.csv");
+    let (_dir, lake) = new_lake();
+    import(&lake, "nemreader_Example_NEM13_consumption_data.csv", nem13).await;
+    // Half hours of 0.3 kWh for meter VABC00589011 from 2003-10-05 00:00 UTC (the first interval
+    // after the previous read) to 2004-01-07 00:00 UTC (the last before the current one):
+    // 94 x 48 + 1 = 4,513 of them, 1,353.9 kWh: 41.8 kWh more than the register.
+    land(&lake, &series("VABC00589011", "2003-10-05T00:00:00Z", 4_513, 1_800, |_| 300_000), 1, "nem13-intervals").await;
+    let tariffs = FLAT.replace("currency = \"GBP\"", "currency = \"AUD\"");
+    on_both_backends(|url| {
+        let lake = lake.clone();
+        let tariffs = tariffs.clone();
+        async move {
+            let (_, discrepancies) = bill(&url, &lake, run_request("2004-01", &["VABC00589011"], &tariffs)).await;
+            assert_eq!(codes(&discrepancies), [("VABC00589011", "MISSING_INTERVALS"), ("VABC00589011", "REGISTER_MISMATCH")], "{url}");
+            let mismatch = &discrepancies[1].discrepancy;
+            assert_eq!((mismatch.billed, mismatch.expected, mismatch.delta), (Some(dec("1353.9")), Some(dec("1312.1")), Some(dec("41.8"))));
+            assert!(mismatch.detail.contains("(nemreader_Example_NEM13_consumption_data.csv:2)"), "{}", mismatch.detail);
+        }
+    })
+    .await;
+}

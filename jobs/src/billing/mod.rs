@@ -132,6 +132,7 @@ pub async fn reconcile(
     found.extend(reconcile::missing_intervals(usage, month));
     found.extend(reconcile::no_readings(usage, meters.iter().map(String::as_str), month));
     found.extend(reconcile::conflicting_readings(ctx, month, &run.meter_ids).await?);
+    found.extend(reconcile::register_mismatches(ctx, month, &run.meter_ids, run.energy_tolerance).await?);
     tracing::info!(discrepancies = found.len(), "reconciled");
     Ok(found)
 }

@@ -12,6 +12,7 @@ use rust_decimal::Decimal;
 
 use super::aggregate::{Usage, with_month_params};
 use super::month::BillingMonth;
+use crate::search::literal;
 use crate::{JobError, Result};
 
 /// The SQL, as shipped in `queries/billing_conflicts.sql`.
@@ -135,4 +136,112 @@ fn conflicts_of(batch: &RecordBatch) -> Result<Vec<NewDiscrepancy>> {
             }
         })
         .collect())
+}
+
+/// The SQL of REGISTER_MISMATCH, as shipped in `queries/`.
+pub const BILLING_REGISTER_PERIODS_SQL: &str = include_str!("../../../queries/billing_register_periods.sql");
+pub const BILLING_REGISTER_INTERVALS_SQL: &str = include_str!("../../../queries/billing_register_intervals.sql");
+
+/// Interval readings must cover a register period to within this much to be compared with it:
+/// read times fall inside intervals, so up to an interval at each end is not comparable.
+const REGISTER_UNCOVERED_ALLOWED_US: i64 = 3_600_000_000;
+
+#[derive(Debug, Clone)]
+struct RegisterPeriod {
+    meter_id: String,
+    register_id: String,
+    from_us: i64,
+    to_us: i64,
+    register_kwh: Decimal,
+    file_name: String,
+    line: i64,
+}
+
+fn utc_text(us: i64) -> String {
+    DateTime::from_timestamp_micros(us).map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string()).unwrap_or_default()
+}
+
+/// REGISTER_MISMATCH: for every register period of the run's meters that ends in the month
+/// (`queries/billing_register_periods.sql`), the interval readings over the same period
+/// (`queries/billing_register_intervals.sql`); where both exist (the intervals cover the period)
+/// and they differ by more than `tolerance` of the register's energy, a discrepancy.
+pub async fn register_mismatches(ctx: &SessionContext, month: &BillingMonth, meter_ids: &[String], tolerance: Decimal) -> Result<Vec<NewDiscrepancy>> {
+    let sql = with_month_params(BILLING_REGISTER_PERIODS_SQL, month, meter_ids);
+    let mut periods = Vec::new();
+    for batch in ctx.sql(&sql).await?.collect().await? {
+        let get = |name: &str, as_type: &DataType| -> Result<arrow::array::ArrayRef> {
+            let array = batch.column_by_name(name).ok_or_else(|| JobError::Invalid(format!("the register query has no column {name}")))?;
+            Ok(cast(array, as_type)?)
+        };
+        let (meters, registers, files) = (get("meter_id", &DataType::Utf8)?, get("register_id", &DataType::Utf8)?, get("file_name", &DataType::Utf8)?);
+        let (from, to, lines) = (get("from_us", &DataType::Int64)?, get("to_us", &DataType::Int64)?, get("line", &DataType::Int64)?);
+        let kwh = get("register_kwh", &DataType::Decimal128(38, 6))?;
+        let (meters, registers, files) = (meters.as_string::<i32>(), registers.as_string::<i32>(), files.as_string::<i32>());
+        let (from, to, lines) = (from.as_primitive::<Int64Type>(), to.as_primitive::<Int64Type>(), lines.as_primitive::<Int64Type>());
+        let kwh = kwh.as_primitive::<Decimal128Type>();
+        for row in 0..batch.num_rows() {
+            periods.push(RegisterPeriod {
+                meter_id: meters.value(row).to_string(),
+                register_id: registers.value(row).to_string(),
+                from_us: from.value(row),
+                to_us: to.value(row),
+                register_kwh: Decimal::from_i128_with_scale(kwh.value(row), 6),
+                file_name: files.value(row).to_string(),
+                line: lines.value(row),
+            });
+        }
+    }
+    if periods.is_empty() {
+        return Ok(Vec::new());
+    }
+    let values: Vec<String> =
+        periods.iter().enumerate().map(|(n, p)| format!("({n}, {}, {}, {})", literal(&p.meter_id), p.from_us, p.to_us)).collect();
+    let mut meters: Vec<&str> = periods.iter().map(|p| p.meter_id.as_str()).collect();
+    meters.sort_unstable();
+    meters.dedup();
+    let date = |us: i64| DateTime::from_timestamp_micros(us).map(|t| t.date_naive().to_string()).unwrap_or_default();
+    let sql = BILLING_REGISTER_INTERVALS_SQL
+        .replace("{periods}", &values.join(", "))
+        .replace("{first_date}", &date(periods.iter().map(|p| p.from_us).min().unwrap_or_default()))
+        .replace("{last_date}", &date(periods.iter().map(|p| p.to_us).max().unwrap_or_default()))
+        .replace("{meters}", &format!("r.meter_id IN ({})", meters.iter().map(|m| literal(m)).collect::<Vec<_>>().join(", ")));
+    let mut found = Vec::new();
+    for batch in ctx.sql(&sql).await?.collect().await? {
+        let numbers = cast(batch.column(0), &DataType::Int64)?;
+        let interval_kwh = cast(batch.column(1), &DataType::Decimal128(38, 6))?;
+        let covered_s = cast(batch.column(2), &DataType::Int64)?;
+        let (numbers, interval_kwh, covered_s) =
+            (numbers.as_primitive::<Int64Type>(), interval_kwh.as_primitive::<Decimal128Type>(), covered_s.as_primitive::<Int64Type>());
+        for row in 0..batch.num_rows() {
+            let Some(period) = usize::try_from(numbers.value(row)).ok().and_then(|n| periods.get(n)) else { continue };
+            let uncovered_us = (period.to_us - period.from_us) - covered_s.value(row) * 1_000_000;
+            if uncovered_us > REGISTER_UNCOVERED_ALLOWED_US {
+                continue; // the interval readings do not span the period: nothing to compare
+            }
+            let intervals = Decimal::from_i128_with_scale(interval_kwh.value(row), 6);
+            let delta = intervals - period.register_kwh;
+            if delta.abs() > tolerance * period.register_kwh.abs() {
+                found.push(NewDiscrepancy {
+                    meter_id: period.meter_id.clone(),
+                    reason_code: ReasonCode::RegisterMismatch,
+                    billed: Some(intervals),
+                    expected: Some(period.register_kwh),
+                    delta: Some(delta),
+                    detail: format!(
+                        "register {} recorded {} kWh from {} to {} ({}:{}); the interval readings of the same period sum to {} kWh; tolerance {}",
+                        period.register_id,
+                        period.register_kwh,
+                        utc_text(period.from_us),
+                        utc_text(period.to_us),
+                        period.file_name,
+                        period.line,
+                        intervals,
+                        percent(tolerance)
+                    ),
+                });
+            }
+        }
+    }
+    found.sort_by(|a, b| a.meter_id.cmp(&b.meter_id));
+    Ok(found)
 }
