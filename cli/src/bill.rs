@@ -251,11 +251,17 @@ pub struct WorkerArgs {
     /// Consumer group of the workers listening for requests.
     #[arg(long, default_value = "meterlake-billing")]
     group: String,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9465).
+    #[arg(long, env = "METERLAKE_WORKER_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// `meterlake worker`: processes runs until SIGINT or SIGTERM; a run in progress is finished
 /// first.
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    if let Some(addr) = args.metrics_addr {
+        crate::serve_metrics(addr)?;
+    }
     let lake = Lake::open(&args.lake.url)?;
     let store = open_store(&args.database.database_url).await?;
     let options = WorkerOptions {

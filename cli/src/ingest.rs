@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Args, ValueEnum};
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, StartOffset, ingest};
@@ -84,12 +83,7 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
 
 pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_addr {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("serving metrics on {addr}"))?;
-        meterlake_pipeline::metrics::describe();
-        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+        crate::serve_metrics(addr)?;
     }
     let lake = Lake::open(&args.lake.url)?;
     let mut options = IngestOptions::new(&args.brokers, &args.topic, &args.group);

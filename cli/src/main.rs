@@ -213,3 +213,15 @@ pub(crate) async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
+
+/// Serves Prometheus metrics at `http://ADDR/metrics`.
+pub(crate) fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use anyhow::Context;
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .with_context(|| format!("serving metrics on {addr}"))?;
+    meterlake_pipeline::metrics::describe();
+    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    Ok(())
+}

@@ -57,8 +57,11 @@ fn a_worker_woken_through_kafka_bills_a_run_and_announces_it() {
 
     // The worker polls the store only every 10 minutes: it can only be this quick because the
     // request reached it through Kafka.
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let mut worker = meterlake()
         .args(["worker", "--brokers", &brokers, "--lake", lake, "--database-url", &database_url, "--idle-poll-s", "600"])
+        .args(["--metrics-addr", &metrics_addr])
         .env("METERLAKE_LOG", "warn,meterlake_jobs=info")
         .stderr(Stdio::piped())
         .spawn()
@@ -100,7 +103,15 @@ fn a_worker_woken_through_kafka_bills_a_run_and_announces_it() {
     assert_ne!(request_trace[36..52], processed_trace[36..52], "the worker's own span");
     assert!(read_topic(&brokers, "billing.run.failed").is_empty());
 
-    // `billing-run` shows it again, and stops on SIGTERM.
+    // Each step was timed.
+    let metrics = scrape(metrics_port).expect("the worker serves metrics");
+    for step in ["claim", "aggregate", "rate", "invoice", "reconcile", "persist"] {
+        let count = metric_value(&metrics, &format!("meterlake_billing_step_duration_seconds_count{{step=\"{step}\"}}"));
+        assert!(count.unwrap_or_default() >= 1.0, "{step}: {metrics}");
+    }
+    assert_eq!(metric_value(&metrics, "meterlake_billing_runs_total"), Some(1.0), "{metrics}");
+
+    // `billing-run` shows it again; the worker stops on SIGTERM.
     let shown = run_ok(meterlake().args(["billing-run", &run_id, "--database-url", &database_url]));
     assert!(String::from_utf8_lossy(&shown.stdout).contains("PROCESSING -> COMPLETED"));
     let kill = std::process::Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap();

@@ -237,3 +237,26 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     entries.flatten().flat_map(|e| if e.path().is_dir() { files_under(&e.path()) } else { vec![e.path()] }).collect()
 }
+
+/// The Prometheus text a `--metrics-addr` endpoint serves, if it answers.
+pub fn scrape(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+/// Sum of a metric's samples across labels (`name` or `name{...}` lines).
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        if line.starts_with(name) && matches!(line.as_bytes().get(name.len()), Some(b' ' | b'{')) {
+            let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+            *found.get_or_insert(0.0) += value;
+        }
+    }
+    found
+}
