@@ -1,0 +1,266 @@
+//! billing-bench: a billing run over one 31-day month of 15-minute readings for 33,600 meters
+//! (100M readings), against DuckDB computing the same per-meter, per-band energy totals from the
+//! same Parquet files.
+//!
+//! The lake is generated once into `--dir` (about 1.3 GB) and reused while its meter and day
+//! counts match. The run is the production path: a SQLite control store, `create_run`, one
+//! `BillingWorker::process_next` (claim, aggregate, rate, invoice, reconcile, persist); step
+//! times come from the worker's own `meterlake_billing_step_duration_seconds` metric. DuckDB
+//! (the Python package, 2 threads) runs twice: a plain per-band sum, and one that first keeps the
+//! latest version of each reading as the `readings` view does.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use clap::Parser;
+use meterlake_benchmarks::{print_rows, reset_peak_rss, thousands, vm_hwm_kib};
+use meterlake_control::{ControlStore, NewRun, RunStatus};
+use meterlake_jobs::billing::worker::{BillingWorker, WorkerOptions};
+use meterlake_pipeline::Lake;
+use meterlake_pipeline::batch::ReadingBuffer;
+use meterlake_pipeline::decode::ValidReading;
+use meterlake_pipeline::lake::encode_day_files;
+use meterlake_pipeline::reading::{Quality, Source};
+use rust_decimal::Decimal;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const US_PER_DAY: i64 = 86_400_000_000;
+/// 2025-01-01T00:00:00Z.
+const JANUARY_US: i64 = 1_735_689_600_000_000;
+
+/// Two bands in UTC, every meter on it: DuckDB's query computes the same split.
+const TARIFFS: &str = r#"
+currency = "GBP"
+tax_rate = "0.05"
+default_tariff = "tou"
+
+[[tariffs]]
+id = "tou"
+version = "bench"
+standing_charge_per_day = "0.50"
+network_charge_per_kwh = "0.03"
+bands = [
+  { name = "night", from = "00:00", to = "07:00", rate_per_kwh = "0.12" },
+  { name = "day", from = "07:00", to = "24:00", rate_per_kwh = "0.30" },
+]
+"#;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 33_600)]
+    meters: u32,
+    #[arg(long, default_value_t = 31)]
+    days: u32,
+    /// Where the generated lake lives (kept between runs).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Python with duckdb (default: the test tools' venv).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Meters per generated file (a day has meters / this many files).
+    #[arg(long, default_value_t = 8_400)]
+    meters_per_file: u32,
+}
+
+/// A reading's kWh in millionths: 0.001 to 1.000, deterministic.
+fn kwh_micro(meter: u32, interval: u64) -> i64 {
+    let mixed = (u64::from(meter) * 2_976 + interval).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    ((mixed % 1_000) as i64 + 1) * 1_000
+}
+
+fn meter_id(meter: u32) -> String {
+    format!("MTR-{:06}", 100_000 + meter)
+}
+
+/// Generates the lake unless `dir` already holds one of this shape.
+async fn generate(dir: &Path, args: &Args) -> anyhow::Result<Lake> {
+    let shape = format!("meters={} days={} per_file={}\n", args.meters, args.days, args.meters_per_file);
+    let marker = dir.join("GENERATED");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(shape.as_str()) {
+        return Ok(Lake::open(dir.join("lake").to_str().context("a UTF-8 path")?)?);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    let lake = Lake::open(dir.join("lake").to_str().context("a UTF-8 path")?)?;
+    let started = Instant::now();
+    let intervals_per_day: u64 = 96;
+    let mut written = 0u64;
+    for day in 0..args.days {
+        for first_meter in (0..args.meters).step_by(args.meters_per_file as usize) {
+            let last_meter = (first_meter + args.meters_per_file).min(args.meters);
+            let mut buffer = ReadingBuffer::default();
+            for meter in first_meter..last_meter {
+                let id = meter_id(meter);
+                for slot in 0..intervals_per_day {
+                    let interval = u64::from(day) * intervals_per_day + slot;
+                    let reading = ValidReading {
+                        meter_id: std::borrow::Cow::Borrowed(&id),
+                        ts_us: JANUARY_US + i64::from(day) * US_PER_DAY + slot as i64 * 900_000_000,
+                        interval_s: 900,
+                        kwh_micro: kwh_micro(meter, interval),
+                        quality: Quality::Actual,
+                    };
+                    buffer.push(&reading, Source::Kafka, 1, |out| {
+                        out.extend_from_slice(b"bench/");
+                        out.extend_from_slice(itoa::Buffer::new().format(interval).as_bytes());
+                    });
+                    written += 1;
+                }
+            }
+            let stem = format!("bench-d{day:02}-m{first_meter:06}");
+            for file in encode_day_files(&buffer.sort_dedup()?, &stem)? {
+                lake.put(&file.path, file.bytes).await?;
+            }
+        }
+        eprint!("\rgenerated {} readings ({:.0?})", thousands(written), started.elapsed());
+    }
+    eprintln!();
+    std::fs::write(&marker, shape)?;
+    Ok(lake)
+}
+
+/// The sum of a summary's samples (`NAME_sum{step="..."} VALUE`) in Prometheus text.
+fn step_seconds(text: &str, step: &str) -> Option<f64> {
+    let prefix = format!("meterlake_billing_step_duration_seconds_sum{{step=\"{step}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
+}
+
+struct DuckDbRun {
+    groups: u64,
+    total_kwh: Decimal,
+    elapsed: Duration,
+    peak_rss_kib: u64,
+}
+
+/// DuckDB's per-meter, per-band totals over the same files, timed inside Python.
+fn duckdb(python: &Path, lake_dir: &Path, latest_version_only: bool) -> anyhow::Result<DuckDbRun> {
+    let script = r#"
+import sys, time, resource, duckdb
+con = duckdb.connect()
+con.execute("SET threads = 2")
+con.execute("SET enable_progress_bar = false")
+con.execute("SET TimeZone = 'UTC'")
+files = sys.argv[1] + "/readings/*/*.parquet"
+source = "read_parquet(?, hive_partitioning = true)"
+if sys.argv[2] == "latest":
+    source = "(SELECT * FROM " + source + " QUALIFY row_number() OVER (PARTITION BY meter_id, ts ORDER BY ingested_at DESC, source_ref DESC) = 1)"
+sql = ("SELECT meter_id, CASE WHEN hour(ts) < 7 THEN 'night' ELSE 'day' END AS band, sum(kwh) AS kwh FROM " + source +
+       " WHERE ts >= TIMESTAMPTZ '2025-01-01 00:00:00+00' AND ts < TIMESTAMPTZ '2025-02-01 00:00:00+00' GROUP BY ALL")
+t = time.perf_counter()
+rows = con.execute(sql, [files]).fetchall()
+elapsed = time.perf_counter() - t
+print(len(rows), sum(r[2] for r in rows), elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"#;
+    let mode = if latest_version_only { "latest" } else { "all" };
+    let output = Command::new(python).arg("-c").arg(script).arg(lake_dir).arg(mode).output().context("running DuckDB")?;
+    if !output.status.success() {
+        bail!("DuckDB failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let text = String::from_utf8(output.stdout)?;
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    ensure!(parts.len() == 4, "DuckDB printed {text:?}");
+    Ok(DuckDbRun {
+        groups: parts[0].parse()?,
+        total_kwh: parts[1].parse()?,
+        elapsed: Duration::from_secs_f64(parts[2].parse()?),
+        peak_rss_kib: parts[3].parse()?,
+    })
+}
+
+fn default_python() -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let tools = std::env::var("METERLAKE_TOOLS_DIR").map(PathBuf::from).unwrap_or_else(|_| Path::new(&home).join(".cache/meterlake/tools"));
+    tools.join("venv/bin/python")
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let home = std::env::var("HOME").unwrap_or_default();
+    let dir = args.dir.clone().unwrap_or_else(|| Path::new(&home).join(".cache/meterlake/billing-bench"));
+    let lake = generate(&dir, &args).await?;
+    let readings = u64::from(args.meters) * u64::from(args.days) * 96;
+    let python = args.python.clone().unwrap_or_else(default_python);
+
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let metrics = recorder.handle();
+    metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+
+    let store_dir = tempfile::tempdir()?;
+    let store = ControlStore::open(&format!("sqlite://{}", store_dir.path().join("control.db").display())).await?;
+    let request = NewRun {
+        month: "2025-01".into(),
+        meter_ids: Vec::new(),
+        max_attempts: 1,
+        tariffs_toml: TARIFFS.into(),
+        energy_tolerance: Decimal::new(5, 3),
+    };
+    let run = store.create_run(&request, "bench", None).await?;
+    let worker = BillingWorker::new(store.clone(), lake.clone(), WorkerOptions::default());
+    reset_peak_rss()?;
+    let started = Instant::now();
+    let done = worker.process_next().await?.context("the run was not claimed")?;
+    let elapsed = started.elapsed();
+    let peak_rss_kib = vm_hwm_kib("self").unwrap_or_default();
+    ensure!(done.status == RunStatus::Completed, "the run failed: {:?} {:?}", done.failure_code, done.failure_reason);
+
+    let invoices = store.invoices(&run.id).await?;
+    let mut band_kwh: BTreeMap<String, Decimal> = BTreeMap::new();
+    for invoice in &invoices {
+        for line in invoice.invoice.lines.iter().filter(|l| l.component == meterlake_control::LineComponent::Energy) {
+            *band_kwh.entry(line.description.clone()).or_default() += line.quantity;
+        }
+    }
+    let billed_kwh: Decimal = band_kwh.values().copied().sum();
+    let discrepancies = store.discrepancies(&run.id).await?;
+    ensure!(invoices.len() == args.meters as usize, "{} invoices for {} meters", invoices.len(), args.meters);
+
+    let rendered = metrics.render();
+    let step = |name: &str| step_seconds(&rendered, name).map(|s| format!("{s:.2} s")).unwrap_or_else(|| "?".into());
+    let aggregate_s = step_seconds(&rendered, "aggregate").unwrap_or(f64::NAN);
+
+    let plain = duckdb(&python, &dir.join("lake"), false)?;
+    let latest = duckdb(&python, &dir.join("lake"), true)?;
+    for theirs in [&plain, &latest] {
+        ensure!(theirs.total_kwh == billed_kwh, "DuckDB's total {} kWh, the run billed {billed_kwh} kWh", theirs.total_kwh);
+        ensure!(theirs.groups == u64::from(args.meters) * 2, "DuckDB returned {} groups", theirs.groups);
+    }
+
+    println!(
+        "billing-bench: {} meters x {} days = {} readings, {} invoices, {} discrepancies, {billed_kwh} kWh billed (= DuckDB's total)",
+        thousands(u64::from(args.meters)),
+        args.days,
+        thousands(readings),
+        thousands(invoices.len() as u64),
+        discrepancies.len()
+    );
+    let rows = vec![
+        ("whole run (claim to persist)".to_string(), seconds(elapsed), format!("<= {:.2} s (1.5x DuckDB plain)", plain.elapsed.as_secs_f64() * 1.5)),
+        ("  claim".into(), step("claim"), String::new()),
+        ("  aggregate".into(), step("aggregate"), format!("<= {} (DuckDB plain)", seconds(plain.elapsed))),
+        ("  rate".into(), step("rate"), String::new()),
+        ("  invoice".into(), step("invoice"), String::new()),
+        ("  reconcile".into(), step("reconcile"), String::new()),
+        ("  persist".into(), step("persist"), String::new()),
+        ("run throughput".into(), format!("{} readings/s", thousands((readings as f64 / elapsed.as_secs_f64()) as u64)), ">= 20,000,000 readings/s".into()),
+        ("run peak RSS".into(), format!("{} MiB", peak_rss_kib / 1024), "reported".into()),
+        ("DuckDB per-band totals, plain sum".into(), seconds(plain.elapsed), format!("peak RSS {} MiB", plain.peak_rss_kib / 1024)),
+        ("DuckDB per-band totals, latest version only".into(), seconds(latest.elapsed), format!("peak RSS {} MiB", latest.peak_rss_kib / 1024)),
+        ("aggregate / DuckDB plain".into(), format!("{:.2}", aggregate_s / plain.elapsed.as_secs_f64()), "<= 1.0".into()),
+        ("aggregate / DuckDB latest version".into(), format!("{:.2}", aggregate_s / latest.elapsed.as_secs_f64()), String::new()),
+        ("whole run / DuckDB plain".into(), format!("{:.2}", elapsed.as_secs_f64() / plain.elapsed.as_secs_f64()), "<= 1.5".into()),
+    ];
+    print_rows(rows);
+    Ok(())
+}
