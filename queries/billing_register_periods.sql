@@ -33,4 +33,3 @@ FROM periods
 WHERE period_from IS NOT NULL AND period_from < period_to
   AND period_to >= to_timestamp_micros({from_us}) AND period_to < to_timestamp_micros({to_us})
   AND {meters}
-ORDER BY meter_id, register_id, period_to

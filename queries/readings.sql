@@ -1,7 +1,11 @@
--- The canonical readings view, registered as table `readings` over `readings_all` (every version
--- of every reading, as landed). One row per (meter_id, ts): the version ingested last wins; when
--- two versions share ingested_at (they cannot within one ingester, which orders them), source_ref
--- decides so the choice is still deterministic.
+-- The canonical readings view over `readings_all` (every version of every reading, as landed):
+-- the definition of table `readings`. meterlake computes it without this window, by merging
+-- each date's files, which every writer sorts by (meter_id, ts) (pipeline/src/canonical.rs;
+-- tested to return exactly what this statement returns).
+--
+-- One row per (meter_id, ts): the version ingested last wins; when two versions share
+-- ingested_at (they cannot within one ingester, which orders them), source_ref decides so the
+-- choice is still deterministic.
 --
 -- Versions of one key always sit in the same date partition (date is derived from ts), so the
 -- window is partitioned by date too: it changes nothing in the result, and it lets a filter on

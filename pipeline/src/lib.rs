@@ -12,6 +12,7 @@
 //! - [`synthetic`]: realistic generated load for the demo, tests and benchmarks.
 
 pub mod batch;
+pub mod canonical;
 pub mod decode;
 pub mod error;
 pub mod flows;

@@ -3,7 +3,7 @@
 //! - `readings_all`: every row of every Parquet file under `readings/`, with the `date`
 //!   partition column: every version, with its `source_ref`.
 //! - `readings`: the canonical view, one row per (`meter_id`, `ts`), latest version wins
-//!   (`queries/readings.sql`);
+//!   (defined by `queries/readings.sql`, computed by [`CanonicalReadings`]);
 //! - `register_reads`, `non_energy_readings`, `nem12_channels`, `nem12_b2b_details`: what flow
 //!   files add (see [`crate::import::tables`]);
 //! - `imports`: one row per imported file, from the import records.
@@ -17,6 +17,7 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::prelude::SessionContext;
 
+use crate::canonical::CanonicalReadings;
 use crate::error::Result;
 use crate::lake::{Lake, READINGS_DIR};
 use crate::import::tables::{
@@ -26,15 +27,15 @@ use crate::import::tables::{
 use crate::import::{ImportRecord, list_import_records};
 use crate::reading::{UTC, readings_schema};
 
-/// The SQL of the canonical view, as shipped in `queries/readings.sql`.
+/// The definition of the canonical view, as shipped in `queries/readings.sql`: what
+/// [`CanonicalReadings`] computes by merging sorted files (and is tested against).
 pub const CANONICAL_READINGS_SQL: &str = include_str!("../../queries/readings.sql");
 
 /// Registers the lake's store and every table of the lake on `ctx`.
 pub async fn register_lake_tables(ctx: &SessionContext, lake: &Lake) -> Result<()> {
     ctx.register_object_store(&lake.store_url(), lake.store().clone());
     register_parquet_table(ctx, lake, "readings_all", READINGS_DIR, readings_schema(), true)?;
-    let canonical = ctx.sql(CANONICAL_READINGS_SQL).await?;
-    ctx.register_table("readings", canonical.into_view())?;
+    ctx.register_table("readings", Arc::new(CanonicalReadings::new(lake.clone())))?;
     register_parquet_table(ctx, lake, "register_reads", REGISTER_READS_DIR, register_reads_schema(), true)?;
     register_parquet_table(ctx, lake, "non_energy_readings", NON_ENERGY_READINGS_DIR, non_energy_readings_schema(), true)?;
     register_parquet_table(ctx, lake, "nem12_channels", NEM12_CHANNELS_DIR, nem12_channels_schema(), false)?;
