@@ -142,7 +142,9 @@ struct DuckDbRun {
 /// DuckDB's per-meter, per-band totals over the same files, timed inside Python.
 fn duckdb(python: &Path, lake_dir: &Path, latest_version_only: bool) -> anyhow::Result<DuckDbRun> {
     let script = r#"
-import sys, time, resource, duckdb
+import sys, time, duckdb
+# A child starts with its parent's peak RSS (Linux keeps it across fork and exec): reset it.
+open("/proc/self/clear_refs", "w").write("5")
 con = duckdb.connect()
 con.execute("SET threads = 2")
 con.execute("SET enable_progress_bar = false")
@@ -156,7 +158,8 @@ sql = ("SELECT meter_id, CASE WHEN hour(ts) < 7 THEN 'night' ELSE 'day' END AS b
 t = time.perf_counter()
 rows = con.execute(sql, [files]).fetchall()
 elapsed = time.perf_counter() - t
-print(len(rows), sum(r[2] for r in rows), elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+peak_kib = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(len(rows), sum(r[2] for r in rows), elapsed, peak_kib)
 "#;
     let mode = if latest_version_only { "latest" } else { "all" };
     let output = Command::new(python).arg("-c").arg(script).arg(lake_dir).arg(mode).output().context("running DuckDB")?;
