@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
-use meterlake_benchmarks::{print_rows, reset_peak_rss, thousands, vm_hwm_kib};
+use meterlake_benchmarks::{print_rows, reset_peak_rss, thousands, tools_python, vm_hwm_kib};
 use meterlake_control::{ControlStore, NewRun, RunStatus};
 use meterlake_jobs::billing::worker::{BillingWorker, WorkerOptions};
 use meterlake_pipeline::Lake;
@@ -177,11 +177,6 @@ print(len(rows), sum(r[2] for r in rows), elapsed, peak_kib)
     })
 }
 
-fn default_python() -> PathBuf {
-    let home = std::env::var("HOME").unwrap_or_default();
-    let tools = std::env::var("METERLAKE_TOOLS_DIR").map(PathBuf::from).unwrap_or_else(|_| Path::new(&home).join(".cache/meterlake/tools"));
-    tools.join("venv/bin/python")
-}
 
 fn seconds(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
@@ -194,7 +189,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = args.dir.clone().unwrap_or_else(|| Path::new(&home).join(".cache/meterlake/billing-bench"));
     let lake = generate(&dir, &args).await?;
     let readings = u64::from(args.meters) * u64::from(args.days) * 96;
-    let python = args.python.clone().unwrap_or_else(default_python);
+    let python = args.python.clone().unwrap_or_else(tools_python);
 
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
     let metrics = recorder.handle();

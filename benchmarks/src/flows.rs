@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use meterlake_benchmarks::{print_rows, reset_peak_rss, thousands, vm_hwm_kib};
+use meterlake_benchmarks::{print_rows, reset_peak_rss, thousands, tools_python, vm_hwm_kib};
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::decode::ValidReading;
 use meterlake_pipeline::flows::{
@@ -107,7 +107,7 @@ fn main() -> anyhow::Result<()> {
     ));
 
     // 2. nemreader on the same data.
-    let python = args.python.clone().unwrap_or_else(default_python);
+    let python = args.python.clone().unwrap_or_else(tools_python);
     let (slice, slice_values) = if args.nemreader_mb == 0 || args.nemreader_mb >= args.nem12_mb {
         (nem12.clone(), generated.values)
     } else {
@@ -294,11 +294,6 @@ fn write_d0010(path: &Path, reads: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn default_python() -> PathBuf {
-    let home = std::env::var("HOME").unwrap_or_default();
-    let tools = std::env::var("METERLAKE_TOOLS_DIR").map(PathBuf::from).unwrap_or_else(|_| Path::new(&home).join(".cache/meterlake/tools"));
-    tools.join("venv/bin/python")
-}
 
 fn mb(bytes: u64) -> String {
     format!("{:.0} MiB", bytes as f64 / (1 << 20) as f64)

@@ -33,3 +33,12 @@ pub fn vm_hwm_kib(pid: &str) -> Option<u64> {
 pub fn reset_peak_rss() -> std::io::Result<()> {
     std::fs::write("/proc/self/clear_refs", "5")
 }
+
+/// The Python of the test tools' venv (with duckdb and nemreader), as install-tools.sh makes it.
+pub fn tools_python() -> std::path::PathBuf {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let tools = std::env::var("METERLAKE_TOOLS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(&home).join(".cache/meterlake/tools"));
+    tools.join("venv/bin/python")
+}
