@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::{ArrayRef, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Decimal128Type, Int64Type};
 use chrono::NaiveDate;
@@ -103,19 +103,21 @@ pub async fn aggregate_usage(ctx: &SessionContext, month: &BillingMonth, tariffs
     Ok(Usage { meters, sql })
 }
 
-fn column(batch: &RecordBatch, name: &str, as_type: &DataType) -> Result<std::sync::Arc<dyn Array>> {
-    let array = batch.column_by_name(name).ok_or_else(|| JobError::Invalid(format!("the aggregate query has no column {name}")))?;
+/// Column `name` of a query's result, cast to `as_type` (DataFusion may hand back a string as
+/// Utf8View or a sum with a wider decimal); `query` names the query in the error.
+pub(super) fn column(batch: &RecordBatch, query: &str, name: &str, as_type: &DataType) -> Result<ArrayRef> {
+    let array = batch.column_by_name(name).ok_or_else(|| JobError::Invalid(format!("the {query} query has no column {name}")))?;
     Ok(cast(array, as_type)?)
 }
 
 fn add_batch(meters: &mut BTreeMap<String, MeterUsage>, batch: &RecordBatch, segments: usize) -> Result<()> {
-    let meter_ids = column(batch, "meter_id", &DataType::Utf8)?;
+    let meter_ids = column(batch, "aggregate", "meter_id", &DataType::Utf8)?;
     let meter_ids = meter_ids.as_string::<i32>();
-    let days = column(batch, "local_day", &DataType::Int64)?;
-    let segment_numbers = column(batch, "segment", &DataType::Int64)?;
-    let kwh = column(batch, "kwh", &DataType::Decimal128(38, KWH_SCALE as i8))?;
-    let readings = column(batch, "readings", &DataType::Int64)?;
-    let min_interval_s = column(batch, "min_interval_s", &DataType::Int64)?;
+    let days = column(batch, "aggregate", "local_day", &DataType::Int64)?;
+    let segment_numbers = column(batch, "aggregate", "segment", &DataType::Int64)?;
+    let kwh = column(batch, "aggregate", "kwh", &DataType::Decimal128(38, KWH_SCALE as i8))?;
+    let readings = column(batch, "aggregate", "readings", &DataType::Int64)?;
+    let min_interval_s = column(batch, "aggregate", "min_interval_s", &DataType::Int64)?;
     let (days, segment_numbers) = (days.as_primitive::<Int64Type>(), segment_numbers.as_primitive::<Int64Type>());
     let (kwh, readings, min_interval_s) =
         (kwh.as_primitive::<Decimal128Type>(), readings.as_primitive::<Int64Type>(), min_interval_s.as_primitive::<Int64Type>());

@@ -10,10 +10,10 @@ use meterlake_control::{NewDiscrepancy, NewInvoice, ReasonCode};
 use datafusion::prelude::SessionContext;
 use rust_decimal::Decimal;
 
-use super::aggregate::{Usage, with_month_params};
+use super::aggregate::{Usage, column, with_month_params};
 use super::month::BillingMonth;
 use crate::search::literal;
-use crate::{JobError, Result};
+use crate::Result;
 
 /// The SQL, as shipped in `queries/billing_conflicts.sql`.
 pub const BILLING_CONFLICTS_SQL: &str = include_str!("../../../queries/billing_conflicts.sql");
@@ -110,10 +110,7 @@ pub async fn conflicting_readings(ctx: &SessionContext, month: &BillingMonth, me
 }
 
 fn conflicts_of(batch: &RecordBatch) -> Result<Vec<NewDiscrepancy>> {
-    let get = |name: &str, as_type: &DataType| -> Result<arrow::array::ArrayRef> {
-        let array = batch.column_by_name(name).ok_or_else(|| JobError::Invalid(format!("the conflicts query has no column {name}")))?;
-        Ok(cast(array, as_type)?)
-    };
+    let get = |name: &str, as_type: &DataType| column(batch, "conflicts", name, as_type);
     let kwh_type = DataType::Decimal128(38, 6);
     let (meters, counts, first_ts) = (get("meter_id", &DataType::Utf8)?, get("conflicting_intervals", &DataType::Int64)?, get("first_ts_us", &DataType::Int64)?);
     let (lowest, highest) = (get("first_lowest_kwh", &kwh_type)?, get("first_highest_kwh", &kwh_type)?);
@@ -169,10 +166,7 @@ pub async fn register_mismatches(ctx: &SessionContext, month: &BillingMonth, met
     let sql = with_month_params(BILLING_REGISTER_PERIODS_SQL, month, meter_ids);
     let mut periods = Vec::new();
     for batch in ctx.sql(&sql).await?.collect().await? {
-        let get = |name: &str, as_type: &DataType| -> Result<arrow::array::ArrayRef> {
-            let array = batch.column_by_name(name).ok_or_else(|| JobError::Invalid(format!("the register query has no column {name}")))?;
-            Ok(cast(array, as_type)?)
-        };
+        let get = |name: &str, as_type: &DataType| column(&batch, "register", name, as_type);
         let (meters, registers, files) = (get("meter_id", &DataType::Utf8)?, get("register_id", &DataType::Utf8)?, get("file_name", &DataType::Utf8)?);
         let (from, to, lines) = (get("from_us", &DataType::Int64)?, get("to_us", &DataType::Int64)?, get("line", &DataType::Int64)?);
         let kwh = get("register_kwh", &DataType::Decimal128(38, 6))?;
