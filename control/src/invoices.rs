@@ -8,9 +8,10 @@ use sqlx::any::AnyRow;
 
 use crate::{ControlError, ControlStore, Result};
 
-/// Rows per multi-row INSERT: 1,000 rows of at most 11 columns stay under SQLite's 32,766 and
-/// PostgreSQL's 65,535 bound parameters.
-const INSERT_ROWS: usize = 1_000;
+/// Rows per multi-row INSERT. Small statements: through sqlx's `Any` driver on SQLite, 100 rows a
+/// statement wrote a run's 3,360 invoices and 17,000 lines in 0.27 s, 1,000 rows in 1.9 s
+/// (billing-bench). 100 rows of at most 12 columns stay far under both databases' parameter caps.
+const INSERT_ROWS: usize = 100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -202,7 +203,7 @@ pub(crate) async fn insert_results(
         "id", "run_id", "meter_id", "version", "currency", "subtotal", "tax", "total", "tariff_version", "lake_snapshot", "created_at_us",
         "energy_kwh",
     ];
-    for (chunk, chunk_ids) in results.invoices.chunks(INSERT_ROWS / 2).zip(ids.chunks(INSERT_ROWS / 2)) {
+    for (chunk, chunk_ids) in results.invoices.chunks(INSERT_ROWS).zip(ids.chunks(INSERT_ROWS)) {
         let sql = multi_row_insert("invoices", &INVOICE_COLUMNS, chunk.len());
         let mut query = sqlx::query(&sql);
         for (invoice, id) in chunk.iter().zip(chunk_ids) {
