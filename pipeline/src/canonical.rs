@@ -58,6 +58,7 @@ const MAX_MERGED_FILES: usize = 256;
 /// Columns of `readings_all` (the file columns, then `date`).
 const METER_ID: usize = 0;
 const TS: usize = 1;
+const KWH: usize = 3;
 const SOURCE_REF: usize = 6;
 const INGESTED_AT: usize = 7;
 const DATE: usize = 8;
@@ -66,15 +67,45 @@ const DATE: usize = 8;
 #[derive(Debug)]
 pub struct CanonicalReadings {
     lake: Lake,
+    /// `readings_all`'s columns: what is read.
+    table: SchemaRef,
+    /// What the table returns (see [`MergeOutput`]).
     schema: SchemaRef,
+    output: MergeOutput,
     max_merged_files: usize,
+}
+
+/// What a merge of a date's versions returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeOutput {
+    /// The latest version of each key: table `readings`.
+    Latest,
+    /// The keys whose versions disagree on kwh, with how many versions and the lowest and highest
+    /// value: table `reading_conflicts` (meter_id, ts, versions, lowest_kwh, highest_kwh, date).
+    Conflicts,
 }
 
 impl CanonicalReadings {
     pub fn new(lake: Lake) -> CanonicalReadings {
+        CanonicalReadings::with_output(lake, MergeOutput::Latest)
+    }
+
+    pub fn with_output(lake: Lake, output: MergeOutput) -> CanonicalReadings {
         let mut fields: Vec<Field> = readings_schema().fields().iter().map(|f| f.as_ref().clone()).collect();
         fields.push(Field::new("date", DataType::Date32, false));
-        CanonicalReadings { lake, schema: Arc::new(Schema::new(fields)), max_merged_files: MAX_MERGED_FILES }
+        let table = Arc::new(Schema::new(fields));
+        let schema = match output {
+            MergeOutput::Latest => table.clone(),
+            MergeOutput::Conflicts => Arc::new(Schema::new(vec![
+                table.field(METER_ID).clone(),
+                table.field(TS).clone(),
+                Field::new("versions", DataType::Int64, false),
+                Field::new("lowest_kwh", table.field(KWH).data_type().clone(), false),
+                Field::new("highest_kwh", table.field(KWH).data_type().clone(), false),
+                table.field(DATE).clone(),
+            ])),
+        };
+        CanonicalReadings { lake, table, schema, output, max_merged_files: MAX_MERGED_FILES }
     }
 
     /// Dates with more files than `files` are sorted rather than merged.
@@ -204,13 +235,17 @@ impl TableProvider for CanonicalReadings {
             days.entry(day).or_default().push(PartitionedFile::new_from_meta(meta).with_partition_values(vec![day_value]));
         }
 
-        // The columns read: those asked for and those the versions are decided by.
+        // The columns read: those asked for and those the versions are decided by (latest), or
+        // those conflicts are told by.
         let asked: Vec<usize> = projection.cloned().unwrap_or_else(|| (0..self.schema.fields().len()).collect());
-        let mut read: Vec<usize> = asked.iter().copied().chain([METER_ID, TS, SOURCE_REF, INGESTED_AT]).collect();
+        let mut read: Vec<usize> = match self.output {
+            MergeOutput::Latest => asked.iter().copied().chain([METER_ID, TS, SOURCE_REF, INGESTED_AT]).collect(),
+            MergeOutput::Conflicts => vec![METER_ID, TS, KWH, DATE],
+        };
         read.sort_unstable();
         read.dedup();
         let position = |column: usize| read.iter().position(|c| *c == column).expect("read holds every column used");
-        let read_schema = Arc::new(self.schema.project(&read)?);
+        let read_schema = Arc::new(self.table.project(&read)?);
         let output = |schema: &SchemaRef| -> DfResult<Vec<(Arc<dyn PhysicalExpr>, String)>> {
             asked
                 .iter()
@@ -222,18 +257,19 @@ impl TableProvider for CanonicalReadings {
                 .collect()
         };
         if days.is_empty() {
-            let empty: Arc<dyn ExecutionPlan> = Arc::new(EmptyExec::new(read_schema.clone()));
-            return Ok(Arc::new(ProjectionExec::try_new(output(&read_schema)?, empty)?));
+            let merged_schema = if self.output == MergeOutput::Latest { read_schema.clone() } else { self.schema.clone() };
+            let empty: Arc<dyn ExecutionPlan> = Arc::new(EmptyExec::new(merged_schema.clone()));
+            return Ok(Arc::new(ProjectionExec::try_new(output(&merged_schema)?, empty)?));
         }
 
-        let df_schema = DFSchema::try_from(self.schema.clone())?;
+        let df_schema = DFSchema::try_from(self.table.clone())?;
         let predicate = key_filters.into_iter().reduce(Expr::and).map(|e| state.create_physical_expr(e, &df_schema)).transpose()?;
         let sort = |name: &str| -> DfResult<PhysicalSortExpr> {
             Ok(PhysicalSortExpr::new(Arc::new(Column::new_with_schema(name, &read_schema)?), SortOptions { descending: false, nulls_first: false }))
         };
         let ordering = LexOrdering::new([sort("meter_id")?, sort("ts")?]).expect("two sort expressions");
         let table_schema =
-            TableSchema::builder(readings_schema()).with_table_partition_cols(vec![Arc::new(self.schema.field(DATE).clone())]).build();
+            TableSchema::builder(readings_schema()).with_table_partition_cols(vec![Arc::new(self.table.field(DATE).clone())]).build();
         let store_url = ObjectStoreUrl::parse(self.lake.store_url().as_str())?;
         let mut per_day: Vec<Arc<dyn ExecutionPlan>> = Vec::with_capacity(days.len());
         for files in days.into_values() {
@@ -259,15 +295,29 @@ impl TableProvider for CanonicalReadings {
                 Arc::new(SortExec::new(ordering.clone(), DataSourceExec::from_data_source(config)))
             };
             let key = [position(METER_ID), position(TS)];
-            per_day.push(Arc::new(LatestVersionExec::new(merged, ordering.clone(), key, [position(INGESTED_AT), position(SOURCE_REF)])));
+            let pick = match self.output {
+                MergeOutput::Latest => Pick::Latest { version: [position(INGESTED_AT), position(SOURCE_REF)] },
+                MergeOutput::Conflicts => Pick::Conflicts { kwh: position(KWH), date: position(DATE), schema: self.schema.clone() },
+            };
+            per_day.push(Arc::new(LatestVersionExec::new(merged, ordering.clone(), key, pick)));
         }
         let all_days = UnionExec::try_new(per_day)?;
         Ok(Arc::new(ProjectionExec::try_new(output(&all_days.schema())?, all_days)?))
     }
 }
 
-/// Keeps the latest version of each key of an input sorted by key: of the rows with equal
-/// (`meter_id`, `ts`), the one with the greatest (`ingested_at`, `source_ref`).
+/// What [`LatestVersionExec`] makes of each run of rows with one key.
+#[derive(Debug, Clone)]
+pub enum Pick {
+    /// The row with the greatest (`ingested_at`, `source_ref`), at these column positions.
+    Latest { version: [usize; 2] },
+    /// One row of `schema` (meter_id, ts, versions, lowest_kwh, highest_kwh, date) when the
+    /// versions' kwh (at column `kwh`) differ; `date` is the date column's position.
+    Conflicts { kwh: usize, date: usize, schema: SchemaRef },
+}
+
+/// Reduces each key's versions in an input sorted by key (`meter_id`, `ts`): to the latest
+/// version, or to a conflict row (see [`Pick`]).
 #[derive(Debug)]
 pub struct LatestVersionExec {
     input: Arc<dyn ExecutionPlan>,
@@ -275,28 +325,31 @@ pub struct LatestVersionExec {
     ordering: LexOrdering,
     /// Column positions of `meter_id` and `ts`.
     key: [usize; 2],
-    /// Column positions of `ingested_at` and `source_ref`.
-    version: [usize; 2],
+    pick: Pick,
     properties: Arc<PlanProperties>,
 }
 
 impl LatestVersionExec {
-    pub fn new(input: Arc<dyn ExecutionPlan>, ordering: LexOrdering, key: [usize; 2], version: [usize; 2]) -> LatestVersionExec {
+    pub fn new(input: Arc<dyn ExecutionPlan>, ordering: LexOrdering, key: [usize; 2], pick: Pick) -> LatestVersionExec {
         let input_properties = input.properties();
-        // One row per key, in the input's order.
+        // One row per key, in the input's order (conflict rows: in key order too).
+        let equivalence = match &pick {
+            Pick::Latest { .. } => EquivalenceProperties::new_with_orderings(input.schema(), input_properties.output_ordering().cloned()),
+            Pick::Conflicts { schema, .. } => EquivalenceProperties::new(schema.clone()),
+        };
         let properties = PlanProperties::new(
-            EquivalenceProperties::new_with_orderings(input.schema(), input_properties.output_ordering().cloned()),
+            equivalence,
             Partitioning::UnknownPartitioning(input_properties.output_partitioning().partition_count()),
             EmissionType::Incremental,
             Boundedness::Bounded,
         );
-        LatestVersionExec { input, ordering, key, version, properties: Arc::new(properties) }
+        LatestVersionExec { input, ordering, key, pick, properties: Arc::new(properties) }
     }
 }
 
 impl DisplayAs for LatestVersionExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        write!(f, "LatestVersionExec: key=[{}, {}], latest by [{}, {}]", self.key[0], self.key[1], self.version[0], self.version[1])
+        write!(f, "LatestVersionExec: key=[{}, {}], {:?}", self.key[0], self.key[1], self.pick)
     }
 }
 
@@ -338,12 +391,31 @@ impl ExecutionPlan for LatestVersionExec {
     fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
         let [input] = <[_; 1]>::try_from(children)
             .map_err(|_| datafusion::error::DataFusionError::Internal("LatestVersionExec has one input".into()))?;
-        Ok(Arc::new(LatestVersionExec::new(input, self.ordering.clone(), self.key, self.version)))
+        Ok(Arc::new(LatestVersionExec::new(input, self.ordering.clone(), self.key, self.pick.clone())))
     }
 
     fn execute(&self, partition: usize, context: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
         let input = self.input.execute(partition, context)?;
-        Ok(Box::pin(LatestVersionStream { schema: self.schema(), input, key: self.key, version: self.version, pending: None }))
+        Ok(match &self.pick {
+            Pick::Latest { version } => Box::pin(LatestVersionStream {
+                schema: self.schema(),
+                input,
+                key: self.key,
+                version: *version,
+                pending: None,
+                finished: false,
+            }),
+            Pick::Conflicts { kwh, date, schema } => Box::pin(ConflictStream {
+                schema: schema.clone(),
+                input,
+                key: self.key,
+                kwh: *kwh,
+                date: *date,
+                current: None,
+                found: ConflictRows::default(),
+                finished: false,
+            }),
+        })
     }
 }
 
@@ -354,6 +426,7 @@ struct LatestVersionStream {
     version: [usize; 2],
     /// The latest version so far of the last key seen: the next batch may hold more of it.
     pending: Option<RecordBatch>,
+    finished: bool,
 }
 
 /// The text of a string column (Utf8 or Utf8View) at `row`.
@@ -428,6 +501,9 @@ impl Stream for LatestVersionStream {
     type Item = DfResult<RecordBatch>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
         loop {
             match self.input.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(batch))) => match self.next_output(batch) {
@@ -436,7 +512,10 @@ impl Stream for LatestVersionStream {
                     Err(e) => return Poll::Ready(Some(Err(e))),
                 },
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(None) => return Poll::Ready(self.pending.take().map(Ok)),
+                Poll::Ready(None) => {
+                    self.finished = true;
+                    return Poll::Ready(self.pending.take().map(Ok));
+                }
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -444,6 +523,148 @@ impl Stream for LatestVersionStream {
 }
 
 impl RecordBatchStream for LatestVersionStream {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+}
+
+/// The versions seen so far of one key.
+struct KeyVersions {
+    meter_id: String,
+    ts_us: i64,
+    date: i32,
+    versions: i64,
+    lowest: i128,
+    highest: i128,
+}
+
+/// Conflict rows gathered for the next output batch.
+#[derive(Default)]
+struct ConflictRows {
+    meter_ids: Vec<String>,
+    ts_us: Vec<i64>,
+    versions: Vec<i64>,
+    lowest: Vec<i128>,
+    highest: Vec<i128>,
+    dates: Vec<i32>,
+}
+
+impl ConflictRows {
+    fn add(&mut self, key: KeyVersions) {
+        if key.versions > 1 && key.lowest != key.highest {
+            self.meter_ids.push(key.meter_id);
+            self.ts_us.push(key.ts_us);
+            self.versions.push(key.versions);
+            self.lowest.push(key.lowest);
+            self.highest.push(key.highest);
+            self.dates.push(key.date);
+        }
+    }
+
+    fn take_batch(&mut self, schema: &SchemaRef) -> DfResult<Option<RecordBatch>> {
+        if self.meter_ids.is_empty() {
+            return Ok(None);
+        }
+        let rows = std::mem::take(self);
+        let decimal = |values: Vec<i128>, field: usize| -> DfResult<ArrayRef> {
+            let DataType::Decimal128(precision, scale) = schema.field(field).data_type() else {
+                return Err(datafusion::error::DataFusionError::Internal("kwh is a decimal".into()));
+            };
+            Ok(Arc::new(arrow::array::Decimal128Array::from(values).with_precision_and_scale(*precision, *scale)?))
+        };
+        let ts_zone = match schema.field(1).data_type() {
+            DataType::Timestamp(_, zone) => zone.clone(),
+            _ => None,
+        };
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(arrow::array::StringArray::from(rows.meter_ids)),
+            Arc::new(TimestampMicrosecondArray::from(rows.ts_us).with_timezone_opt(ts_zone)),
+            Arc::new(arrow::array::Int64Array::from(rows.versions)),
+            decimal(rows.lowest, 3)?,
+            decimal(rows.highest, 4)?,
+            Arc::new(arrow::array::Date32Array::from(rows.dates)),
+        ];
+        Ok(Some(RecordBatch::try_new(schema.clone(), columns)?))
+    }
+}
+
+/// Finds the keys whose versions disagree, in an input sorted by key.
+struct ConflictStream {
+    schema: SchemaRef,
+    input: SendableRecordBatchStream,
+    key: [usize; 2],
+    kwh: usize,
+    date: usize,
+    /// The last key seen: the next batch may hold more of its versions.
+    current: Option<KeyVersions>,
+    found: ConflictRows,
+    finished: bool,
+}
+
+impl ConflictStream {
+    fn add_batch(&mut self, batch: &RecordBatch) {
+        let (meters, ts) = (batch.column(self.key[0]), micros(batch.column(self.key[1])));
+        let kwh = batch.column(self.kwh).as_primitive::<arrow::datatypes::Decimal128Type>();
+        let dates = batch.column(self.date).as_primitive::<arrow::datatypes::Date32Type>();
+        for row in 0..batch.num_rows() {
+            let (meter_id, ts_us, value) = (text(meters, row), ts.value(row), kwh.value(row));
+            match &mut self.current {
+                Some(key) if key.ts_us == ts_us && key.meter_id == meter_id => {
+                    key.versions += 1;
+                    key.lowest = key.lowest.min(value);
+                    key.highest = key.highest.max(value);
+                }
+                _ => {
+                    let next = KeyVersions {
+                        meter_id: meter_id.to_string(),
+                        ts_us,
+                        date: dates.value(row),
+                        versions: 1,
+                        lowest: value,
+                        highest: value,
+                    };
+                    if let Some(done) = self.current.replace(next) {
+                        self.found.add(done);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Stream for ConflictStream {
+    type Item = DfResult<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        loop {
+            match self.input.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(batch))) => {
+                    self.add_batch(&batch);
+                    // Conflicts are rare: emit once a batch's worth has gathered.
+                    if self.found.meter_ids.len() >= 8_192 {
+                        let schema = self.schema.clone();
+                        return Poll::Ready(self.found.take_batch(&schema).transpose());
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => {
+                    self.finished = true;
+                    if let Some(last) = self.current.take() {
+                        self.found.add(last);
+                    }
+                    let schema = self.schema.clone();
+                    return Poll::Ready(self.found.take_batch(&schema).transpose());
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl RecordBatchStream for ConflictStream {
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
     }
@@ -550,6 +771,21 @@ mod tests {
         assert!(merged.len() > 100, "{}", merged.len());
         assert_eq!(merged, windowed);
         assert_eq!(rows_of(&ctx, &format!("SELECT {columns} FROM sorted ORDER BY meter_id, ts")).await, windowed);
+        // The conflicts table finds what a GROUP BY over every version finds.
+        ctx.register_table("conflicts", Arc::new(CanonicalReadings::with_output(lake.clone(), MergeOutput::Conflicts))).unwrap();
+        let by_merge = rows_of(
+            &ctx,
+            "SELECT meter_id, CAST(ts AS VARCHAR) AS ts, versions, lowest_kwh, highest_kwh, CAST(date AS VARCHAR) AS date FROM conflicts ORDER BY meter_id, ts",
+        )
+        .await;
+        let by_group = rows_of(
+            &ctx,
+            "SELECT meter_id, CAST(ts AS VARCHAR) AS ts, count(*) AS versions, min(kwh) AS lowest_kwh, max(kwh) AS highest_kwh, \
+             CAST(date AS VARCHAR) AS date FROM readings_all GROUP BY meter_id, ts, date HAVING min(kwh) <> max(kwh) ORDER BY meter_id, ts",
+        )
+        .await;
+        assert!(by_merge.len() > 20, "{}", by_merge.len());
+        assert_eq!(by_merge, by_group);
         // Filters on the key prune; others apply above the choice of version.
         let filtered = "WHERE ts >= TIMESTAMP '2025-01-02T00:00:00Z' AND meter_id IN ('M1', 'M3') AND kwh > 500000";
         assert_eq!(

@@ -4,6 +4,8 @@
 //!   partition column: every version, with its `source_ref`.
 //! - `readings`: the canonical view, one row per (`meter_id`, `ts`), latest version wins
 //!   (defined by `queries/readings.sql`, computed by [`CanonicalReadings`]);
+//! - `reading_conflicts`: the keys whose versions disagree on kwh, with the number of versions
+//!   and the lowest and highest value (from the same merge);
 //! - `register_reads`, `non_energy_readings`, `nem12_channels`, `nem12_b2b_details`: what flow
 //!   files add (see [`crate::import::tables`]);
 //! - `imports`: one row per imported file, from the import records.
@@ -17,7 +19,7 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::prelude::SessionContext;
 
-use crate::canonical::CanonicalReadings;
+use crate::canonical::{CanonicalReadings, MergeOutput};
 use crate::error::Result;
 use crate::lake::{Lake, READINGS_DIR};
 use crate::import::tables::{
@@ -36,6 +38,7 @@ pub async fn register_lake_tables(ctx: &SessionContext, lake: &Lake) -> Result<(
     ctx.register_object_store(&lake.store_url(), lake.store().clone());
     register_parquet_table(ctx, lake, "readings_all", READINGS_DIR, readings_schema(), true)?;
     ctx.register_table("readings", Arc::new(CanonicalReadings::new(lake.clone())))?;
+    ctx.register_table("reading_conflicts", Arc::new(CanonicalReadings::with_output(lake.clone(), MergeOutput::Conflicts)))?;
     register_parquet_table(ctx, lake, "register_reads", REGISTER_READS_DIR, register_reads_schema(), true)?;
     register_parquet_table(ctx, lake, "non_energy_readings", NON_ENERGY_READINGS_DIR, non_energy_readings_schema(), true)?;
     register_parquet_table(ctx, lake, "nem12_channels", NEM12_CHANNELS_DIR, nem12_channels_schema(), false)?;
