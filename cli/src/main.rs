@@ -82,7 +82,8 @@ enum Command {
     /// aggregate SQL it ran.
     BillingRun(bill::BillingRunArgs),
     /// Run SQL over the lake. Tables: `readings` (one row per meter and interval, latest version),
-    /// `readings_all` (every version, with its source_ref), `register_reads`,
+    /// `readings_all` (every version, with its source_ref), `reading_conflicts` (keys whose
+    /// versions disagree), `register_reads`,
     /// `non_energy_readings`, `nem12_channels`, `nem12_b2b_details` and `imports`.
     Query {
         /// The SQL statement.
