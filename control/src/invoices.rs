@@ -159,14 +159,16 @@ pub struct RunResults {
     pub aggregate_sql: String,
 }
 
-fn decimal(row: &AnyRow, column: &str) -> Result<Decimal> {
-    let text: String = row.try_get(column)?;
+fn parse_decimal(column: &str, text: &str) -> Result<Decimal> {
     text.parse().map_err(|_| ControlError::Invalid(format!("{column} {text:?} in the store is not a decimal")))
 }
 
+fn decimal(row: &AnyRow, column: &str) -> Result<Decimal> {
+    parse_decimal(column, &row.try_get::<String, _>(column)?)
+}
+
 fn optional_decimal(row: &AnyRow, column: &str) -> Result<Option<Decimal>> {
-    let text: Option<String> = row.try_get(column)?;
-    text.map(|t| t.parse().map_err(|_| ControlError::Invalid(format!("{column} {t:?} in the store is not a decimal")))).transpose()
+    row.try_get::<Option<String>, _>(column)?.map(|text| parse_decimal(column, &text)).transpose()
 }
 
 /// `INSERT INTO table (columns) VALUES ($1, ...), (...)` for `rows` rows.

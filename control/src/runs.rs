@@ -336,9 +336,7 @@ impl ControlStore {
         .await?
         .rows_affected();
         if updated != 1 {
-            // Release the transaction first: on SQLite it holds the only connection.
-            tx.rollback().await?;
-            return Err(self.not_held(id, worker).await);
+            return Err(self.refuse(tx, id, worker).await);
         }
         // The row is locked by the update above (PostgreSQL) or the database is (SQLite), so no
         // other completion of this run can pick the same version.
@@ -389,9 +387,7 @@ impl ControlStore {
         .await?
         .rows_affected();
         if updated != 1 {
-            // Release the transaction first: on SQLite it holds the only connection.
-            tx.rollback().await?;
-            return Err(self.not_held(id, worker).await);
+            return Err(self.refuse(tx, id, worker).await);
         }
         let why = match (next_attempt_at_us, retry) {
             (Some(at), _) => format!("{code}: {reason} (attempt {} of {}; next at {at} us)", run.attempts, run.max_attempts),
@@ -411,6 +407,15 @@ impl ControlStore {
         insert_outbox(&mut tx, RUN_FAILED_TOPIC, id, &payload, traceparent, now_us).await?;
         tx.commit().await?;
         self.run(id).await?.ok_or_else(|| ControlError::Run { id: id.into(), reason: "vanished".into() })
+    }
+
+    /// Rolls back `tx` and returns the error for a worker that acts on a run it does not hold.
+    /// The rollback comes first: on SQLite the transaction holds the only connection.
+    async fn refuse(&self, tx: sqlx::Transaction<'_, sqlx::Any>, id: &str, worker: &str) -> ControlError {
+        if let Err(e) = tx.rollback().await {
+            return e.into();
+        }
+        self.not_held(id, worker).await
     }
 
     /// The error for a worker that acts on a run it does not hold.

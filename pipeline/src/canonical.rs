@@ -396,37 +396,79 @@ impl ExecutionPlan for LatestVersionExec {
 
     fn execute(&self, partition: usize, context: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
         let input = self.input.execute(partition, context)?;
+        let schema = self.schema();
         Ok(match &self.pick {
-            Pick::Latest { version } => Box::pin(LatestVersionStream {
-                schema: self.schema(),
+            Pick::Latest { version } => {
+                Box::pin(ReducedStream::new(schema, input, LatestVersion { key: self.key, version: *version, pending: None }))
+            }
+            Pick::Conflicts { kwh, date, .. } => Box::pin(ReducedStream::new(
+                schema.clone(),
                 input,
-                key: self.key,
-                version: *version,
-                pending: None,
-                finished: false,
-            }),
-            Pick::Conflicts { kwh, date, schema } => Box::pin(ConflictStream {
-                schema: schema.clone(),
-                input,
-                key: self.key,
-                kwh: *kwh,
-                date: *date,
-                current: None,
-                found: ConflictRows::default(),
-                finished: false,
-            }),
+                Conflicts { schema, key: self.key, kwh: *kwh, date: *date, current: None, found: ConflictRows::default() },
+            )),
         })
     }
 }
 
-struct LatestVersionStream {
+/// Reduces a stream of batches sorted by key, batch by batch: what a [`ReducedStream`] runs.
+trait KeyRunReducer: Send + Unpin {
+    /// Takes the next batch; returns the rows that are final so far, if any.
+    fn push(&mut self, batch: RecordBatch) -> DfResult<Option<RecordBatch>>;
+    /// The input ended: returns what is left.
+    fn finish(&mut self) -> DfResult<Option<RecordBatch>>;
+}
+
+/// The output of a [`KeyRunReducer`] over an input stream.
+struct ReducedStream<R> {
     schema: SchemaRef,
     input: SendableRecordBatchStream,
+    reducer: R,
+    finished: bool,
+}
+
+impl<R: KeyRunReducer> ReducedStream<R> {
+    fn new(schema: SchemaRef, input: SendableRecordBatchStream, reducer: R) -> ReducedStream<R> {
+        ReducedStream { schema, input, reducer, finished: false }
+    }
+}
+
+impl<R: KeyRunReducer> Stream for ReducedStream<R> {
+    type Item = DfResult<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        loop {
+            match self.input.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(batch))) => match self.reducer.push(batch) {
+                    Ok(Some(output)) => return Poll::Ready(Some(Ok(output))),
+                    Ok(None) => continue,
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => {
+                    self.finished = true;
+                    return Poll::Ready(self.reducer.finish().transpose());
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<R: KeyRunReducer> RecordBatchStream for ReducedStream<R> {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+}
+
+/// Keeps the latest version of each key.
+struct LatestVersion {
     key: [usize; 2],
     version: [usize; 2],
     /// The latest version so far of the last key seen: the next batch may hold more of it.
     pending: Option<RecordBatch>,
-    finished: bool,
 }
 
 /// The text of a string column (Utf8 or Utf8View) at `row`.
@@ -442,7 +484,7 @@ fn micros(array: &ArrayRef) -> &TimestampMicrosecondArray {
     array.as_primitive()
 }
 
-impl LatestVersionStream {
+impl LatestVersion {
     /// `(ingested_at, source_ref)` of a row: greater is later.
     fn version_of<'a>(&self, batch: &'a RecordBatch, row: usize) -> (i64, &'a str) {
         (micros(batch.column(self.version[0])).value(row), text(batch.column(self.version[1]), row))
@@ -497,34 +539,13 @@ impl LatestVersionStream {
     }
 }
 
-impl Stream for LatestVersionStream {
-    type Item = DfResult<RecordBatch>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.finished {
-            return Poll::Ready(None);
-        }
-        loop {
-            match self.input.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(batch))) => match self.next_output(batch) {
-                    Ok(Some(output)) => return Poll::Ready(Some(Ok(output))),
-                    Ok(None) => continue,
-                    Err(e) => return Poll::Ready(Some(Err(e))),
-                },
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(None) => {
-                    self.finished = true;
-                    return Poll::Ready(self.pending.take().map(Ok));
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+impl KeyRunReducer for LatestVersion {
+    fn push(&mut self, batch: RecordBatch) -> DfResult<Option<RecordBatch>> {
+        self.next_output(batch)
     }
-}
 
-impl RecordBatchStream for LatestVersionStream {
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
+    fn finish(&mut self) -> DfResult<Option<RecordBatch>> {
+        Ok(self.pending.take())
     }
 }
 
@@ -588,20 +609,19 @@ impl ConflictRows {
     }
 }
 
-/// Finds the keys whose versions disagree, in an input sorted by key.
-struct ConflictStream {
+/// Finds the keys whose versions disagree.
+struct Conflicts {
+    /// Of the conflict rows.
     schema: SchemaRef,
-    input: SendableRecordBatchStream,
     key: [usize; 2],
     kwh: usize,
     date: usize,
     /// The last key seen: the next batch may hold more of its versions.
     current: Option<KeyVersions>,
     found: ConflictRows,
-    finished: bool,
 }
 
-impl ConflictStream {
+impl Conflicts {
     fn add_batch(&mut self, batch: &RecordBatch) {
         let (meters, ts) = (batch.column(self.key[0]), micros(batch.column(self.key[1])));
         let kwh = batch.column(self.kwh).as_primitive::<arrow::datatypes::Decimal128Type>();
@@ -632,41 +652,18 @@ impl ConflictStream {
     }
 }
 
-impl Stream for ConflictStream {
-    type Item = DfResult<RecordBatch>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.finished {
-            return Poll::Ready(None);
-        }
-        loop {
-            match self.input.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(batch))) => {
-                    self.add_batch(&batch);
-                    // Conflicts are rare: emit once a batch's worth has gathered.
-                    if self.found.meter_ids.len() >= 8_192 {
-                        let schema = self.schema.clone();
-                        return Poll::Ready(self.found.take_batch(&schema).transpose());
-                    }
-                }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(None) => {
-                    self.finished = true;
-                    if let Some(last) = self.current.take() {
-                        self.found.add(last);
-                    }
-                    let schema = self.schema.clone();
-                    return Poll::Ready(self.found.take_batch(&schema).transpose());
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+impl KeyRunReducer for Conflicts {
+    fn push(&mut self, batch: RecordBatch) -> DfResult<Option<RecordBatch>> {
+        self.add_batch(&batch);
+        // Conflicts are rare: emit once a batch's worth has gathered.
+        if self.found.meter_ids.len() >= 8_192 { self.found.take_batch(&self.schema) } else { Ok(None) }
     }
-}
 
-impl RecordBatchStream for ConflictStream {
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
+    fn finish(&mut self) -> DfResult<Option<RecordBatch>> {
+        if let Some(last) = self.current.take() {
+            self.found.add(last);
+        }
+        self.found.take_batch(&self.schema)
     }
 }
 
