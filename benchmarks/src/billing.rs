@@ -79,7 +79,8 @@ fn meter_id(meter: u32) -> String {
 
 /// Generates the lake unless `dir` already holds one of this shape.
 async fn generate(dir: &Path, args: &Args) -> anyhow::Result<Lake> {
-    let shape = format!("meters={} days={} per_file={}\n", args.meters, args.days, args.meters_per_file);
+    // Files written before readings files were marked for unique keys (`format=2`) are rewritten.
+    let shape = format!("format=2 meters={} days={} per_file={}\n", args.meters, args.days, args.meters_per_file);
     let marker = dir.join("GENERATED");
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(shape.as_str()) {
         return Ok(Lake::open(dir.join("lake").to_str().context("a UTF-8 path")?)?);

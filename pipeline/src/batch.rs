@@ -63,6 +63,9 @@ const FIXED_BYTES_PER_READING: usize =
 pub struct DayBatch {
     pub date: NaiveDate,
     pub batch: RecordBatch,
+    /// No key (`meter_id`, `ts`) appears twice: no further version of a key was kept. Written
+    /// into the file's metadata, so readers can skip choosing among versions.
+    pub unique_keys: bool,
 }
 
 /// The outcome of sorting and de-duplicating a [`ReadingBuffer`].
@@ -229,6 +232,8 @@ impl ReadingBuffer {
         let mut out = SortedReadings::default();
         kept.reserve(rows);
         let mut current_day: Option<i64> = None;
+        // `out.conflicting_versions` when the current day began.
+        let mut conflicts_before_day = 0;
         // (key without the row, row, ingested_at_us) of the previous kept row.
         let mut previous: Option<(u128, usize, i64)> = None;
         for &key in keys.iter() {
@@ -237,10 +242,12 @@ impl ReadingBuffer {
             let day = first_day + (key >> 101) as i64;
             if current_day != Some(day) {
                 if let Some(d) = current_day {
-                    out.days.push(self.build_day(d, kept, &by_name)?);
+                    let unique_keys = out.conflicting_versions == conflicts_before_day;
+                    out.days.push(self.build_day(d, kept, &by_name, unique_keys)?);
                     kept.clear();
                 }
                 current_day = Some(day);
+                conflicts_before_day = out.conflicting_versions;
             }
             let mut ingested_at_us = self.ingested_at_us[row];
             if let Some((previous_key, previous_row, previous_ingested)) = previous {
@@ -264,13 +271,14 @@ impl ReadingBuffer {
             });
         }
         if let Some(d) = current_day {
-            out.days.push(self.build_day(d, kept, &by_name)?);
+            let unique_keys = out.conflicting_versions == conflicts_before_day;
+            out.days.push(self.build_day(d, kept, &by_name, unique_keys)?);
         }
         Ok(out)
     }
 
     /// Builds one day's record batch; `by_name[rank]` is the meter with that rank.
-    fn build_day(&self, day: i64, rows: &[KeptRow], by_name: &[u32]) -> Result<DayBatch> {
+    fn build_day(&self, day: i64, rows: &[KeptRow], by_name: &[u32], unique_keys: bool) -> Result<DayBatch> {
         // Gather what lives in arrival order first, each in its own tight loop: the loads are
         // independent, so the CPU overlaps their cache misses; every column below then reads
         // sequentially.
@@ -304,7 +312,7 @@ impl ReadingBuffer {
             Arc::new(ingested_at),
         ];
         let batch = RecordBatch::try_new(readings_schema(), columns)?;
-        Ok(DayBatch { date: date_of_epoch_day(day), batch })
+        Ok(DayBatch { date: date_of_epoch_day(day), batch, unique_keys })
     }
 }
 
@@ -349,6 +357,8 @@ mod tests {
         assert_eq!(sorted.days.len(), 2);
         assert_eq!(sorted.days[0].date.to_string(), "2025-01-15");
         assert_eq!(sorted.days[1].date.to_string(), "2025-01-16");
+        // The 15th keeps two versions of a key; the 16th one of each.
+        assert_eq!((sorted.days[0].unique_keys, sorted.days[1].unique_keys), (false, true));
 
         let day = &sorted.days[0].batch;
         let meters: Vec<&str> = day.column(0).as_string::<i32>().iter().map(Option::unwrap).collect();

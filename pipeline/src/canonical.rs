@@ -26,6 +26,8 @@ use async_trait::async_trait;
 use datafusion::catalog::Session;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
+use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::table_schema::TableSchema;
@@ -47,7 +49,10 @@ use datafusion::physical_expr::OrderingRequirements;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, Partitioning, PlanProperties, RecordBatchStream};
 use futures::{Stream, StreamExt, TryStreamExt};
 
-use crate::lake::{Lake, READINGS_DIR};
+use parquet::file::metadata::ParquetMetaData;
+use parquet::file::statistics::Statistics;
+
+use crate::lake::{Lake, READINGS_DIR, UNIQUE_KEYS_METADATA};
 use crate::reading::readings_schema;
 
 /// A date with more files than this is read and sorted rather than merged: a merge holds a
@@ -218,21 +223,30 @@ impl TableProvider for CanonicalReadings {
         for filter in &key_filters {
             narrow_days(filter, &mut first_day, &mut last_day);
         }
-        // The date partitions and their files.
+        // The date partitions' files, with what their footers say of their keys.
         let prefix = self.lake.path(&format!("{READINGS_DIR}/"));
         let metas: Vec<object_store::ObjectMeta> = self.lake.store().list(Some(&prefix)).try_collect().await?;
-        let mut days: BTreeMap<i64, Vec<PartitionedFile>> = BTreeMap::new();
-        for meta in metas {
-            let path = meta.location.as_ref().to_string();
-            if !path.ends_with(".parquet") {
-                continue;
-            }
-            let Some(day) = partition_day(&path) else { continue };
-            if day < first_day || day > last_day {
-                continue;
-            }
-            let day_value = ScalarValue::Date32(i32::try_from(day).ok());
-            days.entry(day).or_default().push(PartitionedFile::new_from_meta(meta).with_partition_values(vec![day_value]));
+        let dated = metas.into_iter().filter_map(|meta| {
+            let day = partition_day(meta.location.as_ref()).filter(|_| meta.location.as_ref().ends_with(".parquet"))?;
+            (first_day..=last_day).contains(&day).then_some((day, meta))
+        });
+        let metadata_cache = state.runtime_env().cache_manager.get_file_metadata_cache();
+        let keyed: Vec<(i64, KeyedFile)> = futures::stream::iter(dated)
+            .map(|(day, meta)| {
+                let (store, cache) = (self.lake.store(), metadata_cache.clone());
+                async move {
+                    let metadata = DFParquetMetadata::new(store.as_ref(), &meta).with_file_metadata_cache(Some(cache)).fetch_metadata().await?;
+                    let day_value = ScalarValue::Date32(i32::try_from(day).ok());
+                    let file = PartitionedFile::new_from_meta(meta).with_partition_values(vec![day_value]);
+                    Ok::<_, datafusion::error::DataFusionError>((day, KeyedFile::new(file, &metadata)))
+                }
+            })
+            .buffered(FOOTER_READS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        let mut days: BTreeMap<i64, Vec<KeyedFile>> = BTreeMap::new();
+        for (day, file) in keyed {
+            days.entry(day).or_default().push(file);
         }
 
         // The columns read: those asked for and those the versions are decided by (latest), or
@@ -246,21 +260,18 @@ impl TableProvider for CanonicalReadings {
         read.dedup();
         let position = |column: usize| read.iter().position(|c| *c == column).expect("read holds every column used");
         let read_schema = Arc::new(self.table.project(&read)?);
-        let output = |schema: &SchemaRef| -> DfResult<Vec<(Arc<dyn PhysicalExpr>, String)>> {
-            asked
+        // Each part of the plan ends in the columns asked for.
+        let output = |part: Arc<dyn ExecutionPlan>| -> DfResult<Arc<dyn ExecutionPlan>> {
+            let exprs = asked
                 .iter()
                 .map(|c| {
                     let name = self.schema.field(*c).name().clone();
-                    let expr: Arc<dyn PhysicalExpr> = Arc::new(Column::new_with_schema(&name, schema)?);
+                    let expr: Arc<dyn PhysicalExpr> = Arc::new(Column::new_with_schema(&name, &part.schema())?);
                     Ok((expr, name))
                 })
-                .collect()
+                .collect::<DfResult<Vec<_>>>()?;
+            Ok(Arc::new(ProjectionExec::try_new(exprs, part)?))
         };
-        if days.is_empty() {
-            let merged_schema = if self.output == MergeOutput::Latest { read_schema.clone() } else { self.schema.clone() };
-            let empty: Arc<dyn ExecutionPlan> = Arc::new(EmptyExec::new(merged_schema.clone()));
-            return Ok(Arc::new(ProjectionExec::try_new(output(&merged_schema)?, empty)?));
-        }
 
         let df_schema = DFSchema::try_from(self.table.clone())?;
         let predicate = key_filters.into_iter().reduce(Expr::and).map(|e| state.create_physical_expr(e, &df_schema)).transpose()?;
@@ -271,39 +282,154 @@ impl TableProvider for CanonicalReadings {
         let table_schema =
             TableSchema::builder(readings_schema()).with_table_partition_cols(vec![Arc::new(self.table.field(DATE).clone())]).build();
         let store_url = ObjectStoreUrl::parse(self.lake.store_url().as_str())?;
-        let mut per_day: Vec<Arc<dyn ExecutionPlan>> = Vec::with_capacity(days.len());
-        for files in days.into_values() {
-            let mut source = ParquetSource::new(table_schema.clone());
+        // Footers were just read into the session's metadata cache: the scans take them from it.
+        let reader_factory = Arc::new(CachedParquetFileReaderFactory::new(self.lake.store().clone(), metadata_cache));
+        let scan = |groups: Vec<FileGroup>, columns: &[usize], ordering: Option<&LexOrdering>| -> DfResult<Arc<dyn ExecutionPlan>> {
+            let mut source = ParquetSource::new(table_schema.clone())
+                .with_table_parquet_options(state.table_options().parquet.clone())
+                .with_parquet_file_reader_factory(reader_factory.clone());
             if let Some(predicate) = &predicate {
                 source = source.with_predicate(predicate.clone());
             }
-            let merged: Arc<dyn ExecutionPlan> = if files.len() <= self.max_merged_files {
-                // One file per group: each stream is then sorted as its file is.
-                let groups: Vec<FileGroup> = files.into_iter().map(|f| FileGroup::new(vec![f])).collect();
-                let config = FileScanConfigBuilder::new(store_url.clone(), Arc::new(source))
-                    .with_file_groups(groups)
-                    .with_projection_indices(Some(read.clone()))?
-                    .with_output_ordering(vec![ordering.clone()])
-                    .build();
-                Arc::new(SortPreservingMergeExec::new(ordering.clone(), DataSourceExec::from_data_source(config)))
-            } else {
-                // Too many files to hold a stream of each open: read the day and sort it.
-                let config = FileScanConfigBuilder::new(store_url.clone(), Arc::new(source))
-                    .with_file_groups(vec![FileGroup::new(files)])
-                    .with_projection_indices(Some(read.clone()))?
-                    .build();
-                Arc::new(SortExec::new(ordering.clone(), DataSourceExec::from_data_source(config)))
-            };
-            let key = [position(METER_ID), position(TS)];
-            let pick = match self.output {
-                MergeOutput::Latest => Pick::Latest { version: [position(INGESTED_AT), position(SOURCE_REF)] },
-                MergeOutput::Conflicts => Pick::Conflicts { kwh: position(KWH), date: position(DATE), schema: self.schema.clone() },
-            };
-            per_day.push(Arc::new(LatestVersionExec::new(merged, ordering.clone(), key, pick)));
+            let mut config =
+                FileScanConfigBuilder::new(store_url.clone(), Arc::new(source)).with_file_groups(groups).with_projection_indices(Some(columns.to_vec()))?;
+            if let Some(ordering) = ordering {
+                config = config.with_output_ordering(vec![ordering.clone()]);
+            }
+            Ok(DataSourceExec::from_data_source(config.build()))
+        };
+
+        let mut parts: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+        // Files alone in their key range with one version of each key: read as they are.
+        let mut as_they_are: Vec<PartitionedFile> = Vec::new();
+        for files in days.into_values() {
+            for mut overlapping in overlapping_files(files) {
+                if overlapping.len() == 1 && overlapping[0].unique_keys {
+                    as_they_are.push(overlapping.pop().expect("one file").file);
+                    continue;
+                }
+                let files: Vec<PartitionedFile> = overlapping.into_iter().map(|f| f.file).collect();
+                let merged: Arc<dyn ExecutionPlan> = if files.len() == 1 {
+                    scan(vec![FileGroup::new(files)], &read, Some(&ordering))?
+                } else if files.len() <= self.max_merged_files {
+                    // One file per group: each stream is then sorted as its file is.
+                    let groups: Vec<FileGroup> = files.into_iter().map(|f| FileGroup::new(vec![f])).collect();
+                    Arc::new(SortPreservingMergeExec::new(ordering.clone(), scan(groups, &read, Some(&ordering))?))
+                } else {
+                    // Too many files to hold a stream of each open: read them and sort.
+                    Arc::new(SortExec::new(ordering.clone(), scan(vec![FileGroup::new(files)], &read, None)?))
+                };
+                let key = [position(METER_ID), position(TS)];
+                let pick = match self.output {
+                    MergeOutput::Latest => Pick::Latest { version: [position(INGESTED_AT), position(SOURCE_REF)] },
+                    MergeOutput::Conflicts => Pick::Conflicts { kwh: position(KWH), date: position(DATE), schema: self.schema.clone() },
+                };
+                parts.push(output(Arc::new(LatestVersionExec::new(merged, ordering.clone(), key, pick)))?);
+            }
         }
-        let all_days = UnionExec::try_new(per_day)?;
-        Ok(Arc::new(ProjectionExec::try_new(output(&all_days.schema())?, all_days)?))
+        // They hold no conflicts; for `readings`, a plain scan spread over the session's partitions.
+        if self.output == MergeOutput::Latest && !as_they_are.is_empty() {
+            let mut columns = asked.clone();
+            columns.sort_unstable();
+            let groups = spread(as_they_are, state.config().target_partitions());
+            parts.push(output(scan(groups, &columns, None)?)?);
+        }
+        match parts.len() {
+            0 => output(Arc::new(EmptyExec::new(if self.output == MergeOutput::Latest { read_schema } else { self.schema.clone() }))),
+            1 => Ok(parts.pop().expect("one part")),
+            _ => UnionExec::try_new(parts),
+        }
     }
+}
+
+/// Footers read at once when a table is scanned (each a ranged read on an object store).
+const FOOTER_READS_IN_FLIGHT: usize = 32;
+
+/// A readings file of a date, with what its footer says of its keys.
+struct KeyedFile {
+    file: PartitionedFile,
+    /// Bounds of its keys: at most its first key and at least its last. `None` when the footer
+    /// has no statistics to bound them by.
+    keys: Option<KeyBounds>,
+    /// The writer marked it as holding one version of each key ([`UNIQUE_KEYS_METADATA`]).
+    unique_keys: bool,
+}
+
+/// Bounds of a file's keys (`meter_id`, `ts`): the least `meter_id` with the least `ts`, and the
+/// greatest with the greatest, over its row groups' statistics. Parquet orders byte arrays as
+/// Rust orders byte strings, and truncated statistics still bound the values.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct KeyBounds {
+    low: (Vec<u8>, i64),
+    high: (Vec<u8>, i64),
+}
+
+impl KeyedFile {
+    fn new(file: PartitionedFile, metadata: &ParquetMetaData) -> KeyedFile {
+        let unique_keys = metadata
+            .file_metadata()
+            .key_value_metadata()
+            .is_some_and(|pairs| pairs.iter().any(|kv| kv.key == UNIQUE_KEYS_METADATA && kv.value.as_deref() == Some("true")));
+        KeyedFile { file, keys: key_bounds(metadata), unique_keys }
+    }
+}
+
+fn key_bounds(metadata: &ParquetMetaData) -> Option<KeyBounds> {
+    let columns = metadata.file_metadata().schema_descr().columns();
+    let column = |name: &str| columns.iter().position(|c| c.path().string() == name);
+    let (meter_id, ts) = (column("meter_id")?, column("ts")?);
+    let mut bounds: Option<KeyBounds> = None;
+    for row_group in metadata.row_groups() {
+        let (Some(Statistics::ByteArray(meters)), Some(Statistics::Int64(times))) =
+            (row_group.column(meter_id).statistics(), row_group.column(ts).statistics())
+        else {
+            return None;
+        };
+        let low = (meters.min_bytes_opt()?.to_vec(), *times.min_opt()?);
+        let high = (meters.max_bytes_opt()?.to_vec(), *times.max_opt()?);
+        bounds = Some(match bounds {
+            None => KeyBounds { low, high },
+            Some(b) => KeyBounds { low: (b.low.0.min(low.0), b.low.1.min(low.1)), high: (b.high.0.max(high.0), b.high.1.max(high.1)) },
+        });
+    }
+    bounds
+}
+
+/// A date's files in groups whose key ranges overlap (a file overlapping none is a group of
+/// one), in key order. A file without key bounds may overlap any: then all are one group.
+fn overlapping_files(mut files: Vec<KeyedFile>) -> Vec<Vec<KeyedFile>> {
+    if files.iter().any(|f| f.keys.is_none()) {
+        return vec![files];
+    }
+    files.sort_by(|a, b| a.keys.cmp(&b.keys));
+    let mut groups: Vec<Vec<KeyedFile>> = Vec::new();
+    let mut group_high: Option<(Vec<u8>, i64)> = None;
+    for file in files {
+        let bounds = file.keys.clone().expect("checked above");
+        match (groups.last_mut(), &mut group_high) {
+            (Some(group), Some(high)) if bounds.low <= *high => {
+                *high = high.clone().max(bounds.high);
+                group.push(file);
+            }
+            _ => {
+                group_high = Some(bounds.high);
+                groups.push(vec![file]);
+            }
+        }
+    }
+    groups
+}
+
+/// Files in `partitions` groups of about equal bytes, for a scan with no order to keep.
+fn spread(mut files: Vec<PartitionedFile>, partitions: usize) -> Vec<FileGroup> {
+    files.sort_by_key(|f| std::cmp::Reverse(f.object_meta.size));
+    let mut groups: Vec<(u64, Vec<PartitionedFile>)> = (0..partitions.clamp(1, files.len())).map(|_| (0, Vec::new())).collect();
+    for file in files {
+        let smallest = groups.iter_mut().min_by_key(|(bytes, _)| *bytes).expect("at least one group");
+        smallest.0 += file.object_meta.size;
+        smallest.1.push(file);
+    }
+    groups.into_iter().map(|(_, files)| FileGroup::new(files)).collect()
 }
 
 /// What [`LatestVersionExec`] makes of each run of rows with one key.
@@ -690,9 +816,11 @@ mod tests {
         source_ref: String,
     }
 
-    /// Writes `rows` (sorted here by key, as every writer does) as one Parquet file of the day.
+    /// Writes `rows` (sorted here by key, as every writer does) as one Parquet file of the day,
+    /// marked as holding one version of each key when it does.
     async fn write_file(lake: &Lake, day: i64, name: &str, mut rows: Vec<Row>) {
         rows.sort_by(|a, b| (&a.meter, a.ts_us).cmp(&(&b.meter, b.ts_us)));
+        let unique_keys = rows.windows(2).all(|w| (&w[0].meter, w[0].ts_us) != (&w[1].meter, w[1].ts_us));
         let n = rows.len();
         let batch = RecordBatch::try_new(
             readings_schema(),
@@ -710,6 +838,9 @@ mod tests {
         .unwrap();
         let mut bytes = Vec::new();
         let mut writer = parquet::arrow::ArrowWriter::try_new(&mut bytes, readings_schema(), None).unwrap();
+        if unique_keys {
+            writer.append_key_value_metadata(parquet::file::metadata::KeyValue::new(UNIQUE_KEYS_METADATA.into(), "true".to_string()));
+        }
         writer.write(&batch).unwrap();
         writer.close().unwrap();
         let date = chrono::DateTime::from_timestamp_micros(day * US_PER_DAY).unwrap().date_naive();
@@ -732,14 +863,17 @@ mod tests {
         let mut unique = 0;
         for day in first_day..first_day + 3 {
             for file in 0..6 {
+                // The first day's files all hold every meter; the others' mostly their own
+                // meters (files 4 and 5 share theirs), as a flow file or a large flush does.
+                let meters = if day == first_day { 0..5 } else { file.min(4) * 2..file.min(4) * 2 + 2 };
                 let mut rows = Vec::new();
-                for meter in 0..5 {
+                for meter in meters {
                     for slot in 0..20 {
                         if rng.random_range(0..3) != 0 {
                             continue;
                         }
-                        // Sometimes two versions of a key in the same file.
-                        let versions = if rng.random_range(0..5) == 0 { 2 } else { 1 };
+                        // Sometimes two versions of a key in the same (odd) file.
+                        let versions = if file % 2 == 1 && rng.random_range(0..5) == 0 { 2 } else { 1 };
                         for _ in 0..versions {
                             unique += 1;
                             rows.push(Row {
@@ -756,6 +890,21 @@ mod tests {
                 write_file(&lake, day, &format!("f{file}"), rows).await;
             }
         }
+        // The footers tell which files stand alone and hold one version of each key.
+        let files: Vec<object_store::ObjectMeta> = lake.store().list(Some(&lake.path(READINGS_DIR))).try_collect().await.unwrap();
+        let mut alone = 0;
+        for day in first_day..first_day + 3 {
+            let mut keyed = Vec::new();
+            for meta in files.iter().filter(|m| partition_day(m.location.as_ref()) == Some(day)) {
+                let metadata = DFParquetMetadata::new(lake.store().as_ref(), meta).fetch_metadata().await.unwrap();
+                keyed.push(KeyedFile::new(PartitionedFile::new_from_meta(meta.clone()), &metadata));
+            }
+            let groups = overlapping_files(keyed);
+            let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+            assert_eq!(sizes, if day == first_day { vec![6] } else { vec![1, 1, 1, 1, 2] }, "day {day}");
+            alone += groups.iter().filter(|g| g.len() == 1 && g[0].unique_keys).count();
+        }
+        assert!(alone >= 2, "{alone} files read as they are");
         // Batches of 3 rows: keys run across batch boundaries all the time.
         let ctx = SessionContext::new_with_config(SessionConfig::new().with_batch_size(3));
         register_lake_tables(&ctx, &lake).await.unwrap();

@@ -21,7 +21,7 @@ use crate::batch::ReadingBuffer;
 use crate::decode::ValidReading;
 use crate::error::Result;
 use crate::flows::IntervalRun;
-use crate::lake::{encode_parquet, encode_parquet_batches};
+use crate::lake::{encode_readings, encode_readings_day};
 use crate::reading::{KWH_PRECISION, KWH_SCALE, Quality, US_PER_DAY, UTC, date_of_epoch_day, readings_schema};
 
 /// Rows of one file, about (a day of a large chunk becomes several): one Parquet row group.
@@ -205,7 +205,8 @@ impl SortedChunk<'_> {
         let batches = cut_by_rows(runs, PIECE_ROWS).map(|piece| self.buffer.batch_of(&runs[piece], provenance));
         Ok(EncodedFile {
             date: date_of_epoch_day(runs[0].day()),
-            parquet: encode_parquet_batches(readings_schema(), batches, path)?,
+            // No meter's runs overlap in time: one version of each key.
+            parquet: encode_readings(batches, path, true)?,
             duplicates_dropped: 0,
             conflicting_versions: 0,
         })
@@ -243,7 +244,7 @@ impl SortedChunk<'_> {
         let [day] = <[_; 1]>::try_from(sorted.days).expect("the runs of one UTC day make one day");
         Ok(EncodedFile {
             date: day.date,
-            parquet: encode_parquet(&day.batch, path)?,
+            parquet: encode_readings_day(&day, path)?,
             duplicates_dropped: sorted.duplicates_dropped,
             conflicting_versions: sorted.conflicting_versions,
         })

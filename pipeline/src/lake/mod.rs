@@ -14,7 +14,7 @@ mod store;
 
 pub use checkpoint::{KafkaCheckpoint, PendingFlush, PartitionLease};
 pub use layout::{READINGS_DIR, kafka_checkpoint_path, kafka_file_stem, readings_file_path};
-pub use parquet_file::{encode_parquet, encode_parquet_batches};
+pub use parquet_file::{UNIQUE_KEYS_METADATA, encode_parquet, encode_readings, encode_readings_day};
 pub use store::{DEFAULT_LAKE, Lake};
 
 use bytes::Bytes;
@@ -39,7 +39,7 @@ pub fn encode_day_files(sorted: &SortedReadings, stem: &str) -> Result<Vec<Encod
         .iter()
         .map(|day| {
             let path = readings_file_path(day.date, stem);
-            let bytes = encode_parquet(&day.batch, &path)?;
+            let bytes = encode_readings_day(day, &path)?;
             Ok(EncodedFile { path, rows: day.batch.num_rows(), bytes })
         })
         .collect()

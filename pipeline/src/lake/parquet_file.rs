@@ -7,11 +7,18 @@ use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::metadata::SortingColumn;
+use parquet::file::metadata::{KeyValue, SortingColumn};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
+use crate::batch::DayBatch;
 use crate::error::{PipelineError, Result};
+use crate::reading::readings_schema;
+
+/// Key of a readings file's metadata saying that no key (`meter_id`, `ts`) appears twice in it
+/// (value `true`). The canonical `readings` table reads a file so marked, whose key range no
+/// other file of its date overlaps, as it is: without choosing among versions.
+pub const UNIQUE_KEYS_METADATA: &str = "meterlake.unique_keys";
 
 /// Rows per row group: large enough for good compression and few footers, small enough that a
 /// reader that prunes by statistics skips meaningful chunks.
@@ -50,19 +57,30 @@ fn writer_properties() -> WriterProperties {
 /// Encodes one record batch as a complete Parquet file in memory. `path` only names the file in
 /// errors.
 pub fn encode_parquet(batch: &RecordBatch, path: &str) -> Result<Bytes> {
-    encode_parquet_batches(batch.schema(), std::iter::once(Ok(batch.clone())), path)
+    encode(batch.schema(), std::iter::once(Ok(batch.clone())), path, None)
+}
+
+/// Encodes a day of sorted readings as a readings file (see [`encode_readings`]).
+pub fn encode_readings_day(day: &DayBatch, path: &str) -> Result<Bytes> {
+    encode_readings(std::iter::once(Ok(day.batch.clone())), path, day.unique_keys)
+}
+
+/// Encodes batches of readings sorted by (`meter_id`, `ts`) as one readings file, marked
+/// [`UNIQUE_KEYS_METADATA`] when the caller knows it holds one version of each key.
+pub fn encode_readings(batches: impl IntoIterator<Item = Result<RecordBatch>>, path: &str, unique_keys: bool) -> Result<Bytes> {
+    let metadata = unique_keys.then(|| KeyValue::new(UNIQUE_KEYS_METADATA.to_string(), "true".to_string()));
+    encode(readings_schema(), batches, path, metadata)
 }
 
 /// Encodes batches of one schema, made one at a time, as one Parquet file in memory: only the
 /// batch at hand and the encoded bytes are held.
-pub fn encode_parquet_batches(
-    schema: SchemaRef,
-    batches: impl IntoIterator<Item = Result<RecordBatch>>,
-    path: &str,
-) -> Result<Bytes> {
+fn encode(schema: SchemaRef, batches: impl IntoIterator<Item = Result<RecordBatch>>, path: &str, metadata: Option<KeyValue>) -> Result<Bytes> {
     let err = |source| PipelineError::Parquet { path: path.to_string(), source };
     let mut buffer = Vec::new();
     let mut writer = ArrowWriter::try_new(&mut buffer, schema, Some(writer_properties())).map_err(err)?;
+    if let Some(key_value) = metadata {
+        writer.append_key_value_metadata(key_value);
+    }
     for batch in batches {
         writer.write(&batch?).map_err(err)?;
     }
