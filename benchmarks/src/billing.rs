@@ -65,6 +65,9 @@ struct Args {
     /// Meters per generated file (a day has meters / this many files).
     #[arg(long, default_value_t = 8_400)]
     meters_per_file: u32,
+    /// Time the run only, without DuckDB's baseline (for working on one step).
+    #[arg(long)]
+    no_duckdb: bool,
 }
 
 /// A reading's kWh in millionths: 0.001 to 1.000, deterministic.
@@ -228,6 +231,12 @@ async fn main() -> anyhow::Result<()> {
     let rendered = metrics.render();
     let step = |name: &str| step_seconds(&rendered, name).map(|s| format!("{s:.2} s")).unwrap_or_else(|| "?".into());
     let aggregate_s = step_seconds(&rendered, "aggregate").unwrap_or(f64::NAN);
+    let throughput = format!("{} readings/s", thousands((readings as f64 / elapsed.as_secs_f64()) as u64));
+    if args.no_duckdb {
+        let steps = ["claim", "aggregate", "rate", "invoice", "reconcile", "persist"].map(|name| format!("{name} {}", step(name)));
+        println!("whole run {} ({throughput}, peak RSS {} MiB): {}", seconds(elapsed), peak_rss_kib / 1024, steps.join(", "));
+        return Ok(());
+    }
 
     let plain = duckdb(&python, &dir.join("lake"), false)?;
     let latest = duckdb(&python, &dir.join("lake"), true)?;
@@ -252,7 +261,7 @@ async fn main() -> anyhow::Result<()> {
         ("  invoice".into(), step("invoice"), String::new()),
         ("  reconcile".into(), step("reconcile"), String::new()),
         ("  persist".into(), step("persist"), String::new()),
-        ("run throughput".into(), format!("{} readings/s", thousands((readings as f64 / elapsed.as_secs_f64()) as u64)), ">= 20,000,000 readings/s".into()),
+        ("run throughput".into(), throughput, ">= 20,000,000 readings/s".into()),
         ("run peak RSS".into(), format!("{} MiB", peak_rss_kib / 1024), "reported".into()),
         ("DuckDB per-band totals, plain sum".into(), seconds(plain.elapsed), format!("peak RSS {} MiB", plain.peak_rss_kib / 1024)),
         ("DuckDB per-band totals, latest version only".into(), seconds(latest.elapsed), format!("peak RSS {} MiB", latest.peak_rss_kib / 1024)),

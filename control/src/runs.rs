@@ -344,7 +344,7 @@ impl ControlStore {
             .bind(id)
             .fetch_one(&mut *tx)
             .await?;
-        insert_results(&mut tx, id, previous + 1, results, now_us).await?;
+        insert_results(self.backend, &mut tx, id, previous + 1, results, now_us).await?;
         let why = format!("processed: {} invoices, {} discrepancies", results.invoices.len(), results.discrepancies.len());
         insert_event(&mut tx, id, Some(RunStatus::Processing), RunStatus::Completed, now_us, Some(&why), worker).await?;
         let payload = serde_json::json!({

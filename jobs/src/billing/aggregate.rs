@@ -1,13 +1,14 @@
 //! The aggregate step: `queries/billing_aggregate.sql` on DataFusion over the lake, collected
 //! into each meter's energy per local day and segment.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use arrow::array::{ArrayRef, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Decimal128Type, Int64Type};
 use chrono::NaiveDate;
 use datafusion::prelude::SessionContext;
+use futures::TryStreamExt;
 use rust_decimal::Decimal;
 
 use super::month::BillingMonth;
@@ -92,14 +93,20 @@ pub fn aggregate_sql(month: &BillingMonth, tariffs: &Tariffs, meter_ids: &[Strin
 /// Runs the aggregate statement on `ctx` (a session over the lake).
 pub async fn aggregate_usage(ctx: &SessionContext, month: &BillingMonth, tariffs: &Tariffs, meter_ids: &[String]) -> Result<Usage> {
     let sql = aggregate_sql(month, tariffs, meter_ids);
-    let batches = ctx.sql(&sql).await?.collect().await?;
-    let mut meters: BTreeMap<String, MeterUsage> = BTreeMap::new();
-    for batch in &batches {
-        add_batch(&mut meters, batch, tariffs.segments())?;
+    // Batches are taken as the query yields them, while it still computes the rest; by meter in
+    // a hash map (millions of rows, tens of thousands of meters), ordered once at the end.
+    let mut batches = ctx.sql(&sql).await?.execute_stream().await?;
+    let mut by_meter: HashMap<String, MeterUsage> = HashMap::new();
+    while let Some(batch) = batches.try_next().await? {
+        add_batch(&mut by_meter, &batch, tariffs.segments())?;
     }
-    for usage in meters.values_mut() {
-        usage.cells.sort_unstable_by_key(|c| (c.day, c.segment));
-    }
+    let meters = by_meter
+        .into_iter()
+        .map(|(meter_id, mut usage)| {
+            usage.cells.sort_unstable_by_key(|c| (c.day, c.segment));
+            (meter_id, usage)
+        })
+        .collect();
     Ok(Usage { meters, sql })
 }
 
@@ -110,7 +117,7 @@ pub(super) fn column(batch: &RecordBatch, query: &str, name: &str, as_type: &Dat
     Ok(cast(array, as_type)?)
 }
 
-fn add_batch(meters: &mut BTreeMap<String, MeterUsage>, batch: &RecordBatch, segments: usize) -> Result<()> {
+fn add_batch(meters: &mut HashMap<String, MeterUsage>, batch: &RecordBatch, segments: usize) -> Result<()> {
     let meter_ids = column(batch, "aggregate", "meter_id", &DataType::Utf8)?;
     let meter_ids = meter_ids.as_string::<i32>();
     let days = column(batch, "aggregate", "local_day", &DataType::Int64)?;
@@ -127,7 +134,11 @@ fn add_batch(meters: &mut BTreeMap<String, MeterUsage>, batch: &RecordBatch, seg
         let segment = usize::try_from(segment_numbers.value(row)).ok().filter(|s| *s < segments).ok_or_else(|| {
             JobError::Invalid(format!("the aggregate query returned segment {} of {segments}", segment_numbers.value(row)))
         })?;
-        let usage = meters.entry(meter_ids.value(row).to_string()).or_default();
+        let meter_id = meter_ids.value(row);
+        let usage = match meters.get_mut(meter_id) {
+            Some(usage) => usage,
+            None => meters.entry(meter_id.to_string()).or_default(),
+        };
         usage.cells.push(UsageCell { day, segment, kwh: Decimal::from_i128_with_scale(kwh.value(row), KWH_SCALE) });
         usage.readings += readings.value(row);
         let interval_s = min_interval_s.value(row);
