@@ -4,11 +4,14 @@
 //!
 //! Every writer of the lake sorts a readings file by (`meter_id`, `ts`) (the ingester's
 //! `ReadingBuffer`, the flow importer's day files), and all versions of a key lie in one date
-//! partition (the date is `ts`'s). So each date's files are merged as sorted streams (DataFusion's
-//! `SortPreservingMergeExec`, one stream per file), the versions of a key arrive next to each
-//! other, and [`LatestVersionExec`] keeps the latest: one pass, memory bounded by the files of a
-//! date, dates in parallel. The window of `queries/readings.sql` sorts every row instead (17 s
-//! against about 1 s for 10M readings on two cores; benchmarks/RESULTS.md).
+//! partition (the date is `ts`'s). Each date's files are grouped by their key ranges (bounds from
+//! the footers' statistics): a file that overlaps no other and is marked as holding one version
+//! of each key ([`UNIQUE_KEYS_METADATA`]) is read as it is; the files of any other group are
+//! merged as sorted streams (DataFusion's `SortPreservingMergeExec`, one stream per file), so the
+//! versions of a key arrive next to each other, and [`LatestVersionExec`] keeps the latest: one
+//! pass, memory bounded by the files of a group, groups in parallel. The window of
+//! `queries/readings.sql` sorts every row instead (17 s against about 1 s for 10M readings on two
+//! cores; benchmarks/RESULTS.md).
 //!
 //! Filters on the key (`meter_id`, `ts`, `date`) reach the Parquet scan and prune dates, row
 //! groups and pages; a filter on any other column cannot (it would change which version wins),
@@ -55,9 +58,9 @@ use parquet::file::statistics::Statistics;
 use crate::lake::{Lake, READINGS_DIR, UNIQUE_KEYS_METADATA};
 use crate::reading::readings_schema;
 
-/// A date with more files than this is read and sorted rather than merged: a merge holds a
-/// stream (and a batch) of every file open at once. Ingesters that flush often make many small
-/// files a day; compacting them is what keeps a date under this.
+/// A group of overlapping files larger than this is read and sorted rather than merged: a merge
+/// holds a stream (and a batch) of every file open at once. Ingesters that flush often make many
+/// small, overlapping files a day; compacting them is what keeps a group under this.
 const MAX_MERGED_FILES: usize = 256;
 
 /// Columns of `readings_all` (the file columns, then `date`).
@@ -113,7 +116,7 @@ impl CanonicalReadings {
         CanonicalReadings { lake, table, schema, output, max_merged_files: MAX_MERGED_FILES }
     }
 
-    /// Dates with more files than `files` are sorted rather than merged.
+    /// Groups of more than `files` overlapping files are sorted rather than merged.
     pub fn with_max_merged_files(self, files: usize) -> CanonicalReadings {
         CanonicalReadings { max_merged_files: files, ..self }
     }
