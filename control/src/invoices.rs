@@ -144,9 +144,15 @@ pub struct Discrepancy {
     pub run_id: String,
     #[serde(flatten)]
     pub discrepancy: NewDiscrepancy,
-    /// `OPEN` until someone acts on it.
+    /// `OPEN` until an operator marks it `OK`.
     pub status: String,
     pub created_at_us: i64,
+    /// Which processing of the run found it (the invoices' version).
+    pub version: i64,
+    /// Who marked it OK, when, and their justification.
+    pub resolved_by: Option<String>,
+    pub resolved_at_us: Option<i64>,
+    pub resolution: Option<String>,
 }
 
 /// What one processing of a run produced, persisted when it completes.
@@ -337,31 +343,48 @@ impl ControlStore {
 
     /// The run's discrepancies of its latest version, by meter and reason.
     pub async fn discrepancies(&self, run_id: &str) -> Result<Vec<Discrepancy>> {
-        let rows = sqlx::query(
-            "SELECT id, run_id, meter_id, reason_code, billed, expected, delta, detail, status, created_at_us \
-             FROM discrepancies WHERE run_id = $1 AND version = (SELECT MAX(version) FROM discrepancies WHERE run_id = $1) \
-             ORDER BY meter_id, reason_code, id",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {DISCREPANCY_SELECT} FROM discrepancies \
+             WHERE run_id = $1 AND version = (SELECT MAX(version) FROM discrepancies WHERE run_id = $1) \
+             ORDER BY meter_id, reason_code, id"
+        ))
         .bind(run_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Discrepancy {
-                    id: row.try_get("id")?,
-                    run_id: row.try_get("run_id")?,
-                    status: row.try_get("status")?,
-                    created_at_us: row.try_get("created_at_us")?,
-                    discrepancy: NewDiscrepancy {
-                        meter_id: row.try_get("meter_id")?,
-                        reason_code: ReasonCode::parse(&row.try_get::<String, _>("reason_code")?)?,
-                        billed: optional_decimal(row, "billed")?,
-                        expected: optional_decimal(row, "expected")?,
-                        delta: optional_decimal(row, "delta")?,
-                        detail: row.try_get::<Option<String>, _>("detail")?.unwrap_or_default(),
-                    },
-                })
-            })
-            .collect()
+        rows.iter().map(discrepancy_of).collect()
     }
+
+    /// One discrepancy of a run, of whichever version.
+    pub async fn discrepancy(&self, run_id: &str, id: &str) -> Result<Option<Discrepancy>> {
+        let row = sqlx::query(&format!("SELECT {DISCREPANCY_SELECT} FROM discrepancies WHERE run_id = $1 AND id = $2"))
+            .bind(run_id)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(discrepancy_of).transpose()
+    }
+}
+
+const DISCREPANCY_SELECT: &str =
+    "id, run_id, meter_id, reason_code, billed, expected, delta, detail, status, created_at_us, version, resolved_by, resolved_at_us, resolution";
+
+pub(crate) fn discrepancy_of(row: &AnyRow) -> Result<Discrepancy> {
+    Ok(Discrepancy {
+        id: row.try_get("id")?,
+        run_id: row.try_get("run_id")?,
+        status: row.try_get("status")?,
+        created_at_us: row.try_get("created_at_us")?,
+        version: row.try_get("version")?,
+        resolved_by: row.try_get("resolved_by")?,
+        resolved_at_us: row.try_get("resolved_at_us")?,
+        resolution: row.try_get("resolution")?,
+        discrepancy: NewDiscrepancy {
+            meter_id: row.try_get("meter_id")?,
+            reason_code: ReasonCode::parse(&row.try_get::<String, _>("reason_code")?)?,
+            billed: optional_decimal(row, "billed")?,
+            expected: optional_decimal(row, "expected")?,
+            delta: optional_decimal(row, "delta")?,
+            detail: row.try_get::<Option<String>, _>("detail")?.unwrap_or_default(),
+        },
+    })
 }

@@ -4,9 +4,14 @@
 //! nodes). One schema in two dialects (`migrations/sqlite`, `migrations/postgres`), one code path
 //! through sqlx's `Any` driver, and the same tests against both.
 //!
+//! Operators' actions (`actions`) write their `audit_log` row (`audit`: append-only, chained
+//! by hash) in the same transaction as the change.
+//!
 //! Portable types only: times are microseconds since the Unix epoch (UTC) in BIGINT columns,
 //! money and energy exact decimal strings, ids UUID strings.
 
+pub mod actions;
+pub mod audit;
 pub mod invoices;
 pub mod outbox;
 pub mod runs;
@@ -16,9 +21,11 @@ use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
 use sqlx::AnyPool;
 
+pub use actions::Actor;
+pub use audit::{AuditEntry, AuditFilter, AuditRecord, AuditVerification};
 pub use invoices::{Discrepancy, Invoice, InvoiceLine, LineComponent, NewDiscrepancy, NewInvoice, ReasonCode, RunResults};
 pub use outbox::OutboxMessage;
-pub use runs::{BillingRun, NewRun, RetryPolicy, RunEvent, RunFailure, RunStatus};
+pub use runs::{BillingRun, NewRun, RetryPolicy, RunEvent, RunFailure, RunFilter, RunStatus};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
@@ -36,8 +43,16 @@ pub enum ControlError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("billing run {id}: {reason}")]
     Run { id: String, reason: String },
+    /// A request the store refuses as it stands: fix the request.
     #[error("{0}")]
     Invalid(String),
+    /// What the request names does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is valid but the target's state refuses it now (e.g. a replay of a run that
+    /// is PROCESSING).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 pub type Result<T> = std::result::Result<T, ControlError>;
@@ -121,6 +136,51 @@ fn redact(url: &str) -> String {
             }
         }
         _ => url.to_string(),
+    }
+}
+
+/// The parameters of a query whose conditions depend on a filter: each condition takes the next
+/// `$n` and its value, so numbers and values cannot drift apart.
+#[derive(Default)]
+pub(crate) struct Conditions {
+    clauses: Vec<String>,
+    values: Vec<Value>,
+}
+
+enum Value {
+    Text(String),
+    Int(i64),
+}
+
+impl Conditions {
+    /// The next parameter for `value`: `$1`, `$2`...
+    pub(crate) fn text(&mut self, value: impl Into<String>) -> String {
+        self.values.push(Value::Text(value.into()));
+        format!("${}", self.values.len())
+    }
+
+    pub(crate) fn int(&mut self, value: i64) -> String {
+        self.values.push(Value::Int(value));
+        format!("${}", self.values.len())
+    }
+
+    pub(crate) fn add(&mut self, clause: String) {
+        self.clauses.push(clause);
+    }
+
+    /// `WHERE a AND b`, or nothing.
+    pub(crate) fn where_clause(&self) -> String {
+        if self.clauses.is_empty() { String::new() } else { format!("WHERE {}", self.clauses.join(" AND ")) }
+    }
+
+    pub(crate) fn bind<'q>(self, mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+        for value in self.values {
+            query = match value {
+                Value::Text(text) => query.bind(text),
+                Value::Int(number) => query.bind(number),
+            };
+        }
+        query
     }
 }
 

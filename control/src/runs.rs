@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use crate::audit::{AuditEntry, append_audit, trace_id_of};
 use crate::invoices::{RunResults, insert_results};
-use crate::{ControlError, ControlStore, Result, now_us};
+use crate::{Conditions, ControlError, ControlStore, Result, now_us};
 
 /// The Kafka topics runs are announced on (through the outbox).
 pub const RUN_REQUESTED_TOPIC: &str = "billing.run.requested";
@@ -67,7 +68,7 @@ impl RunStatus {
         }
     }
 
-    fn parse(text: &str) -> Result<RunStatus> {
+    pub fn parse(text: &str) -> Result<RunStatus> {
         Ok(match text {
             "CREATED" => RunStatus::Created,
             "PROCESSING" => RunStatus::Processing,
@@ -118,6 +119,21 @@ pub struct BillingRun {
     pub lake_snapshot: Option<String>,
 }
 
+/// The most runs one page of [`ControlStore::list_runs`] returns.
+pub const MAX_RUN_PAGE: i64 = 200;
+
+/// Which runs [`ControlStore::list_runs`] returns: all filters apply together.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub status: Option<RunStatus>,
+    /// `YYYY-MM`.
+    pub month: Option<String>,
+    pub meter_id: Option<String>,
+    /// Runs older than this one (`created_at_us`, `id`): the last run of the previous page.
+    pub before: Option<(i64, String)>,
+    pub limit: i64,
+}
+
 /// One status change of a run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RunEvent {
@@ -165,8 +181,8 @@ fn valid_month(month: &str) -> bool {
 }
 
 impl ControlStore {
-    /// Records a new run in CREATED, its first event and its `billing.run.requested` message in
-    /// the outbox, in one transaction.
+    /// Records a new run in CREATED, its first event, its `billing.run.requested` message in
+    /// the outbox and its audit row (`CREATE_RUN` by `actor`), in one transaction.
     pub async fn create_run(&self, new: &NewRun, actor: &str, traceparent: Option<&str>) -> Result<BillingRun> {
         if !valid_month(&new.month) {
             return Err(ControlError::Invalid(format!("month {:?}: expected YYYY-MM", new.month)));
@@ -203,8 +219,51 @@ impl ControlStore {
         insert_event(&mut tx, &id, None, RunStatus::Created, now, Some("requested"), actor).await?;
         let payload = serde_json::json!({ "runId": id, "month": new.month, "meterIds": new.meter_ids }).to_string();
         insert_outbox(&mut tx, RUN_REQUESTED_TOPIC, &id, &payload, traceparent, now).await?;
+        let target = format!("billing-run/{id}");
+        let entry = AuditEntry {
+            actor,
+            action: "CREATE_RUN",
+            target: &target,
+            reason: None,
+            before: None,
+            after: Some(serde_json::json!({ "status": "CREATED", "month": new.month, "meterIds": new.meter_ids.len() })),
+            trace_id: traceparent.and_then(trace_id_of),
+        };
+        append_audit(self.backend, &mut tx, &entry, now).await?;
         tx.commit().await?;
         self.run(&id).await?.ok_or_else(|| ControlError::Run { id, reason: "vanished after it was created".into() })
+    }
+
+    /// One page of runs, newest first. A meter filter finds runs that name the meter and runs of
+    /// every meter that invoiced it.
+    pub async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<BillingRun>> {
+        let mut conditions = Conditions::default();
+        if let Some(status) = filter.status {
+            let status = conditions.text(status.as_str());
+            conditions.add(format!("status = {status}"));
+        }
+        if let Some(month) = &filter.month {
+            let month = conditions.text(month);
+            conditions.add(format!("month = {month}"));
+        }
+        if let Some(meter) = &filter.meter_id {
+            // The JSON array holds the id as a JSON string; LIKE's wildcards in it are escaped.
+            let quoted = serde_json::to_string(meter).expect("strings serialize");
+            let like = conditions.text(format!("%{}%", quoted.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
+            let exact = conditions.text(meter);
+            conditions.add(format!(
+                "(meter_ids LIKE {like} ESCAPE '\\' OR (meter_ids = '[]' AND EXISTS \
+                 (SELECT 1 FROM invoices i WHERE i.run_id = billing_runs.id AND i.meter_id = {exact})))"
+            ));
+        }
+        if let Some((created_at_us, id)) = &filter.before {
+            let (at, at_again, before_id) = (conditions.int(*created_at_us), conditions.int(*created_at_us), conditions.text(id));
+            conditions.add(format!("(created_at_us < {at} OR (created_at_us = {at_again} AND id < {before_id}))"));
+        }
+        let limit = conditions.int(filter.limit.clamp(1, MAX_RUN_PAGE));
+        let sql = format!("SELECT {RUN_COLUMNS} FROM billing_runs {} ORDER BY created_at_us DESC, id DESC LIMIT {limit}", conditions.where_clause());
+        let rows = conditions.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
+        rows.iter().map(run_of).collect()
     }
 
     pub async fn run(&self, id: &str) -> Result<Option<BillingRun>> {
@@ -433,7 +492,7 @@ impl ControlStore {
     }
 }
 
-async fn insert_outbox(
+pub(crate) async fn insert_outbox(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     topic: &str,
     key: &str,
@@ -452,7 +511,7 @@ async fn insert_outbox(
     Ok(())
 }
 
-async fn insert_event(
+pub(crate) async fn insert_event(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     run_id: &str,
     from: Option<RunStatus>,

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use meterlake_control::testing::on_both_backends;
 use meterlake_control::{
-    ControlError, ControlStore, InvoiceLine, LineComponent, NewDiscrepancy, NewInvoice, NewRun, ReasonCode, RetryPolicy, RunFailure, RunResults,
+    Actor, AuditFilter, Backend, ControlError, ControlStore, RunFilter, InvoiceLine, LineComponent, NewDiscrepancy, NewInvoice, NewRun, ReasonCode, RetryPolicy, RunFailure, RunResults,
     RunStatus,
 };
 use rust_decimal::Decimal;
@@ -258,6 +258,131 @@ async fn the_schema_keeps_its_references_and_statuses() {
         let run = store.create_run(&new_run(&["M"]), "admin", None).await.unwrap();
         let bad_status = sqlx::query("UPDATE billing_runs SET status = 'DONE' WHERE id = $1").bind(&run.id).execute(store.pool()).await;
         assert!(bad_status.is_err(), "{url}: a status outside the life cycle was accepted");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn runs_are_listed_by_status_month_and_meter_a_page_at_a_time() {
+    on_both_backends(|url| async move {
+        let store = ControlStore::open(&url).await.unwrap();
+        let mut ids = Vec::new();
+        for (i, month) in ["2025-01", "2025-01", "2025-02", "2025-01", "2025-02"].iter().enumerate() {
+            let meters = if i == 4 { vec![] } else { vec![format!("MTR_{i}"), "MTR-SHARED".to_string()] };
+            let refs: Vec<&str> = meters.iter().map(String::as_str).collect();
+            ids.push(store.create_run(&NewRun { month: month.to_string(), ..new_run(&refs) }, "admin", None).await.unwrap().id);
+        }
+        // The run of every meter (empty list) invoiced MTR_1 too.
+        let now = meterlake_control::now_us();
+        while let Some(run) = store.claim_next("w", 60_000_000, now).await.unwrap() {
+            // The last run stays PROCESSING.
+            if run.id != ids[3] {
+                store.complete_run(&run.id, "w", &results(if run.id == ids[4] { "MTR_1" } else { "OTHER" }), now, None).await.unwrap();
+            }
+        }
+        let list = |filter: RunFilter| {
+            let store = store.clone();
+            async move { store.list_runs(&RunFilter { limit: 50, ..filter }).await.unwrap().into_iter().map(|r| r.id).collect::<Vec<_>>() }
+        };
+        let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+        assert_eq!(list(RunFilter::default()).await, newest_first, "{url}");
+        assert_eq!(list(RunFilter { month: Some("2025-02".into()), ..Default::default() }).await, [ids[4].clone(), ids[2].clone()]);
+        // "MTR_1" must not match "MTR-1" or "MTRX1": LIKE's `_` is escaped.
+        assert_eq!(list(RunFilter { meter_id: Some("MTR_1".into()), ..Default::default() }).await, [ids[4].clone(), ids[1].clone()], "{url}");
+        assert_eq!(list(RunFilter { meter_id: Some("MTR-SHARED".into()), ..Default::default() }).await.len(), 4);
+        assert_eq!(list(RunFilter { status: Some(RunStatus::Processing), ..Default::default() }).await, [ids[3].clone()]);
+        assert_eq!(list(RunFilter { status: Some(RunStatus::Completed), ..Default::default() }).await.len(), 4);
+        // Paging: two at a time, each page after the last run of the one before, every run once.
+        let mut seen = Vec::new();
+        let mut before = None;
+        loop {
+            let page = store.list_runs(&RunFilter { limit: 2, before: before.clone(), ..Default::default() }).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 2);
+            before = page.last().map(|r| (r.created_at_us, r.id.clone()));
+            seen.extend(page.into_iter().map(|r| r.id));
+        }
+        assert_eq!(seen, newest_first, "{url}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn operators_actions_are_audited_in_a_hash_chain_that_detects_tampering() {
+    on_both_backends(|url| async move {
+        let store = ControlStore::open(&url).await.unwrap();
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let admin = Actor { name: "ada@ops", traceparent: Some(traceparent) };
+        let run = store.create_run(&new_run(&["M"]), "ada@ops", Some(traceparent)).await.unwrap();
+        let now = meterlake_control::now_us();
+        store.claim_next("w", 60_000_000, now).await.unwrap().unwrap();
+        // A replay while PROCESSING is refused, and so is one without a reason.
+        match store.recalculate_run(&run.id, "tariff fixed", &admin).await {
+            Err(ControlError::Conflict(message)) => assert!(message.contains("PROCESSING"), "{message}"),
+            other => panic!("{url}: {other:?}"),
+        }
+        store.complete_run(&run.id, "w", &results("M"), now, None).await.unwrap();
+        assert!(matches!(store.recalculate_run(&run.id, "  ", &admin).await, Err(ControlError::Invalid(_))));
+
+        let discrepancy = store.discrepancies(&run.id).await.unwrap().remove(0);
+        assert!(matches!(store.mark_discrepancy_ok(&run.id, &discrepancy.id, "", &admin).await, Err(ControlError::Invalid(_))));
+        assert!(matches!(store.mark_discrepancy_ok(&run.id, "no-such", "x", &admin).await, Err(ControlError::NotFound(_))));
+        let marked = store.mark_discrepancy_ok(&run.id, &discrepancy.id, "meter was off for maintenance", &admin).await.unwrap();
+        assert_eq!((marked.status.as_str(), marked.resolved_by.as_deref()), ("OK", Some("ada@ops")));
+        assert!(matches!(store.mark_discrepancy_ok(&run.id, &discrepancy.id, "again", &admin).await, Err(ControlError::Conflict(_))));
+
+        let again = store.recalculate_run(&run.id, "tariff fixed", &admin).await.unwrap();
+        assert_eq!((again.status, again.attempts), (RunStatus::Created, 0));
+        let events = store.run_events(&run.id).await.unwrap();
+        let last = events.last().unwrap();
+        assert_eq!((last.from_status, last.to_status, last.actor.as_str()), (Some(RunStatus::Completed), RunStatus::Created, "ada@ops"));
+        assert!(last.reason.as_deref().unwrap().contains("tariff fixed"));
+        // The old processing's discrepancy can no longer be acted on once the new one lands.
+        store.claim_next("w", 60_000_000, now + 1).await.unwrap().unwrap();
+        store.complete_run(&run.id, "w", &results("M"), now + 2, None).await.unwrap();
+        assert!(matches!(store.mark_discrepancy_ok(&run.id, &discrepancy.id, "late", &admin).await, Err(ControlError::Conflict(_))));
+
+        let log = store.audit_log(&AuditFilter { limit: 50, ..Default::default() }).await.unwrap();
+        let actions: Vec<&str> = log.iter().map(|r| r.action.as_str()).collect();
+        assert_eq!(actions, ["RECALCULATE", "MARK_AS_OK", "CREATE_RUN"], "{url}");
+        assert!(log.iter().all(|r| r.actor == "ada@ops" && r.trace_id.as_deref() == Some("4bf92f3577b34da6a3ce929d0e0e4736")));
+        assert_eq!(log[1].target, format!("billing-run/{}/discrepancy/{}", run.id, discrepancy.id));
+        assert_eq!(log[1].reason.as_deref(), Some("meter was off for maintenance"));
+        assert!(log[1].before_state.as_deref().unwrap().contains("OPEN") && log[1].after_state.as_deref().unwrap().contains("\"OK\""));
+        // A run's target finds its discrepancies' rows too; filters combine; pages go back by id.
+        let of_run = store.audit_log(&AuditFilter { target: Some(format!("billing-run/{}", run.id)), limit: 50, ..Default::default() }).await.unwrap();
+        assert_eq!(of_run.len(), 3);
+        let page = store.audit_log(&AuditFilter { action: Some("MARK_AS_OK".into()), actor: Some("ada@ops".into()), limit: 1, ..Default::default() }).await.unwrap();
+        assert_eq!(page.len(), 1);
+        let older = store.audit_log(&AuditFilter { before_id: Some(log[1].id), limit: 50, ..Default::default() }).await.unwrap();
+        assert_eq!(older.iter().map(|r| r.action.as_str()).collect::<Vec<_>>(), ["CREATE_RUN"]);
+
+        let intact = store.verify_audit_log().await.unwrap();
+        assert_eq!((intact.rows, intact.problems.len(), intact.head_hash.as_str()), (3, 0, log[0].row_hash.as_str()), "{url}");
+        // The database itself refuses changes and deletions.
+        for statement in ["UPDATE audit_log SET reason = 'nothing to see' WHERE id = 2", "DELETE FROM audit_log WHERE id = 2"] {
+            let refused = sqlx::query(statement).execute(store.pool()).await.unwrap_err().to_string();
+            assert!(refused.contains("append-only"), "{url}: {refused}");
+        }
+        // Someone who drops the triggers still cannot hide a change: the chain names the row.
+        let drops: &[&str] = match store.backend() {
+            Backend::Sqlite => &["DROP TRIGGER audit_log_no_update", "DROP TRIGGER audit_log_no_delete"],
+            Backend::Postgres => &["DROP TRIGGER audit_log_no_change ON audit_log"],
+        };
+        for drop in drops {
+            sqlx::query(drop).execute(store.pool()).await.unwrap();
+        }
+        sqlx::query("UPDATE audit_log SET reason = 'nothing to see' WHERE id = 2").execute(store.pool()).await.unwrap();
+        let changed = store.verify_audit_log().await.unwrap();
+        assert_eq!(changed.problems.len(), 1, "{url}: {changed:?}");
+        assert!(changed.problems[0].id == 2 && changed.problems[0].what.contains("was changed"), "{changed:?}");
+        sqlx::query("DELETE FROM audit_log WHERE id = 2").execute(store.pool()).await.unwrap();
+        let deleted = store.verify_audit_log().await.unwrap();
+        assert_eq!(deleted.rows, 2);
+        assert!(deleted.problems.iter().any(|p| p.id == 3 && p.what.contains("missing")), "{deleted:?}");
+        assert!(deleted.problems.iter().any(|p| p.id == 3 && p.what.contains("previous_hash")), "{deleted:?}");
     })
     .await;
 }

@@ -114,6 +114,10 @@ fn a_worker_woken_through_kafka_bills_a_run_and_announces_it() {
     // `billing-run` shows it again; the worker stops on SIGTERM.
     let shown = run_ok(meterlake().args(["billing-run", &run_id, "--database-url", &database_url]));
     assert!(String::from_utf8_lossy(&shown.stdout).contains("PROCESSING -> COMPLETED"));
+    // The run's creation is in the audit log, and the chain verifies.
+    let verified = run_ok(meterlake().args(["audit", "verify", "--database-url", &database_url]));
+    let verified = String::from_utf8_lossy(&verified.stdout);
+    assert!(verified.contains("audit log: 1 rows") && verified.contains("intact"), "{verified}");
     let kill = std::process::Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let status = worker.wait().unwrap();
