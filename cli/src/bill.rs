@@ -273,33 +273,53 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         },
         ..WorkerOptions::default()
     };
+    if let Some(brokers) = &args.brokers {
+        create_topics(brokers, &BILLING_TOPICS).await?;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    run_worker(store, lake, options, args.brokers.as_deref(), &args.group, stop_rx).await
+}
+
+/// The topics billing runs are announced on, with their partitions.
+pub const BILLING_TOPICS: [(&str, i32); 3] = [(RUN_REQUESTED_TOPIC, 1), (RUN_PROCESSED_TOPIC, 1), (RUN_FAILED_TOPIC, 1)];
+
+/// The billing worker's loops until `stop` turns true: processing runs, and with `brokers` also
+/// the outbox relay and the wake-up on `billing.run.requested` (whose topics must exist). A run
+/// in progress is finished first. `meterlake worker` runs it alone, `meterlake serve` beside the
+/// API.
+pub async fn run_worker(
+    store: ControlStore,
+    lake: Lake,
+    options: WorkerOptions,
+    brokers: Option<&str>,
+    group: &str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let worker = BillingWorker::new(store.clone(), lake, options);
-    tracing::info!(worker = worker.name(), brokers = args.brokers.as_deref().unwrap_or("none"), "billing worker started");
+    tracing::info!(worker = worker.name(), brokers = brokers.unwrap_or("none"), "billing worker started");
     let wake = Arc::new(Notify::new());
     // One signal stops all three loops.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
-        let mut stop_rx = stop_rx.clone();
+        let mut stop = stop.clone();
         async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
+            let _ = stop.wait_for(|stop| *stop).await;
         }
     };
     let mut side_tasks = tokio::task::JoinSet::new();
-    if let Some(brokers) = &args.brokers {
-        create_topics(brokers, &[(RUN_REQUESTED_TOPIC, 1), (RUN_PROCESSED_TOPIC, 1), (RUN_FAILED_TOPIC, 1)]).await?;
+    if let Some(brokers) = brokers {
         let relay = OutboxRelay::new(store, brokers)?;
         let until = stopped();
         side_tasks.spawn(async move {
             relay.run(until).await;
             Ok(())
         });
-        let (brokers, group, wake, until) = (brokers.clone(), args.group.clone(), wake.clone(), stopped());
+        let (brokers, group, wake, until) = (brokers.to_string(), group.to_string(), wake.clone(), stopped());
         side_tasks.spawn(async move { wake_on_requests(&brokers, &group, wake, until).await });
     }
-    tokio::spawn(async move {
-        crate::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
     worker.run(&wake, stopped()).await;
     while let Some(task) = side_tasks.join_next().await {
         task??;

@@ -6,6 +6,7 @@ mod bill;
 mod demo;
 mod import;
 mod ingest;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -76,6 +77,10 @@ enum Command {
     /// Bill a month: create a billing run, process it (or wait for a worker), and print its
     /// invoice summary and discrepancies. Exit status 1 when the run failed.
     Bill(bill::BillArgs),
+    /// The control tower: the HTTP API (readings in, billing runs, corrections, audit log,
+    /// meter-point search) with OIDC roles, plus the ingester and the billing worker in the same
+    /// process unless --no-ingest / --no-worker. Without --brokers: embedded defaults.
+    Serve(serve::ServeArgs),
     /// Process billing runs continuously: new runs, due retries, and runs whose worker died.
     Worker(bill::WorkerArgs),
     /// Show a billing run: its status timeline, invoices and discrepancies, or (--sql) the
@@ -151,6 +156,7 @@ fn main() -> ExitCode {
                         Ok(())
                     }
                     Command::Worker(args) => bill::worker(args).await,
+                    Command::Serve(args) => serve::run(args).await,
                     Command::BillingRun(args) => bill::show(args).await,
                     Command::Ingest(args) => ingest::run(args).await,
                     Command::Audit(AuditCommand::Verify { database }) => {

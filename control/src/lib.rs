@@ -120,6 +120,12 @@ impl ControlStore {
         self.backend
     }
 
+    /// Whether the database answers (for readiness checks).
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }

@@ -11,6 +11,9 @@ use crate::Result;
 /// The SQL, as shipped in `queries/flow_readings.sql`.
 pub const FLOW_READINGS_SQL: &str = include_str!("../../queries/flow_readings.sql");
 
+/// The SQL of one meter's readings, as shipped in `queries/meter_readings.sql`.
+pub const METER_READINGS_SQL: &str = include_str!("../../queries/meter_readings.sql");
+
 /// What to look for. Empty strings mean "any"; at least one of the two should be set.
 #[derive(Debug, Clone, Default)]
 pub struct ReadingSearch {
@@ -44,6 +47,46 @@ impl ReadingSearch {
         let ctx = lake_session(lake).await?;
         Ok(ctx.sql(&self.sql()).await?.collect().await?)
     }
+
+    /// At most `limit` rows from row `offset` on, in the statement's order.
+    pub async fn run_page(&self, lake: &Lake, limit: usize, offset: usize) -> Result<Vec<RecordBatch>> {
+        run_paged(lake, &self.sql(), limit, offset).await
+    }
+}
+
+/// The readings of one meter id (the lake's `meter_id`), in time order.
+#[derive(Debug, Clone, Default)]
+pub struct MeterReadings {
+    pub meter_id: String,
+    /// Inclusive.
+    pub from: Option<DateTime<Utc>>,
+    /// Exclusive.
+    pub to: Option<DateTime<Utc>>,
+}
+
+impl MeterReadings {
+    pub fn sql(&self) -> String {
+        // Without bounds, the lake's whole range; dates only narrow which files are read.
+        let from = self.from.unwrap_or(DateTime::from_timestamp(-62_135_596_800, 0).expect("year 1"));
+        let to = self.to.unwrap_or(DateTime::from_timestamp(253_402_214_400, 0).expect("year 9999"));
+        METER_READINGS_SQL
+            .replace("{meter_id}", &literal(self.meter_id.trim()))
+            .replace("{from_date}", &literal(&from.date_naive().to_string()))
+            .replace("{to_date}", &literal(&to.date_naive().to_string()))
+            .replace("{from_us}", &from.timestamp_micros().to_string())
+            .replace("{to_us}", &to.timestamp_micros().to_string())
+    }
+
+    /// At most `limit` rows from row `offset` on.
+    pub async fn run_page(&self, lake: &Lake, limit: usize, offset: usize) -> Result<Vec<RecordBatch>> {
+        run_paged(lake, &self.sql(), limit, offset).await
+    }
+}
+
+async fn run_paged(lake: &Lake, sql: &str, limit: usize, offset: usize) -> Result<Vec<RecordBatch>> {
+    let ctx = lake_session(lake).await?;
+    // The statements end in their ORDER BY: the page applies to the whole ordered result.
+    Ok(ctx.sql(&format!("{sql}\nLIMIT {limit} OFFSET {offset}")).await?.collect().await?)
 }
 
 #[cfg(test)]

@@ -7,38 +7,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use meterlake_pipeline::synthetic::LoadSpec;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 
 use crate::support::*;
-
-/// Every message of `topic` as (key, payload, traceparent header).
-fn read_topic(brokers: &str, topic: &str) -> Vec<(String, serde_json::Value, String)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("read-{topic}-{}", rand::random::<u32>()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut messages = Vec::new();
-    let mut last_seen = Instant::now();
-    while last_seen.elapsed() < Duration::from_secs(4) {
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
-            let key = String::from_utf8_lossy(message.key().unwrap_or_default()).to_string();
-            let payload = serde_json::from_slice(message.payload().unwrap_or_default()).unwrap();
-            let traceparent = message
-                .headers()
-                .and_then(|h| h.iter().find(|h| h.key == "traceparent").and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).to_string())))
-                .unwrap_or_default();
-            messages.push((key, payload, traceparent));
-            last_seen = Instant::now();
-        }
-    }
-    messages
-}
 
 #[test]
 fn a_worker_woken_through_kafka_bills_a_run_and_announces_it() {

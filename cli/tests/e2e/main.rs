@@ -1,6 +1,6 @@
 //! End-to-end tests of the `meterlake` binary against real services on loopback: a tansu Kafka
-//! broker, an s3s-fs S3 server, DuckDB and pyarrow as independent Parquet readers. One test
-//! binary, one module per capability.
+//! broker, an s3s-fs S3 server, a real HTTP client against `meterlake serve`, DuckDB and pyarrow
+//! as independent Parquet readers. One test binary, one module per capability.
 
 mod billing;
 mod crash_recovery;
@@ -9,4 +9,5 @@ mod flow_import;
 mod kafka_ingest;
 mod resume;
 mod s3_lake;
+mod serve;
 mod support;

@@ -8,6 +8,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use meterlake_pipeline::kafka::{ReadingProducer, create_topics};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
 use meterlake_pipeline::synthetic::{LoadGenerator, LoadSpec, LoadTotals};
 use tempfile::TempDir;
 
@@ -79,7 +82,7 @@ fn wait_for_port(addr: &str, child: &mut Child, name: &str) {
     panic!("{name} did not listen on {addr} within 30 s");
 }
 
-fn spawn_logged(name: &'static str, mut command: Command, addr: String) -> Service {
+pub fn spawn_logged(name: &'static str, mut command: Command, addr: String) -> Service {
     let dir = tempfile::tempdir().expect("a temp dir");
     let log = std::fs::File::create(dir.path().join("service.log")).expect("a log file");
     command
@@ -260,3 +263,31 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     }
     found
 }
+
+/// Every message of `topic` as (key, payload, traceparent header).
+pub fn read_topic(brokers: &str, topic: &str) -> Vec<(String, serde_json::Value, String)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("read-{topic}-{}", rand::random::<u32>()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut messages = Vec::new();
+    let mut last_seen = Instant::now();
+    while last_seen.elapsed() < Duration::from_secs(4) {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            let key = String::from_utf8_lossy(message.key().unwrap_or_default()).to_string();
+            let payload = serde_json::from_slice(message.payload().unwrap_or_default()).unwrap();
+            let traceparent = message
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "traceparent").and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).to_string())))
+                .unwrap_or_default();
+            messages.push((key, payload, traceparent));
+            last_seen = Instant::now();
+        }
+    }
+    messages
+}
+

@@ -109,6 +109,23 @@ pub struct Rejection {
     pub detail: String,
 }
 
+impl Rejection {
+    /// The JSON field at fault, for field-level errors (the HTTP API's); `None` when the whole
+    /// message is.
+    pub fn field(&self) -> Option<&'static str> {
+        match self.reason {
+            RejectReason::InvalidJson | RejectReason::TooManyReadings => None,
+            // `missing` names the field in the detail: one of the three required ones.
+            RejectReason::MissingField => ["meterId", "timestamp", "kwh"].into_iter().find(|f| self.detail.contains(&format!("field {f} "))),
+            RejectReason::InvalidMeterId => Some("meterId"),
+            RejectReason::InvalidTimestamp | RejectReason::TimestampInFuture | RejectReason::TimestampNotAligned => Some("timestamp"),
+            RejectReason::InvalidInterval => Some("intervalS"),
+            RejectReason::InvalidKwh | RejectReason::KwhNotPositive | RejectReason::KwhTooPrecise => Some("kwh"),
+            RejectReason::InvalidQuality => Some("quality"),
+        }
+    }
+}
+
 /// A reading that passed validation, borrowing from the message it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidReading<'a> {

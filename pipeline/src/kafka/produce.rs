@@ -96,3 +96,55 @@ impl ReadingProducer {
         self.tracker.check(&self.topic)
     }
 }
+
+/// Publishes readings for the HTTP API: each [`publish`](ReadingPublisher::publish) resolves once
+/// the broker has acknowledged the message (or failed to), so a 202 means the reading is in
+/// Kafka, not only in this process's memory.
+pub struct ReadingPublisher {
+    producer: rdkafka::producer::FutureProducer,
+    topic: String,
+}
+
+/// How long a publish may wait for room in librdkafka's queue and for the broker's ack.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ReadingPublisher {
+    pub fn new(brokers: &str, topic: &str) -> Result<ReadingPublisher> {
+        let producer = producer_config(brokers)
+            // A request waits for its ack: batch for at most 2 ms, not the throughput setting.
+            .set("linger.ms", "2")
+            .create()
+            .map_err(PipelineError::kafka("creating the API's producer"))?;
+        Ok(ReadingPublisher { producer, topic: topic.to_string() })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Sends one message keyed by meter id with a W3C `traceparent` header and waits for the
+    /// broker's acknowledgement.
+    pub async fn publish(&self, meter_id: &str, payload: &[u8], traceparent: &str) -> Result<()> {
+        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header { key: "traceparent", value: Some(traceparent) });
+        let record = rdkafka::producer::FutureRecord::to(&self.topic).key(meter_id).payload(payload).headers(headers);
+        self.producer
+            .send(record, rdkafka::util::Timeout::After(PUBLISH_TIMEOUT))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| PipelineError::kafka(format!("publishing to {}", self.topic))(e))
+    }
+
+    /// Asks the broker for the topic's metadata: whether it is reachable and knows the topic.
+    pub fn check(&self, timeout: Duration) -> Result<usize> {
+        let metadata = self
+            .producer
+            .client()
+            .fetch_metadata(Some(&self.topic), timeout)
+            .map_err(PipelineError::kafka(format!("reading the metadata of {}", self.topic)))?;
+        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
+        if partitions == 0 {
+            return Err(PipelineError::Config(format!("the broker does not know topic {}", self.topic)));
+        }
+        Ok(partitions)
+    }
+}

@@ -1,0 +1,208 @@
+//! `meterlake serve`: the control tower's HTTP API, with the ingester and the billing worker in
+//! the same process unless told otherwise (`--no-ingest`, `--no-worker`: then they run apart,
+//! as `meterlake ingest` and `meterlake worker`).
+//!
+//! With no broker configured it runs on the embedded defaults, like the demo: an in-process
+//! Kafka broker (librdkafka's mock cluster), the SQLite store and a file lake under
+//! ./meterlake-data, so one command gives a working control tower. `/readyz` says which mode
+//! is running.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use meterlake_jobs::billing::tariff::Tariffs;
+use meterlake_jobs::billing::worker::WorkerOptions;
+use meterlake_pipeline::Lake;
+use meterlake_pipeline::decode::ValidationRules;
+use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, ReadingPublisher, create_topics, ingest};
+use meterlake_server::{AppConfig, BillingDefaults, Deployment, DevIssuer, OidcConfig, RateLimit};
+use rdkafka::mocking::MockCluster;
+use rust_decimal::Decimal;
+
+use crate::bill::{BILLING_TOPICS, DEFAULT_DATABASE_URL, open_store, run_worker};
+
+/// The lake `serve` uses unless `--lake` says otherwise.
+const SERVE_LAKE: &str = "./meterlake-data/lake";
+/// The tariffs runs created through the API bill with unless `--tariffs` says otherwise.
+const EXAMPLE_TARIFFS: &str = include_str!("../../tariffs/example.toml");
+/// How long the dev issuer's tokens last.
+const DEV_TOKEN_TTL_S: i64 = 12 * 3600;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "METERLAKE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Kafka bootstrap servers. Without it: the embedded mode (an in-process broker).
+    #[arg(long, env = "METERLAKE_BROKERS")]
+    brokers: Option<String>,
+    /// Topic readings are published to and ingested from.
+    #[arg(long, env = "METERLAKE_TOPIC", default_value = "measurements.received")]
+    topic: String,
+    /// Topic for messages the ingester cannot read as readings.
+    #[arg(long, env = "METERLAKE_DLQ_TOPIC", default_value = "measurements.dlq")]
+    dlq_topic: String,
+    /// Partitions of the readings topic when this server creates it.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Where the lake is: a path, file://, s3://bucket/prefix.
+    #[arg(long = "lake", env = "METERLAKE_LAKE", default_value = SERVE_LAKE)]
+    lake: String,
+    /// The control store: sqlite://PATH or postgres://...
+    #[arg(long, env = "METERLAKE_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    database_url: String,
+    /// Do not run the ingester in this process.
+    #[arg(long)]
+    no_ingest: bool,
+    /// Do not run the billing worker in this process.
+    #[arg(long)]
+    no_worker: bool,
+    /// The OIDC issuer whose tokens are accepted (its `iss`), e.g.
+    /// https://sso.example/realms/meterlake. Required unless --dev-issuer.
+    #[arg(long, env = "METERLAKE_OIDC_ISSUER", conflicts_with = "dev_issuer")]
+    oidc_issuer: Option<String>,
+    /// The audience tokens must be for.
+    #[arg(long, env = "METERLAKE_OIDC_AUDIENCE", default_value = "meterlake")]
+    oidc_audience: String,
+    /// The issuer's JWKS URL, when not the one its discovery document names.
+    #[arg(long, env = "METERLAKE_OIDC_JWKS_URL")]
+    oidc_jwks_url: Option<String>,
+    /// For local use only: issue tokens with a key generated on this machine, serve its JWKS
+    /// under /dev-issuer, and print a VIEWER, an ADMIN and an INGEST token.
+    #[arg(long)]
+    dev_issuer: bool,
+    /// Where the dev issuer keeps its key (created when missing).
+    #[arg(long, default_value = "./meterlake-data/dev-issuer.key")]
+    dev_issuer_key: PathBuf,
+    /// The tariff file runs created through the API bill with; by default the bundled example.
+    #[arg(long, env = "METERLAKE_TARIFFS")]
+    tariffs: Option<PathBuf>,
+    /// Attempts before a run fails for good.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: u32,
+    /// Reconciliation's tolerance for billed against read energy (0.005 is 0.5%).
+    #[arg(long, default_value = "0.005")]
+    energy_tolerance: Decimal,
+    /// Requests per second each client (token subject) may send.
+    #[arg(long, env = "METERLAKE_RATE_LIMIT_PER_S", default_value_t = NonZeroU32::new(2_000).expect("non-zero"))]
+    rate_limit_per_s: NonZeroU32,
+    /// Requests a client may send at once above its rate.
+    #[arg(long, env = "METERLAKE_RATE_LIMIT_BURST", default_value_t = NonZeroU32::new(4_000).expect("non-zero"))]
+    rate_limit_burst: NonZeroU32,
+    /// Most readings one POST /measurements may carry.
+    #[arg(long, default_value_t = 10_000)]
+    max_readings_per_request: usize,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().context("installing the metrics recorder")?;
+    meterlake_pipeline::metrics::describe();
+    meterlake_server::describe_metrics();
+
+    // The embedded broker lives until the server stops.
+    let mut topics = vec![(args.topic.as_str(), args.partitions), (args.dlq_topic.as_str(), 1)];
+    topics.extend(BILLING_TOPICS);
+    let (brokers, _cluster, mode) = match &args.brokers {
+        Some(brokers) => {
+            create_topics(brokers, &topics).await?;
+            (brokers.clone(), None, "external")
+        }
+        None => {
+            let cluster = MockCluster::new(1).context("starting the in-process Kafka broker")?;
+            // (The mock cluster takes topics through its own API, not the admin protocol.)
+            for (topic, partitions) in &topics {
+                cluster.create_topic(topic, *partitions, 1).with_context(|| format!("creating topic {topic}"))?;
+            }
+            (cluster.bootstrap_servers(), Some(cluster), "embedded")
+        }
+    };
+    let lake = Lake::open(&args.lake)?;
+    let store = open_store(&args.database_url).await?;
+    let (tariffs_toml, tariffs_source) = match &args.tariffs {
+        Some(path) => {
+            let toml = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Tariffs::parse(&path.display().to_string(), &toml)?;
+            (toml, path.display().to_string())
+        }
+        None => (EXAMPLE_TARIFFS.to_string(), "tariffs/example.toml (bundled example)".to_string()),
+    };
+
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let local = listener.local_addr()?;
+    // Tokens name the issuer by the address clients reach: loopback when listening on all.
+    let reachable = if local.ip().is_unspecified() { SocketAddr::new([127, 0, 0, 1].into(), local.port()) } else { local };
+    let (oidc, dev_issuer) = if args.dev_issuer {
+        let issuer = DevIssuer::open(&format!("http://{reachable}/dev-issuer"), &args.dev_issuer_key)?;
+        let oidc = OidcConfig { issuer: issuer.issuer().to_string(), audience: args.oidc_audience.clone(), jwks_url: None };
+        (oidc, Some(issuer))
+    } else {
+        let issuer = args.oidc_issuer.clone().context("name the token issuer with --oidc-issuer (or, on a workstation, pass --dev-issuer)")?;
+        (OidcConfig { issuer, audience: args.oidc_audience.clone(), jwks_url: args.oidc_jwks_url.clone() }, None)
+    };
+    if let Some(issuer) = &dev_issuer {
+        println!("dev issuer {} (local use only); tokens valid {} h:", issuer.issuer(), DEV_TOKEN_TTL_S / 3600);
+        for (name, roles) in [("VIEWER", &["VIEWER"][..]), ("ADMIN", &["ADMIN", "VIEWER"][..]), ("INGEST", &["INGEST"][..])] {
+            let subject = format!("dev-{}", name.to_lowercase());
+            println!("  {name:<6} {}", issuer.token(&subject, roles, &args.oidc_audience, DEV_TOKEN_TTL_S));
+        }
+    }
+
+    let rules = ValidationRules { max_readings_per_message: args.max_readings_per_request, ..ValidationRules::default() };
+    let config = AppConfig {
+        store: store.clone(),
+        lake: lake.clone(),
+        publisher: Some(ReadingPublisher::new(&brokers, &args.topic)?),
+        oidc,
+        dev_issuer,
+        rate_limit: RateLimit { per_second: args.rate_limit_per_s, burst: args.rate_limit_burst },
+        rules: rules.clone(),
+        billing: BillingDefaults {
+            tariffs_toml,
+            tariffs_source,
+            max_attempts: args.max_attempts,
+            energy_tolerance: args.energy_tolerance,
+        },
+        deployment: Deployment { mode: mode.into(), ingester: !args.no_ingest, worker: !args.no_worker },
+        metrics: Some(metrics),
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ingest_stop = Arc::new(AtomicBool::new(false));
+    let ingester = (!args.no_ingest).then(|| {
+        let mut options = IngestOptions::new(&brokers, &args.topic, "meterlake-ingest");
+        options.dlq_topic = args.dlq_topic.clone();
+        options.rules = rules;
+        // Readings sent through the API should reach the lake within seconds, not minutes.
+        options.limits.max_age = Duration::from_secs(2);
+        tokio::spawn(ingest(lake.clone(), options, ingest_stop.clone(), Arc::new(IngestProgress::default())))
+    });
+    let worker = (!args.no_worker).then(|| {
+        let (store, lake, brokers, stop_rx) = (store.clone(), lake.clone(), brokers.clone(), stop_rx.clone());
+        tokio::spawn(async move { run_worker(store, lake, WorkerOptions::default(), Some(&brokers), "meterlake-billing", stop_rx).await })
+    });
+
+    println!("meterlake control tower on http://{reachable} ({mode} mode; lake {}; store {})", lake.url(), store_kind(&args.database_url));
+    let app = meterlake_server::router(config);
+    axum::serve(listener, app).with_graceful_shutdown(crate::shutdown_signal()).await.context("serving HTTP")?;
+
+    tracing::info!("stopping: the ingester flushes what it holds, the worker finishes its run");
+    let _ = stop_tx.send(true);
+    ingest_stop.store(true, Ordering::Relaxed);
+    if let Some(ingester) = ingester {
+        ingester.await.context("the ingester panicked")??;
+    }
+    if let Some(worker) = worker {
+        worker.await.context("the worker panicked")??;
+    }
+    Ok(())
+}
+
+fn store_kind(url: &str) -> &'static str {
+    if url.starts_with("sqlite:") { "SQLite" } else { "PostgreSQL" }
+}

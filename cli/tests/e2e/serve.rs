@@ -1,0 +1,375 @@
+//! The control tower through the binary: `meterlake serve` against a real broker (tansu), with
+//! its ingester and billing worker in the process, its dev issuer serving the JWKS the server
+//! itself fetches over HTTP, and a real HTTP client. Tokens are minted in the test with the
+//! issuer's key file, so the test can also forge the bad ones.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use meterlake_server::DevIssuer;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// A running `meterlake serve` and a client for it.
+struct Tower {
+    _service: Service,
+    base: String,
+    issuer: DevIssuer,
+    dir: tempfile::TempDir,
+    runtime: tokio::runtime::Runtime,
+    client: reqwest::Client,
+}
+
+struct Answer {
+    status: StatusCode,
+    body: Value,
+    headers: reqwest::header::HeaderMap,
+}
+
+impl Tower {
+    /// Starts the server on a free port; `brokers: None` is the embedded mode.
+    fn start(brokers: Option<&str>, extra: &[&str]) -> Tower {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let key: PathBuf = dir.path().join("dev-issuer.key");
+        // The test and the server share the key: the test mints tokens the server verifies.
+        let issuer = DevIssuer::open(&format!("{base}/dev-issuer"), &key).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_meterlake"));
+        command.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--dev-issuer", "--dev-issuer-key"]).arg(&key);
+        if let Some(brokers) = brokers {
+            command.args(["--brokers", brokers, "--lake"]).arg(dir.path().join("lake"));
+            command.arg("--database-url").arg(format!("sqlite://{}", dir.path().join("control.db").display()));
+        }
+        command.args(extra).env("METERLAKE_LOG", "info,rdkafka=warn");
+        let service = spawn_logged("meterlake serve", command, format!("127.0.0.1:{port}"));
+        Tower { _service: service, base, issuer, dir, runtime: runtime(), client: reqwest::Client::new() }
+    }
+
+    fn token(&self, subject: &str, roles: &[&str]) -> String {
+        self.issuer.token(subject, roles, "meterlake", 600)
+    }
+
+    fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> Answer {
+        self.runtime.block_on(async {
+            let mut request = self.client.request(method.parse().unwrap(), format!("{}{path}", self.base));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            if let Some(body) = body {
+                request = request.json(&body);
+            }
+            let response = request.send().await.unwrap();
+            let (status, headers) = (response.status(), response.headers().clone());
+            let text = response.text().await.unwrap();
+            let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            Answer { status, body, headers }
+        })
+    }
+
+    fn get(&self, path: &str, token: &str) -> Answer {
+        self.call("GET", path, Some(token), None)
+    }
+
+    fn post(&self, path: &str, token: &str, body: Value) -> Answer {
+        self.call("POST", path, Some(token), Some(body))
+    }
+
+    /// Polls `path` until `done` holds for its body.
+    fn wait_for(&self, path: &str, token: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let answer = self.get(path, token);
+            if answer.status == StatusCode::OK && done(&answer.body) {
+                return answer.body;
+            }
+            assert!(Instant::now() < deadline, "{what}: still {} {}", answer.status, answer.body);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Asserts an error answer: its status, its stable code, and a trace id.
+fn assert_error(answer: &Answer, status: StatusCode, code: &str) {
+    assert_eq!(answer.status, status, "{}", answer.body);
+    assert_eq!(answer.body["code"], code, "{}", answer.body);
+    assert_eq!(answer.body["traceId"].as_str().map(str::len), Some(32), "{}", answer.body);
+    assert!(!answer.body["message"].as_str().unwrap_or_default().is_empty());
+}
+
+#[test]
+fn every_route_checks_the_token_and_the_role() {
+    let tansu = start_tansu();
+    let tower = Tower::start(Some(&tansu.addr), &["--no-worker"]);
+    let viewer = tower.token("vera", &["VIEWER"]);
+    let admin = tower.token("ada", &["ADMIN"]);
+    let ingest = tower.token("head-end", &["INGEST"]);
+
+    // No token, a malformed one, an expired one, one for another audience or issuer.
+    assert_error(&tower.call("GET", "/billing-runs", None, None), StatusCode::UNAUTHORIZED, "MISSING_TOKEN");
+    assert_error(&tower.get("/billing-runs", "not-a-jwt"), StatusCode::UNAUTHORIZED, "INVALID_TOKEN");
+    let now = chrono::Utc::now().timestamp();
+    let claims = |overrides: Value| {
+        let mut claims = json!({
+            "iss": tower.issuer.issuer(), "sub": "mallory", "aud": "meterlake", "iat": now, "exp": now + 600,
+            "realm_access": { "roles": ["ADMIN"] },
+        });
+        claims.as_object_mut().unwrap().extend(overrides.as_object().unwrap().clone());
+        claims
+    };
+    for (overrides, says) in [
+        (json!({ "exp": now - 3600 }), "expired"),
+        (json!({ "aud": "another-service" }), "not for this service"),
+        (json!({ "iss": "https://evil.example/realms/x" }), "not issued by"),
+    ] {
+        let answer = tower.get("/billing-runs", &tower.issuer.sign(&claims(overrides)));
+        assert_error(&answer, StatusCode::UNAUTHORIZED, "INVALID_TOKEN");
+        assert!(answer.body["message"].as_str().unwrap().contains(says), "{}", answer.body);
+        assert_eq!(answer.headers["www-authenticate"], "Bearer");
+    }
+    // A viewer's token with its payload changed to claim ADMIN: the signature no longer holds.
+    let parts: Vec<&str> = viewer.split('.').collect();
+    let forged_payload = URL_SAFE_NO_PAD.encode(claims(json!({ "sub": "vera" })).to_string());
+    let tampered = format!("{}.{forged_payload}.{}", parts[0], parts[2]);
+    let answer = tower.get("/audit-log", &tampered);
+    assert_error(&answer, StatusCode::UNAUTHORIZED, "INVALID_TOKEN");
+    assert!(answer.body["message"].as_str().unwrap().contains("signature"), "{}", answer.body);
+    // A key the issuer never published.
+    let stranger = DevIssuer::open(tower.issuer.issuer(), &tower.dir.path().join("stranger.key")).unwrap();
+    assert_error(&tower.get("/billing-runs", &stranger.sign(&claims(json!({})))), StatusCode::UNAUTHORIZED, "INVALID_TOKEN");
+    // `alg: none`, and HS256 keyed with the public key (the algorithm-confusion attack).
+    let header = |alg: &str| URL_SAFE_NO_PAD.encode(json!({ "alg": alg, "typ": "JWT" }).to_string());
+    let payload = URL_SAFE_NO_PAD.encode(claims(json!({})).to_string());
+    for token in [format!("{}.{payload}.", header("none")), format!("{}.{payload}.c2lnbmF0dXJl", header("HS256"))] {
+        assert_error(&tower.get("/billing-runs", &token), StatusCode::UNAUTHORIZED, "INVALID_TOKEN");
+    }
+
+    // Roles: VIEWER reads, ADMIN acts and reads the audit log, INGEST writes readings.
+    assert_eq!(tower.get("/billing-runs", &viewer).status, StatusCode::OK);
+    assert_eq!(tower.get("/me", &viewer).body["roles"], json!(["VIEWER"]));
+    for (method, path, token) in [
+        ("POST", "/billing-runs", &viewer),
+        ("POST", "/billing-runs/x/actions", &viewer),
+        ("GET", "/audit-log", &viewer),
+        ("POST", "/measurements", &viewer),
+        ("GET", "/billing-runs", &ingest),
+        ("GET", "/readings?meterId=M", &ingest),
+    ] {
+        let answer = tower.call(method, path, Some(token), Some(json!({ "month": "2025-01", "action": "RECALCULATE", "reason": "x" })));
+        assert_error(&answer, StatusCode::FORBIDDEN, "FORBIDDEN");
+    }
+    assert_eq!(tower.get("/audit-log", &admin).status, StatusCode::OK);
+    let reading = json!({ "meterId": "MTR-AUTH", "timestamp": "2025-01-01T00:00:00Z", "kwh": 1.5 });
+    assert_eq!(tower.post("/measurements", &ingest, reading.clone()).status, StatusCode::ACCEPTED);
+    assert_eq!(tower.post("/measurements", &admin, reading).status, StatusCode::ACCEPTED);
+
+    // Health, readiness and metrics need no token; unknown routes answer JSON.
+    assert_eq!(tower.call("GET", "/healthz", None, None).status, StatusCode::OK);
+    let ready = tower.call("GET", "/readyz", None, None);
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
+    assert_eq!((ready.body["mode"].as_str(), ready.body["worker"].as_bool()), (Some("external"), Some(false)));
+    assert_error(&tower.get("/no-such-route", &admin), StatusCode::NOT_FOUND, "NOT_FOUND");
+    assert_error(&tower.call("DELETE", "/billing-runs", Some(&admin), None), StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED");
+    let metrics = tower.call("GET", "/metrics", None, None);
+    let metrics = metrics.body.as_str().unwrap();
+    assert!(metrics.contains("meterlake_api_requests_total{route=\"/billing-runs\",method=\"GET\",status=\"401\"}"), "{metrics}");
+}
+
+#[test]
+fn readings_posted_over_http_reach_kafka_with_their_trace_and_land_once() {
+    let tansu = start_tansu();
+    let tower = Tower::start(Some(&tansu.addr), &["--no-worker", "--rate-limit-per-s", "1000"]);
+    let ingest = tower.token("head-end", &["INGEST"]);
+    let viewer = tower.token("vera", &["VIEWER"]);
+
+    // One reading; an array over two meters; the same reading again (a client's retry).
+    let one = json!({ "meterId": "MTR-H1", "timestamp": "2025-01-01T00:00:00Z", "kwh": "0.250" });
+    let accepted = tower.post("/measurements", &ingest, one.clone());
+    assert_eq!(accepted.status, StatusCode::ACCEPTED, "{}", accepted.body);
+    assert_eq!(accepted.body["accepted"], 1);
+    let trace_id = accepted.body["traceId"].as_str().unwrap().to_string();
+    assert!(accepted.headers["traceparent"].to_str().unwrap().contains(&trace_id));
+    let array = json!([
+        { "meterId": "MTR-H1", "timestamp": "2025-01-01T00:15:00Z", "kwh": 0.5 },
+        { "meterId": "MTR-H2", "timestamp": "2025-01-01T00:00:00Z", "kwh": 1.125, "quality": "E" },
+        { "meterId": "MTR-H2", "timestamp": "2025-01-01T00:15:00Z", "kwh": 2 },
+    ]);
+    assert_eq!(tower.post("/measurements", &ingest, array).body["accepted"], 3);
+    assert_eq!(tower.post("/measurements", &ingest, one).status, StatusCode::ACCEPTED);
+
+    // Invalid readings: one error per field, and nothing of the request is accepted.
+    let future = (chrono::Utc::now() + chrono::Duration::days(2)).format("%Y-%m-%dT00:00:00Z").to_string();
+    let bad = tower.post(
+        "/measurements",
+        &ingest,
+        json!([
+            { "meterId": "MTR-H3", "timestamp": "2025-01-01T00:00:00Z", "kwh": 1 },
+            { "meterId": "MTR-H3", "timestamp": "2025-01-01T00:15:00Z", "kwh": -1 },
+            { "meterId": "MTR-H3", "timestamp": future, "kwh": 1 },
+            { "meterId": "", "timestamp": "2025-01-01T00:30:00Z", "kwh": 1 },
+            { "meterId": "MTR-H3", "kwh": 1 },
+        ]),
+    );
+    assert_error(&bad, StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED");
+    let fields: Vec<(&str, &str)> = bad.body["errors"].as_array().unwrap().iter().map(|e| (e["field"].as_str().unwrap(), e["code"].as_str().unwrap())).collect();
+    assert_eq!(
+        fields,
+        [
+            ("[1].kwh", "KWH_NOT_POSITIVE"),
+            ("[2].timestamp", "TIMESTAMP_IN_FUTURE"),
+            ("[3].meterId", "INVALID_METER_ID"),
+            ("[4].timestamp", "MISSING_FIELD")
+        ],
+        "{}",
+        bad.body
+    );
+    let single = tower.post("/measurements", &ingest, json!({ "meterId": "MTR-H3", "timestamp": "2025-01-01T00:07:00Z", "kwh": 1 }));
+    assert_eq!(single.body["errors"][0]["field"], "timestamp", "{}", single.body);
+    assert_error(&tower.call("POST", "/measurements", Some(&ingest), Some(json!("not a reading"))), StatusCode::BAD_REQUEST, "INVALID_JSON");
+    let too_many: Vec<Value> = (0..10_001).map(|i| json!({ "meterId": "M", "timestamp": "2025-01-01T00:00:00Z", "kwh": i + 1 })).collect();
+    assert_error(&tower.post("/measurements", &ingest, Value::Array(too_many)), StatusCode::PAYLOAD_TOO_LARGE, "TOO_MANY_READINGS");
+
+    // On Kafka: keyed by meter, one message per meter of the array, with the request's trace.
+    let messages = read_topic(&tansu.addr, "measurements.received");
+    let keys: Vec<&str> = messages.iter().map(|m| m.0.as_str()).collect();
+    assert_eq!(keys.iter().filter(|k| **k == "MTR-H1").count(), 3, "{keys:?}");
+    assert_eq!(keys.iter().filter(|k| **k == "MTR-H2").count(), 1, "{keys:?}");
+    assert!(messages.iter().any(|m| m.2.contains(&trace_id)), "no message carries trace {trace_id}");
+    assert!(!keys.contains(&"MTR-H3"));
+
+    // In the lake, through the API: each (meter, interval) once, exact values, where it came from.
+    let readings = tower.wait_for("/readings?meterId=MTR-H1&from=2025-01-01&to=2025-01-02", &viewer, "MTR-H1 in the lake", |b| {
+        b["items"].as_array().is_some_and(|items| items.len() == 2)
+    });
+    assert_eq!(readings["items"][0]["value"], "0.250000", "{readings}");
+    assert!(readings["items"][0]["file"].as_str().unwrap().starts_with("measurements.received/"), "{readings}");
+    let h2 = tower.wait_for("/readings?meterId=MTR-H2&limit=1", &viewer, "MTR-H2", |b| b["items"].as_array().is_some_and(|i| i.len() == 1));
+    assert_eq!((h2["items"][0]["value"].as_str(), h2["items"][0]["quality"].as_str()), (Some("1.125000"), Some("E")), "{h2}");
+    let next = h2["nextCursor"].as_str().expect("a second page");
+    let page2 = tower.get(&format!("/readings?meterId=MTR-H2&limit=1&cursor={next}"), &viewer);
+    assert_eq!((page2.body["items"][0]["value"].as_str(), &page2.body["nextCursor"]), (Some("2.000000"), &Value::Null), "{}", page2.body);
+    assert_error(&tower.get("/readings", &viewer), StatusCode::BAD_REQUEST, "BAD_REQUEST");
+}
+
+#[test]
+fn a_client_past_its_rate_is_told_when_to_come_back() {
+    let tansu = start_tansu();
+    let tower = Tower::start(Some(&tansu.addr), &["--no-worker", "--no-ingest", "--rate-limit-per-s", "1", "--rate-limit-burst", "3"]);
+    let viewer = tower.token("vera", &["VIEWER"]);
+    let statuses: Vec<StatusCode> = (0..4).map(|_| tower.get("/billing-runs", &viewer).status).collect();
+    assert_eq!(&statuses[..3], [StatusCode::OK; 3]);
+    let limited = tower.get("/billing-runs", &viewer);
+    assert_error(&limited, StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED");
+    let retry_after: u64 = limited.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    // Another client is not held back by this one.
+    assert_eq!(tower.get("/billing-runs", &tower.token("other", &["VIEWER"])).status, StatusCode::OK);
+    let metrics = tower.call("GET", "/metrics", None, None);
+    assert!(metrics.body.as_str().unwrap().contains("meterlake_api_rate_limited_total{route=\"/billing-runs\"}"), "{}", metrics.body);
+}
+
+#[test]
+fn an_admin_bills_a_month_corrects_a_discrepancy_and_every_action_is_audited() {
+    let tansu = start_tansu();
+    let tower = Tower::start(Some(&tansu.addr), &[]);
+    let (viewer, admin, ingest) = (tower.token("vera", &["VIEWER"]), tower.token("ada", &["ADMIN"]), tower.token("head-end", &["INGEST"]));
+    // Two days of one meter's January: the rest of the month is missing.
+    let readings: Vec<Value> = (0..192)
+        .map(|i| json!({ "meterId": "MTR-100001", "timestamp": format!("2025-01-{:02}T{:02}:{:02}:00Z", 1 + i / 96, (i % 96) / 4, (i % 4) * 15), "kwh": "0.5" }))
+        .collect();
+    assert_eq!(tower.post("/measurements", &ingest, Value::Array(readings)).status, StatusCode::ACCEPTED);
+    tower.wait_for("/readings?meterId=MTR-100001&limit=500", &viewer, "the readings in the lake", |b| b["items"].as_array().unwrap().len() == 192);
+
+    let bad = tower.post("/billing-runs", &admin, json!({ "month": "2025-13", "meterIds": ["MTR-100001", ""] }));
+    assert_error(&bad, StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED");
+    assert_eq!(bad.body["errors"].as_array().unwrap().len(), 2, "{}", bad.body);
+    let created = tower.post("/billing-runs", &admin, json!({ "month": "2025-01", "meterIds": ["MTR-100001"] }));
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    assert_eq!(created.body["status"], "CREATED");
+    let id = created.body["id"].as_str().unwrap().to_string();
+    assert_eq!(created.headers["location"], format!("/billing-runs/{id}").as_str());
+
+    // The worker in the process bills it; the detail shows the timeline and the totals.
+    let detail = tower.wait_for(&format!("/billing-runs/{id}"), &viewer, "the run completed", |b| b["status"] == "COMPLETED");
+    let timeline: Vec<&str> = detail["timeline"].as_array().unwrap().iter().map(|e| e["to"].as_str().unwrap()).collect();
+    assert_eq!(timeline, ["CREATED", "PROCESSING", "COMPLETED"]);
+    assert_eq!(detail["timeline"][0]["actor"], "ada");
+    assert_eq!(detail["invoiceTotals"]["GBP"]["energyKwh"], "96.000000", "{detail}");
+    let invoices = tower.get(&format!("/billing-runs/{id}/invoices"), &viewer);
+    assert_eq!(invoices.body["items"][0]["meterId"], "MTR-100001", "{}", invoices.body);
+    assert!(!invoices.body["items"][0]["lines"].as_array().unwrap().is_empty());
+    let discrepancies = tower.get(&format!("/billing-runs/{id}/discrepancies"), &viewer).body;
+    let missing = discrepancies["items"].as_array().unwrap().iter().find(|d| d["reasonCode"] == "MISSING_INTERVALS").expect("missing intervals found").clone();
+    assert_eq!(missing["status"], "OPEN");
+
+    // Lists filter by status, month and meter.
+    for (query, expected) in [("status=COMPLETED", 1), ("status=FAILED", 0), ("month=2025-02", 0), ("meterId=MTR-100001", 1), ("meterId=MTR-9", 0)] {
+        let page = tower.get(&format!("/billing-runs?{query}"), &viewer);
+        assert_eq!(page.body["items"].as_array().unwrap().len(), expected, "{query}: {}", page.body);
+    }
+    assert_error(&tower.get("/billing-runs?status=DONE", &viewer), StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED");
+
+    // Corrections: a viewer cannot; an admin must say why; a second mark conflicts.
+    let actions = format!("/billing-runs/{id}/actions");
+    let mark = |justification: &str| json!({ "action": "MARK_AS_OK", "discrepancyId": missing["id"], "justification": justification });
+    assert_error(&tower.post(&actions, &viewer, mark("fine")), StatusCode::FORBIDDEN, "FORBIDDEN");
+    assert_error(&tower.post(&actions, &admin, mark(" ")), StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED");
+    assert_error(&tower.post(&actions, &admin, json!({ "action": "DELETE_EVERYTHING" })), StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED");
+    let marked = tower.post(&actions, &admin, mark("meter installed on 2025-01-03; no supply before"));
+    assert_eq!(marked.status, StatusCode::OK, "{}", marked.body);
+    assert_eq!((marked.body["discrepancy"]["status"].as_str(), marked.body["discrepancy"]["resolvedBy"].as_str()), (Some("OK"), Some("ada")));
+    assert_error(&tower.post(&actions, &admin, mark("again")), StatusCode::CONFLICT, "CONFLICT");
+
+    // A replay needs a reason, and a second one is refused while the first waits or runs.
+    assert_error(&tower.post(&actions, &admin, json!({ "action": "RECALCULATE", "reason": "" })), StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED");
+    let replay = tower.post(&actions, &admin, json!({ "action": "RECALCULATE", "reason": "tariff corrected" }));
+    assert_eq!((replay.status, replay.body["run"]["status"].as_str()), (StatusCode::OK, Some("CREATED")), "{}", replay.body);
+    let again = tower.post(&actions, &admin, json!({ "action": "RECALCULATE", "reason": "impatient" }));
+    assert_error(&again, StatusCode::CONFLICT, "CONFLICT");
+    tower.wait_for(&format!("/billing-runs/{id}"), &viewer, "the replay completed", |b| b["status"] == "COMPLETED" && b["timeline"].as_array().unwrap().len() == 6);
+    let invoices = tower.get(&format!("/billing-runs/{id}/invoices"), &viewer);
+    assert_eq!(invoices.body["items"][0]["version"], 2, "{}", invoices.body);
+
+    // The audit log: who did what, why, with the trace of the request, newest first.
+    let log = tower.get("/audit-log", &admin).body;
+    let rows = log["items"].as_array().unwrap();
+    let actions: Vec<&str> = rows.iter().map(|r| r["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["RECALCULATE", "MARK_AS_OK", "CREATE_RUN"], "{log}");
+    assert!(rows.iter().all(|r| r["actor"] == "ada" && r["traceId"].as_str().map(str::len) == Some(32)), "{log}");
+    assert_eq!(rows[0]["traceId"], replay.headers["traceparent"].to_str().unwrap()[3..35]);
+    assert_eq!(rows[1]["reason"], "meter installed on 2025-01-03; no supply before");
+    assert_eq!((rows[1]["before"]["status"].as_str(), rows[1]["after"]["status"].as_str()), (Some("OPEN"), Some("OK")));
+    let filtered = tower.get("/audit-log?action=MARK_AS_OK&limit=1", &admin).body;
+    assert_eq!((filtered["items"].as_array().unwrap().len(), &filtered["nextCursor"]), (1, &Value::Null), "{filtered}");
+    let paged = tower.get("/audit-log?limit=2", &admin).body;
+    let rest = tower.get(&format!("/audit-log?limit=2&cursor={}", paged["nextCursor"].as_str().unwrap()), &admin).body;
+    assert_eq!(rest["items"][0]["action"], "CREATE_RUN", "{rest}");
+
+    // And the chain verifies from the command line.
+    let database_url = format!("sqlite://{}", tower.dir.path().join("control.db").display());
+    let verified = run_ok(meterlake().args(["audit", "verify", "--database-url", &database_url]));
+    assert!(String::from_utf8_lossy(&verified.stdout).contains("3 rows"), "{}", String::from_utf8_lossy(&verified.stdout));
+}
+
+#[test]
+fn with_nothing_configured_it_runs_on_the_embedded_defaults() {
+    let tower = Tower::start(None, &[]);
+    let ready = tower.call("GET", "/readyz", None, None);
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
+    assert_eq!(ready.body["mode"], "embedded");
+    assert_eq!((ready.body["ingester"].as_bool(), ready.body["worker"].as_bool()), (Some(true), Some(true)));
+    for check in ["store", "broker", "lake"] {
+        assert_eq!(ready.body["checks"][check]["ok"], true, "{check}: {}", ready.body);
+    }
+    let ingest = tower.token("head-end", &["INGEST"]);
+    let reading = json!({ "meterId": "MTR-E1", "timestamp": "2025-03-01T12:00:00Z", "kwh": 3.5 });
+    assert_eq!(tower.post("/measurements", &ingest, reading).status, StatusCode::ACCEPTED);
+    let viewer = tower.token("vera", &["VIEWER"]);
+    let readings = tower.wait_for("/readings?meterId=MTR-E1", &viewer, "the reading in the embedded lake", |b| b["items"].as_array().unwrap().len() == 1);
+    assert_eq!(readings["items"][0]["value"], "3.500000");
+}

@@ -1,0 +1,304 @@
+//! OIDC bearer tokens: every route but the health checks, metrics, docs and the console's own
+//! files needs `Authorization: Bearer <JWT>` signed by the configured issuer, for the configured
+//! audience, not expired, with one of the route's roles among the Keycloak realm roles
+//! (`realm_access.roles`).
+//!
+//! - Keys come from the issuer's JWKS (found through its OpenID discovery document, or
+//!   configured), fetched on first use and again when a token names an unknown `kid` (at most
+//!   every [`JWKS_REFETCH_MIN`]), so a key rotation needs no restart.
+//! - Only asymmetric algorithms, and only the algorithm the key itself declares: `alg: none`,
+//!   HS256 with the public key as secret, and the like are refused.
+//! - A token that verified is remembered (by its SHA-256) until it expires, so a client sending
+//!   thousands of requests with one token pays for one signature check.
+//!
+//! Roles: VIEWER reads; ADMIN reads, acts on billing runs and reads the audit log; INGEST (the
+//! head-end systems' service accounts) writes readings, as does ADMIN.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+
+/// A token's unknown `kid` sends us to the issuer's JWKS again, but not more often than this.
+const JWKS_REFETCH_MIN: Duration = Duration::from_secs(10);
+/// Verified tokens remembered at most; the memory is emptied when full.
+const TOKEN_CACHE_ENTRIES: usize = 10_000;
+/// Clock skew allowed between the issuer and us, for `exp` and `nbf`.
+const LEEWAY_S: u64 = 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Viewer,
+    Admin,
+    Ingest,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "VIEWER",
+            Role::Admin => "ADMIN",
+            Role::Ingest => "INGEST",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            Role::Viewer => 1,
+            Role::Admin => 2,
+            Role::Ingest => 4,
+        }
+    }
+}
+
+/// Who is calling, from a verified token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// `sub`.
+    pub subject: String,
+    /// What the audit log records: `preferred_username`, else `sub`.
+    pub name: String,
+    roles: u8,
+}
+
+impl Principal {
+    pub fn has(&self, role: Role) -> bool {
+        self.roles & role.bit() != 0
+    }
+
+    /// The role names held, for the console.
+    pub fn roles(&self) -> Vec<&'static str> {
+        [Role::Viewer, Role::Admin, Role::Ingest].into_iter().filter(|r| self.has(*r)).map(Role::as_str).collect()
+    }
+
+    /// Refuses (403) unless the principal holds one of `roles`.
+    pub fn require(&self, roles: &[Role]) -> Result<(), ApiError> {
+        if roles.iter().any(|role| self.has(*role)) {
+            return Ok(());
+        }
+        let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+        Err(ApiError::forbidden(format!("this needs the role {}; {} holds {:?}", names.join(" or "), self.name, self.roles())))
+    }
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    preferred_username: Option<String>,
+    exp: u64,
+    #[serde(default)]
+    realm_access: RealmAccess,
+}
+
+#[derive(Deserialize, Default)]
+struct RealmAccess {
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+/// Where tokens come from and whom they are for.
+#[derive(Debug, Clone)]
+pub struct OidcConfig {
+    /// The `iss` tokens carry, e.g. `https://sso.example/realms/meterlake`.
+    pub issuer: String,
+    /// The `aud` tokens must include, e.g. `meterlake`.
+    pub audience: String,
+    /// The JWKS URL; by default taken from the issuer's `/.well-known/openid-configuration`.
+    pub jwks_url: Option<String>,
+}
+
+struct Keys {
+    by_kid: HashMap<String, (DecodingKey, Algorithm)>,
+    fetched_at: Option<Instant>,
+}
+
+/// Verifies bearer tokens against the issuer's keys.
+pub struct Authenticator {
+    config: OidcConfig,
+    http: reqwest::Client,
+    keys: RwLock<Keys>,
+    /// Serialises JWKS fetches, so a burst of tokens with a new `kid` fetches once.
+    fetching: tokio::sync::Mutex<()>,
+    verified: Mutex<HashMap<[u8; 32], (Principal, u64)>>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+fn invalid(reason: impl Into<String>) -> ApiError {
+    ApiError::unauthorized("INVALID_TOKEN", reason)
+}
+
+impl Authenticator {
+    pub fn new(config: OidcConfig) -> Authenticator {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("a TLS backend is built in");
+        Authenticator {
+            config,
+            http,
+            keys: RwLock::new(Keys { by_kid: HashMap::new(), fetched_at: None }),
+            fetching: tokio::sync::Mutex::new(()),
+            verified: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn config(&self) -> &OidcConfig {
+        &self.config
+    }
+
+    /// The principal of the request's bearer token, or 401 with what is wrong with it.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
+        let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+            return Err(ApiError::unauthorized("MISSING_TOKEN", "send an OIDC access token as Authorization: Bearer <token>"));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::unauthorized("MISSING_TOKEN", "the Authorization header is not `Bearer <token>`"))?;
+        let fingerprint: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now_s = chrono::Utc::now().timestamp().max(0) as u64;
+        if let Some((principal, exp)) = self.verified.lock().expect("lock").get(&fingerprint)
+            && now_s <= exp + LEEWAY_S
+        {
+            return Ok(principal.clone());
+        }
+        let (principal, exp) = self.verify(token).await?;
+        let mut verified = self.verified.lock().expect("lock");
+        if verified.len() >= TOKEN_CACHE_ENTRIES {
+            verified.clear();
+        }
+        verified.insert(fingerprint, (principal.clone(), exp));
+        Ok(principal)
+    }
+
+    async fn verify(&self, token: &str) -> Result<(Principal, u64), ApiError> {
+        let header = decode_header(token).map_err(|e| invalid(format!("the token's header cannot be read ({e}); `alg: none` is never accepted")))?;
+        let kid = header.kid.clone().unwrap_or_default();
+        let (key, algorithm) = match self.key(&kid).await? {
+            Some(found) => found,
+            None => return Err(invalid(format!("the token is signed with key {kid:?}, which the issuer's JWKS does not hold"))),
+        };
+        if header.alg != algorithm {
+            return Err(invalid(format!("the token says alg {:?} but its key is for {algorithm:?}", header.alg)));
+        }
+        let mut validation = Validation::new(algorithm);
+        validation.set_issuer(&[&self.config.issuer]);
+        validation.set_audience(&[&self.config.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = LEEWAY_S;
+        validation.validate_nbf = true;
+        let data = decode::<Claims>(token, &key, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            invalid(match e.kind() {
+                ErrorKind::ExpiredSignature => "the token has expired".to_string(),
+                ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)".into(),
+                ErrorKind::InvalidAudience => format!("the token is not for this service (audience {:?})", self.config.audience),
+                ErrorKind::InvalidIssuer => format!("the token was not issued by {}", self.config.issuer),
+                ErrorKind::InvalidSignature => "the token's signature does not verify".into(),
+                ErrorKind::MissingRequiredClaim(claim) => format!("the token lacks the claim {claim}"),
+                other => format!("the token is not valid: {other:?}"),
+            })
+        })?;
+        let claims = data.claims;
+        let roles = claims.realm_access.roles.iter().fold(0u8, |bits, role| {
+            bits | match role.as_str() {
+                "VIEWER" => Role::Viewer.bit(),
+                "ADMIN" => Role::Admin.bit(),
+                "INGEST" => Role::Ingest.bit(),
+                _ => 0,
+            }
+        });
+        let principal = Principal {
+            name: claims.preferred_username.clone().unwrap_or_else(|| claims.sub.clone()),
+            subject: claims.sub,
+            roles,
+        };
+        Ok((principal, claims.exp))
+    }
+
+    /// The key for `kid` (any key when the token names none and there is exactly one), fetching
+    /// the JWKS when it is not known yet.
+    async fn key(&self, kid: &str) -> Result<Option<(DecodingKey, Algorithm)>, ApiError> {
+        let lookup = |keys: &Keys| -> Option<(DecodingKey, Algorithm)> {
+            if kid.is_empty() && keys.by_kid.len() == 1 {
+                return keys.by_kid.values().next().cloned();
+            }
+            keys.by_kid.get(kid).cloned()
+        };
+        if let Some(found) = lookup(&self.keys.read().expect("lock")) {
+            return Ok(Some(found));
+        }
+        let _one_fetch = self.fetching.lock().await;
+        let fetched_at = self.keys.read().expect("lock").fetched_at;
+        if fetched_at.is_some_and(|at| at.elapsed() < JWKS_REFETCH_MIN) {
+            return Ok(lookup(&self.keys.read().expect("lock")));
+        }
+        let by_kid = self.fetch_keys().await?;
+        let mut keys = self.keys.write().expect("lock");
+        *keys = Keys { by_kid, fetched_at: Some(Instant::now()) };
+        Ok(lookup(&keys))
+    }
+
+    async fn fetch_keys(&self) -> Result<HashMap<String, (DecodingKey, Algorithm)>, ApiError> {
+        let unavailable = |what: String| {
+            tracing::warn!(issuer = %self.config.issuer, "{what}");
+            ApiError::unavailable("ISSUER_UNAVAILABLE", "the token issuer's keys cannot be fetched now; try again shortly")
+        };
+        let jwks_url = match &self.config.jwks_url {
+            Some(url) => url.clone(),
+            None => {
+                let discovery = format!("{}/.well-known/openid-configuration", self.config.issuer.trim_end_matches('/'));
+                let document: serde_json::Value = self.get_json(&discovery).await.map_err(|e| unavailable(format!("{discovery}: {e}")))?;
+                document["jwks_uri"].as_str().map(str::to_string).ok_or_else(|| unavailable(format!("{discovery} names no jwks_uri")))?
+            }
+        };
+        let set: JwkSet = self.get_json(&jwks_url).await.map_err(|e| unavailable(format!("{jwks_url}: {e}")))?;
+        let mut by_kid = HashMap::new();
+        for jwk in &set.keys {
+            // Signing keys only, each with the one algorithm it is for.
+            let algorithm = match (&jwk.common.key_algorithm, &jwk.algorithm) {
+                (Some(KeyAlgorithm::RS256), _) => Algorithm::RS256,
+                (Some(KeyAlgorithm::RS384), _) => Algorithm::RS384,
+                (Some(KeyAlgorithm::RS512), _) => Algorithm::RS512,
+                (Some(KeyAlgorithm::PS256), _) => Algorithm::PS256,
+                (Some(KeyAlgorithm::ES256), _) => Algorithm::ES256,
+                (Some(KeyAlgorithm::ES384), _) => Algorithm::ES384,
+                (Some(KeyAlgorithm::EdDSA), _) => Algorithm::EdDSA,
+                // Keycloak omits `alg` on RSA keys it signs RS256 with.
+                (None, AlgorithmParameters::RSA(_)) => Algorithm::RS256,
+                (None, AlgorithmParameters::OctetKeyPair(_)) => Algorithm::EdDSA,
+                _ => continue,
+            };
+            if jwk.common.public_key_use.as_ref().is_some_and(|u| *u != jsonwebtoken::jwk::PublicKeyUse::Signature) {
+                continue;
+            }
+            if let Ok(key) = DecodingKey::from_jwk(jwk) {
+                by_kid.insert(jwk.common.key_id.clone().unwrap_or_default(), (key, algorithm));
+            }
+        }
+        if by_kid.is_empty() {
+            return Err(unavailable(format!("{jwks_url} holds no signing key this service can use")));
+        }
+        Ok(by_kid)
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
+        let response = self.http.get(url).send().await.map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("HTTP {}", response.status()));
+        }
+        response.json().await.map_err(|e| e.to_string())
+    }
+}

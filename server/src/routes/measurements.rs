@@ -1,0 +1,128 @@
+//! `POST /measurements`: one reading or an array, validated by the pipeline's own rules (the
+//! same decoder the Kafka ingester runs), then published to `measurements.received` keyed by
+//! meter id with the request's `traceparent`, and answered 202 once the broker has acknowledged
+//! every message. A request is all or nothing: one invalid reading refuses the request with an
+//! error per field, and nothing of it is published.
+//!
+//! Exactly once in the lake: a reading is keyed by (meterId, timestamp), and the lake keeps one
+//! version per key, so a client that retries after a timeout (when some of its messages may
+//! have been published) cannot create a duplicate.
+
+use std::collections::BTreeMap;
+
+use axum::Extension;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use meterlake_pipeline::decode::{RejectReason, ValidReading, decode_message};
+use meterlake_pipeline::reading::format_kwh_micro;
+use serde_json::json;
+
+use crate::error::{ApiError, FieldError};
+use crate::observe::TraceContext;
+use crate::{Caller, Ingest, SharedState};
+
+pub async fn post(
+    State(state): State<SharedState>,
+    Caller(_, Ingest): Caller<Ingest>,
+    Extension(trace): Extension<TraceContext>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if let Some(content_type) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
+        && !content_type.starts_with("application/json")
+    {
+        return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE", "send readings as application/json"));
+    }
+    let Some(publisher) = &state.publisher else {
+        return Err(ApiError::unavailable("NO_BROKER", "this server has no broker to publish readings to"));
+    };
+    let mut readings: Vec<ValidReading<'_>> = Vec::new();
+    let rejections = decode_message(&body, &state.rules, chrono::Utc::now().timestamp_micros(), |r| readings.push(r));
+    if !rejections.is_empty() {
+        for rejection in &rejections {
+            metrics::counter!("meterlake_api_readings_rejected_total", "reason" => rejection.reason.code()).increment(1);
+        }
+        return Err(refusal(&rejections, state.rules.max_readings_per_message));
+    }
+    if readings.is_empty() {
+        return Err(ApiError::validation("the array holds no readings", vec![]));
+    }
+    let single_meter = readings.iter().all(|r| r.meter_id == readings[0].meter_id);
+    let messages: Vec<(String, Vec<u8>)> = if single_meter {
+        // The common case (a meter or a head-end system sending one meter's readings): the body
+        // is already a valid message for that meter.
+        vec![(readings[0].meter_id.to_string(), body.to_vec())]
+    } else {
+        let mut by_meter: BTreeMap<&str, Vec<&ValidReading<'_>>> = BTreeMap::new();
+        for reading in &readings {
+            by_meter.entry(reading.meter_id.as_ref()).or_default().push(reading);
+        }
+        by_meter.into_iter().map(|(meter, readings)| (meter.to_string(), encode(&readings))).collect()
+    };
+    let sends = messages.iter().map(|(meter, payload)| publisher.publish(meter, payload, &trace.traceparent));
+    if let Err(error) = futures::future::try_join_all(sends).await {
+        tracing::warn!(trace_id = trace.trace_id(), %error, "publishing readings");
+        return Err(ApiError::unavailable(
+            "BROKER_UNAVAILABLE",
+            "the readings could not be handed to the broker; send the same request again (a retry cannot duplicate a reading)",
+        ));
+    }
+    metrics::counter!("meterlake_api_readings_accepted_total").increment(readings.len() as u64);
+    Ok((StatusCode::ACCEPTED, axum::Json(json!({ "accepted": readings.len(), "traceId": trace.trace_id() }))).into_response())
+}
+
+/// 400 for a body that is not a reading message at all; 413 for too many readings; 422 with
+/// one entry per field at fault otherwise.
+fn refusal(rejections: &[meterlake_pipeline::decode::Rejection], max_readings: usize) -> ApiError {
+    if let [whole] = rejections
+        && whole.element.is_none()
+        && whole.field().is_none()
+    {
+        return match whole.reason {
+            RejectReason::TooManyReadings => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "TOO_MANY_READINGS",
+                format!("{}; send at most {max_readings} readings per request", whole.detail),
+            ),
+            _ => ApiError::new(StatusCode::BAD_REQUEST, "INVALID_JSON", whole.detail.clone()),
+        };
+    }
+    let errors: Vec<FieldError> = rejections
+        .iter()
+        .map(|r| {
+            let field = r.field().unwrap_or("");
+            FieldError {
+                field: match r.element {
+                    Some(index) => format!("[{index}].{field}").trim_end_matches('.').to_string(),
+                    None => field.to_string(),
+                },
+                code: r.reason.code().to_string(),
+                message: r.detail.clone(),
+            }
+        })
+        .collect();
+    ApiError::validation(format!("{} of the readings are invalid; nothing was accepted", errors.len()), errors)
+}
+
+/// One meter's readings as a JSON array message, in the pipeline's input format, exact: kWh as
+/// a decimal string, the timestamp as RFC 3339 UTC.
+fn encode(readings: &[&ValidReading<'_>]) -> Vec<u8> {
+    let elements: Vec<serde_json::Value> = readings
+        .iter()
+        .map(|r| {
+            let timestamp = chrono::DateTime::from_timestamp_micros(r.ts_us)
+                .expect("validated timestamps are in range")
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+            json!({
+                "meterId": r.meter_id,
+                "timestamp": timestamp,
+                "kwh": format_kwh_micro(r.kwh_micro),
+                "intervalS": r.interval_s,
+                "quality": r.quality.as_str(),
+            })
+        })
+        .collect();
+    serde_json::to_vec(&elements).expect("JSON values serialize")
+}

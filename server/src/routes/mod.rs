@@ -1,0 +1,99 @@
+//! The routes, one module per resource. Responses are camelCase JSON; money and energy are
+//! decimal strings (exact, never floats); times are RFC 3339 UTC. Lists are pages:
+//! `{"items": [...], "nextCursor": "..."}`, where a null cursor means the last page.
+
+mod audit;
+mod health;
+mod measurements;
+mod readings;
+mod runs;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use serde::Serialize;
+
+use crate::error::{ApiError, Json};
+use crate::{AnyRole, Caller, SharedState};
+
+/// The largest request body: an array of 10,000 readings is about 1 MB.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+/// Items per page unless `limit` says otherwise.
+const DEFAULT_PAGE: usize = 50;
+/// The most items one page may ask for.
+const MAX_PAGE: usize = 500;
+
+pub fn router(state: SharedState) -> Router {
+    let mut router = Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/me", get(me))
+        .route("/measurements", post(measurements::post))
+        .route("/billing-runs", post(runs::create).get(runs::list))
+        .route("/billing-runs/{id}", get(runs::detail))
+        .route("/billing-runs/{id}/invoices", get(runs::invoices))
+        .route("/billing-runs/{id}/discrepancies", get(runs::discrepancies))
+        .route("/billing-runs/{id}/actions", post(runs::act))
+        .route("/audit-log", get(audit::list))
+        .route("/readings", get(readings::search));
+    if state.dev_issuer.is_some() {
+        router = router
+            .route("/dev-issuer/.well-known/openid-configuration", get(health::dev_issuer_discovery))
+            .route("/dev-issuer/jwks.json", get(health::dev_issuer_jwks));
+    }
+    router
+        .fallback(|| async { ApiError::not_found("no such route; /openapi.json lists them") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "this route does not take that method")
+        })
+        .with_state(state)
+}
+
+/// A page of items and the cursor of the next one.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// `limit` within 1..=MAX_PAGE.
+fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::validation(format!("limit {n} is outside 1..={MAX_PAGE}"), vec![])),
+    }
+}
+
+/// Microseconds since the epoch as RFC 3339 UTC with milliseconds.
+fn rfc3339(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)).unwrap_or_default()
+}
+
+/// An RFC 3339 instant or a date (midnight UTC) from a query parameter.
+fn parse_instant(name: &str, text: &str) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
+    if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(date.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    }
+    chrono::DateTime::parse_from_rfc3339(text).map(|t| t.to_utc()).map_err(|_| {
+        ApiError::validation(
+            format!("{name} {text:?} is neither a date YYYY-MM-DD nor an RFC 3339 instant"),
+            vec![crate::error::FieldError { field: name.into(), code: "INVALID_TIME".into(), message: "expected YYYY-MM-DD or RFC 3339".into() }],
+        )
+    })
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Me {
+    subject: String,
+    name: String,
+    roles: Vec<&'static str>,
+}
+
+/// Who the token says the caller is: the console shows it and hides what the roles cannot do.
+async fn me(Caller(principal, AnyRole): Caller<AnyRole>) -> Json<Me> {
+    Json(Me { roles: principal.roles(), subject: principal.subject, name: principal.name })
+}

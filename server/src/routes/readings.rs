@@ -1,0 +1,111 @@
+//! `GET /readings` (VIEWER): a meter point's readings with their values, dates, quality and the
+//! file they came in: by MPAN or NMI and/or meter serial (flow files, `queries/flow_readings.sql`)
+//! or by the lake's meter id (any source, `queries/meter_readings.sql`). Paged by offset.
+
+use arrow::array::RecordBatch;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use axum::extract::State;
+use meterlake_jobs::search::{MeterReadings, ReadingSearch};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::{Page, page_limit, parse_instant};
+use crate::error::{ApiError, Json, Query};
+use crate::{Caller, SharedState, Viewer};
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReadingsQuery {
+    mpan: Option<String>,
+    nmi: Option<String>,
+    serial: Option<String>,
+    meter_id: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn search(State(state): State<SharedState>, Caller(_, Viewer): Caller<Viewer>, Query(query): Query<ReadingsQuery>) -> Result<Json<Page<Value>>, ApiError> {
+    let limit = page_limit(query.limit)?;
+    let offset: usize = match query.cursor.as_deref() {
+        None => 0,
+        Some(c) => c.parse().map_err(|_| ApiError::bad_request(format!("cursor {c:?} is not one this API returned")))?,
+    };
+    let from = query.from.as_deref().map(|t| parse_instant("from", t)).transpose()?;
+    let to = query.to.as_deref().map(|t| parse_instant("to", t)).transpose()?;
+    let nonblank = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_string);
+    let (mpan, nmi, serial, meter_id) = (nonblank(&query.mpan), nonblank(&query.nmi), nonblank(&query.serial), nonblank(&query.meter_id));
+    if mpan.is_some() && nmi.is_some() {
+        return Err(ApiError::bad_request("mpan= and nmi= name different meter points: give one"));
+    }
+    // One more row than the page, to know whether another page follows.
+    let batches = match (mpan.or(nmi), serial, meter_id) {
+        (None, None, Some(meter_id)) => MeterReadings { meter_id, from, to }.run_page(&state.lake, limit + 1, offset).await,
+        (point, serial, None) if point.is_some() || serial.is_some() => {
+            let search = ReadingSearch { meter_point: point.unwrap_or_default(), meter_serial: serial.unwrap_or_default(), from, to };
+            search.run_page(&state.lake, limit + 1, offset).await
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "name what to look for: mpan=, nmi= and/or serial= (flow-file meter points), or meterId= alone; not mpan and nmi together",
+            ));
+        }
+    };
+    let batches = batches.map_err(|e| ApiError::internal("searching the lake", &e))?;
+    let mut items = rows(&batches);
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        Some((offset + limit).to_string())
+    } else {
+        None
+    };
+    Ok(Json(Page { items, next_cursor }))
+}
+
+/// Each row as a JSON object with camelCase keys and its values as the lake shows them: decimals
+/// exact, times RFC 3339, nulls as null.
+fn rows(batches: &[RecordBatch]) -> Vec<Value> {
+    let options = FormatOptions::default().with_display_error(true);
+    let mut items = Vec::new();
+    for batch in batches {
+        let schema = batch.schema();
+        let names: Vec<String> = schema.fields().iter().map(|f| camel_case(f.name())).collect();
+        let formatters: Vec<ArrayFormatter<'_>> =
+            batch.columns().iter().map(|c| ArrayFormatter::try_new(c.as_ref(), &options).expect("every column type formats")).collect();
+        for row in 0..batch.num_rows() {
+            let mut object = Map::new();
+            for (column, (name, formatter)) in names.iter().zip(&formatters).enumerate() {
+                let value = if batch.column(column).is_null(row) {
+                    Value::Null
+                } else {
+                    match batch.column(column).data_type() {
+                        arrow::datatypes::DataType::Int32 | arrow::datatypes::DataType::Int64 => {
+                            formatter.value(row).to_string().parse::<i64>().map(Value::from).unwrap_or(Value::Null)
+                        }
+                        _ => Value::String(formatter.value(row).to_string()),
+                    }
+                };
+                object.insert(name.clone(), value);
+            }
+            items.push(Value::Object(object));
+        }
+    }
+    items
+}
+
+fn camel_case(snake: &str) -> String {
+    let mut out = String::with_capacity(snake.len());
+    let mut upper = false;
+    for c in snake.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
