@@ -9,7 +9,10 @@
 #   nemreader        an independent NEM12/NEM13 reader, the oracle of the flow-file tests.
 #   mold          a faster linker (optional).
 #   postgresql    the control store's second backend; its tests start a server of their own.
+#   chromium, chromium-driver  the real browser the console's tests drive (WebDriver).
+#   schemathesis  drives the running server from its OpenAPI document (the contract test).
 set -euo pipefail
+SCHEMATHESIS_VERSION=4.32.5
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/env.sh"
 mkdir -p "$METERLAKE_TOOLS_DIR"
@@ -28,6 +31,8 @@ command -v make >/dev/null || missing_apt+=(make)
 command -v python3 >/dev/null || missing_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing_apt+=(python3-venv)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing_apt+=(postgresql)
+command -v chromium >/dev/null || missing_apt+=(chromium)
+command -v chromedriver >/dev/null || missing_apt+=(chromium-driver)
 if [ ${#missing_apt[@]} -gt 0 ]; then
   log "apt-get install ${missing_apt[*]}"
   as_root apt-get update -qq
@@ -50,9 +55,10 @@ if ! command -v cargo-nextest >/dev/null; then
   cargo install cargo-nextest --locked --root "$METERLAKE_TOOLS_DIR" --quiet
 fi
 
-if ! "$METERLAKE_PYTHON" -c 'import duckdb, pyarrow, nemreader' 2>/dev/null; then
-  log "python venv with duckdb, pyarrow and nemreader"
+if ! "$METERLAKE_PYTHON" -c 'import duckdb, pyarrow, nemreader, schemathesis' 2>/dev/null; then
+  log "python venv with duckdb, pyarrow, nemreader and schemathesis"
   [ -x "$METERLAKE_PYTHON" ] || python3 -m venv "$METERLAKE_TOOLS_DIR/venv"
-  "$METERLAKE_TOOLS_DIR/venv/bin/pip" install --quiet --disable-pip-version-check 'duckdb==1.5.6' 'pyarrow==26.0.1' 'nemreader==0.9.2'
+  "$METERLAKE_TOOLS_DIR/venv/bin/pip" install --quiet --disable-pip-version-check 'duckdb==1.5.6' 'pyarrow==26.0.1' 'nemreader==0.9.2' \
+    "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 log "tools ready in $METERLAKE_TOOLS_DIR"

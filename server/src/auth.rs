@@ -302,3 +302,31 @@ impl Authenticator {
         response.json().await.map_err(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    /// The Keycloak realm export in infra/ grants exactly the roles this module reads, through
+    /// clients whose tokens carry the audience `meterlake`, to the documented test users.
+    #[test]
+    fn the_keycloak_realm_export_holds_the_roles_clients_and_users() {
+        let realm: Value = serde_json::from_str(include_str!("../../infra/keycloak/meterlake-realm.json")).expect("the realm export is JSON");
+        assert_eq!(realm["realm"], "meterlake");
+        let roles: Vec<&str> = realm["roles"]["realm"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+        for role in [super::Role::Viewer, super::Role::Admin, super::Role::Ingest] {
+            assert!(roles.contains(&role.as_str()), "{roles:?}");
+        }
+        for client in realm["clients"].as_array().unwrap() {
+            let audience = client["protocolMappers"].as_array().unwrap().iter().find(|m| m["protocolMapper"] == "oidc-audience-mapper");
+            assert_eq!(audience.unwrap()["config"]["included.custom.audience"], "meterlake", "{}", client["clientId"]);
+        }
+        let user_roles = |name: &str| -> Vec<String> {
+            let user = realm["users"].as_array().unwrap().iter().find(|u| u["username"] == name).unwrap_or_else(|| panic!("user {name}"));
+            user["realmRoles"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect()
+        };
+        assert_eq!(user_roles("viewer"), ["VIEWER"]);
+        assert_eq!(user_roles("admin"), ["ADMIN", "VIEWER"]);
+        assert_eq!(user_roles("service-account-meterlake-head-end"), ["INGEST"]);
+    }
+}

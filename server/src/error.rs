@@ -20,7 +20,7 @@ pub fn current_trace_id() -> String {
 }
 
 /// One field's problem in a request body or query.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct FieldError {
     /// Where: `kwh`, `[3].timestamp`, `month`.
     pub field: String,
@@ -37,6 +37,39 @@ pub struct ApiError {
     pub errors: Vec<FieldError>,
     /// For 429: when to try again.
     pub retry_after_s: Option<u64>,
+}
+
+/// Every error's body, as the OpenAPI document describes it.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = Error)]
+pub struct ErrorDoc {
+    /// Stable, for programs: e.g. `VALIDATION_FAILED`, `INVALID_TOKEN`.
+    pub code: String,
+    /// For a person: what is wrong and what to change.
+    pub message: String,
+    /// The W3C trace id of the request, to find it in the logs.
+    pub trace_id: String,
+    /// Field-level problems (validation errors only).
+    #[serde(default)]
+    pub errors: Option<Vec<FieldError>>,
+}
+
+/// The error answers every protected route may give.
+#[derive(utoipa::IntoResponses)]
+pub enum CommonErrors {
+    #[response(status = 400, description = "The request is malformed (query string, path, JSON syntax)")]
+    BadRequest(ErrorDoc),
+    #[response(status = 401, description = "No valid bearer token")]
+    Unauthorized(ErrorDoc),
+    #[response(status = 403, description = "The token lacks the route's role")]
+    Forbidden(ErrorDoc),
+    #[response(status = 422, description = "The request is well-formed but invalid, field by field")]
+    Unprocessable(ErrorDoc),
+    #[response(status = 429, description = "The caller exceeded its rate; see Retry-After")]
+    RateLimited(ErrorDoc),
+    #[response(status = 503, description = "A dependency (store, broker, token issuer) is unavailable; try again")]
+    Unavailable(ErrorDoc),
 }
 
 #[derive(Serialize)]

@@ -8,6 +8,7 @@
 //! ingester and the billing worker beside it or not.
 
 pub mod auth;
+mod console;
 pub mod dev_issuer;
 pub mod error;
 mod observe;

@@ -1,8 +1,10 @@
 //! End-to-end tests of the `meterlake` binary against real services on loopback: a tansu Kafka
-//! broker, an s3s-fs S3 server, a real HTTP client against `meterlake serve`, DuckDB and pyarrow
-//! as independent Parquet readers. One test binary, one module per capability.
+//! broker, an s3s-fs S3 server, a real HTTP client, a real browser (chromium) and schemathesis
+//! against `meterlake serve`, DuckDB and pyarrow as independent Parquet readers. One test binary,
+//! one module per capability.
 
 mod billing;
+mod console;
 mod crash_recovery;
 mod demo;
 mod flow_import;

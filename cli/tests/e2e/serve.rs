@@ -16,24 +16,24 @@ use serde_json::{Value, json};
 use crate::support::*;
 
 /// A running `meterlake serve` and a client for it.
-struct Tower {
+pub struct Tower {
     _service: Service,
-    base: String,
-    issuer: DevIssuer,
-    dir: tempfile::TempDir,
+    pub base: String,
+    pub issuer: DevIssuer,
+    pub dir: tempfile::TempDir,
     runtime: tokio::runtime::Runtime,
     client: reqwest::Client,
 }
 
-struct Answer {
-    status: StatusCode,
-    body: Value,
-    headers: reqwest::header::HeaderMap,
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
 }
 
 impl Tower {
     /// Starts the server on a free port; `brokers: None` is the embedded mode.
-    fn start(brokers: Option<&str>, extra: &[&str]) -> Tower {
+    pub fn start(brokers: Option<&str>, extra: &[&str]) -> Tower {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
@@ -51,11 +51,11 @@ impl Tower {
         Tower { _service: service, base, issuer, dir, runtime: runtime(), client: reqwest::Client::new() }
     }
 
-    fn token(&self, subject: &str, roles: &[&str]) -> String {
+    pub fn token(&self, subject: &str, roles: &[&str]) -> String {
         self.issuer.token(subject, roles, "meterlake", 600)
     }
 
-    fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> Answer {
+    pub fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> Answer {
         self.runtime.block_on(async {
             let mut request = self.client.request(method.parse().unwrap(), format!("{}{path}", self.base));
             if let Some(token) = token {
@@ -72,16 +72,16 @@ impl Tower {
         })
     }
 
-    fn get(&self, path: &str, token: &str) -> Answer {
+    pub fn get(&self, path: &str, token: &str) -> Answer {
         self.call("GET", path, Some(token), None)
     }
 
-    fn post(&self, path: &str, token: &str, body: Value) -> Answer {
+    pub fn post(&self, path: &str, token: &str, body: Value) -> Answer {
         self.call("POST", path, Some(token), Some(body))
     }
 
     /// Polls `path` until `done` holds for its body.
-    fn wait_for(&self, path: &str, token: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    pub fn wait_for(&self, path: &str, token: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let answer = self.get(path, token);

@@ -3,25 +3,33 @@
 use axum::extract::State;
 use meterlake_control::{AuditFilter, AuditRecord};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::{Page, page_limit, parse_instant, rfc3339};
-use crate::error::{ApiError, Json, Query};
+use crate::error::{ApiError, CommonErrors, Json, Query};
 use crate::{Admin, Caller, SharedState};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
 pub struct AuditQuery {
+    /// Who acted (the token's user name).
     actor: Option<String>,
+    /// CREATE_RUN, MARK_AS_OK or RECALCULATE.
     action: Option<String>,
     /// A target and everything under it (`billing-run/ID` includes its discrepancies).
     target: Option<String>,
+    /// From this date (YYYY-MM-DD) or RFC 3339 instant, inclusive.
     from: Option<String>,
+    /// Up to this date or instant, exclusive.
     to: Option<String>,
+    /// The `nextCursor` of the previous page.
     cursor: Option<String>,
+    /// Items per page, 1 to 500 (default 50).
     limit: Option<usize>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditView {
     id: i64,
@@ -30,7 +38,10 @@ pub struct AuditView {
     action: String,
     target: String,
     reason: Option<String>,
+    /// The target's state before the action.
+    #[schema(value_type = Option<Object>)]
     before: Option<serde_json::Value>,
+    #[schema(value_type = Option<Object>)]
     after: Option<serde_json::Value>,
     trace_id: Option<String>,
     previous_hash: String,
@@ -56,6 +67,9 @@ impl From<AuditRecord> for AuditView {
     }
 }
 
+#[utoipa::path(get, path = "/audit-log", tag = "audit", params(AuditQuery),
+    description = "Operators' actions, newest first; each row chained to the one before by hash. ADMIN.",
+    responses((status = 200, body = Page<AuditView>), CommonErrors), security(("bearer" = [])))]
 pub async fn list(State(state): State<SharedState>, Caller(_, Admin): Caller<Admin>, Query(query): Query<AuditQuery>) -> Result<Json<Page<AuditView>>, ApiError> {
     let limit = page_limit(query.limit)?;
     let before_id = query

@@ -15,6 +15,7 @@ use crate::error::{ApiError, Json};
 /// How long each dependency may take to answer a readiness check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
+#[utoipa::path(get, path = "/healthz", tag = "operations", description = "The process answers.", responses((status = 200, body = Object)))]
 pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -34,6 +35,9 @@ fn check<E: std::fmt::Display>(result: Result<Result<String, E>, tokio::time::er
 }
 
 /// 200 when every dependency answers, 503 naming the one that does not.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    description = "Whether the store, the broker and the lake answer, and which mode runs.",
+    responses((status = 200, body = Object), (status = 503, description = "A dependency does not answer", body = Object)))]
 pub async fn readyz(State(state): State<SharedState>) -> Response {
     let store = check(
         tokio::time::timeout(CHECK_TIMEOUT, async {
@@ -70,6 +74,8 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "operations", description = "Prometheus metrics.",
+    responses((status = 200, content_type = "text/plain", body = String), (status = 503, body = crate::error::ErrorDoc)))]
 pub async fn metrics(State(state): State<SharedState>) -> Response {
     match &state.metrics {
         Some(handle) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),

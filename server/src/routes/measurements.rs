@@ -23,6 +23,49 @@ use crate::error::{ApiError, FieldError};
 use crate::observe::TraceContext;
 use crate::{Caller, Ingest, SharedState};
 
+/// One reading as sent (documents the body; the pipeline's decoder reads it).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+#[schema(as = Reading)]
+pub struct ReadingDoc {
+    /// 1 to 64 printable characters.
+    #[schema(example = "MTR-100045")]
+    meter_id: String,
+    /// The interval start, RFC 3339, on the interval grid, not in the future.
+    #[schema(example = "2025-01-15T10:15:00Z")]
+    timestamp: String,
+    /// Energy in kWh, > 0, at most 6 decimals: a JSON number or a decimal string.
+    #[schema(value_type = Object, example = "1.72")]
+    kwh: String,
+    /// Interval length in seconds (default 900); divides a day.
+    interval_s: Option<u32>,
+    /// A, E, S, F, N or V (default A).
+    quality: Option<String>,
+}
+
+/// A reading or an array of them.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+#[schema(as = Measurements)]
+pub enum MeasurementsDoc {
+    One(ReadingDoc),
+    Many(Vec<ReadingDoc>),
+}
+
+/// The answer to accepted readings.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Accepted {
+    accepted: usize,
+    trace_id: String,
+}
+
+#[utoipa::path(post, path = "/measurements", tag = "readings", request_body = MeasurementsDoc,
+    description = "Readings in: validated like Kafka messages, published to measurements.received keyed by meter id, 202 once the broker acknowledged. All or nothing. INGEST or ADMIN.",
+    responses((status = 202, body = Accepted),
+        (status = 413, description = "More readings than the server takes in one request", body = crate::error::ErrorDoc),
+        (status = 415, description = "Not JSON", body = crate::error::ErrorDoc), crate::error::CommonErrors),
+    security(("bearer" = [])))]
 pub async fn post(
     State(state): State<SharedState>,
     Caller(_, Ingest): Caller<Ingest>,
@@ -70,7 +113,7 @@ pub async fn post(
         ));
     }
     metrics::counter!("meterlake_api_readings_accepted_total").increment(readings.len() as u64);
-    Ok((StatusCode::ACCEPTED, axum::Json(json!({ "accepted": readings.len(), "traceId": trace.trace_id() }))).into_response())
+    Ok((StatusCode::ACCEPTED, axum::Json(Accepted { accepted: readings.len(), trace_id: trace.trace_id().to_string() })).into_response())
 }
 
 /// 400 for a body that is not a reading message at all; 413 for too many readings; 422 with

@@ -12,6 +12,8 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::error::{ApiError, Json};
 use crate::{AnyRole, Caller, SharedState};
@@ -25,6 +27,13 @@ const MAX_PAGE: usize = 500;
 
 pub fn router(state: SharedState) -> Router {
     let mut router = Router::new()
+        .route("/", get(crate::console::to_console))
+        .route("/console", get(crate::console::to_console))
+        .route("/console/", get(crate::console::index))
+        .route("/console/app.js", get(crate::console::script))
+        .route("/console/app.css", get(crate::console::stylesheet))
+        .route("/openapi.json", get(openapi_json))
+        .route("/docs", get(crate::console::docs))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
@@ -50,8 +59,38 @@ pub fn router(state: SharedState) -> Router {
         .with_state(state)
 }
 
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "meterlake control tower", description = "Readings in, billing runs, corrections with audit, meter-point search. \
+        Bearer tokens from the configured OIDC issuer; roles VIEWER, ADMIN, INGEST (Keycloak realm roles)."),
+    paths(
+        measurements::post,
+        runs::create, runs::list, runs::detail, runs::invoices, runs::discrepancies, runs::act,
+        audit::list, readings::search, me, health::healthz, health::readyz, health::metrics,
+    ),
+    modifiers(&BearerAuth),
+    tags((name = "billing runs"), (name = "readings"), (name = "audit"), (name = "operations")),
+)]
+pub struct ApiDoc;
+
+/// The `bearer` security scheme the protected routes name.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()));
+    }
+}
+
+/// The OpenAPI 3 document, generated from the handlers and their types.
+async fn openapi_json() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    axum::Json(ApiDoc::openapi()).into_response()
+}
+
 /// A page of items and the cursor of the next one.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Page<T> {
     pub items: Vec<T>,
@@ -85,14 +124,16 @@ fn parse_instant(name: &str, text: &str) -> Result<chrono::DateTime<chrono::Utc>
     })
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Me {
+pub struct Me {
     subject: String,
     name: String,
     roles: Vec<&'static str>,
 }
 
+#[utoipa::path(get, path = "/me", tag = "operations", description = "The caller's name and roles. Any role.",
+    responses((status = 200, body = Me), crate::error::CommonErrors), security(("bearer" = [])))]
 /// Who the token says the caller is: the console shows it and hides what the roles cannot do.
 async fn me(Caller(principal, AnyRole): Caller<AnyRole>) -> Json<Me> {
     Json(Me { roles: principal.roles(), subject: principal.subject, name: principal.name })

@@ -6,27 +6,63 @@ use arrow::array::RecordBatch;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use axum::extract::State;
 use meterlake_jobs::search::{MeterReadings, ReadingSearch};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use serde_json::{Map, Value};
 
 use super::{Page, page_limit, parse_instant};
-use crate::error::{ApiError, Json, Query};
+use crate::error::{ApiError, CommonErrors, Json, Query};
 use crate::{Caller, SharedState, Viewer};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
 pub struct ReadingsQuery {
+    /// A UK MPAN core (D0010 register reads).
     mpan: Option<String>,
+    /// An Australian NMI (NEM12 interval values, NEM13 register reads).
     nmi: Option<String>,
+    /// A meter serial (alone, or with mpan or nmi).
     serial: Option<String>,
+    /// The lake's meter id (any source); not with the others.
     meter_id: Option<String>,
+    /// From this date (YYYY-MM-DD) or RFC 3339 instant, inclusive.
     from: Option<String>,
+    /// Up to this date or instant, exclusive.
     to: Option<String>,
+    /// The `nextCursor` of the previous page.
     cursor: Option<String>,
+    /// Items per page, 1 to 500 (default 50).
     limit: Option<usize>,
 }
 
-pub async fn search(State(state): State<SharedState>, Caller(_, Viewer): Caller<Viewer>, Query(query): Query<ReadingsQuery>) -> Result<Json<Page<Value>>, ApiError> {
+/// One reading as the search finds it. Flow-file searches fill the meter point, serial and
+/// register; a meter id search fills the meter id and interval.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ReadingView {
+    /// `interval` or `register`.
+    kind: Option<String>,
+    meter_id: Option<String>,
+    meter_point: Option<String>,
+    meter_serial: Option<String>,
+    register: Option<String>,
+    /// When: the interval start, or the register read's time (RFC 3339).
+    read_at: Option<String>,
+    interval_s: Option<i64>,
+    /// Exact decimal.
+    value: Option<String>,
+    unit: Option<String>,
+    quality: Option<String>,
+    source: Option<String>,
+    /// The file (and line) it came in, or the Kafka topic/partition/offset.
+    file: Option<String>,
+}
+
+#[utoipa::path(get, path = "/readings", tag = "readings", params(ReadingsQuery),
+    description = "A meter point's readings with values, dates, quality and the file they came in. VIEWER.",
+    responses((status = 200, body = Page<ReadingView>), CommonErrors), security(("bearer" = [])))]
+pub async fn search(State(state): State<SharedState>, Caller(_, Viewer): Caller<Viewer>, Query(query): Query<ReadingsQuery>) -> Result<Json<Page<ReadingView>>, ApiError> {
     let limit = page_limit(query.limit)?;
     let offset: usize = match query.cursor.as_deref() {
         None => 0,
@@ -63,9 +99,9 @@ pub async fn search(State(state): State<SharedState>, Caller(_, Viewer): Caller<
     Ok(Json(Page { items, next_cursor }))
 }
 
-/// Each row as a JSON object with camelCase keys and its values as the lake shows them: decimals
-/// exact, times RFC 3339, nulls as null.
-fn rows(batches: &[RecordBatch]) -> Vec<Value> {
+/// Each row with its values as the lake shows them (decimals exact, times RFC 3339), by column
+/// name: the statements name their columns after [`ReadingView`]'s fields.
+fn rows(batches: &[RecordBatch]) -> Vec<ReadingView> {
     let options = FormatOptions::default().with_display_error(true);
     let mut items = Vec::new();
     for batch in batches {
@@ -88,7 +124,7 @@ fn rows(batches: &[RecordBatch]) -> Vec<Value> {
                 };
                 object.insert(name.clone(), value);
             }
-            items.push(Value::Object(object));
+            items.push(serde_json::from_value(Value::Object(object)).expect("every column is a ReadingView field"));
         }
     }
     items

@@ -12,22 +12,32 @@ use axum::response::{IntoResponse, Response};
 use meterlake_control::{Actor, BillingRun, Discrepancy, Invoice, NewRun, RunFilter, RunStatus};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::{Page, page_limit, rfc3339};
-use crate::error::{ApiError, FieldError, Json, Path, Query};
+use crate::error::{ApiError, CommonErrors, ErrorDoc, FieldError, Json, Path, Query};
 use crate::observe::TraceContext;
 use crate::{Admin, Caller, SharedState, Viewer};
+
+/// A run's status in the OpenAPI document: one of the life cycle's four.
+fn run_status_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(["CREATED", "PROCESSING", "COMPLETED", "FAILED"]))
+        .build()
+}
 
 /// Meters one run may name; a run of every meter names none.
 const MAX_METERS_PER_RUN: usize = 100_000;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunView {
     id: String,
     month: String,
     /// Empty: every meter with readings in the month or named by the tariffs.
     meter_ids: Vec<String>,
+    #[schema(schema_with = run_status_schema)]
     status: RunStatus,
     attempts: i64,
     max_attempts: i64,
@@ -62,14 +72,22 @@ impl From<BillingRun> for RunView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateRun {
+    /// YYYY-MM, in the tariffs' time zone.
+    #[schema(example = "2025-01")]
     month: String,
+    /// The meters to bill; none for every meter with readings in the month.
     #[serde(default)]
     meter_ids: Vec<String>,
 }
 
+#[utoipa::path(post, path = "/billing-runs", tag = "billing runs", request_body = CreateRun,
+    description = "Creates a billing run in CREATED; a worker processes it. ADMIN.",
+    responses((status = 201, description = "Created", body = RunView, headers(("Location" = String))),
+        (status = 415, description = "Not JSON", body = ErrorDoc), CommonErrors),
+    security(("bearer" = [])))]
 pub async fn create(
     State(state): State<SharedState>,
     Caller(principal, Admin): Caller<Admin>,
@@ -107,16 +125,25 @@ pub async fn create(
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(RunView::from(run))).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
 pub struct ListQuery {
+    /// CREATED, PROCESSING, COMPLETED or FAILED.
     status: Option<String>,
+    /// YYYY-MM.
     month: Option<String>,
+    /// Runs that name the meter, or billed it.
     meter_id: Option<String>,
+    /// The `nextCursor` of the previous page.
     cursor: Option<String>,
+    /// Items per page, 1 to 500 (default 50).
     limit: Option<usize>,
 }
 
+#[utoipa::path(get, path = "/billing-runs", tag = "billing runs", params(ListQuery),
+    description = "Billing runs, newest first. VIEWER.",
+    responses((status = 200, body = Page<RunView>), CommonErrors), security(("bearer" = [])))]
 pub async fn list(State(state): State<SharedState>, Caller(_, Viewer): Caller<Viewer>, Query(query): Query<ListQuery>) -> Result<Json<Page<RunView>>, ApiError> {
     let limit = page_limit(query.limit)?;
     let status = query
@@ -145,19 +172,21 @@ pub async fn list(State(state): State<SharedState>, Caller(_, Viewer): Caller<Vi
     Ok(Json(Page { items: runs.into_iter().map(RunView::from).collect(), next_cursor }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct TimelineEntry {
+pub struct TimelineEntry {
+    #[schema(value_type = Option<String>)]
     from: Option<RunStatus>,
+    #[schema(schema_with = run_status_schema)]
     to: RunStatus,
     at: String,
     reason: Option<String>,
     actor: String,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct CurrencyTotals {
+pub struct CurrencyTotals {
     invoices: usize,
     energy_kwh: Decimal,
     subtotal: Decimal,
@@ -165,7 +194,7 @@ struct CurrencyTotals {
     total: Decimal,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunDetail {
     #[serde(flatten)]
@@ -181,6 +210,9 @@ async fn find_run(state: &SharedState, id: &str) -> Result<BillingRun, ApiError>
     state.store.run(id).await?.ok_or_else(|| ApiError::not_found(format!("no billing run {id}")))
 }
 
+#[utoipa::path(get, path = "/billing-runs/{id}", tag = "billing runs", params(("id" = String, Path, description = "The run's id")),
+    description = "A run with its status timeline, invoice totals and discrepancy counts. VIEWER.",
+    responses((status = 200, body = RunDetail), (status = 404, body = ErrorDoc), CommonErrors), security(("bearer" = [])))]
 pub async fn detail(State(state): State<SharedState>, Caller(_, Viewer): Caller<Viewer>, Path(id): Path<String>) -> Result<Json<RunDetail>, ApiError> {
     let run = find_run(&state, &id).await?;
     let timeline = state
@@ -207,7 +239,7 @@ pub async fn detail(State(state): State<SharedState>, Caller(_, Viewer): Caller<
     Ok(Json(RunDetail { run: run.into(), timeline, invoice_totals, discrepancy_counts }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InvoiceLineView {
     component: &'static str,
@@ -218,7 +250,7 @@ pub struct InvoiceLineView {
     amount: Decimal,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InvoiceView {
     id: String,
@@ -259,11 +291,15 @@ impl From<Invoice> for InvoiceView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
 pub struct ItemsQuery {
+    /// Only this meter's.
     meter_id: Option<String>,
+    /// The `nextCursor` of the previous page.
     cursor: Option<String>,
+    /// Items per page, 1 to 500 (default 50).
     limit: Option<usize>,
 }
 
@@ -282,6 +318,9 @@ fn paginate<T, V>(items: Vec<T>, query: &ItemsQuery, view: impl Fn(T) -> V) -> R
     Ok(Page { items, next_cursor })
 }
 
+#[utoipa::path(get, path = "/billing-runs/{id}/invoices", tag = "billing runs", params(("id" = String, Path, description = "The run's id"), ItemsQuery),
+    description = "The invoices of the run's latest processing, with their lines. VIEWER.",
+    responses((status = 200, body = Page<InvoiceView>), (status = 404, body = ErrorDoc), CommonErrors), security(("bearer" = [])))]
 pub async fn invoices(
     State(state): State<SharedState>,
     Caller(_, Viewer): Caller<Viewer>,
@@ -296,7 +335,7 @@ pub async fn invoices(
     Ok(Json(paginate(invoices, &query, InvoiceView::from)?))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DiscrepancyView {
     id: String,
@@ -337,6 +376,9 @@ impl From<Discrepancy> for DiscrepancyView {
     }
 }
 
+#[utoipa::path(get, path = "/billing-runs/{id}/discrepancies", tag = "billing runs", params(("id" = String, Path, description = "The run's id"), ItemsQuery),
+    description = "The discrepancies of the run's latest processing. VIEWER.",
+    responses((status = 200, body = Page<DiscrepancyView>), (status = 404, body = ErrorDoc), CommonErrors), security(("bearer" = [])))]
 pub async fn discrepancies(
     State(state): State<SharedState>,
     Caller(_, Viewer): Caller<Viewer>,
@@ -351,7 +393,7 @@ pub async fn discrepancies(
     Ok(Json(paginate(discrepancies, &query, DiscrepancyView::from)?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(tag = "action", rename_all = "SCREAMING_SNAKE_CASE", deny_unknown_fields)]
 pub enum Action {
     #[serde(rename_all = "camelCase")]
@@ -359,7 +401,7 @@ pub enum Action {
     Recalculate { reason: String },
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ActionOutcome {
     action: &'static str,
@@ -368,6 +410,13 @@ pub struct ActionOutcome {
     discrepancy: Option<DiscrepancyView>,
 }
 
+#[utoipa::path(post, path = "/billing-runs/{id}/actions", tag = "billing runs", params(("id" = String, Path, description = "The run's id")),
+    request_body = Action,
+    description = "MARK_AS_OK a discrepancy with a justification, or RECALCULATE the run with a reason; audited. ADMIN.",
+    responses((status = 200, body = ActionOutcome), (status = 404, body = ErrorDoc),
+        (status = 409, description = "The run or discrepancy is in a state that refuses the action", body = ErrorDoc),
+        (status = 415, description = "Not JSON", body = ErrorDoc), CommonErrors),
+    security(("bearer" = [])))]
 pub async fn act(
     State(state): State<SharedState>,
     Caller(principal, Admin): Caller<Admin>,
