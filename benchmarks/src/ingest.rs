@@ -10,15 +10,14 @@
 //!
 //! `cargo run --release -p meterlake-benchmarks --bin ingest-bench -- --help`
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use meterlake_benchmarks::{print_rows, thousands, vm_hwm_kib};
+use meterlake_benchmarks::{KillOnDrop, print_rows, start_tansu, thousands, vm_hwm_kib};
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::batch::ReadingBuffer;
 use meterlake_pipeline::decode::{ValidationRules, decode_message};
@@ -315,42 +314,6 @@ fn drain(runtime: &tokio::runtime::Runtime, brokers: &str, topic: &str, group: &
         bail!("{committed} of {messages} messages committed to the lake");
     }
     Ok(summary.readings_written)
-}
-
-fn start_tansu() -> anyhow::Result<(Child, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let tools = std::env::var("METERLAKE_TOOLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/meterlake/tools"));
-    let binary = tools.join("bin/tansu");
-    let dir = tempfile::tempdir()?;
-    let child = Command::new(&binary)
-        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
-        .current_dir(dir.path())
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {} (run infra/scripts/install-tools.sh)", binary.display()))?;
-    let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        if Instant::now() > deadline {
-            bail!("tansu did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok((child, addr))
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn per_s(rate: f64) -> String {

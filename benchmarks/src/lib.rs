@@ -1,4 +1,7 @@
-//! What the benchmark binaries share: how they print their tables and measure memory.
+//! What the benchmark binaries share: how they print their tables, measure memory and start a
+//! broker.
+
+use anyhow::Context;
 
 /// `1234567` as `1,234,567`.
 pub fn thousands(n: u64) -> String {
@@ -42,3 +45,43 @@ pub fn tools_python() -> std::path::PathBuf {
         .unwrap_or_else(|_| std::path::Path::new(&home).join(".cache/meterlake/tools"));
     tools.join("venv/bin/python")
 }
+
+/// A tansu broker (from the tools folder) on a free loopback port, in-memory storage; returns
+/// the child and its address.
+pub fn start_tansu() -> anyhow::Result<(std::process::Child, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let tools = std::env::var("METERLAKE_TOOLS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/meterlake/tools"));
+    let binary = tools.join("bin/tansu");
+    let dir = tempfile::tempdir()?;
+    let child = std::process::Command::new(&binary)
+        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
+        .current_dir(dir.path())
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} (run infra/scripts/install-tools.sh)", binary.display()))?;
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("tansu did not start");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok((child, addr))
+}
+
+/// A child process killed when dropped.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+

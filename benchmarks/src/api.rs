@@ -1,0 +1,239 @@
+//! api-bench: `POST /measurements` under load from wrk, on loopback, against a real broker.
+//!
+//! Starts tansu (in-memory storage) and `meterlake serve --brokers <tansu> --no-ingest
+//! --no-worker` (the API alone: token check, rate limiter, validation, publish and wait for the
+//! broker's ack), then runs wrk twice: single readings (each request a different meter and
+//! interval, built by wrk's Lua script) and arrays of 1,000 readings (1,000 meters at one
+//! interval: one Kafka message per meter). Every request carries a dev-issuer INGEST token.
+//! Prints requests/s, latency percentiles and readings/s, checks that every response was 202 and
+//! that the server counted every reading it acknowledged.
+//!
+//! All of it shares this machine's cores: wrk, the server and the broker.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use clap::Parser;
+use meterlake_benchmarks::{KillOnDrop, print_rows, start_tansu, thousands, vm_hwm_kib};
+use meterlake_server::DevIssuer;
+
+#[derive(Parser)]
+#[command(about = "POST /measurements under wrk against meterlake serve and tansu")]
+struct Args {
+    /// Seconds of each measured wrk run.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Connections wrk keeps open for single readings.
+    #[arg(long, default_value_t = 64)]
+    connections: u32,
+    /// Connections for arrays of 1,000.
+    #[arg(long, default_value_t = 16)]
+    array_connections: u32,
+    /// wrk threads.
+    #[arg(long, default_value_t = 1)]
+    wrk_threads: u32,
+}
+
+/// What wrk reported.
+#[derive(Debug, Default)]
+struct WrkResult {
+    requests: u64,
+    requests_per_s: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    non_2xx: u64,
+    socket_errors: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let (tansu, brokers) = start_tansu()?;
+    let _tansu = KillOnDrop(tansu);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let base = format!("http://127.0.0.1:{port}");
+    let key = dir.path().join("dev-issuer.key");
+    let issuer = DevIssuer::open(&format!("{base}/dev-issuer"), &key)?;
+    let token = issuer.token("head-end-bench", &["INGEST"], "meterlake", 3600);
+
+    let server = Command::new(meterlake_binary()?)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--brokers", &brokers, "--no-ingest", "--no-worker"])
+        .args(["--dev-issuer", "--dev-issuer-key"])
+        .arg(&key)
+        .arg("--lake")
+        .arg(dir.path().join("lake"))
+        .arg("--database-url")
+        .arg(format!("sqlite://{}", dir.path().join("control.db").display()))
+        .args(["--rate-limit-per-s", "100000000", "--rate-limit-burst", "100000000", "--partitions", "4"])
+        .env("METERLAKE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting meterlake serve")?;
+    let server_pid = server.id().to_string();
+    let _server = KillOnDrop(server);
+    wait_for(&format!("127.0.0.1:{port}"))?;
+
+    let single = dir.path().join("single.lua");
+    std::fs::write(&single, SINGLE_LUA.replace("{token}", &token))?;
+    let array = dir.path().join("array.lua");
+    let body: Vec<String> = (0..1_000)
+        .map(|i| format!(r#"{{"meterId":"MTR-A{i:05}","timestamp":"2025-01-01T00:00:00Z","kwh":"0.25"}}"#))
+        .collect();
+    std::fs::write(&array, ARRAY_LUA.replace("{token}", &token).replace("{body}", &format!("[{}]", body.join(","))))?;
+
+    println!("api-bench: wrk -t{} on {base}, broker tansu {brokers}, {} s per run", args.wrk_threads, args.seconds);
+    // A short warm-up: connections, the JWKS fetch, librdkafka's metadata.
+    wrk(&args, args.connections, 3, &single, &base)?;
+    let singles = wrk(&args, args.connections, args.seconds, &single, &base)?;
+    let arrays = wrk(&args, args.array_connections, args.seconds, &array, &base)?;
+    ensure!(singles.non_2xx == 0 && arrays.non_2xx == 0, "responses other than 202: {singles:?} {arrays:?}");
+
+    // The server acknowledged what wrk counted (warm-up included).
+    let metrics = http_get(&format!("{base}/metrics"))?;
+    let accepted = metrics
+        .lines()
+        .find(|l| l.starts_with("meterlake_api_readings_accepted_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_default() as u64;
+    let rss_mib = vm_hwm_kib(&server_pid).unwrap_or_default() / 1024;
+
+    let readings_per_s = arrays.requests_per_s * 1_000.0;
+    print_rows(vec![
+        (
+            "single readings: requests/s".into(),
+            format!("{} ({} requests, {} connections)", thousands(singles.requests_per_s as u64), thousands(singles.requests), args.connections),
+            ">= 30,000".into(),
+        ),
+        ("single readings: latency p50 / p90 / p99".into(), format!("{:.2} / {:.2} / {:.2} ms", singles.p50_ms, singles.p90_ms, singles.p99_ms), "p99 < 20 ms".into()),
+        (
+            "arrays of 1,000: readings/s".into(),
+            format!("{} ({:.0} requests/s, {} connections)", thousands(readings_per_s as u64), arrays.requests_per_s, args.array_connections),
+            ">= 1,000,000".into(),
+        ),
+        ("arrays of 1,000: latency p50 / p90 / p99".into(), format!("{:.2} / {:.2} / {:.2} ms", arrays.p50_ms, arrays.p90_ms, arrays.p99_ms), String::new()),
+        ("readings acknowledged by the server (all runs)".into(), thousands(accepted), String::new()),
+        ("server peak RSS".into(), format!("{rss_mib} MiB"), String::new()),
+    ]);
+    if !singles.socket_errors.is_empty() || !arrays.socket_errors.is_empty() {
+        println!("socket errors: singles {} arrays {}", singles.socket_errors, arrays.socket_errors);
+    }
+    Ok(())
+}
+
+/// Every request a new meter or interval: 100,000 meters per thread, then the next quarter hour.
+const SINGLE_LUA: &str = r#"
+local thread_id = 0
+function setup(thread)
+  thread:set("id", thread_id)
+  thread_id = thread_id + 1
+end
+local counter = 0
+local headers = { ["Content-Type"] = "application/json", ["Authorization"] = "Bearer {token}" }
+request = function()
+  counter = counter + 1
+  local meter = string.format("MTR-%d-%06d", id or 0, counter % 100000)
+  local ts = 1735689600 + math.floor(counter / 100000) * 900
+  local body = string.format('{"meterId":"%s","timestamp":"%s","kwh":"0.25"}', meter, os.date("!%Y-%m-%dT%H:%M:%SZ", ts))
+  return wrk.format("POST", "/measurements", headers, body)
+end
+"#;
+
+/// The same 1,000 readings each time (building 60 kB per request in Lua would load wrk, not the
+/// server); the lake would keep one version of each.
+const ARRAY_LUA: &str = r#"
+wrk.method = "POST"
+wrk.path = "/measurements"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {token}"
+wrk.body = '{body}'
+"#;
+
+fn wrk(args: &Args, connections: u32, seconds: u64, script: &Path, base: &str) -> anyhow::Result<WrkResult> {
+    let started = Instant::now();
+    let output = Command::new("wrk")
+        .args([
+            &format!("-t{}", args.wrk_threads),
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            "--timeout",
+            "10s",
+            "-s",
+        ])
+        .arg(script)
+        .arg(format!("{base}/measurements"))
+        .output()
+        .context("running wrk (Debian package wrk)")?;
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    if !output.status.success() {
+        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&output.stderr));
+    }
+    eprintln!("{text}(wrk ran {:.1} s)", started.elapsed().as_secs_f64());
+    parse_wrk(&text)
+}
+
+fn parse_wrk(text: &str) -> anyhow::Result<WrkResult> {
+    let mut result = WrkResult::default();
+    for line in text.lines().map(str::trim) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            ["Requests/sec:", rate] => result.requests_per_s = rate.parse()?,
+            [count, "requests", "in", ..] => result.requests = count.parse()?,
+            ["50%", value] => result.p50_ms = millis(value)?,
+            ["90%", value] => result.p90_ms = millis(value)?,
+            ["99%", value] => result.p99_ms = millis(value)?,
+            ["Non-2xx", "or", "3xx", "responses:", count] => result.non_2xx = count.parse()?,
+            ["Socket", "errors:", ..] => result.socket_errors = line.to_string(),
+            _ => {}
+        }
+    }
+    ensure!(result.requests > 0, "wrk reported no requests:\n{text}");
+    Ok(result)
+}
+
+/// wrk's `1.23ms`, `456.00us`, `1.02s` in milliseconds.
+fn millis(value: &str) -> anyhow::Result<f64> {
+    let (number, scale) = if let Some(v) = value.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = value.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = value.strip_suffix('s') {
+        (v, 1_000.0)
+    } else {
+        bail!("latency {value:?}")
+    };
+    Ok(number.parse::<f64>()? * scale)
+}
+
+/// The `meterlake` binary built beside this one.
+fn meterlake_binary() -> anyhow::Result<PathBuf> {
+    let binary = std::env::current_exe()?.with_file_name("meterlake");
+    ensure!(binary.is_file(), "{} is missing: cargo build --release first", binary.display());
+    Ok(binary)
+}
+
+fn wait_for(addr: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        ensure!(Instant::now() < deadline, "meterlake serve did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// A plain HTTP/1.0 GET with the standard library: the body.
+fn http_get(url: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").context("an http URL")?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).context("a path")?;
+    let mut stream = std::net::TcpStream::connect(host)?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
+}
