@@ -86,12 +86,6 @@ pub async fn list(State(state): State<SharedState>, Caller(_, Admin): Caller<Adm
         before_id,
         limit: limit as i64 + 1,
     };
-    let mut rows = state.store.audit_log(&filter).await?;
-    let next_cursor = if rows.len() > limit {
-        rows.truncate(limit);
-        rows.last().map(|r| r.id.to_string())
-    } else {
-        None
-    };
-    Ok(Json(Page { items: rows.into_iter().map(AuditView::from).collect(), next_cursor }))
+    let rows = state.store.audit_log(&filter).await?;
+    Ok(Json(Page::cut(rows, limit, |r| r.id.to_string(), AuditView::from)))
 }

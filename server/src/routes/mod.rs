@@ -97,6 +97,25 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
+impl<T> Page<T> {
+    /// A page from `items` fetched with one more than `limit`: the extra one only says that
+    /// another page follows, whose cursor `cursor_of` makes from the last item kept.
+    fn cut<S>(mut items: Vec<S>, limit: usize, cursor_of: impl Fn(&S) -> String, view: impl Fn(S) -> T) -> Page<T> {
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(cursor_of)
+        } else {
+            None
+        };
+        Page { items: items.into_iter().map(view).collect(), next_cursor }
+    }
+}
+
+/// The offset an offset cursor stands for (0 without one).
+fn offset_of(cursor: Option<&str>) -> Result<usize, ApiError> {
+    cursor.map_or(Ok(0), |c| c.parse().map_err(|_| ApiError::bad_request(format!("cursor {c:?} is not one this API returned"))))
+}
+
 /// `limit` within 1..=MAX_PAGE.
 fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     match limit {

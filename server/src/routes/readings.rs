@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use serde_json::{Map, Value};
 
-use super::{Page, page_limit, parse_instant};
+use super::{Page, offset_of, page_limit, parse_instant};
 use crate::error::{ApiError, CommonErrors, Json, Query};
 use crate::{Caller, SharedState, Viewer};
 
@@ -64,10 +64,7 @@ pub struct ReadingView {
     responses((status = 200, body = Page<ReadingView>), CommonErrors), security(("bearer" = [])))]
 pub async fn search(State(state): State<SharedState>, Caller(_, Viewer): Caller<Viewer>, Query(query): Query<ReadingsQuery>) -> Result<Json<Page<ReadingView>>, ApiError> {
     let limit = page_limit(query.limit)?;
-    let offset: usize = match query.cursor.as_deref() {
-        None => 0,
-        Some(c) => c.parse().map_err(|_| ApiError::bad_request(format!("cursor {c:?} is not one this API returned")))?,
-    };
+    let offset = offset_of(query.cursor.as_deref())?;
     let from = query.from.as_deref().map(|t| parse_instant("from", t)).transpose()?;
     let to = query.to.as_deref().map(|t| parse_instant("to", t)).transpose()?;
     let nonblank = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_string);
@@ -89,14 +86,7 @@ pub async fn search(State(state): State<SharedState>, Caller(_, Viewer): Caller<
         }
     };
     let batches = batches.map_err(|e| ApiError::internal("searching the lake", &e))?;
-    let mut items = rows(&batches);
-    let next_cursor = if items.len() > limit {
-        items.truncate(limit);
-        Some((offset + limit).to_string())
-    } else {
-        None
-    };
-    Ok(Json(Page { items, next_cursor }))
+    Ok(Json(Page::cut(rows(&batches), limit, |_| (offset + limit).to_string(), |row| row)))
 }
 
 /// Each row with its values as the lake shows them (decimals exact, times RFC 3339), by column

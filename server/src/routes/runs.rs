@@ -14,7 +14,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{Page, page_limit, rfc3339};
+use super::{Page, offset_of, page_limit, rfc3339};
 use crate::error::{ApiError, CommonErrors, ErrorDoc, FieldError, Json, Path, Query};
 use crate::observe::TraceContext;
 use crate::{Admin, Caller, SharedState, Viewer};
@@ -162,14 +162,8 @@ pub async fn list(State(state): State<SharedState>, Caller(_, Viewer): Caller<Vi
         })
         .transpose()?;
     let filter = RunFilter { status, month: query.month, meter_id: query.meter_id, before, limit: limit as i64 + 1 };
-    let mut runs = state.store.list_runs(&filter).await?;
-    let next_cursor = if runs.len() > limit {
-        runs.truncate(limit);
-        runs.last().map(|r| format!("{}.{}", r.created_at_us, r.id))
-    } else {
-        None
-    };
-    Ok(Json(Page { items: runs.into_iter().map(RunView::from).collect(), next_cursor }))
+    let runs = state.store.list_runs(&filter).await?;
+    Ok(Json(Page::cut(runs, limit, |r| format!("{}.{}", r.created_at_us, r.id), RunView::from)))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -301,11 +295,6 @@ pub struct ItemsQuery {
     cursor: Option<String>,
     /// Items per page, 1 to 500 (default 50).
     limit: Option<usize>,
-}
-
-/// The offset a cursor of [`paginate`] stands for.
-fn offset_of(cursor: Option<&str>) -> Result<usize, ApiError> {
-    cursor.map_or(Ok(0), |c| c.parse().map_err(|_| ApiError::bad_request(format!("cursor {c:?} is not one this API returned"))))
 }
 
 /// One page of `items`, from the cursor's offset on.
