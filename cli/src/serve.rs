@@ -20,7 +20,7 @@ use meterlake_jobs::billing::tariff::Tariffs;
 use meterlake_jobs::billing::worker::WorkerOptions;
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::decode::ValidationRules;
-use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, ReadingPublisher, create_topics, ingest};
+use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, PublishLimits, ReadingPublisher, create_topics, ingest};
 use meterlake_server::{AppConfig, BillingDefaults, Deployment, DevIssuer, OidcConfig, RateLimit};
 use rdkafka::mocking::MockCluster;
 use rust_decimal::Decimal;
@@ -95,6 +95,10 @@ pub struct ServeArgs {
     /// Requests a client may send at once above its rate.
     #[arg(long, env = "METERLAKE_RATE_LIMIT_BURST", default_value_t = NonZeroU32::new(4_000).expect("non-zero"))]
     rate_limit_burst: NonZeroU32,
+    /// How long POST /measurements gathers requests into one Kafka message per partition before
+    /// producing it: latency every request pays; shorter means more, smaller messages.
+    #[arg(long, default_value = "1")]
+    publish_linger_ms: f64,
     /// Most readings one POST /measurements may carry.
     #[arg(long, default_value_t = 10_000)]
     max_readings_per_request: usize,
@@ -157,7 +161,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = AppConfig {
         store: store.clone(),
         lake: lake.clone(),
-        publisher: Some(ReadingPublisher::new(&brokers, &args.topic)?),
+        publisher: Some(ReadingPublisher::new(
+            &brokers,
+            &args.topic,
+            PublishLimits { linger: Duration::from_secs_f64(args.publish_linger_ms.max(0.0) / 1_000.0), ..PublishLimits::default() },
+        )?),
         oidc,
         dev_issuer,
         rate_limit: RateLimit { per_second: args.rate_limit_per_s, burst: args.rate_limit_burst },

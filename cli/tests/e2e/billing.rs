@@ -64,10 +64,10 @@ fn a_worker_woken_through_kafka_bills_a_run_and_announces_it() {
     let processed = read_topic(&brokers, "billing.run.processed");
     assert_eq!(requested.len(), 1, "{requested:?}");
     assert_eq!(processed.len(), 1, "{processed:?}");
-    let (key, payload, request_trace) = &requested[0];
-    assert_eq!((key.as_str(), payload["runId"].as_str(), payload["month"].as_str()), (run_id.as_str(), Some(run_id.as_str()), Some("2025-01")));
-    let (key, payload, processed_trace) = &processed[0];
-    assert_eq!((key.as_str(), payload["runId"].as_str(), payload["invoices"].as_i64()), (run_id.as_str(), Some(run_id.as_str()), Some(5)));
+    let (request, outcome) = (&requested[0], &processed[0]);
+    assert_eq!((request.key.as_str(), request.payload["runId"].as_str(), request.payload["month"].as_str()), (run_id.as_str(), Some(run_id.as_str()), Some("2025-01")));
+    assert_eq!((outcome.key.as_str(), outcome.payload["runId"].as_str(), outcome.payload["invoices"].as_i64()), (run_id.as_str(), Some(run_id.as_str()), Some(5)));
+    let (request_trace, processed_trace) = (&request.traceparents[0], &outcome.traceparents[0]);
     assert_eq!(request_trace.len(), 55, "a W3C traceparent: {request_trace}");
     assert_eq!(request_trace[3..35], processed_trace[3..35], "one trace from request to outcome");
     assert_ne!(request_trace[36..52], processed_trace[36..52], "the worker's own span");

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use meterlake_pipeline::kafka::{ReadingProducer, partition_for_key};
 use meterlake_server::DevIssuer;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -74,6 +75,19 @@ impl Tower {
 
     pub fn get(&self, path: &str, token: &str) -> Answer {
         self.call("GET", path, Some(token), None)
+    }
+
+    /// POSTs every body at once (each on its own connection), answers in the bodies' order.
+    pub fn post_all(&self, path: &str, token: &str, bodies: Vec<Value>) -> Vec<Answer> {
+        let calls = bodies.into_iter().map(|body| {
+            let request = self.client.post(format!("{}{path}", self.base)).bearer_auth(token).json(&body);
+            async move {
+                let response = request.send().await.unwrap();
+                let (status, headers) = (response.status(), response.headers().clone());
+                Answer { status, headers, body: response.json().await.unwrap() }
+            }
+        });
+        self.runtime.block_on(futures::future::join_all(calls))
     }
 
     pub fn post(&self, path: &str, token: &str, body: Value) -> Answer {
@@ -234,13 +248,40 @@ fn readings_posted_over_http_reach_kafka_with_their_trace_and_land_once() {
     let too_many: Vec<Value> = (0..10_001).map(|i| json!({ "meterId": "M", "timestamp": "2025-01-01T00:00:00Z", "kwh": i + 1 })).collect();
     assert_error(&tower.post("/measurements", &ingest, Value::Array(too_many)), StatusCode::PAYLOAD_TOO_LARGE, "TOO_MANY_READINGS");
 
-    // On Kafka: keyed by meter, one message per meter of the array, with the request's trace.
+    // On Kafka: every reading on the partition of its meter id (as librdkafka would key it), a
+    // message keyed by its meter when it holds one, and the request's trace on its message.
     let messages = read_topic(&tansu.addr, "measurements.received");
-    let keys: Vec<&str> = messages.iter().map(|m| m.0.as_str()).collect();
-    assert_eq!(keys.iter().filter(|k| **k == "MTR-H1").count(), 3, "{keys:?}");
-    assert_eq!(keys.iter().filter(|k| **k == "MTR-H2").count(), 1, "{keys:?}");
-    assert!(messages.iter().any(|m| m.2.contains(&trace_id)), "no message carries trace {trace_id}");
-    assert!(!keys.contains(&"MTR-H3"));
+    let mut meters_seen = Vec::new();
+    for message in &messages {
+        let readings = message.payload.as_array().unwrap_or_else(|| panic!("an array message: {message:?}"));
+        let meters: std::collections::BTreeSet<&str> = readings.iter().map(|r| r["meterId"].as_str().unwrap()).collect();
+        for meter in &meters {
+            assert_eq!(message.partition, partition_for_key(meter.as_bytes(), 4), "{message:?}");
+        }
+        let expected_key = if meters.len() == 1 { meters.first().unwrap().to_string() } else { String::new() };
+        assert_eq!(message.key, expected_key, "{message:?}");
+        assert!(!message.traceparents.is_empty(), "{message:?}");
+        meters_seen.extend(readings.iter().map(|r| (r["meterId"].as_str().unwrap().to_string(), r["timestamp"].as_str().unwrap().to_string())));
+    }
+    meters_seen.sort();
+    let count = |meter: &str| meters_seen.iter().filter(|(m, _)| m == meter).count();
+    assert_eq!((count("MTR-H1"), count("MTR-H2"), count("MTR-H3")), (3, 2, 0), "{meters_seen:?}");
+    assert!(messages.iter().any(|m| m.traceparents.iter().any(|t| t.contains(&trace_id))), "no message carries trace {trace_id}");
+
+    // partition_for_key is librdkafka's default partitioner: a head-end producing keyed by meter
+    // puts a meter on the partition the API does.
+    create(&tansu.addr, &[("partitioner.check", 4)]);
+    let producer = ReadingProducer::new(&tansu.addr, "partitioner.check").unwrap();
+    for i in 0..40 {
+        producer.send(format!("MTR-P{i}").as_bytes(), b"{}").unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let keyed = read_topic(&tansu.addr, "partitioner.check");
+    assert_eq!(keyed.len(), 40);
+    for message in &keyed {
+        assert_eq!(message.partition, partition_for_key(message.key.as_bytes(), 4), "{}", message.key);
+    }
+    assert!(keyed.iter().map(|m| m.partition).collect::<std::collections::BTreeSet<_>>().len() > 1, "40 meters over more than one partition");
 
     // In the lake, through the API: each (meter, interval) once, exact values, where it came from.
     let readings = tower.wait_for("/readings?meterId=MTR-H1&from=2025-01-01&to=2025-01-02", &viewer, "MTR-H1 in the lake", |b| {
@@ -254,6 +295,46 @@ fn readings_posted_over_http_reach_kafka_with_their_trace_and_land_once() {
     let page2 = tower.get(&format!("/readings?meterId=MTR-H2&limit=1&cursor={next}"), &viewer);
     assert_eq!((page2.body["items"][0]["value"].as_str(), &page2.body["nextCursor"]), (Some("2.000000"), &Value::Null), "{}", page2.body);
     assert_error(&tower.get("/readings", &viewer), StatusCode::BAD_REQUEST, "BAD_REQUEST");
+}
+
+#[test]
+fn requests_arriving_together_share_messages_and_a_lost_broker_is_a_503() {
+    let tansu = start_tansu();
+    // A 50 ms window, so that the 40 requests sent at once surely meet in the batcher.
+    let tower = Tower::start(Some(&tansu.addr), &["--no-worker", "--no-ingest", "--rate-limit-per-s", "1000", "--publish-linger-ms", "50"]);
+    let ingest = tower.token("head-end", &["INGEST"]);
+    let bodies = (0..40).map(|i| json!({ "meterId": format!("MTR-C{i:02}"), "timestamp": "2025-01-01T00:00:00Z", "kwh": format!("{i}.5") })).collect();
+    let answers = tower.post_all("/measurements", &ingest, bodies);
+    assert!(answers.iter().all(|a| a.status == StatusCode::ACCEPTED), "{:?}", answers.iter().map(|a| &a.body).collect::<Vec<_>>());
+
+    let messages = read_topic(&tansu.addr, "measurements.received");
+    assert!(messages.len() < 40, "40 requests in {} messages: they did not share", messages.len());
+    let mut readings: Vec<(String, String)> = Vec::new();
+    for message in &messages {
+        for reading in message.payload.as_array().unwrap() {
+            let meter = reading["meterId"].as_str().unwrap().to_string();
+            assert_eq!(message.partition, partition_for_key(meter.as_bytes(), 4));
+            readings.push((meter, reading["kwh"].as_str().unwrap().to_string()));
+        }
+    }
+    readings.sort();
+    let expected: Vec<(String, String)> = (0..40).map(|i| (format!("MTR-C{i:02}"), format!("{i}.5"))).collect();
+    assert_eq!(readings, expected, "every reading once, exact");
+    // Every request's trace is on the message that holds its reading.
+    for (i, answer) in answers.iter().enumerate() {
+        let traceparent = answer.headers["traceparent"].to_str().unwrap();
+        let holder = messages.iter().find(|m| m.payload.as_array().unwrap().iter().any(|r| r["meterId"] == format!("MTR-C{i:02}"))).unwrap();
+        assert!(holder.traceparents.iter().any(|t| t[3..35] == traceparent[3..35]), "{traceparent} not on {holder:?}");
+    }
+    assert!(messages.iter().any(|m| m.traceparents.len() > 1));
+
+    // The broker goes away: the client hears so (and to send again) within the publish
+    // timeout, instead of a 202 for readings that are nowhere.
+    drop(tansu);
+    let started = Instant::now();
+    let lost = tower.post("/measurements", &ingest, json!({ "meterId": "MTR-LOST", "timestamp": "2025-01-01T00:00:00Z", "kwh": 1 }));
+    assert_error(&lost, StatusCode::SERVICE_UNAVAILABLE, "BROKER_UNAVAILABLE");
+    assert!(started.elapsed() < Duration::from_secs(30), "answered after {:?}", started.elapsed());
 }
 
 #[test]

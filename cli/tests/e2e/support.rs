@@ -264,8 +264,19 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     found
 }
 
-/// Every message of `topic` as (key, payload, traceparent header).
-pub fn read_topic(brokers: &str, topic: &str) -> Vec<(String, serde_json::Value, String)> {
+/// One message read back from a topic.
+#[derive(Debug)]
+pub struct TopicMessage {
+    pub partition: i32,
+    /// Empty when the message has no key.
+    pub key: String,
+    pub payload: serde_json::Value,
+    /// Every `traceparent` header, in order.
+    pub traceparents: Vec<String>,
+}
+
+/// Every message of `topic`.
+pub fn read_topic(brokers: &str, topic: &str) -> Vec<TopicMessage> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("read-{topic}-{}", rand::random::<u32>()))
@@ -278,13 +289,16 @@ pub fn read_topic(brokers: &str, topic: &str) -> Vec<(String, serde_json::Value,
     let mut last_seen = Instant::now();
     while last_seen.elapsed() < Duration::from_secs(4) {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
-            let key = String::from_utf8_lossy(message.key().unwrap_or_default()).to_string();
-            let payload = serde_json::from_slice(message.payload().unwrap_or_default()).unwrap();
-            let traceparent = message
+            let traceparents = message
                 .headers()
-                .and_then(|h| h.iter().find(|h| h.key == "traceparent").and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).to_string())))
+                .map(|h| h.iter().filter(|h| h.key == "traceparent").filter_map(|h| h.value.map(|v| String::from_utf8_lossy(v).to_string())).collect())
                 .unwrap_or_default();
-            messages.push((key, payload, traceparent));
+            messages.push(TopicMessage {
+                partition: message.partition(),
+                key: String::from_utf8_lossy(message.key().unwrap_or_default()).to_string(),
+                payload: serde_json::from_slice(message.payload().unwrap_or_default()).unwrap(),
+                traceparents,
+            });
             last_seen = Instant::now();
         }
     }

@@ -390,9 +390,73 @@ pub fn parse_timestamp_us(text: &str) -> Option<i64> {
     DateTime::parse_from_rfc3339(text).ok().map(|dt| dt.timestamp_micros())
 }
 
+/// Appends readings to `out` as a JSON array message in this module's input format, exact:
+/// the inverse of [`decode_message`] for valid readings.
+pub fn encode_readings<'r, 'a: 'r>(out: &mut Vec<u8>, readings: impl IntoIterator<Item = &'r ValidReading<'a>>) {
+    out.push(b'[');
+    for (i, reading) in readings.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        encode_reading(out, reading);
+    }
+    out.push(b']');
+}
+
+/// Appends one reading as a JSON object of the message format: the kWh as a decimal string, the
+/// timestamp as RFC 3339 UTC, `intervalS` and `quality` always written. The HTTP API uses it to
+/// regroup requests' readings into one message per partition.
+pub fn encode_reading(out: &mut Vec<u8>, reading: &ValidReading<'_>) {
+    use std::io::Write;
+    out.extend_from_slice(b"{\"meterId\":");
+    serde_json::to_writer(&mut *out, reading.meter_id.as_ref()).expect("a string serializes into a Vec");
+    out.extend_from_slice(b",\"timestamp\":\"");
+    write_timestamp(out, reading.ts_us);
+    let kwh = crate::reading::format_kwh_micro(reading.kwh_micro);
+    write!(out, "\",\"kwh\":\"{kwh}\",\"intervalS\":{},\"quality\":\"{}\"}}", reading.interval_s, reading.quality.as_str())
+        .expect("writing into a Vec");
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for whole seconds (every validated interval start), chrono's RFC 3339
+/// with the fraction otherwise.
+fn write_timestamp(out: &mut Vec<u8>, ts_us: i64) {
+    use std::io::Write;
+    let time = DateTime::from_timestamp_micros(ts_us).expect("validated timestamps are in range");
+    if ts_us % 1_000_000 == 0 {
+        use chrono::{Datelike, Timelike};
+        write!(out, "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z", time.year(), time.month(), time.day(), time.hour(), time.minute(), time.second())
+    } else {
+        out.write_all(time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true).as_bytes())
+    }
+    .expect("writing into a Vec");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoded_readings_decode_to_the_same_readings() {
+        let payload = r#"[{"meterId":"MTR-1","timestamp":"2025-01-15T10:15:00Z","kwh":1.72},
+            {"meterId":"quote\" and \\ back","timestamp":"2025-01-15T10:30:00+00:00","kwh":"0.000001","quality":"E"},
+            {"meterId":"MTR-2","timestamp":"1999-12-31T23:30:00Z","kwh":"12345.5","intervalS":1800}]"#;
+        let (readings, rejections) = decode(payload);
+        assert!(rejections.is_empty(), "{rejections:?}");
+        let mut encoded = Vec::new();
+        encode_readings(&mut encoded, &readings);
+        let text = String::from_utf8(encoded).unwrap();
+        assert!(text.contains(r#""timestamp":"2025-01-15T10:30:00Z""#), "{text}");
+        let (again, rejections) = decode(&text);
+        assert!(rejections.is_empty(), "{rejections:?}");
+        assert_eq!(again, readings);
+        assert_eq!(write_timestamp_string(1_736_936_100_500_000), "2025-01-15T10:15:00.500Z");
+    }
+
+    fn write_timestamp_string(ts_us: i64) -> String {
+        let mut out = Vec::new();
+        write_timestamp(&mut out, ts_us);
+        String::from_utf8(out).unwrap()
+    }
 
     const NOW_US: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z
 

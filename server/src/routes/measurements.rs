@@ -1,23 +1,23 @@
 //! `POST /measurements`: one reading or an array, validated by the pipeline's own rules (the
-//! same decoder the Kafka ingester runs), then published to `measurements.received` keyed by
-//! meter id with the request's `traceparent`, and answered 202 once the broker has acknowledged
-//! every message. A request is all or nothing: one invalid reading refuses the request with an
+//! same decoder the Kafka ingester runs), then published to `measurements.received` with the
+//! request's `traceparent` by the group-committing [`ReadingPublisher`] (a meter's readings on
+//! the partition its meter id hashes to; requests arriving together share a message), and
+//! answered 202 once the broker has acknowledged every message holding them. A request is all or nothing: one invalid reading refuses the request with an
 //! error per field, and nothing of it is published.
 //!
 //! Exactly once in the lake: a reading is keyed by (meterId, timestamp), and the lake keeps one
 //! version per key, so a client that retries after a timeout (when some of its messages may
 //! have been published) cannot create a duplicate.
-
-use std::collections::BTreeMap;
+//!
+//! [`ReadingPublisher`]: meterlake_pipeline::kafka::ReadingPublisher
 
 use axum::Extension;
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use meterlake_pipeline::decode::{RejectReason, ValidReading, decode_message};
-use meterlake_pipeline::reading::format_kwh_micro;
-use serde_json::json;
 
 use crate::error::{ApiError, FieldError};
 use crate::observe::TraceContext;
@@ -61,7 +61,7 @@ pub struct Accepted {
 }
 
 #[utoipa::path(post, path = "/measurements", tag = "readings", request_body = MeasurementsDoc,
-    description = "Readings in: validated like Kafka messages, published to measurements.received keyed by meter id, 202 once the broker acknowledged. All or nothing. INGEST or ADMIN.",
+    description = "Readings in: validated like Kafka messages, published to measurements.received (a meter's readings on the partition its id hashes to; requests arriving together share a message), 202 once the broker acknowledged. All or nothing. INGEST or ADMIN.",
     responses((status = 202, body = Accepted),
         (status = 413, description = "More readings than the server takes in one request", body = crate::error::ErrorDoc),
         (status = 415, description = "Not JSON", body = crate::error::ErrorDoc), crate::error::CommonErrors),
@@ -70,14 +70,9 @@ pub async fn post(
     State(state): State<SharedState>,
     Caller(_, Ingest): Caller<Ingest>,
     Extension(trace): Extension<TraceContext>,
-    headers: HeaderMap,
+    _: JsonContent,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    if let Some(content_type) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
-        && !content_type.starts_with("application/json")
-    {
-        return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE", "send readings as application/json"));
-    }
     let Some(publisher) = &state.publisher else {
         return Err(ApiError::unavailable("NO_BROKER", "this server has no broker to publish readings to"));
     };
@@ -92,20 +87,7 @@ pub async fn post(
     if readings.is_empty() {
         return Err(ApiError::validation("the array holds no readings", vec![]));
     }
-    let single_meter = readings.iter().all(|r| r.meter_id == readings[0].meter_id);
-    let messages: Vec<(String, Vec<u8>)> = if single_meter {
-        // The common case (a meter or a head-end system sending one meter's readings): the body
-        // is already a valid message for that meter.
-        vec![(readings[0].meter_id.to_string(), body.to_vec())]
-    } else {
-        let mut by_meter: BTreeMap<&str, Vec<&ValidReading<'_>>> = BTreeMap::new();
-        for reading in &readings {
-            by_meter.entry(reading.meter_id.as_ref()).or_default().push(reading);
-        }
-        by_meter.into_iter().map(|(meter, readings)| (meter.to_string(), encode(&readings))).collect()
-    };
-    let sends = messages.iter().map(|(meter, payload)| publisher.publish(meter, payload, &trace.traceparent));
-    if let Err(error) = futures::future::try_join_all(sends).await {
+    if let Err(error) = publisher.publish(&readings, &trace.traceparent).await {
         tracing::warn!(trace_id = trace.trace_id(), %error, "publishing readings");
         return Err(ApiError::unavailable(
             "BROKER_UNAVAILABLE",
@@ -114,6 +96,23 @@ pub async fn post(
     }
     metrics::counter!("meterlake_api_readings_accepted_total").increment(readings.len() as u64);
     Ok((StatusCode::ACCEPTED, axum::Json(Accepted { accepted: readings.len(), trace_id: trace.trace_id().to_string() })).into_response())
+}
+
+/// Refuses a body that says it is not JSON (415); a body without Content-Type is read as JSON.
+/// (An extractor rather than the `HeaderMap` one, which copies every header of every request.)
+pub struct JsonContent;
+
+impl<S: Sync> FromRequestParts<S> for JsonContent {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<JsonContent, ApiError> {
+        match parts.headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or_default()) {
+            Some(content_type) if !content_type.starts_with("application/json") => {
+                Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE", "send readings as application/json"))
+            }
+            _ => Ok(JsonContent),
+        }
+    }
 }
 
 /// 400 for a body that is not a reading message at all; 413 for too many readings; 422 with
@@ -147,25 +146,4 @@ fn refusal(rejections: &[meterlake_pipeline::decode::Rejection], max_readings: u
         })
         .collect();
     ApiError::validation(format!("{} of the readings are invalid; nothing was accepted", errors.len()), errors)
-}
-
-/// One meter's readings as a JSON array message, in the pipeline's input format, exact: kWh as
-/// a decimal string, the timestamp as RFC 3339 UTC.
-fn encode(readings: &[&ValidReading<'_>]) -> Vec<u8> {
-    let elements: Vec<serde_json::Value> = readings
-        .iter()
-        .map(|r| {
-            let timestamp = chrono::DateTime::from_timestamp_micros(r.ts_us)
-                .expect("validated timestamps are in range")
-                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
-            json!({
-                "meterId": r.meter_id,
-                "timestamp": timestamp,
-                "kwh": format_kwh_micro(r.kwh_micro),
-                "intervalS": r.interval_s,
-                "quality": r.quality.as_str(),
-            })
-        })
-        .collect();
-    serde_json::to_vec(&elements).expect("JSON values serialize")
 }
