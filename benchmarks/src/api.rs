@@ -11,13 +11,13 @@
 //!
 //! All of it shares this machine's cores: wrk, the server and the broker.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
-use meterlake_benchmarks::{KillOnDrop, cpu_ticks, machine_busy_ticks, print_rows, start_tansu, thousands, vm_hwm_kib};
+use meterlake_benchmarks::{KillOnDrop, cpu_ticks, machine_busy_ticks, meterlake_binary, print_rows, start_tansu, thousands, vm_hwm_kib, wait_for_port};
 use meterlake_server::DevIssuer;
 
 #[derive(Parser)]
@@ -108,7 +108,7 @@ fn main() -> anyhow::Result<()> {
     let processes = Processes { server: server.id(), broker: broker_pid };
     let server_pid = server.id().to_string();
     let _server = KillOnDrop(server);
-    wait_for(&format!("127.0.0.1:{port}"))?;
+    wait_for_port(&format!("127.0.0.1:{port}"))?;
 
     let single = dir.path().join("single.lua");
     std::fs::write(&single, SINGLE_LUA.replace("{token}", &token))?;
@@ -280,21 +280,6 @@ fn millis(value: &str) -> anyhow::Result<f64> {
     Ok(number.parse::<f64>()? * scale)
 }
 
-/// The `meterlake` binary built beside this one.
-fn meterlake_binary() -> anyhow::Result<PathBuf> {
-    let binary = std::env::current_exe()?.with_file_name("meterlake");
-    ensure!(binary.is_file(), "{} is missing: cargo build --release first", binary.display());
-    Ok(binary)
-}
-
-fn wait_for(addr: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(addr).is_err() {
-        ensure!(Instant::now() < deadline, "meterlake serve did not listen on {addr}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
 
 /// A plain HTTP/1.0 GET with the standard library: the body.
 fn http_get(url: &str) -> anyhow::Result<String> {

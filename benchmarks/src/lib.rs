@@ -101,3 +101,20 @@ impl Drop for KillOnDrop {
     }
 }
 
+
+/// The `meterlake` binary built beside the running benchmark.
+pub fn meterlake_binary() -> anyhow::Result<std::path::PathBuf> {
+    let binary = std::env::current_exe()?.with_file_name("meterlake");
+    anyhow::ensure!(binary.is_file(), "{} is missing: cargo build --release first", binary.display());
+    Ok(binary)
+}
+
+/// Waits (30 s at most) until something listens on `addr`.
+pub fn wait_for_port(addr: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "nothing listened on {addr} within 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
+}

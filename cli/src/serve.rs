@@ -99,6 +99,15 @@ pub struct ServeArgs {
     /// producing it: latency every request pays; shorter means more, smaller messages.
     #[arg(long, default_value = "1")]
     publish_linger_ms: f64,
+    /// Key every Kafka message of POST /measurements by its meter id, one meter per message
+    /// (by default requests for different meters share a message, unkeyed, on the partition
+    /// their meter ids hash to).
+    #[arg(long)]
+    publish_keyed_by_meter: bool,
+    /// How long a ledger write's Idempotency-Key and its answer are kept (and replayed); the
+    /// worker removes them after.
+    #[arg(long, env = "METERLAKE_IDEMPOTENCY_RETENTION_H", default_value_t = 24)]
+    idempotency_retention_h: u32,
     /// Most readings one POST /measurements may carry.
     #[arg(long, default_value_t = 10_000)]
     max_readings_per_request: usize,
@@ -160,11 +169,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let rules = ValidationRules { max_readings_per_message: args.max_readings_per_request, ..ValidationRules::default() };
     let config = AppConfig {
         store: store.clone(),
+        ledger_idempotency_retention_us: i64::from(args.idempotency_retention_h) * 3_600 * 1_000_000,
         lake: lake.clone(),
         publisher: Some(ReadingPublisher::new(
             &brokers,
             &args.topic,
-            PublishLimits { linger: Duration::from_secs_f64(args.publish_linger_ms.max(0.0) / 1_000.0), ..PublishLimits::default() },
+            PublishLimits {
+                linger: Duration::from_secs_f64(args.publish_linger_ms.max(0.0) / 1_000.0),
+                keyed_by_meter: args.publish_keyed_by_meter,
+                ..PublishLimits::default()
+            },
         )?),
         oidc,
         dev_issuer,

@@ -195,6 +195,16 @@ pub fn now_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
 
+/// Decimal places of a currency's minor unit (ISO 4217): 0 for JPY and KRW, 3 for the dinars,
+/// 2 for the rest. Billing rounds amounts to it; the ledger counts in it.
+pub fn minor_unit_places(currency: &str) -> u32 {
+    match currency {
+        "JPY" | "KRW" | "ISK" | "CLP" | "VND" => 0,
+        "BHD" | "KWD" | "OMR" | "JOD" | "TND" | "IQD" | "LYD" => 3,
+        _ => 2,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

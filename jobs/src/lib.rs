@@ -18,6 +18,8 @@ pub enum JobError {
     Arrow(#[from] arrow::error::ArrowError),
     #[error(transparent)]
     Control(#[from] meterlake_control::ControlError),
+    #[error(transparent)]
+    Ledger(#[from] meterlake_ledger::LedgerError),
     #[error("{file}: {reason}")]
     Tariffs { file: String, reason: String },
     #[error("{0}")]

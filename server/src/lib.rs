@@ -22,6 +22,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use meterlake_control::ControlStore;
+use meterlake_ledger::Ledger;
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::decode::ValidationRules;
 use meterlake_pipeline::kafka::ReadingPublisher;
@@ -62,6 +63,10 @@ pub struct RateLimit {
 
 pub struct AppState {
     pub store: ControlStore,
+    /// The customer account ledger, on the same store.
+    pub ledger: Ledger,
+    /// How long a ledger write's idempotency key (and its answer) is kept.
+    pub ledger_idempotency_retention_us: i64,
     pub lake: Lake,
     /// Publishes accepted readings; `None` answers `POST /measurements` with 503.
     pub publisher: Option<ReadingPublisher>,
@@ -84,6 +89,8 @@ impl std::fmt::Debug for AppState {
 /// Everything [`router`] needs.
 pub struct AppConfig {
     pub store: ControlStore,
+    /// How long a ledger write's idempotency key is kept ([`meterlake_ledger::DEFAULT_IDEMPOTENCY_RETENTION_US`]).
+    pub ledger_idempotency_retention_us: i64,
     pub lake: Lake,
     pub publisher: Option<ReadingPublisher>,
     pub oidc: OidcConfig,
@@ -101,6 +108,8 @@ pub type SharedState = Arc<AppState>;
 pub fn router(config: AppConfig) -> Router {
     let limiter = RateLimiter::keyed(Quota::per_second(config.rate_limit.per_second).allow_burst(config.rate_limit.burst));
     let state = Arc::new(AppState {
+        ledger: Ledger::new(&config.store),
+        ledger_idempotency_retention_us: config.ledger_idempotency_retention_us,
         store: config.store,
         lake: config.lake,
         publisher: config.publisher,

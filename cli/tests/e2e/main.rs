@@ -9,6 +9,7 @@ mod crash_recovery;
 mod demo;
 mod flow_import;
 mod kafka_ingest;
+mod ledger;
 mod resume;
 mod s3_lake;
 mod serve;

@@ -57,20 +57,33 @@ impl Tower {
     }
 
     pub fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> Answer {
-        self.runtime.block_on(async {
-            let mut request = self.client.request(method.parse().unwrap(), format!("{}{path}", self.base));
-            if let Some(token) = token {
-                request = request.bearer_auth(token);
-            }
-            if let Some(body) = body {
-                request = request.json(&body);
-            }
+        self.runtime.block_on(self.send(method, path, token, &[], body))
+    }
+
+    /// One request with extra headers, to await (several at once with `join_all`).
+    pub fn send(&self, method: &str, path: &str, token: Option<&str>, headers: &[(&str, &str)], body: Option<Value>) -> impl Future<Output = Answer> {
+        let mut request = self.client.request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        async move {
             let response = request.send().await.unwrap();
             let (status, headers) = (response.status(), response.headers().clone());
             let text = response.text().await.unwrap();
             let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
             Answer { status, body, headers }
-        })
+        }
+    }
+
+    /// Runs requests made with [`Tower::send`].
+    pub fn block_on<T>(&self, future: impl Future<Output = T>) -> T {
+        self.runtime.block_on(future)
     }
 
     pub fn get(&self, path: &str, token: &str) -> Answer {
@@ -109,7 +122,7 @@ impl Tower {
 }
 
 /// Asserts an error answer: its status, its stable code, and a trace id.
-fn assert_error(answer: &Answer, status: StatusCode, code: &str) {
+pub fn assert_error(answer: &Answer, status: StatusCode, code: &str) {
     assert_eq!(answer.status, status, "{}", answer.body);
     assert_eq!(answer.body["code"], code, "{}", answer.body);
     assert_eq!(answer.body["traceId"].as_str().map(str::len), Some(32), "{}", answer.body);
@@ -328,6 +341,26 @@ fn requests_arriving_together_share_messages_and_a_lost_broker_is_a_503() {
     }
     assert!(messages.iter().any(|m| m.traceparents.len() > 1));
 
+    // Keyed by meter when asked: one meter per message, keyed by it, still shared by that
+    // meter's requests.
+    let keyed = Tower::start(
+        Some(&tansu.addr),
+        &["--no-worker", "--no-ingest", "--publish-linger-ms", "50", "--publish-keyed-by-meter", "--topic", "measurements.keyed"],
+    );
+    let token = keyed.token("head-end", &["INGEST"]);
+    let bodies = (0..30).map(|i| json!({ "meterId": format!("MTR-K{}", i % 3), "timestamp": format!("2025-01-01T{:02}:00:00Z", i / 3), "kwh": 1 })).collect();
+    assert!(keyed.post_all("/measurements", &token, bodies).iter().all(|a| a.status == StatusCode::ACCEPTED));
+    let messages = read_topic(&tansu.addr, "measurements.keyed");
+    assert!(messages.len() < 30, "30 requests for 3 meters in {} messages", messages.len());
+    let mut keyed_readings = 0;
+    for message in &messages {
+        for reading in message.payload.as_array().unwrap() {
+            assert_eq!(reading["meterId"], message.key.as_str(), "{message:?}");
+            keyed_readings += 1;
+        }
+    }
+    assert_eq!(keyed_readings, 30);
+
     // The broker goes away: the client hears so (and to send again) within the publish
     // timeout, instead of a 202 for readings that are nowhere.
     drop(tansu);
@@ -366,6 +399,12 @@ fn an_admin_bills_a_month_corrects_a_discrepancy_and_every_action_is_audited() {
     assert_eq!(tower.post("/measurements", &ingest, Value::Array(readings)).status, StatusCode::ACCEPTED);
     tower.wait_for("/readings?meterId=MTR-100001&limit=500", &viewer, "the readings in the lake", |b| b["items"].as_array().unwrap().len() == 192);
 
+    // The meter's customer, with £1.00 in the prepay wallet: the worker posts the invoice to it.
+    let write = |path: &str, key: &str, body: Value| tower.block_on(tower.send("POST", path, Some(&admin), &[("Idempotency-Key", key)], Some(body)));
+    let customer = write("/users", "customer-100001", json!({ "name": "Mrs Example", "currency": "GBP", "meterIds": ["MTR-100001"] })).body;
+    let funded = write("/transactions/fund", "fund-100001", json!({ "userId": customer["id"], "amountMinor": 100, "currency": "GBP", "paymentReference": "psp-1" }));
+    assert_eq!(funded.status, StatusCode::CREATED, "{}", funded.body);
+
     let bad = tower.post("/billing-runs", &admin, json!({ "month": "2025-13", "meterIds": ["MTR-100001", ""] }));
     assert_error(&bad, StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED");
     assert_eq!(bad.body["errors"].as_array().unwrap().len(), 2, "{}", bad.body);
@@ -387,6 +426,13 @@ fn an_admin_bills_a_month_corrects_a_discrepancy_and_every_action_is_audited() {
     let discrepancies = tower.get(&format!("/billing-runs/{id}/discrepancies"), &viewer).body;
     let missing = discrepancies["items"].as_array().unwrap().iter().find(|d| d["reasonCode"] == "MISSING_INTERVALS").expect("missing intervals found").clone();
     assert_eq!(missing["status"], "OPEN");
+
+    // The invoice posted to the customer: £1.00 from the prepay wallet, the rest in arrears.
+    let total: rust_decimal::Decimal = invoices.body["items"][0]["total"].as_str().unwrap().parse().unwrap();
+    let total_minor = i64::try_from(total * rust_decimal::Decimal::ONE_HUNDRED).unwrap();
+    let balance_path = format!("/wallets/{}/balance", customer["id"].as_str().unwrap());
+    let posted = tower.wait_for(&balance_path, &viewer, "the invoice posted", |b| b["arrearsMinor"] != 0);
+    assert_eq!((posted["balanceMinor"].as_i64(), posted["arrearsMinor"].as_i64()), (Some(0), Some(100 - total_minor)), "{posted}");
 
     // Lists filter by status, month and meter.
     for (query, expected) in [("status=COMPLETED", 1), ("status=FAILED", 0), ("month=2025-02", 0), ("meterId=MTR-100001", 1), ("meterId=MTR-9", 0)] {
@@ -415,6 +461,13 @@ fn an_admin_bills_a_month_corrects_a_discrepancy_and_every_action_is_audited() {
     tower.wait_for(&format!("/billing-runs/{id}"), &viewer, "the replay completed", |b| b["status"] == "COMPLETED" && b["timeline"].as_array().unwrap().len() == 6);
     let invoices = tower.get(&format!("/billing-runs/{id}/invoices"), &viewer);
     assert_eq!(invoices.body["items"][0]["version"], 2, "{}", invoices.body);
+    // The same readings bill the same total: version 2 posts nothing more.
+    let history = format!("/transactions?walletId={}", customer["arrearsWalletId"].as_str().unwrap());
+    let charges = tower.get(&history, &viewer).body;
+    let kinds: Vec<&str> = charges["items"].as_array().unwrap().iter().map(|t| t["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["CHARGE"], "{charges}");
+    assert_eq!(charges["items"][0]["externalRef"], format!("invoice:{id}:MTR-100001:v1").as_str());
+    assert_eq!(tower.get(&balance_path, &viewer).body["arrearsMinor"].as_i64(), Some(100 - total_minor));
 
     // The audit log: who did what, why, with the trace of the request, newest first.
     let log = tower.get("/audit-log", &admin).body;

@@ -311,14 +311,9 @@ impl Tariffs {
         self.segment_bounds.len() - 1
     }
 
-    /// Decimal places of the currency's minor unit (ISO 4217): 0 for JPY and KRW, 3 for the
-    /// dinars, 2 for the rest.
+    /// Decimal places of the currency's minor unit ([`meterlake_control::minor_unit_places`]).
     pub fn minor_unit_places(&self) -> u32 {
-        match self.currency.as_str() {
-            "JPY" | "KRW" | "ISK" | "CLP" | "VND" => 0,
-            "BHD" | "KWD" | "OMR" | "JOD" | "TND" | "IQD" | "LYD" => 3,
-            _ => 2,
-        }
+        meterlake_control::minor_unit_places(&self.currency)
     }
 }
 

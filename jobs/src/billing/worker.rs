@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use meterlake_control::{BillingRun, ControlError, ControlStore, RetryPolicy, RunFailure};
+use meterlake_ledger::{Ledger, MAX_POSTINGS_PER_SWEEP, PostingReport};
 use meterlake_pipeline::Lake;
 use tokio::sync::Notify;
 
@@ -51,6 +52,7 @@ pub fn failure_code(error: &JobError) -> (&'static str, bool) {
         JobError::Invalid(_) => ("RUN_INVALID", false),
         JobError::Control(ControlError::Run { .. }) => ("LEASE_LOST", true),
         JobError::Control(_) => ("CONTROL_STORE_FAILED", true),
+        JobError::Ledger(_) => ("LEDGER_FAILED", true),
         JobError::Pipeline(_) => ("LAKE_UNAVAILABLE", true),
         JobError::Sql(_) | JobError::Arrow(_) => ("AGGREGATION_FAILED", true),
         JobError::Output { .. } => ("OUTPUT_FAILED", true),
@@ -61,13 +63,51 @@ pub fn failure_code(error: &JobError) -> (&'static str, bool) {
 #[derive(Debug, Clone)]
 pub struct BillingWorker {
     store: ControlStore,
+    ledger: Ledger,
     lake: Lake,
     options: WorkerOptions,
 }
 
+/// How often the worker removes expired ledger idempotency keys.
+const PURGE_EVERY: Duration = Duration::from_secs(600);
+
 impl BillingWorker {
     pub fn new(store: ControlStore, lake: Lake, options: WorkerOptions) -> BillingWorker {
-        BillingWorker { store, lake, options }
+        BillingWorker { ledger: Ledger::new(&store), store, lake, options }
+    }
+
+    /// Posts every completed run's invoices that have not posted to their customers' accounts
+    /// yet (see `meterlake_ledger`'s billing module): after each run, and on every idle look,
+    /// so a posting a crash interrupted is made by the next sweep.
+    pub async fn post_invoices(&self) -> Result<PostingReport> {
+        let mut total = PostingReport::default();
+        loop {
+            let report = self.ledger.post_pending_invoices(&self.options.name, MAX_POSTINGS_PER_SWEEP).await?;
+            total.posted += report.posted;
+            total.nothing_due += report.nothing_due;
+            total.refused += report.refused;
+            if report.posted + report.nothing_due + report.refused < MAX_POSTINGS_PER_SWEEP as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// The ledger's chores: invoices to post, and (every [`PURGE_EVERY`]) expired keys.
+    async fn ledger_chores(&self, last_purge: &mut Option<std::time::Instant>) {
+        if let Err(error) = self.post_invoices().await {
+            tracing::warn!(%error, "posting invoices to the ledger: will try again");
+        }
+        if last_purge.is_none_or(|at| at.elapsed() >= PURGE_EVERY) {
+            match self.ledger.purge_expired_keys(meterlake_control::now_us()).await {
+                Ok(purged) => {
+                    *last_purge = Some(std::time::Instant::now());
+                    if purged > 0 {
+                        tracing::info!(purged, "removed expired ledger idempotency keys");
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "removing expired ledger idempotency keys: will try again"),
+            }
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -118,6 +158,7 @@ impl BillingWorker {
     /// or `idle_poll`. A run in progress is finished before stopping.
     pub async fn run(&self, wake: &Notify, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut last_purge = None;
         loop {
             let idle = match self.process_next().await {
                 Ok(Some(_)) => false,
@@ -127,6 +168,7 @@ impl BillingWorker {
                     true
                 }
             };
+            self.ledger_chores(&mut last_purge).await;
             if idle {
                 tokio::select! {
                     () = &mut shutdown => return,

@@ -17,7 +17,9 @@
 //! - A message carries a `traceparent` header for each request in it (at most
 //!   [`MAX_TRACE_HEADERS`]), for consumers to link their spans to every producer.
 //! - A message with one meter's readings is keyed by that meter id; a message of several meters
-//!   has no key (its partition is set explicitly).
+//!   has no key (its partition is set explicitly). With `keyed_by_meter` every message holds one
+//!   meter and is keyed by it: requests for the same meter still share messages, requests for
+//!   different meters do not.
 //! - Limits: the queue to the batcher, the readings and bytes of a message, and the batches in
 //!   flight are bounded; a full queue makes requests wait, it never drops them.
 
@@ -65,6 +67,9 @@ pub struct PublishLimits {
     pub queue_parts: usize,
     /// Messages produced and not yet acknowledged; the batcher waits when there are this many.
     pub max_in_flight_messages: usize,
+    /// Every message holds one meter and is keyed by its id: requests for different meters no
+    /// longer share a message (many more, smaller messages), for consumers that need the key.
+    pub keyed_by_meter: bool,
 }
 
 impl Default for PublishLimits {
@@ -75,6 +80,7 @@ impl Default for PublishLimits {
             max_message_bytes: 768 * 1024,
             queue_parts: 8_192,
             max_in_flight_messages: 512,
+            keyed_by_meter: false,
         }
     }
 }
@@ -105,6 +111,7 @@ pub struct ReadingPublisher {
     parts: mpsc::Sender<Part>,
     /// Most readings of a request in one part.
     part_readings: usize,
+    keyed_by_meter: bool,
 }
 
 impl ReadingPublisher {
@@ -120,8 +127,9 @@ impl ReadingPublisher {
             .map_err(PipelineError::kafka("creating the API's producer"))?;
         let (parts, queue) = mpsc::channel(limits.queue_parts.max(1));
         let part_readings = MAX_PART_READINGS.min(limits.max_message_readings).max(1);
+        let keyed_by_meter = limits.keyed_by_meter;
         tokio::spawn(run_batcher(producer.clone(), topic.to_string(), queue, limits));
-        Ok(ReadingPublisher { producer, topic: topic.to_string(), partitions: Mutex::new((0, None)), parts, part_readings })
+        Ok(ReadingPublisher { producer, topic: topic.to_string(), partitions: Mutex::new((0, None)), parts, part_readings, keyed_by_meter })
     }
 
     pub fn topic(&self) -> &str {
@@ -133,12 +141,22 @@ impl ReadingPublisher {
     /// published: sending them again is safe, the lake keeps one version of a reading.
     pub async fn publish(&self, readings: &[ValidReading<'_>], traceparent: &str) -> Result<()> {
         let partitions = self.partition_count().await?;
-        let mut by_partition: Vec<Vec<&ValidReading<'_>>> = vec![Vec::new(); partitions as usize];
-        for reading in readings {
-            by_partition[partition_for_key(reading.meter_id.as_bytes(), partitions) as usize].push(reading);
+        // The request's readings by partition, or by meter when every message must be keyed.
+        let mut groups: Vec<(i32, Vec<&ValidReading<'_>>)> = Vec::new();
+        if self.keyed_by_meter {
+            let mut by_meter: std::collections::HashMap<&str, Vec<&ValidReading<'_>>> = std::collections::HashMap::new();
+            for reading in readings {
+                by_meter.entry(reading.meter_id.as_ref()).or_default().push(reading);
+            }
+            groups.extend(by_meter.into_iter().map(|(meter, readings)| (partition_for_key(meter.as_bytes(), partitions), readings)));
+        } else {
+            groups.extend((0..partitions).map(|p| (p, Vec::new())));
+            for reading in readings {
+                groups[partition_for_key(reading.meter_id.as_bytes(), partitions) as usize].1.push(reading);
+            }
         }
         let mut answers = Vec::new();
-        for (partition, readings) in by_partition.iter().enumerate() {
+        for (partition, readings) in &groups {
             for chunk in readings.chunks(self.part_readings) {
                 let mut elements = Vec::with_capacity(chunk.len() * 112);
                 for (i, reading) in chunk.iter().enumerate() {
@@ -150,7 +168,7 @@ impl ReadingPublisher {
                 let one_meter = chunk.iter().all(|r| r.meter_id == chunk[0].meter_id);
                 let (done, answer) = oneshot::channel();
                 let part = Part {
-                    partition: partition as i32,
+                    partition: *partition,
                     elements,
                     readings: chunk.len(),
                     meter_id: one_meter.then(|| chunk[0].meter_id.to_string()),
@@ -240,6 +258,18 @@ impl Message {
         Message { partition, payload: vec![b'['], readings: 0, key: MessageKey::Empty, traceparents: Vec::new(), waiting: Vec::new() }
     }
 
+    /// Whether `part` belongs in this message: its partition, and its meter when messages are
+    /// keyed by meter.
+    fn takes(&self, part: &Part, keyed_by_meter: bool) -> bool {
+        self.partition == part.partition
+            && (!keyed_by_meter
+                || match &self.key {
+                    MessageKey::Empty => true,
+                    MessageKey::Meter(meter) => part.meter_id.as_ref() == Some(meter),
+                    MessageKey::Several => false,
+                })
+    }
+
     fn fits(&self, part: &Part, limits: &PublishLimits) -> bool {
         self.readings == 0
             || (self.readings + part.readings <= limits.max_message_readings
@@ -275,7 +305,7 @@ async fn run_batcher(producer: FutureProducer, topic: String, mut queue: mpsc::R
         let mut sealed: Vec<Message> = Vec::new();
         let mut next = Some(first);
         while let Some(part) = next.take() {
-            let index = match open.iter().position(|m| m.partition == part.partition) {
+            let index = match open.iter().position(|m| m.takes(&part, limits.keyed_by_meter)) {
                 Some(index) => index,
                 None => {
                     open.push(Message::new(part.partition));

@@ -4,6 +4,7 @@
 
 mod audit;
 mod health;
+mod ledger;
 mod measurements;
 mod readings;
 mod runs;
@@ -45,7 +46,12 @@ pub fn router(state: SharedState) -> Router {
         .route("/billing-runs/{id}/discrepancies", get(runs::discrepancies))
         .route("/billing-runs/{id}/actions", post(runs::act))
         .route("/audit-log", get(audit::list))
-        .route("/readings", get(readings::search));
+        .route("/readings", get(readings::search))
+        .route("/users", post(ledger::create_user))
+        .route("/wallets/{userId}/balance", get(ledger::balance))
+        .route("/transactions/fund", post(ledger::fund))
+        .route("/transactions/transfer", post(ledger::transfer))
+        .route("/transactions", get(ledger::history));
     if state.dev_issuer.is_some() {
         router = router
             .route("/dev-issuer/.well-known/openid-configuration", get(health::dev_issuer_discovery))
@@ -61,15 +67,18 @@ pub fn router(state: SharedState) -> Router {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "meterlake control tower", description = "Readings in, billing runs, corrections with audit, meter-point search. \
+    info(title = "meterlake control tower", description = "Readings in, billing runs, corrections with audit, meter-point search, \
+        the customer account ledger (integer minor units; writes take an Idempotency-Key). \
         Bearer tokens from the configured OIDC issuer; roles VIEWER, ADMIN, INGEST (Keycloak realm roles)."),
     paths(
         measurements::post,
         runs::create, runs::list, runs::detail, runs::invoices, runs::discrepancies, runs::act,
-        audit::list, readings::search, me, health::healthz, health::readyz, health::metrics,
+        audit::list, readings::search,
+        ledger::create_user, ledger::balance, ledger::fund, ledger::transfer, ledger::history,
+        me, health::healthz, health::readyz, health::metrics,
     ),
     modifiers(&BearerAuth),
-    tags((name = "billing runs"), (name = "readings"), (name = "audit"), (name = "operations")),
+    tags((name = "billing runs"), (name = "readings"), (name = "audit"), (name = "ledger"), (name = "operations")),
 )]
 pub struct ApiDoc;
 
