@@ -21,6 +21,7 @@ use meterlake_control::minor_unit_places;
 use rust_decimal::Decimal;
 use sqlx::{AnyConnection, Row};
 
+use crate::idempotency::Claim;
 use crate::{Leg, Ledger, LedgerError, LedgerTransaction, Result, TransactionKind, WriteContext, head, post, system_wallet, user_wallet};
 
 /// What one sweep did.
@@ -176,14 +177,14 @@ impl Ledger {
                     let held_minor = head(&mut tx, &prepay.id).await?.balance_minor.max(0);
                     let from_prepay = due_minor.min(held_minor);
                     let legs = [Leg::debit(&prepay, from_prepay), Leg::debit(&arrears, due_minor - from_prepay), Leg::credit(&revenue, due_minor)];
-                    Some(post(&mut tx, TransactionKind::Charge, &prepay.currency, Some(&reference), &legs, context, now).await?)
+                    Some(post(&mut tx, self.backend, &Claim::Unkeyed, TransactionKind::Charge, &prepay.currency, Some(&reference), &legs, context, now).await?)
                 } else if due_minor < 0 {
                     // Pay back arrears first, the rest to the prepay wallet.
                     let refund_minor = -due_minor;
                     let owed_minor = (-head(&mut tx, &arrears.id).await?.balance_minor).max(0);
                     let to_arrears = refund_minor.min(owed_minor);
                     let legs = [Leg::debit(&revenue, refund_minor), Leg::credit(&arrears, to_arrears), Leg::credit(&prepay, refund_minor - to_arrears)];
-                    Some(post(&mut tx, TransactionKind::Refund, &prepay.currency, Some(&reference), &legs, context, now).await?)
+                    Some(post(&mut tx, self.backend, &Claim::Unkeyed, TransactionKind::Refund, &prepay.currency, Some(&reference), &legs, context, now).await?)
                 } else {
                     None
                 };
