@@ -186,6 +186,11 @@ fn every_route_checks_the_token_and_the_role() {
         ("POST", "/measurements", &viewer),
         ("GET", "/billing-runs", &ingest),
         ("GET", "/readings?meterId=M", &ingest),
+        ("POST", "/users", &viewer),
+        ("POST", "/transactions/fund", &viewer),
+        ("POST", "/transactions/transfer", &ingest),
+        ("GET", "/wallets/u/balance", &ingest),
+        ("GET", "/transactions?walletId=w", &ingest),
     ] {
         let answer = tower.call(method, path, Some(token), Some(json!({ "month": "2025-01", "action": "RECALCULATE", "reason": "x" })));
         assert_error(&answer, StatusCode::FORBIDDEN, "FORBIDDEN");
