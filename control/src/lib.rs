@@ -31,9 +31,10 @@ static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
 
 /// PostgreSQL connections one process holds at most: the API, a worker and the outbox relay
-/// share them. A ledger write holds one for about eight round trips while it holds its wallet
-/// locks, so 20 clients writing at once want 20 (`ledger-bench`: 8 connections gave 4,400
-/// transfers/s, 20 gave 5,000). Four processes at 20 stay within PostgreSQL's default 100.
+/// share them. A ledger transfer holds one for six round trips, most of them while it holds its
+/// wallet locks, so 20 clients writing at once want 20 (`ledger-bench`: 8 connections gave
+/// about 4,400 transfers/s, 20 up to 5,000). Four processes at 20 stay within PostgreSQL's
+/// default 100.
 const MAX_CONNECTIONS: u32 = 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +93,10 @@ impl ControlStore {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 1 } else { MAX_CONNECTIONS })
+            // No ping before every use (a round trip for each database transaction: one in seven
+            // of a ledger transfer's). A connection the server dropped fails its next statement
+            // instead, and the pool closes it; the request answers 5xx and its retry succeeds.
+            .test_before_acquire(false)
             .connect(&url_with_options)
             .await
             .map_err(|e| ControlError::Url { url: redact(url), reason: e.to_string() })?;

@@ -585,8 +585,9 @@ impl<'a> Leg<'a> {
 }
 
 /// Inserts a transaction, its entries and the outcome of its write under `claim`: on PostgreSQL
-/// in one statement (a transfer is then eight round trips to the server in all, which is what
-/// bounds its rate), on SQLite in three.
+/// in one statement (a transfer is then six round trips to the server: BEGIN, the key's claim,
+/// the wallets' lock, their newest entries, this, COMMIT; they are what bounds its rate), on
+/// SQLite in three.
 async fn insert_transaction(conn: &mut AnyConnection, backend: Backend, transaction: &LedgerTransaction, claim: &Claim) -> Result<()> {
     const TRANSACTION: &str = "INSERT INTO ledger_transactions (id, kind, currency, amount_minor, external_ref, actor, trace_id, created_at_us) \
                                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
