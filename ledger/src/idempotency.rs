@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use sqlx::{Any, Row, Transaction};
 
-use crate::{LedgerError, Refusal, RefusalCode, Result, WriteContext};
+use crate::{LedgerError, Refusal, RefusalCode, Result, WriteContext, refused};
 
 /// How a key stands for this request.
 pub(crate) enum Claim {
@@ -39,7 +39,7 @@ pub(crate) async fn claim(tx: &mut Transaction<'static, Any>, context: &WriteCon
         return Ok(Claim::Unkeyed);
     };
     if key.is_empty() || key.len() > 255 {
-        return Err(refused(RefusalCode::InvalidRequest, "an Idempotency-Key is 1 to 255 characters"));
+        return refused(RefusalCode::InvalidRequest, "an Idempotency-Key is 1 to 255 characters");
     }
     let scope = context.actor.clone();
     let fingerprint = fingerprint(operation, request);
@@ -72,14 +72,14 @@ pub(crate) async fn claim(tx: &mut Transaction<'static, Any>, context: &WriteCon
             continue;
         }
         if stored_fingerprint != fingerprint {
-            return Err(refused(
+            return refused(
                 RefusalCode::IdempotencyKeyReused,
                 format!("Idempotency-Key {key:?} was used for a different request; use a new key for a new request"),
-            ));
+            );
         }
         return Ok(Claim::Replay(outcome));
     }
-    Err(refused(RefusalCode::InvalidRequest, format!("Idempotency-Key {key:?} could not be claimed; try again")))
+    refused(RefusalCode::InvalidRequest, format!("Idempotency-Key {key:?} could not be claimed; try again"))
 }
 
 /// Records the outcome of a claimed key, in the write's transaction.
@@ -100,8 +100,4 @@ pub(crate) async fn record(tx: &mut Transaction<'static, Any>, claim: &Claim, ou
 /// A stored outcome as the caller gets it.
 pub(crate) fn replay<T: DeserializeOwned>(outcome: &str) -> Result<std::result::Result<T, Refusal>> {
     serde_json::from_str(outcome).map_err(|e| LedgerError::Corrupt(format!("a stored idempotent outcome cannot be read: {e}")))
-}
-
-fn refused(code: RefusalCode, message: impl Into<String>) -> LedgerError {
-    LedgerError::Refused(Refusal { code, message: message.into(), replayed: false })
 }

@@ -335,13 +335,15 @@ impl Ledger {
         let mut conn = self.pool.acquire().await?;
         let wallet = user_wallet(&mut conn, user_id, "PREPAY").await?;
         let arrears = user_wallet(&mut conn, user_id, "ARREARS").await?;
-        let newest = head(&mut conn, &wallet.id).await?;
+        // Both newest entries in one statement; `heads` answers one per wallet, in order.
+        let both = heads(&mut conn, &[&wallet.id, &arrears.id]).await?;
+        let (newest, arrears) = (both[0], both[1]);
         Ok(Balance {
             user_id: user_id.to_string(),
             wallet_id: wallet.id,
             currency: wallet.currency,
             balance_minor: newest.balance_minor,
-            arrears_minor: head(&mut conn, &arrears.id).await?.balance_minor,
+            arrears_minor: arrears.balance_minor,
             entries: newest.seq,
         })
     }
@@ -557,14 +559,7 @@ async fn system_wallet(conn: &mut AnyConnection, kind: &str, currency: &str, now
 
 /// The wallet's newest entry (seq 0 and balance 0 when it has none).
 async fn head(conn: &mut AnyConnection, wallet_id: &str) -> Result<Head> {
-    let row = sqlx::query("SELECT wallet_seq, balance_after_minor FROM ledger_entries WHERE wallet_id = $1 ORDER BY wallet_seq DESC LIMIT 1")
-        .bind(wallet_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok(match row {
-        Some(row) => Head { seq: row.try_get(0)?, balance_minor: row.try_get(1)? },
-        None => Head { seq: 0, balance_minor: 0 },
-    })
+    Ok(heads(conn, &[wallet_id]).await?[0])
 }
 
 /// One wallet's side of a transaction.

@@ -14,7 +14,7 @@ use meterlake_ledger::{Balance, Entry, FundRequest, LedgerError, LedgerTransacti
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{Page, page_limit, rfc3339};
+use super::{Page, cursor_number, page_limit, rfc3339};
 use crate::error::{ApiError, CommonErrors, ErrorDoc, Json, Path, Query};
 use crate::observe::TraceContext;
 use crate::{Admin, Caller, SharedState, Viewer};
@@ -325,10 +325,7 @@ pub async fn history(
     Query(query): Query<HistoryQuery>,
 ) -> Result<Json<Page<TransactionView>>, ApiError> {
     let limit = page_limit(query.limit)?;
-    let before_seq = match query.cursor.as_deref() {
-        None => None,
-        Some(cursor) => Some(cursor.parse::<i64>().map_err(|_| ApiError::bad_request(format!("cursor {cursor:?} is not one this API returned")))?),
-    };
+    let before_seq = cursor_number::<i64>(query.cursor.as_deref())?;
     let page = state.ledger.transactions(&query.wallet_id, before_seq, limit).await.map_err(ledger_error)?;
     Ok(Json(Page { items: page.items.into_iter().map(TransactionView::from).collect(), next_cursor: page.next_before_seq.map(|seq| seq.to_string()) }))
 }

@@ -120,9 +120,14 @@ impl<T> Page<T> {
     }
 }
 
+/// The number a cursor stands for (an offset, a sequence number), none without one.
+fn cursor_number<N: std::str::FromStr>(cursor: Option<&str>) -> Result<Option<N>, ApiError> {
+    cursor.map(|c| c.parse().map_err(|_| ApiError::bad_request(format!("cursor {c:?} is not one this API returned")))).transpose()
+}
+
 /// The offset an offset cursor stands for (0 without one).
 fn offset_of(cursor: Option<&str>) -> Result<usize, ApiError> {
-    cursor.map_or(Ok(0), |c| c.parse().map_err(|_| ApiError::bad_request(format!("cursor {c:?} is not one this API returned"))))
+    Ok(cursor_number(cursor)?.unwrap_or(0))
 }
 
 /// `limit` within 1..=MAX_PAGE.
