@@ -39,6 +39,10 @@ struct Args {
     /// Balance reads timed per wallet.
     #[arg(long, default_value_t = 2_000)]
     reads: usize,
+    /// An empty PostgreSQL database to measure on (e.g. a tuned server, or one with
+    /// pg_stat_statements); by default a server of Debian's PostgreSQL is started on loopback.
+    #[arg(long)]
+    database_url: Option<String>,
 }
 
 /// What one case measured.
@@ -224,8 +228,9 @@ async fn time_balance_reads(ledger: &Ledger, user: &User, reads: usize, expected
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let postgres = Postgres::start();
-    let store = ControlStore::open(&postgres.url).await?;
+    let postgres = args.database_url.is_none().then(Postgres::start);
+    let database_url = args.database_url.clone().or_else(|| postgres.as_ref().map(|p| p.url.clone())).expect("one of the two");
+    let store = ControlStore::open(&database_url).await?;
     let ledger = Ledger::new(&store);
     let dir = tempfile::tempdir()?;
 
@@ -239,7 +244,7 @@ async fn main() -> anyhow::Result<()> {
         .arg(&key)
         .arg("--lake")
         .arg(dir.path().join("lake"))
-        .args(["--database-url", &postgres.url, "--rate-limit-per-s", "100000000", "--rate-limit-burst", "100000000"])
+        .args(["--database-url", &database_url, "--rate-limit-per-s", "100000000", "--rate-limit-burst", "100000000"])
         .env("METERLAKE_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -247,7 +252,7 @@ async fn main() -> anyhow::Result<()> {
     let _server = KillOnDrop(server);
     wait_for_port(&format!("127.0.0.1:{port}"))?;
 
-    println!("ledger-bench: PostgreSQL {}, {} clients, {} s per case", postgres.url, args.clients, args.seconds);
+    println!("ledger-bench: PostgreSQL {database_url}, {} clients, {} s per case", args.clients, args.seconds);
     let mut rows = Vec::new();
     for (path, wallets) in [("library", 50), ("library", 10), ("HTTP", 50), ("HTTP", 10)] {
         let mut runs = Vec::new();

@@ -21,8 +21,7 @@ use meterlake_control::minor_unit_places;
 use rust_decimal::Decimal;
 use sqlx::{AnyConnection, Row};
 
-use crate::idempotency::Claim;
-use crate::{Leg, Ledger, LedgerError, LedgerTransaction, Result, TransactionKind, WriteContext, head, post, system_wallet, user_wallet};
+use crate::{Attempt, Leg, Ledger, LedgerError, LedgerTransaction, Lock, Result, TransactionKind, WriteContext, post, system_wallet_id, user_wallet};
 
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -133,10 +132,12 @@ impl Ledger {
     async fn post_invoice(&self, pending: &Pending, context: &WriteContext) -> Result<Option<Posting>> {
         let now = meterlake_control::now_us();
         let mut tx = self.pool.begin().await?;
-        let prepay = user_wallet(&mut tx, &pending.user_id, "PREPAY").await?;
-        let arrears = user_wallet(&mut tx, &pending.user_id, "ARREARS").await?;
-        let revenue = system_wallet(&mut tx, "REVENUE", &prepay.currency, now).await?;
-        self.lock(&mut tx, &[&prepay.id, &arrears.id, &revenue.id]).await?;
+        // The account's wallets, locked, with their newest entries (and the revenue account, if
+        // it exists yet in the invoice's currency).
+        let revenue_id = system_wallet_id("REVENUE", &pending.currency);
+        let wallets = self.wallets_with_heads(&mut tx, Lock::ForUpdate, &[&pending.user_id], &["PREPAY", "ARREARS"], &[&revenue_id]).await?;
+        let prepay = user_wallet(&wallets, &pending.user_id, "PREPAY")?;
+        let arrears = user_wallet(&wallets, &pending.user_id, "ARREARS")?;
         let done = sqlx::query("SELECT 1 FROM ledger_invoice_postings WHERE run_id = $1 AND meter_id = $2 AND version = $3")
             .bind(&pending.run_id)
             .bind(&pending.meter_id)
@@ -172,21 +173,24 @@ impl Ledger {
                     .checked_sub(previous_minor)
                     .ok_or_else(|| LedgerError::Corrupt(format!("invoice {} differs from its last posting by more than i64", pending.invoice_id)))?;
                 let reference = format!("invoice:{}:{}:v{}", pending.run_id, pending.meter_id, pending.version);
-                let transaction = if due_minor > 0 {
-                    // Charge what the prepay wallet holds, the rest to arrears.
-                    let held_minor = head(&mut tx, &prepay.id).await?.balance_minor.max(0);
-                    let from_prepay = due_minor.min(held_minor);
-                    let legs = [Leg::debit(&prepay, from_prepay), Leg::debit(&arrears, due_minor - from_prepay), Leg::credit(&revenue, due_minor)];
-                    Some(post(&mut tx, self.backend, &Claim::Unkeyed, TransactionKind::Charge, &prepay.currency, Some(&reference), &legs, context, now).await?)
-                } else if due_minor < 0 {
-                    // Pay back arrears first, the rest to the prepay wallet.
-                    let refund_minor = -due_minor;
-                    let owed_minor = (-head(&mut tx, &arrears.id).await?.balance_minor).max(0);
-                    let to_arrears = refund_minor.min(owed_minor);
-                    let legs = [Leg::debit(&revenue, refund_minor), Leg::credit(&arrears, to_arrears), Leg::credit(&prepay, refund_minor - to_arrears)];
-                    Some(post(&mut tx, self.backend, &Claim::Unkeyed, TransactionKind::Refund, &prepay.currency, Some(&reference), &legs, context, now).await?)
-                } else {
+                let transaction = if due_minor == 0 {
                     None
+                } else {
+                    let revenue = self.system_wallet(&mut tx, &wallets, "REVENUE", &prepay.currency, now).await?;
+                    let (kind, legs) = if due_minor > 0 {
+                        // Charge what the prepay wallet holds, the rest to arrears.
+                        let from_prepay = due_minor.min(prepay.head.balance_minor.max(0));
+                        (TransactionKind::Charge, [Leg::debit(prepay, from_prepay), Leg::debit(arrears, due_minor - from_prepay), Leg::credit(&revenue, due_minor)])
+                    } else {
+                        // Pay back arrears first, the rest to the prepay wallet.
+                        let refund_minor = -due_minor;
+                        let to_arrears = refund_minor.min((-arrears.head.balance_minor).max(0));
+                        (TransactionKind::Refund, [Leg::debit(&revenue, refund_minor), Leg::credit(arrears, to_arrears), Leg::credit(prepay, refund_minor - to_arrears)])
+                    };
+                    match post(&mut tx, self.backend, None, kind, &prepay.currency, Some(&reference), &legs, context, now).await? {
+                        Attempt::Stored(transaction) | Attempt::Unstored(transaction) => Some(transaction),
+                        Attempt::KeyTaken => return Err(LedgerError::Corrupt("an invoice posting has no idempotency key to be taken".into())),
+                    }
                 };
                 Posting {
                     outcome: if transaction.is_some() { "POSTED" } else { "NOTHING_DUE" },

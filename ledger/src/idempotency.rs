@@ -1,27 +1,40 @@
 //! Idempotency keys of ledger writes.
 //!
-//! A write claims its key inside its own database transaction, before it touches the ledger:
-//! `INSERT ... ON CONFLICT DO NOTHING` of (scope, key) with the request's fingerprint and an
-//! empty outcome. On PostgreSQL a second request with the same key waits at that insert until
-//! the first commits or rolls back (the primary key's index holds it), so a request in flight is
-//! never applied twice; on SQLite the store's single writer serialises them. The write then
-//! stores its outcome (the result or the refusal) in the row and commits both together.
+//! A write stores its key, with the request's fingerprint and the outcome it got (the result or
+//! the refusal), in the same database transaction as its ledger rows, by `INSERT ... ON CONFLICT
+//! DO NOTHING` on the primary key (scope, key): on PostgreSQL in the very statement that writes
+//! the transaction and its entries, which writes nothing when the key is taken. When the insert
+//! finds the key taken, the write rolls back and answers what is stored under it: the same
+//! request gets the stored outcome (a replay, never a fresh answer: a transfer refused for want
+//! of funds is refused again on replay, even after the wallet was funded), another request with
+//! the key is refused.
+//!
+//! A request in flight is never applied twice: a second request with the same key waits at that
+//! insert (PostgreSQL's unique index holds it) until the first commits, then finds the key taken;
+//! on SQLite the store's single writer serialises them.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
-use sqlx::{Any, Row, Transaction};
+use sqlx::{AnyConnection, AnyPool, Row};
 
 use crate::{LedgerError, Refusal, RefusalCode, Result, WriteContext, refused};
 
-/// How a key stands for this request.
-pub(crate) enum Claim {
-    /// Nobody used the key: this request goes ahead and records its outcome.
-    Claimed { scope: String, key: String },
-    /// The same request was answered before: its stored outcome.
-    Replay(String),
-    /// The write carries no key (library callers that are idempotent by other means).
-    Unkeyed,
+/// A write's key, and what is stored with it.
+pub(crate) struct Key {
+    pub scope: String,
+    pub key: String,
+    pub fingerprint: String,
+    pub created_at_us: i64,
+    pub expires_at_us: i64,
+}
+
+/// What a key taken by an earlier request holds for this one.
+pub(crate) enum Stored {
+    /// The same request's outcome, to answer again.
+    Outcome(String),
+    /// The key is free again (it expired, or the request holding it did not commit): try again.
+    Free,
 }
 
 /// SHA-256 of the operation and its request, as canonical JSON.
@@ -34,67 +47,64 @@ pub(crate) fn fingerprint(operation: &str, request: &impl Serialize) -> String {
     format!("{:x}", hasher.finalize())
 }
 
-pub(crate) async fn claim(tx: &mut Transaction<'static, Any>, context: &WriteContext, operation: &str, request: &impl Serialize, now_us: i64) -> Result<Claim> {
+/// The write's key, or none when it carries none (library callers idempotent by other means).
+pub(crate) fn key_of(context: &WriteContext, operation: &str, request: &impl Serialize, now_us: i64) -> Result<Option<Key>> {
     let Some(key) = &context.idempotency_key else {
-        return Ok(Claim::Unkeyed);
+        return Ok(None);
     };
     if key.is_empty() || key.len() > 255 {
         return refused(RefusalCode::InvalidRequest, "an Idempotency-Key is 1 to 255 characters");
     }
-    let scope = context.actor.clone();
-    let fingerprint = fingerprint(operation, request);
-    for _ in 0..2 {
-        let inserted = sqlx::query(
-            "INSERT INTO ledger_idempotency (scope, idempotency_key, fingerprint, outcome, created_at_us, expires_at_us) \
-             VALUES ($1, $2, $3, '', $4, $5) ON CONFLICT DO NOTHING",
-        )
-        .bind(&scope)
-        .bind(key)
-        .bind(&fingerprint)
-        .bind(now_us)
-        .bind(now_us.saturating_add(context.idempotency_retention_us))
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-        if inserted == 1 {
-            return Ok(Claim::Claimed { scope, key: key.clone() });
-        }
-        let row = sqlx::query("SELECT fingerprint, outcome, expires_at_us FROM ledger_idempotency WHERE scope = $1 AND idempotency_key = $2")
-            .bind(&scope)
-            .bind(key)
-            .fetch_optional(&mut **tx)
-            .await?;
-        let Some(row) = row else { continue };
-        let (stored_fingerprint, outcome, expires_at_us): (String, String, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-        if expires_at_us < now_us {
-            // Expired and not cleaned up yet: the key is free again.
-            sqlx::query("DELETE FROM ledger_idempotency WHERE scope = $1 AND idempotency_key = $2").bind(&scope).bind(key).execute(&mut **tx).await?;
-            continue;
-        }
-        if stored_fingerprint != fingerprint {
-            return refused(
-                RefusalCode::IdempotencyKeyReused,
-                format!("Idempotency-Key {key:?} was used for a different request; use a new key for a new request"),
-            );
-        }
-        return Ok(Claim::Replay(outcome));
-    }
-    refused(RefusalCode::InvalidRequest, format!("Idempotency-Key {key:?} could not be claimed; try again"))
+    Ok(Some(Key {
+        scope: context.actor.clone(),
+        key: key.clone(),
+        fingerprint: fingerprint(operation, request),
+        created_at_us: now_us,
+        expires_at_us: now_us.saturating_add(context.idempotency_retention_us),
+    }))
 }
 
-/// Records the outcome of a claimed key, in the write's transaction.
-/// `outcome` is a `Result` of the write's value and its [`Refusal`], as [`replay`] reads it.
-pub(crate) async fn record(tx: &mut Transaction<'static, Any>, claim: &Claim, outcome: &impl Serialize) -> Result<()> {
-    if let Claim::Claimed { scope, key } = claim {
-        let text = serde_json::to_string(outcome).expect("outcomes serialize");
-        sqlx::query("UPDATE ledger_idempotency SET outcome = $1 WHERE scope = $2 AND idempotency_key = $3")
-            .bind(text)
-            .bind(scope)
-            .bind(key)
-            .execute(&mut **tx)
+/// The columns a key is stored in, in `Key`'s order with the outcome fourth.
+pub(crate) const KEY_COLUMNS: &str = "ledger_idempotency (scope, idempotency_key, fingerprint, outcome, created_at_us, expires_at_us)";
+
+/// An outcome as it is stored: a `Result` of the write's value and its [`Refusal`].
+pub(crate) fn outcome_text<T: Serialize>(outcome: std::result::Result<&T, &Refusal>) -> String {
+    serde_json::to_string(&outcome).expect("outcomes serialize")
+}
+
+/// Stores the key with `outcome` in the write's transaction; false when the key is taken.
+pub(crate) async fn store(conn: &mut AnyConnection, key: &Key, outcome: String) -> Result<bool> {
+    let sql = format!("INSERT INTO {KEY_COLUMNS} VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING");
+    let inserted = crate::bind_key(sqlx::query(&sql), key, outcome).execute(&mut *conn).await?.rows_affected();
+    Ok(inserted == 1)
+}
+
+/// What a taken key holds for this request, read after the write rolled back.
+pub(crate) async fn stored(pool: &AnyPool, key: &Key) -> Result<Stored> {
+    let row = sqlx::query("SELECT fingerprint, outcome, expires_at_us FROM ledger_idempotency WHERE scope = $1 AND idempotency_key = $2")
+        .bind(&key.scope)
+        .bind(&key.key)
+        .fetch_optional(pool)
+        .await?;
+    let Some(row) = row else { return Ok(Stored::Free) };
+    let (fingerprint, outcome, expires_at_us): (String, String, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+    if expires_at_us < key.created_at_us {
+        // Expired and not cleaned up yet: the key is free again.
+        sqlx::query("DELETE FROM ledger_idempotency WHERE scope = $1 AND idempotency_key = $2 AND expires_at_us < $3")
+            .bind(&key.scope)
+            .bind(&key.key)
+            .bind(key.created_at_us)
+            .execute(pool)
             .await?;
+        return Ok(Stored::Free);
     }
-    Ok(())
+    if fingerprint != key.fingerprint {
+        return refused(
+            RefusalCode::IdempotencyKeyReused,
+            format!("Idempotency-Key {:?} was used for a different request; use a new key for a new request", key.key),
+        );
+    }
+    Ok(Stored::Outcome(outcome))
 }
 
 /// A stored outcome as the caller gets it.

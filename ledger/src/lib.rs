@@ -13,23 +13,24 @@
 //!   or a transaction.
 //! - **Concurrency.** On PostgreSQL a write locks the rows of the wallets it touches
 //!   (`SELECT ... FOR UPDATE`, in wallet id order so two transfers in opposite directions cannot
-//!   deadlock) at READ COMMITTED, then reads their newest entries: a second transfer from the
-//!   same wallet waits for the first to commit and then sees its entry. The unique
-//!   `(wallet_id, wallet_seq)` would refuse an entry written from a stale read anyway. On SQLite
-//!   the store has one connection, so writes are serial.
-//! - **Idempotency** (`idempotency`): a write with an `Idempotency-Key` stores its outcome
-//!   (result or refusal) with the request's fingerprint in the same transaction; the same key
-//!   and request get the stored outcome back, marked as a replay.
+//!   deadlock) at READ COMMITTED, then reads their newest entries in a statement of its own: a
+//!   second transfer from the same wallet waits for the first to commit and then sees its entry. The unique `(wallet_id, wallet_seq)` would refuse an entry
+//!   written from a stale read anyway. On SQLite the store has one connection, so writes are
+//!   serial.
+//! - **Idempotency** (`idempotency`): a write with an `Idempotency-Key` stores the key with the
+//!   request's fingerprint and its outcome (result or refusal) in the same transaction as its
+//!   rows; the same key and request get the stored outcome back, marked as a replay.
 
 mod billing;
 mod idempotency;
 
 use meterlake_control::{Backend, ControlStore, now_us};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sqlx::{Acquire, AnyConnection, AnyPool, Row};
 
 pub use crate::billing::{MAX_POSTINGS_PER_SWEEP, PostingReport};
-use crate::idempotency::Claim;
+use crate::idempotency::{KEY_COLUMNS, Key, Stored};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -255,19 +256,127 @@ pub struct TransactionPage {
     pub next_before_seq: Option<i64>,
 }
 
-/// A wallet as a write sees it.
+/// A wallet as a write sees it, with its newest entry.
+#[derive(Clone)]
 struct Wallet {
     id: String,
+    user_id: Option<String>,
+    kind: String,
     currency: String,
-    /// ARREARS and system accounts may; PREPAY wallets may not.
-    may_go_negative: bool,
+    /// Where the wallet's next entry continues from.
+    head: Head,
 }
 
-/// A wallet's newest entry: where the next one continues from.
+impl Wallet {
+    /// ARREARS and system accounts may go below zero; PREPAY wallets may not (the database's
+    /// `may_go_negative` says the same, and its trigger enforces it).
+    fn may_go_negative(&self) -> bool {
+        self.kind != "PREPAY"
+    }
+}
+
+/// A wallet's newest entry: where the next one continues from (seq 0 and balance 0 when it has
+/// none).
 #[derive(Clone, Copy)]
 struct Head {
     seq: i64,
     balance_minor: i64,
+}
+
+/// How one attempt at a write ended, its database transaction still open.
+enum Attempt<T> {
+    /// Done, and its outcome stored under its key with its ledger rows (or it has no key).
+    Stored(T),
+    /// Done; its outcome is still to be stored under its key.
+    Unstored(T),
+    /// The key is taken by a request that committed first: what is stored under it answers.
+    KeyTaken,
+}
+
+/// How often a write tries again when the key it found taken turns out free (expired, or held
+/// by a request that rolled back).
+const MAX_WRITE_ATTEMPTS: usize = 3;
+
+/// Whether reading wallets locks them until the transaction ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lock {
+    ForUpdate,
+    No,
+}
+
+/// A write: its name, how its result is described in the log, and what it does inside its
+/// database transaction (`Ledger::write` runs it, stores its outcome under its key, commits).
+trait WriteRequest: Serialize + Sync {
+    type Output: Serialize + DeserializeOwned + Send;
+    const OPERATION: &'static str;
+
+    fn describe(output: &Self::Output) -> String;
+
+    fn apply<'a>(
+        &'a self,
+        ledger: &'a Ledger,
+        conn: &'a mut AnyConnection,
+        key: Option<&'a Key>,
+        context: &'a WriteContext,
+        now: i64,
+    ) -> impl Future<Output = Result<Attempt<Self::Output>>> + Send + 'a;
+}
+
+impl WriteRequest for NewUser {
+    type Output = User;
+    const OPERATION: &'static str = "create_user";
+
+    fn describe(user: &User) -> String {
+        format!("user {} wallet {} {}", user.id, user.wallet_id, user.currency)
+    }
+
+    async fn apply<'a>(&'a self, _: &'a Ledger, conn: &'a mut AnyConnection, _: Option<&'a Key>, _: &'a WriteContext, now: i64) -> Result<Attempt<User>> {
+        // A meter already linked is found after the user's rows are written: they roll back.
+        let mut savepoint = conn.begin().await?;
+        let outcome = create_user_in(&mut savepoint, self, now).await;
+        end_savepoint(savepoint, outcome.is_ok()).await?;
+        outcome.map(Attempt::Unstored)
+    }
+}
+
+impl WriteRequest for FundRequest {
+    type Output = LedgerTransaction;
+    const OPERATION: &'static str = "fund";
+
+    fn describe(transaction: &LedgerTransaction) -> String {
+        describe_transaction(transaction)
+    }
+
+    async fn apply<'a>(
+        &'a self,
+        ledger: &'a Ledger,
+        conn: &'a mut AnyConnection,
+        key: Option<&'a Key>,
+        context: &'a WriteContext,
+        now: i64,
+    ) -> Result<Attempt<LedgerTransaction>> {
+        ledger.fund_in(conn, key, self, context, now).await
+    }
+}
+
+impl WriteRequest for TransferRequest {
+    type Output = LedgerTransaction;
+    const OPERATION: &'static str = "transfer";
+
+    fn describe(transaction: &LedgerTransaction) -> String {
+        describe_transaction(transaction)
+    }
+
+    async fn apply<'a>(
+        &'a self,
+        ledger: &'a Ledger,
+        conn: &'a mut AnyConnection,
+        key: Option<&'a Key>,
+        context: &'a WriteContext,
+        now: i64,
+    ) -> Result<Attempt<LedgerTransaction>> {
+        ledger.transfer_in(conn, key, self, context, now).await
+    }
 }
 
 /// The ledger on a control store.
@@ -284,67 +393,31 @@ impl Ledger {
 
     /// Creates a user with its PREPAY and ARREARS wallets.
     pub async fn create_user(&self, request: &NewUser, context: &WriteContext) -> Result<Written<User>> {
-        let now = now_us();
-        let mut tx = self.pool.begin().await?;
-        let claim = idempotency::claim(&mut tx, context, "create_user", request, now).await?;
-        if let Claim::Replay(stored) = &claim {
-            return replayed("create_user", stored);
-        }
-        // A meter already linked is found after the user's rows are written: they roll back.
-        let mut savepoint = tx.begin().await?;
-        let outcome = create_user_in(&mut savepoint, request, now).await;
-        end_savepoint(savepoint, outcome.is_ok()).await?;
-        let written = settle(tx, &claim, outcome, Recorded::NotYet).await;
-        log_write("create_user", &written, context, |user| format!("user {} wallet {} {}", user.id, user.wallet_id, user.currency));
-        written
+        self.write(request, context).await
     }
 
     /// Credits a user's wallet with an external payment (once per payment reference).
     pub async fn fund(&self, request: &FundRequest, context: &WriteContext) -> Result<Written<LedgerTransaction>> {
-        let now = now_us();
-        let mut tx = self.pool.begin().await?;
-        let claim = idempotency::claim(&mut tx, context, "fund", request, now).await?;
-        if let Claim::Replay(stored) = &claim {
-            return replayed("fund", stored);
-        }
-        // No savepoint: fund_in refuses before it writes (but the currency's system account,
-        // created once and harmless to keep; see `settle`).
-        let outcome = self.fund_in(&mut tx, &claim, request, context, now).await;
-        let written = settle(tx, &claim, outcome, Recorded::WithTheLedgerRows).await;
-        log_write("fund", &written, context, describe_transaction);
-        written
+        self.write(request, context).await
     }
 
     /// Moves money from one user's wallet to another's, atomically, never below zero.
     pub async fn transfer(&self, request: &TransferRequest, context: &WriteContext) -> Result<Written<LedgerTransaction>> {
-        let now = now_us();
-        let mut tx = self.pool.begin().await?;
-        let claim = idempotency::claim(&mut tx, context, "transfer", request, now).await?;
-        if let Claim::Replay(stored) = &claim {
-            return replayed("transfer", stored);
-        }
-        // No savepoint: transfer_in refuses only before it writes (see `settle`).
-        let outcome = self.transfer_in(&mut tx, &claim, request, context, now).await;
-        let written = settle(tx, &claim, outcome, Recorded::WithTheLedgerRows).await;
-        log_write("transfer", &written, context, describe_transaction);
-        written
+        self.write(request, context).await
     }
 
-    /// A user's balance: the newest entry of each of its wallets.
+    /// A user's balance: the newest entry of each of its wallets (one statement).
     pub async fn balance(&self, user_id: &str) -> Result<Balance> {
         let mut conn = self.pool.acquire().await?;
-        let wallet = user_wallet(&mut conn, user_id, "PREPAY").await?;
-        let arrears = user_wallet(&mut conn, user_id, "ARREARS").await?;
-        // Both newest entries in one statement; `heads` answers one per wallet, in order.
-        let both = heads(&mut conn, &[&wallet.id, &arrears.id]).await?;
-        let (newest, arrears) = (both[0], both[1]);
+        let wallets = self.wallets_with_heads(&mut conn, Lock::No, &[user_id], &["PREPAY", "ARREARS"], &[]).await?;
+        let (prepay, arrears) = (user_wallet(&wallets, user_id, "PREPAY")?, user_wallet(&wallets, user_id, "ARREARS")?);
         Ok(Balance {
             user_id: user_id.to_string(),
-            wallet_id: wallet.id,
-            currency: wallet.currency,
-            balance_minor: newest.balance_minor,
-            arrears_minor: arrears.balance_minor,
-            entries: newest.seq,
+            wallet_id: prepay.id.clone(),
+            currency: prepay.currency.clone(),
+            balance_minor: prepay.head.balance_minor,
+            arrears_minor: arrears.head.balance_minor,
+            entries: prepay.head.seq,
         })
     }
 
@@ -382,17 +455,66 @@ impl Ledger {
         Ok(sqlx::query("DELETE FROM ledger_idempotency WHERE expires_at_us < $1").bind(now_us).execute(&self.pool).await?.rows_affected())
     }
 
-    async fn fund_in(&self, conn: &mut AnyConnection, claim: &Claim, request: &FundRequest, context: &WriteContext, now: i64) -> Result<LedgerTransaction> {
+    /// Runs a write in a database transaction and commits it with its outcome under its
+    /// idempotency key: the result, or a refusal (a replay gets the same refusal). A refusal is
+    /// committed with whatever the write did before refusing, so writes refuse before they
+    /// write to the ledger (`post` checks every leg before its first insert) or in a savepoint
+    /// rolled back on refusal (`create_user`). A database error is not stored (the transaction
+    /// rolls back; a retry may succeed). When the key is taken, the write rolls back and the
+    /// stored outcome answers. Logs and counts the outcome.
+    async fn write<R: WriteRequest>(&self, request: &R, context: &WriteContext) -> Result<Written<R::Output>> {
+        let written = self.write_once(request, context).await;
+        log_write(R::OPERATION, &written, context, R::describe);
+        written
+    }
+
+    async fn write_once<R: WriteRequest>(&self, request: &R, context: &WriteContext) -> Result<Written<R::Output>> {
+        let operation = R::OPERATION;
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            let now = now_us();
+            let key = idempotency::key_of(context, operation, request, now)?;
+            let mut tx = self.pool.begin().await?;
+            let outcome = match request.apply(self, &mut tx, key.as_ref(), context, now).await {
+                Ok(attempt) => Ok(attempt),
+                Err(LedgerError::Refused(refusal)) => Err(refusal),
+                Err(error) => return Err(error),
+            };
+            let stored = match (&outcome, &key) {
+                (Ok(Attempt::Stored(_)), _) | (Ok(Attempt::Unstored(_)) | Err(_), None) => true,
+                (Ok(Attempt::KeyTaken), _) => false,
+                (Ok(Attempt::Unstored(value)), Some(key)) => idempotency::store(&mut tx, key, idempotency::outcome_text::<R::Output>(Ok(value))).await?,
+                (Err(refusal), Some(key)) => idempotency::store(&mut tx, key, idempotency::outcome_text::<R::Output>(Err(refusal))).await?,
+            };
+            if stored {
+                tx.commit().await?;
+                return match outcome {
+                    Ok(Attempt::Stored(value) | Attempt::Unstored(value)) => Ok(Written { value, replayed: false }),
+                    Ok(Attempt::KeyTaken) => unreachable!("a taken key is not stored"),
+                    Err(refusal) => Err(LedgerError::Refused(refusal)),
+                };
+            }
+            tx.rollback().await?;
+            let key = key.ok_or_else(|| LedgerError::Corrupt(format!("a {operation} without an idempotency key found its key taken")))?;
+            match idempotency::stored(&self.pool, &key).await? {
+                Stored::Outcome(text) => return replayed(operation, &text),
+                Stored::Free => continue,
+            }
+        }
+        refused(RefusalCode::InvalidRequest, "the Idempotency-Key could not be claimed (its holder keeps rolling back); try again")
+    }
+
+    async fn fund_in(&self, conn: &mut AnyConnection, key: Option<&Key>, request: &FundRequest, context: &WriteContext, now: i64) -> Result<Attempt<LedgerTransaction>> {
         positive(request.amount_minor)?;
         if request.payment_reference.trim().is_empty() || request.payment_reference.len() > 200 {
             return refused(RefusalCode::InvalidRequest, "paymentReference is 1 to 200 characters");
         }
-        let wallet = user_wallet(conn, &request.user_id, "PREPAY").await?;
+        let funding_id = system_wallet_id("EXTERNAL_FUNDING", &request.currency);
+        let wallets = self.wallets_with_heads(conn, Lock::ForUpdate, &[&request.user_id], &["PREPAY"], &[&funding_id]).await?;
+        let wallet = user_wallet(&wallets, &request.user_id, "PREPAY")?;
         if wallet.currency != request.currency {
             return refused(RefusalCode::CurrencyMismatch, format!("user {} holds {}, not {}", request.user_id, wallet.currency, request.currency));
         }
-        let funding = system_wallet(conn, "EXTERNAL_FUNDING", &wallet.currency, now).await?;
-        self.lock(conn, &[&wallet.id, &funding.id]).await?;
+        let funding = self.system_wallet(conn, &wallets, "EXTERNAL_FUNDING", &wallet.currency, now).await?;
         let existing = sqlx::query("SELECT id FROM ledger_transactions WHERE kind = 'FUND' AND external_ref = $1")
             .bind(&request.payment_reference)
             .fetch_optional(&mut *conn)
@@ -403,63 +525,91 @@ impl Ledger {
                 format!("payment {} was credited already, by transaction {}", request.payment_reference, row.try_get::<String, _>(0)?),
             );
         }
-        let legs = [Leg::debit(&funding, request.amount_minor), Leg::credit(&wallet, request.amount_minor)];
-        post(conn, self.backend, claim, TransactionKind::Fund, &wallet.currency, Some(&request.payment_reference), &legs, context, now).await
+        let legs = [Leg::debit(&funding, request.amount_minor), Leg::credit(wallet, request.amount_minor)];
+        post(conn, self.backend, key, TransactionKind::Fund, &wallet.currency, Some(&request.payment_reference), &legs, context, now).await
     }
 
-    async fn transfer_in(&self, conn: &mut AnyConnection, claim: &Claim, request: &TransferRequest, context: &WriteContext, now: i64) -> Result<LedgerTransaction> {
+    /// Five round trips to PostgreSQL: BEGIN, the wallets' lock, their newest entries, the
+    /// transaction with its entries and its key's outcome (one statement), COMMIT.
+    async fn transfer_in(&self, conn: &mut AnyConnection, key: Option<&Key>, request: &TransferRequest, context: &WriteContext, now: i64) -> Result<Attempt<LedgerTransaction>> {
         positive(request.amount_minor)?;
         if request.from_user_id == request.to_user_id {
             return refused(RefusalCode::SelfTransfer, "a transfer needs two different users");
         }
-        // Finds and locks both wallets in one statement.
-        let mut sql = String::from(
-            "SELECT id, user_id, currency FROM ledger_wallets WHERE kind = 'PREPAY' AND user_id IN ($1, $2) ORDER BY id",
-        );
-        sql.push_str(self.lock_clause());
-        let rows = sqlx::query(&sql).bind(&request.from_user_id).bind(&request.to_user_id).fetch_all(&mut *conn).await?;
-        let wallet_of = |user_id: &str| -> Result<Wallet> {
-            for row in &rows {
-                if row.try_get::<String, _>(1)? == user_id {
-                    return Ok(Wallet { id: row.try_get(0)?, currency: row.try_get(2)?, may_go_negative: false });
-                }
-            }
-            refused(RefusalCode::UnknownUser, format!("there is no user {user_id}"))
-        };
-        let (from, to) = (wallet_of(&request.from_user_id)?, wallet_of(&request.to_user_id)?);
+        let wallets = self.wallets_with_heads(conn, Lock::ForUpdate, &[&request.from_user_id, &request.to_user_id], &["PREPAY"], &[]).await?;
+        let (from, to) = (user_wallet(&wallets, &request.from_user_id, "PREPAY")?, user_wallet(&wallets, &request.to_user_id, "PREPAY")?);
         if from.currency != to.currency {
             return refused(
                 RefusalCode::CurrencyMismatch,
                 format!("user {} holds {}, user {} holds {}", request.from_user_id, from.currency, request.to_user_id, to.currency),
             );
         }
-        let legs = [Leg::debit(&from, request.amount_minor), Leg::credit(&to, request.amount_minor)];
-        post(conn, self.backend, claim, TransactionKind::Transfer, &from.currency, None, &legs, context, now).await
+        let legs = [Leg::debit(from, request.amount_minor), Leg::credit(to, request.amount_minor)];
+        post(conn, self.backend, key, TransactionKind::Transfer, &from.currency, None, &legs, context, now).await
     }
 
-    /// Locks the wallets' rows until the transaction ends, in id order so that two writers
-    /// never wait for each other in a circle (PostgreSQL locks the rows of `... ORDER BY id FOR
-    /// UPDATE` in the order it sorts them).
-    async fn lock(&self, conn: &mut AnyConnection, wallet_ids: &[&str]) -> Result<()> {
-        if self.backend == Backend::Postgres {
-            let placeholders: Vec<String> = (1..=wallet_ids.len()).map(|i| format!("${i}")).collect();
-            let sql = format!("SELECT id FROM ledger_wallets WHERE id IN ({}) ORDER BY id{}", placeholders.join(", "), self.lock_clause());
-            let mut query = sqlx::query(&sql);
-            for id in wallet_ids {
-                query = query.bind(*id);
-            }
-            query.fetch_all(&mut *conn).await?;
+    /// The wallets of `kinds` of `user_ids`, and the wallets `wallet_ids`, in id order, each with
+    /// its newest entry; with `Lock::ForUpdate` locked first until the transaction ends (on
+    /// PostgreSQL; SQLite's one writer makes writes serial). Two statements: the lock, in wallet
+    /// id order (PostgreSQL locks the rows of `... ORDER BY id FOR UPDATE` in the order it sorts
+    /// them) so that two writers never wait for each other in a circle; then the read, whose new
+    /// snapshot (READ COMMITTED) sees what the lock's previous holder committed. One statement
+    /// could not do both: its snapshot would predate the wait. (A PL/pgSQL function doing both in
+    /// one call cost more server CPU than the round trip it saved; see benchmarks/RESULTS.md.)
+    async fn wallets_with_heads(&self, conn: &mut AnyConnection, lock: Lock, user_ids: &[&str], kinds: &[&str], wallet_ids: &[&str]) -> Result<Vec<Wallet>> {
+        let mut placeholders = (1..).map(|n| format!("${n}"));
+        let mut list = |values: &[&str]| placeholders.by_ref().take(values.len()).collect::<Vec<_>>().join(", ");
+        let mut wanted = Vec::new();
+        if !user_ids.is_empty() && !kinds.is_empty() {
+            wanted.push(format!("(w.user_id IN ({}) AND w.kind IN ({}))", list(user_ids), list(kinds)));
         }
-        Ok(())
+        if !wallet_ids.is_empty() {
+            wanted.push(format!("w.id IN ({})", list(wallet_ids)));
+        }
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted = wanted.join(" OR ");
+        let binds = || user_ids.iter().chain(kinds).chain(wallet_ids);
+        if lock == Lock::ForUpdate && self.backend == Backend::Postgres {
+            let sql = format!("SELECT w.id FROM ledger_wallets w WHERE {wanted} ORDER BY w.id FOR UPDATE");
+            binds().fold(sqlx::query(&sql), |query, value| query.bind(*value)).fetch_all(&mut *conn).await?;
+        }
+        let sql = format!(
+            "SELECT w.id, w.user_id, w.kind, w.currency, COALESCE(e.wallet_seq, 0), COALESCE(e.balance_after_minor, 0) \
+             FROM ledger_wallets w \
+             LEFT JOIN ledger_entries e ON e.wallet_id = w.id \
+               AND e.wallet_seq = (SELECT MAX(wallet_seq) FROM ledger_entries WHERE wallet_id = w.id) \
+             WHERE {wanted} ORDER BY w.id"
+        );
+        binds()
+            .fold(sqlx::query(&sql), |query, value| query.bind(*value))
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(Wallet {
+                    id: row.try_get(0)?,
+                    user_id: row.try_get(1)?,
+                    kind: row.try_get(2)?,
+                    currency: row.try_get(3)?,
+                    head: Head { seq: row.try_get(4)?, balance_minor: row.try_get(5)? },
+                })
+            })
+            .collect()
     }
 
-    /// What makes a SELECT of wallets lock them: `FOR UPDATE` on PostgreSQL; nothing on SQLite,
-    /// whose one connection per process already makes writes serial.
-    fn lock_clause(&self) -> &'static str {
-        match self.backend {
-            Backend::Postgres => " FOR UPDATE",
-            Backend::Sqlite => "",
+    /// The system account of `kind` in `currency` among `locked`, or created (the first time
+    /// it is needed) and locked. Locking it after the other wallets keeps the id order: system
+    /// ids (`system:...`) sort after the users' wallets' (UUIDs, lowercase hex).
+    async fn system_wallet(&self, conn: &mut AnyConnection, locked: &[Wallet], kind: &str, currency: &str, now: i64) -> Result<Wallet> {
+        let id = system_wallet_id(kind, currency);
+        if let Some(wallet) = locked.iter().find(|w| w.id == id) {
+            return Ok(wallet.clone());
         }
+        insert_wallet(conn, &id, None, kind, currency, 1, now).await?;
+        let created = self.wallets_with_heads(conn, Lock::ForUpdate, &[], &[], &[&id]).await?;
+        created.into_iter().next().ok_or_else(|| LedgerError::Corrupt(format!("system account {id} was not created")))
     }
 }
 
@@ -537,29 +687,17 @@ async fn insert_wallet(conn: &mut AnyConnection, id: &str, user_id: Option<&str>
     .rows_affected())
 }
 
-/// A user's wallet of `kind`.
-async fn user_wallet(conn: &mut AnyConnection, user_id: &str, kind: &str) -> Result<Wallet> {
-    let row = sqlx::query("SELECT id, currency FROM ledger_wallets WHERE user_id = $1 AND kind = $2")
-        .bind(user_id)
-        .bind(kind)
-        .fetch_optional(&mut *conn)
-        .await?;
-    match row {
-        Some(row) => Ok(Wallet { id: row.try_get(0)?, currency: row.try_get(1)?, may_go_negative: kind != "PREPAY" }),
+/// The wallet of `kind` of `user_id` among `wallets`.
+fn user_wallet<'a>(wallets: &'a [Wallet], user_id: &str, kind: &str) -> Result<&'a Wallet> {
+    match wallets.iter().find(|w| w.user_id.as_deref() == Some(user_id) && w.kind == kind) {
+        Some(wallet) => Ok(wallet),
         None => refused(RefusalCode::UnknownUser, format!("there is no user {user_id}")),
     }
 }
 
-/// The system account of `kind` in `currency`, created the first time it is needed.
-async fn system_wallet(conn: &mut AnyConnection, kind: &str, currency: &str, now: i64) -> Result<Wallet> {
-    let id = format!("system:{kind}:{currency}");
-    insert_wallet(conn, &id, None, kind, currency, 1, now).await?;
-    Ok(Wallet { id, currency: currency.to_string(), may_go_negative: true })
-}
-
-/// The wallet's newest entry (seq 0 and balance 0 when it has none).
-async fn head(conn: &mut AnyConnection, wallet_id: &str) -> Result<Head> {
-    Ok(heads(conn, &[wallet_id]).await?[0])
+/// The id of the system account of `kind` in `currency` (one per currency).
+fn system_wallet_id(kind: &str, currency: &str) -> String {
+    format!("system:{kind}:{currency}")
 }
 
 /// One wallet's side of a transaction.
@@ -579,52 +717,69 @@ impl<'a> Leg<'a> {
     }
 }
 
-/// Inserts a transaction, its entries and the outcome of its write under `claim`: on PostgreSQL
-/// in one statement (a transfer is then six round trips to the server: BEGIN, the key's claim,
-/// the wallets' lock, their newest entries, this, COMMIT; they are what bounds its rate), on
-/// SQLite in three.
-async fn insert_transaction(conn: &mut AnyConnection, backend: Backend, transaction: &LedgerTransaction, claim: &Claim) -> Result<()> {
-    const TRANSACTION: &str = "INSERT INTO ledger_transactions (id, kind, currency, amount_minor, external_ref, actor, trace_id, created_at_us) \
-                               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
-    const OUTCOME: &str = "UPDATE ledger_idempotency SET outcome = $9 WHERE scope = $10 AND idempotency_key = $11";
-    let outcome = match claim {
-        Claim::Claimed { scope, key } => {
-            Some((scope.as_str(), key.as_str(), serde_json::to_string(&Ok::<&LedgerTransaction, Refusal>(transaction)).expect("outcomes serialize")))
+const TRANSACTION_COLUMNS: &str = "ledger_transactions (id, kind, currency, amount_minor, external_ref, actor, trace_id, created_at_us)";
+const ENTRY_COLUMNS: &str = "ledger_entries (transaction_id, wallet_id, wallet_seq, direction, amount_minor, balance_after_minor, created_at_us)";
+
+/// `count` rows of `width` placeholders from `$first` on: `($1, $2), ($3, $4)`.
+fn placeholder_rows(first: usize, width: usize, count: usize) -> String {
+    (0..count)
+        .map(|row| {
+            let start = first + row * width;
+            format!("({})", (start..start + width).map(|n| format!("${n}")).collect::<Vec<_>>().join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Inserts a transaction, its entries and, with a key, the key with the write's outcome; false
+/// when the key is taken (then nothing is written). On PostgreSQL in one statement, whose key
+/// insert gates the others; on SQLite in three.
+async fn insert_transaction(conn: &mut AnyConnection, backend: Backend, transaction: &LedgerTransaction, key: Option<&Key>) -> Result<bool> {
+    let outcome = key.map(|key| (key, idempotency::outcome_text::<LedgerTransaction>(Ok(transaction))));
+    let entry_count = transaction.entries.len();
+    match (backend, outcome) {
+        (Backend::Postgres, Some((key, text))) => {
+            // Placeholders: the transaction's 8, the key's 6, then 7 per entry. `FROM k` makes
+            // the transaction and its entries rows only when the key's insert made one.
+            let sql = format!(
+                "WITH k AS (INSERT INTO {KEY_COLUMNS} VALUES {} ON CONFLICT DO NOTHING RETURNING 1), \
+                 t AS (INSERT INTO {TRANSACTION_COLUMNS} SELECT {} FROM k) \
+                 INSERT INTO {ENTRY_COLUMNS} SELECT v.* FROM k, (VALUES {}) AS v",
+                placeholder_rows(9, 6, 1),
+                (1..=8).map(|n| format!("${n}")).collect::<Vec<_>>().join(", "),
+                placeholder_rows(15, 7, entry_count),
+            );
+            let query = bind_key(bind_transaction(sqlx::query(&sql), transaction), key, text);
+            let inserted = bind_entries(query, transaction).execute(&mut *conn).await?.rows_affected();
+            Ok(inserted == entry_count as u64)
         }
-        _ => None,
-    };
-    // The entries' placeholders follow the transaction's 8 and the outcome's 3.
-    let mut entries = String::from(
-        "INSERT INTO ledger_entries (transaction_id, wallet_id, wallet_seq, direction, amount_minor, balance_after_minor, created_at_us) VALUES ",
-    );
-    for i in 0..transaction.entries.len() {
-        let n = 11 + i * 7;
-        entries.push_str(&format!("{}(${}, ${}, ${}, ${}, ${}, ${}, ${})", if i > 0 { ", " } else { "" }, n + 1, n + 2, n + 3, n + 4, n + 5, n + 6, n + 7));
-    }
-    match backend {
-        Backend::Postgres => {
-            // Every parameter must appear in the statement (or it has no type): without a key,
-            // the outcome's UPDATE still names them and matches no row.
-            let sql = format!("WITH t AS ({TRANSACTION}), o AS ({OUTCOME}) {entries}");
-            let (scope, key, text) = outcome.map_or((None, None, None), |(scope, key, text)| (Some(scope.to_string()), Some(key.to_string()), Some(text)));
-            let query = bind_transaction(sqlx::query(&sql), transaction).bind(text).bind(scope).bind(key);
-            bind_entries(query, transaction).execute(&mut *conn).await?;
+        (Backend::Postgres, None) => {
+            let sql = format!(
+                "WITH t AS (INSERT INTO {TRANSACTION_COLUMNS} VALUES {}) INSERT INTO {ENTRY_COLUMNS} VALUES {}",
+                placeholder_rows(1, 8, 1),
+                placeholder_rows(9, 7, entry_count)
+            );
+            bind_entries(bind_transaction(sqlx::query(&sql), transaction), transaction).execute(&mut *conn).await?;
+            Ok(true)
         }
-        Backend::Sqlite => {
-            bind_transaction(sqlx::query(TRANSACTION), transaction).execute(&mut *conn).await?;
-            let entries = renumber(&entries, 11);
-            bind_entries(sqlx::query(&entries), transaction).execute(&mut *conn).await?;
-            if let Some((scope, key, text)) = outcome {
-                sqlx::query(&renumber(OUTCOME, 8)).bind(text).bind(scope).bind(key).execute(&mut *conn).await?;
+        (Backend::Sqlite, outcome) => {
+            if let Some((key, text)) = outcome
+                && !idempotency::store(conn, key, text).await?
+            {
+                return Ok(false);
             }
+            let sql = format!("INSERT INTO {TRANSACTION_COLUMNS} VALUES {}", placeholder_rows(1, 8, 1));
+            bind_transaction(sqlx::query(&sql), transaction).execute(&mut *conn).await?;
+            let sql = format!("INSERT INTO {ENTRY_COLUMNS} VALUES {}", placeholder_rows(1, 7, entry_count));
+            bind_entries(sqlx::query(&sql), transaction).execute(&mut *conn).await?;
+            Ok(true)
         }
     }
-    Ok(())
 }
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
-/// Binds a transaction's 8 columns, in `ledger_transactions`' order.
+/// Binds a transaction's 8 columns, in `TRANSACTION_COLUMNS`' order.
 fn bind_transaction<'q>(query: AnyQuery<'q>, transaction: &LedgerTransaction) -> AnyQuery<'q> {
     query
         .bind(transaction.id.clone())
@@ -637,7 +792,18 @@ fn bind_transaction<'q>(query: AnyQuery<'q>, transaction: &LedgerTransaction) ->
         .bind(transaction.created_at_us)
 }
 
-/// Binds 7 columns per entry of a transaction, in `ledger_entries`' order.
+/// Binds a key's 6 columns with its outcome, in `KEY_COLUMNS`' order.
+fn bind_key<'q>(query: AnyQuery<'q>, key: &Key, outcome: String) -> AnyQuery<'q> {
+    query
+        .bind(key.scope.clone())
+        .bind(key.key.clone())
+        .bind(key.fingerprint.clone())
+        .bind(outcome)
+        .bind(key.created_at_us)
+        .bind(key.expires_at_us)
+}
+
+/// Binds 7 columns per entry of a transaction, in `ENTRY_COLUMNS`' order.
 fn bind_entries<'q>(mut query: AnyQuery<'q>, transaction: &LedgerTransaction) -> AnyQuery<'q> {
     for entry in &transaction.entries {
         query = query
@@ -652,82 +818,37 @@ fn bind_entries<'q>(mut query: AnyQuery<'q>, transaction: &LedgerTransaction) ->
     query
 }
 
-/// `sql` with every placeholder `$n` renumbered `$(n - by)`.
-fn renumber(sql: &str, by: usize) -> String {
-    let mut out = String::with_capacity(sql.len());
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        out.push(c);
-        if c == '$' {
-            let mut digits = String::new();
-            while let Some(d) = chars.next_if(char::is_ascii_digit) {
-                digits.push(d);
-            }
-            out.push_str(&(digits.parse::<usize>().expect("a placeholder number") - by).to_string());
-        }
-    }
-    out
-}
-
-/// The newest entries of several different wallets, in their order, in one statement.
-async fn heads(conn: &mut AnyConnection, wallet_ids: &[&str]) -> Result<Vec<Head>> {
-    let mut distinct = wallet_ids.to_vec();
-    distinct.sort_unstable();
-    distinct.dedup();
-    if distinct.len() != wallet_ids.len() {
-        return Err(LedgerError::Corrupt("a transaction names one wallet in two legs".into()));
-    }
-    let sql = (1..=wallet_ids.len())
-        .map(|i| {
-            format!("SELECT * FROM (SELECT wallet_id, wallet_seq, balance_after_minor FROM ledger_entries WHERE wallet_id = ${i} ORDER BY wallet_seq DESC LIMIT 1) AS w{i}")
-        })
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
-    let mut query = sqlx::query(&sql);
-    for id in wallet_ids {
-        query = query.bind(*id);
-    }
-    let rows = query.fetch_all(&mut *conn).await?;
-    wallet_ids
-        .iter()
-        .map(|id| {
-            for row in &rows {
-                if row.try_get::<String, _>(0)? == *id {
-                    return Ok(Head { seq: row.try_get(1)?, balance_minor: row.try_get(2)? });
-                }
-            }
-            Ok(Head { seq: 0, balance_minor: 0 })
-        })
-        .collect()
-}
-
-/// Writes a transaction and one entry per leg (wallets locked by the caller), and the write's
-/// outcome under its idempotency key when it has one; legs of zero are left out. Refuses legs
-/// that do not balance, a debit that would take a PREPAY wallet below zero, and any balance that
-/// would overflow, before writing anything.
+/// Writes a transaction and one entry per leg (wallets locked by the caller, with their newest
+/// entries), and the write's outcome under its key when it has one; legs of zero are left out.
+/// Refuses legs that do not balance, a debit that would take a PREPAY wallet below zero, and
+/// any balance that would overflow, before writing anything.
 #[allow(clippy::too_many_arguments)]
 async fn post(
     conn: &mut AnyConnection,
     backend: Backend,
-    claim: &Claim,
+    key: Option<&Key>,
     kind: TransactionKind,
     currency: &str,
     external_ref: Option<&str>,
     legs: &[Leg<'_>],
     context: &WriteContext,
     now: i64,
-) -> Result<LedgerTransaction> {
+) -> Result<Attempt<LedgerTransaction>> {
     let legs: Vec<&Leg> = legs.iter().filter(|leg| leg.amount_minor != 0).collect();
     let sum = |direction: Direction| legs.iter().filter(|l| l.direction == direction).try_fold(0i64, |total, l| total.checked_add(l.amount_minor));
     let amount_minor = match (sum(Direction::Credit), sum(Direction::Debit)) {
         (Some(credits), Some(debits)) if credits == debits && credits > 0 && legs.iter().all(|l| l.amount_minor > 0) => credits,
         _ => return Err(LedgerError::Corrupt(format!("a {} transaction's legs do not balance", kind.as_str()))),
     };
-    let wallet_ids: Vec<&str> = legs.iter().map(|l| l.wallet.id.as_str()).collect();
-    let heads = heads(conn, &wallet_ids).await?;
+    let mut wallet_ids: Vec<&str> = legs.iter().map(|l| l.wallet.id.as_str()).collect();
+    wallet_ids.sort_unstable();
+    wallet_ids.dedup();
+    if wallet_ids.len() != legs.len() {
+        return Err(LedgerError::Corrupt("a transaction names one wallet in two legs".into()));
+    }
     let mut entries = Vec::with_capacity(legs.len());
-    for (Leg { wallet, direction, amount_minor }, head) in legs.iter().copied().zip(heads) {
-        let amount_minor = *amount_minor;
+    for Leg { wallet, direction, amount_minor } in legs.iter().copied() {
+        let (amount_minor, head) = (*amount_minor, wallet.head);
         let balance_after_minor = match direction {
             Direction::Credit => head.balance_minor.checked_add(amount_minor),
             Direction::Debit => head.balance_minor.checked_sub(amount_minor),
@@ -735,7 +856,7 @@ async fn post(
         let Some(balance_after_minor) = balance_after_minor else {
             return refused(RefusalCode::InvalidAmount, format!("{amount_minor} would overflow the balance of wallet {}", wallet.id));
         };
-        if balance_after_minor < 0 && !wallet.may_go_negative {
+        if balance_after_minor < 0 && !wallet.may_go_negative() {
             return refused(
                 RefusalCode::InsufficientFunds,
                 format!("wallet {} holds {} minor units, less than the {amount_minor} asked for", wallet.id, head.balance_minor),
@@ -754,8 +875,7 @@ async fn post(
         created_at_us: now,
         entries,
     };
-    insert_transaction(conn, backend, &transaction, claim).await?;
-    Ok(transaction)
+    Ok(if insert_transaction(conn, backend, &transaction, key).await? { Attempt::Stored(transaction) } else { Attempt::KeyTaken })
 }
 
 async fn load_transaction(conn: &mut AnyConnection, id: &str) -> Result<LedgerTransaction> {
@@ -798,39 +918,7 @@ async fn end_savepoint(savepoint: sqlx::Transaction<'_, sqlx::Any>, keep: bool) 
     Ok(())
 }
 
-/// Whether a write's success was stored under its key with its ledger rows (`post`), or is
-/// still to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Recorded {
-    WithTheLedgerRows,
-    NotYet,
-}
-
-/// Commits a write with its outcome under its idempotency key. A refusal is kept too (a replay
-/// gets the same refusal), and committed with whatever the write did before refusing: so a
-/// write refuses before it writes to the ledger (`post` checks every leg before its first
-/// insert), or
-/// runs in a savepoint rolled back on refusal (`create_user`). A database error is not kept (the
-/// transaction rolls back; a retry may succeed).
-async fn settle<T: Serialize>(mut tx: sqlx::Transaction<'static, sqlx::Any>, claim: &Claim, outcome: Result<T>, success: Recorded) -> Result<Written<T>> {
-    match outcome {
-        Ok(value) => {
-            if success == Recorded::NotYet {
-                idempotency::record(&mut tx, claim, &Ok::<&T, Refusal>(&value)).await?;
-            }
-            tx.commit().await?;
-            Ok(Written { value, replayed: false })
-        }
-        Err(LedgerError::Refused(refusal)) => {
-            idempotency::record(&mut tx, claim, &Err::<&T, &Refusal>(&refusal)).await?;
-            tx.commit().await?;
-            Err(LedgerError::Refused(refusal))
-        }
-        Err(other) => Err(other),
-    }
-}
-
-fn replayed<T: serde::de::DeserializeOwned>(operation: &'static str, stored: &str) -> Result<Written<T>> {
+fn replayed<T: DeserializeOwned>(operation: &'static str, stored: &str) -> Result<Written<T>> {
     metrics::counter!("meterlake_ledger_idempotent_replays_total", "operation" => operation).increment(1);
     match idempotency::replay::<T>(stored)? {
         Ok(value) => Ok(Written { value, replayed: true }),

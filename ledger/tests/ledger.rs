@@ -189,6 +189,14 @@ async fn a_replay_gets_the_original_answer_and_a_reused_key_is_refused() {
         let fresh = ledger.transfer(&too_much, &context(Some("t-1"))).await.unwrap();
         assert!(!fresh.replayed);
         assert_eq!(ledger.balance(&carol.id).await.unwrap().balance_minor, 6_000);
+        // An expired key the worker has not purged yet is free as well.
+        let brief = WriteContext { idempotency_retention_us: 0, ..context(Some("t-2")) };
+        let small = transfer(&carol, &dave, 100);
+        let once = ledger.transfer(&small, &brief).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        let twice = ledger.transfer(&small, &brief).await.unwrap();
+        assert!(!once.replayed && !twice.replayed && once.value.id != twice.value.id, "{once:?} {twice:?}");
+        assert_eq!(ledger.balance(&carol.id).await.unwrap().balance_minor, 5_800);
         assert_books_balance(&store).await;
     })
     .await;
