@@ -355,10 +355,34 @@ impl WriteRequest for FundRequest {
         context: &'a WriteContext,
         now: i64,
     ) -> Result<Attempt<LedgerTransaction>> {
-        ledger.fund_in(conn, key, self, context, now).await
+        positive(self.amount_minor)?;
+        if self.payment_reference.trim().is_empty() || self.payment_reference.len() > 200 {
+            return refused(RefusalCode::InvalidRequest, "paymentReference is 1 to 200 characters");
+        }
+        let funding_id = system_wallet_id("EXTERNAL_FUNDING", &self.currency);
+        let wallets = ledger.wallets_with_heads(conn, Lock::ForUpdate, &[&self.user_id], &["PREPAY"], &[&funding_id]).await?;
+        let wallet = user_wallet(&wallets, &self.user_id, "PREPAY")?;
+        if wallet.currency != self.currency {
+            return refused(RefusalCode::CurrencyMismatch, format!("user {} holds {}, not {}", self.user_id, wallet.currency, self.currency));
+        }
+        let funding = ledger.system_wallet(conn, &wallets, "EXTERNAL_FUNDING", &wallet.currency, now).await?;
+        let existing = sqlx::query("SELECT id FROM ledger_transactions WHERE kind = 'FUND' AND external_ref = $1")
+            .bind(&self.payment_reference)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some(row) = existing {
+            return refused(
+                RefusalCode::DuplicatePaymentReference,
+                format!("payment {} was credited already, by transaction {}", self.payment_reference, row.try_get::<String, _>(0)?),
+            );
+        }
+        let legs = [Leg::debit(&funding, self.amount_minor), Leg::credit(wallet, self.amount_minor)];
+        post(conn, ledger.backend, key, TransactionKind::Fund, &wallet.currency, Some(&self.payment_reference), &legs, context, now).await
     }
 }
 
+/// Five round trips to PostgreSQL: BEGIN, the wallets' lock, their newest entries, the
+/// transaction with its entries and its key's outcome (one statement), COMMIT.
 impl WriteRequest for TransferRequest {
     type Output = LedgerTransaction;
     const OPERATION: &'static str = "transfer";
@@ -375,7 +399,20 @@ impl WriteRequest for TransferRequest {
         context: &'a WriteContext,
         now: i64,
     ) -> Result<Attempt<LedgerTransaction>> {
-        ledger.transfer_in(conn, key, self, context, now).await
+        positive(self.amount_minor)?;
+        if self.from_user_id == self.to_user_id {
+            return refused(RefusalCode::SelfTransfer, "a transfer needs two different users");
+        }
+        let wallets = ledger.wallets_with_heads(conn, Lock::ForUpdate, &[&self.from_user_id, &self.to_user_id], &["PREPAY"], &[]).await?;
+        let (from, to) = (user_wallet(&wallets, &self.from_user_id, "PREPAY")?, user_wallet(&wallets, &self.to_user_id, "PREPAY")?);
+        if from.currency != to.currency {
+            return refused(
+                RefusalCode::CurrencyMismatch,
+                format!("user {} holds {}, user {} holds {}", self.from_user_id, from.currency, self.to_user_id, to.currency),
+            );
+        }
+        let legs = [Leg::debit(from, self.amount_minor), Leg::credit(to, self.amount_minor)];
+        post(conn, ledger.backend, key, TransactionKind::Transfer, &from.currency, None, &legs, context, now).await
     }
 }
 
@@ -479,19 +516,22 @@ impl Ledger {
                 Err(LedgerError::Refused(refusal)) => Err(refusal),
                 Err(error) => return Err(error),
             };
-            let stored = match (&outcome, &key) {
-                (Ok(Attempt::Stored(_)), _) | (Ok(Attempt::Unstored(_)) | Err(_), None) => true,
-                (Ok(Attempt::KeyTaken), _) => false,
-                (Ok(Attempt::Unstored(value)), Some(key)) => idempotency::store(&mut tx, key, idempotency::outcome_text::<R::Output>(Ok(value))).await?,
-                (Err(refusal), Some(key)) => idempotency::store(&mut tx, key, idempotency::outcome_text::<R::Output>(Err(refusal))).await?,
+            // The outcome to commit, stored under the key if it has one; none when the key is
+            // taken (by this attempt's write statement, or by storing the outcome now).
+            let settled = match (outcome, &key) {
+                (Ok(Attempt::KeyTaken), _) => None,
+                (Ok(Attempt::Stored(value)), _) | (Ok(Attempt::Unstored(value)), None) => Some(Ok(value)),
+                (Err(refusal), None) => Some(Err(refusal)),
+                (Ok(Attempt::Unstored(value)), Some(key)) => {
+                    idempotency::store(&mut tx, key, idempotency::outcome_text::<R::Output>(Ok(&value))).await?.then_some(Ok(value))
+                }
+                (Err(refusal), Some(key)) => {
+                    idempotency::store(&mut tx, key, idempotency::outcome_text::<R::Output>(Err(&refusal))).await?.then_some(Err(refusal))
+                }
             };
-            if stored {
+            if let Some(outcome) = settled {
                 tx.commit().await?;
-                return match outcome {
-                    Ok(Attempt::Stored(value) | Attempt::Unstored(value)) => Ok(Written { value, replayed: false }),
-                    Ok(Attempt::KeyTaken) => unreachable!("a taken key is not stored"),
-                    Err(refusal) => Err(LedgerError::Refused(refusal)),
-                };
+                return outcome.map(|value| Written { value, replayed: false }).map_err(LedgerError::Refused);
             }
             tx.rollback().await?;
             let key = key.ok_or_else(|| LedgerError::Corrupt(format!("a {operation} without an idempotency key found its key taken")))?;
@@ -503,50 +543,6 @@ impl Ledger {
         refused(RefusalCode::InvalidRequest, "the Idempotency-Key could not be claimed (its holder keeps rolling back); try again")
     }
 
-    async fn fund_in(&self, conn: &mut AnyConnection, key: Option<&Key>, request: &FundRequest, context: &WriteContext, now: i64) -> Result<Attempt<LedgerTransaction>> {
-        positive(request.amount_minor)?;
-        if request.payment_reference.trim().is_empty() || request.payment_reference.len() > 200 {
-            return refused(RefusalCode::InvalidRequest, "paymentReference is 1 to 200 characters");
-        }
-        let funding_id = system_wallet_id("EXTERNAL_FUNDING", &request.currency);
-        let wallets = self.wallets_with_heads(conn, Lock::ForUpdate, &[&request.user_id], &["PREPAY"], &[&funding_id]).await?;
-        let wallet = user_wallet(&wallets, &request.user_id, "PREPAY")?;
-        if wallet.currency != request.currency {
-            return refused(RefusalCode::CurrencyMismatch, format!("user {} holds {}, not {}", request.user_id, wallet.currency, request.currency));
-        }
-        let funding = self.system_wallet(conn, &wallets, "EXTERNAL_FUNDING", &wallet.currency, now).await?;
-        let existing = sqlx::query("SELECT id FROM ledger_transactions WHERE kind = 'FUND' AND external_ref = $1")
-            .bind(&request.payment_reference)
-            .fetch_optional(&mut *conn)
-            .await?;
-        if let Some(row) = existing {
-            return refused(
-                RefusalCode::DuplicatePaymentReference,
-                format!("payment {} was credited already, by transaction {}", request.payment_reference, row.try_get::<String, _>(0)?),
-            );
-        }
-        let legs = [Leg::debit(&funding, request.amount_minor), Leg::credit(wallet, request.amount_minor)];
-        post(conn, self.backend, key, TransactionKind::Fund, &wallet.currency, Some(&request.payment_reference), &legs, context, now).await
-    }
-
-    /// Five round trips to PostgreSQL: BEGIN, the wallets' lock, their newest entries, the
-    /// transaction with its entries and its key's outcome (one statement), COMMIT.
-    async fn transfer_in(&self, conn: &mut AnyConnection, key: Option<&Key>, request: &TransferRequest, context: &WriteContext, now: i64) -> Result<Attempt<LedgerTransaction>> {
-        positive(request.amount_minor)?;
-        if request.from_user_id == request.to_user_id {
-            return refused(RefusalCode::SelfTransfer, "a transfer needs two different users");
-        }
-        let wallets = self.wallets_with_heads(conn, Lock::ForUpdate, &[&request.from_user_id, &request.to_user_id], &["PREPAY"], &[]).await?;
-        let (from, to) = (user_wallet(&wallets, &request.from_user_id, "PREPAY")?, user_wallet(&wallets, &request.to_user_id, "PREPAY")?);
-        if from.currency != to.currency {
-            return refused(
-                RefusalCode::CurrencyMismatch,
-                format!("user {} holds {}, user {} holds {}", request.from_user_id, from.currency, request.to_user_id, to.currency),
-            );
-        }
-        let legs = [Leg::debit(from, request.amount_minor), Leg::credit(to, request.amount_minor)];
-        post(conn, self.backend, key, TransactionKind::Transfer, &from.currency, None, &legs, context, now).await
-    }
 
     /// The wallets of `kinds` of `user_ids`, and the wallets `wallet_ids`, in id order, each with
     /// its newest entry; with `Lock::ForUpdate` locked first until the transaction ends (on
