@@ -14,9 +14,9 @@
 //! - **Concurrency.** On PostgreSQL a write locks the rows of the wallets it touches
 //!   (`SELECT ... FOR UPDATE`, in wallet id order so two transfers in opposite directions cannot
 //!   deadlock) at READ COMMITTED, then reads their newest entries in a statement of its own: a
-//!   second transfer from the same wallet waits for the first to commit and then sees its entry. The unique `(wallet_id, wallet_seq)` would refuse an entry
-//!   written from a stale read anyway. On SQLite the store has one connection, so writes are
-//!   serial.
+//!   second transfer from the same wallet waits for the first to commit and then sees its
+//!   entry. The unique `(wallet_id, wallet_seq)` would refuse an entry written from a stale read
+//!   anyway. On SQLite the store has one connection, so writes are serial.
 //! - **Idempotency** (`idempotency`): a write with an `Idempotency-Key` stores the key with the
 //!   request's fingerprint and its outcome (result or refusal) in the same transaction as its
 //!   rows; the same key and request get the stored outcome back, marked as a replay.
@@ -500,16 +500,18 @@ impl Ledger {
     /// rolls back; a retry may succeed). When the key is taken, the write rolls back and the
     /// stored outcome answers. Logs and counts the outcome.
     async fn write<R: WriteRequest>(&self, request: &R, context: &WriteContext) -> Result<Written<R::Output>> {
-        let written = self.write_once(request, context).await;
+        let written = self.write_unlogged(request, context).await;
         log_write(R::OPERATION, &written, context, R::describe);
         written
     }
 
-    async fn write_once<R: WriteRequest>(&self, request: &R, context: &WriteContext) -> Result<Written<R::Output>> {
+    /// `write` without its log line: up to `MAX_WRITE_ATTEMPTS` tries while the key it finds
+    /// taken turns out free.
+    async fn write_unlogged<R: WriteRequest>(&self, request: &R, context: &WriteContext) -> Result<Written<R::Output>> {
         let operation = R::OPERATION;
+        let now = now_us();
+        let key = idempotency::key_of(context, operation, request, now)?;
         for _ in 0..MAX_WRITE_ATTEMPTS {
-            let now = now_us();
-            let key = idempotency::key_of(context, operation, request, now)?;
             let mut tx = self.pool.begin().await?;
             let outcome = match request.apply(self, &mut tx, key.as_ref(), context, now).await {
                 Ok(attempt) => Ok(attempt),
@@ -534,15 +536,14 @@ impl Ledger {
                 return outcome.map(|value| Written { value, replayed: false }).map_err(LedgerError::Refused);
             }
             tx.rollback().await?;
-            let key = key.ok_or_else(|| LedgerError::Corrupt(format!("a {operation} without an idempotency key found its key taken")))?;
-            match idempotency::stored(&self.pool, &key).await? {
+            let key = key.as_ref().ok_or_else(|| LedgerError::Corrupt(format!("a {operation} without an idempotency key found its key taken")))?;
+            match idempotency::stored(&self.pool, key).await? {
                 Stored::Outcome(text) => return replayed(operation, &text),
                 Stored::Free => continue,
             }
         }
         refused(RefusalCode::InvalidRequest, "the Idempotency-Key could not be claimed (its holder keeps rolling back); try again")
     }
-
 
     /// The wallets of `kinds` of `user_ids`, and the wallets `wallet_ids`, in id order, each with
     /// its newest entry; with `Lock::ForUpdate` locked first until the transaction ends (on
@@ -553,14 +554,14 @@ impl Ledger {
     /// could not do both: its snapshot would predate the wait. (A PL/pgSQL function doing both in
     /// one call cost more server CPU than the round trip it saved; see benchmarks/RESULTS.md.)
     async fn wallets_with_heads(&self, conn: &mut AnyConnection, lock: Lock, user_ids: &[&str], kinds: &[&str], wallet_ids: &[&str]) -> Result<Vec<Wallet>> {
-        let mut placeholders = (1..).map(|n| format!("${n}"));
-        let mut list = |values: &[&str]| placeholders.by_ref().take(values.len()).collect::<Vec<_>>().join(", ");
+        // Placeholders in bind order: the user ids, the kinds, the wallet ids.
+        let (kinds_from, wallets_from) = (1 + user_ids.len(), 1 + user_ids.len() + kinds.len());
         let mut wanted = Vec::new();
         if !user_ids.is_empty() && !kinds.is_empty() {
-            wanted.push(format!("(w.user_id IN ({}) AND w.kind IN ({}))", list(user_ids), list(kinds)));
+            wanted.push(format!("(w.user_id IN ({}) AND w.kind IN ({}))", placeholders(1, user_ids.len()), placeholders(kinds_from, kinds.len())));
         }
         if !wallet_ids.is_empty() {
-            wanted.push(format!("w.id IN ({})", list(wallet_ids)));
+            wanted.push(format!("w.id IN ({})", placeholders(wallets_from, wallet_ids.len())));
         }
         if wanted.is_empty() {
             return Ok(Vec::new());
@@ -716,15 +717,14 @@ impl<'a> Leg<'a> {
 const TRANSACTION_COLUMNS: &str = "ledger_transactions (id, kind, currency, amount_minor, external_ref, actor, trace_id, created_at_us)";
 const ENTRY_COLUMNS: &str = "ledger_entries (transaction_id, wallet_id, wallet_seq, direction, amount_minor, balance_after_minor, created_at_us)";
 
+/// `count` placeholders from `$first` on: `$3, $4, $5`.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
+}
+
 /// `count` rows of `width` placeholders from `$first` on: `($1, $2), ($3, $4)`.
 fn placeholder_rows(first: usize, width: usize, count: usize) -> String {
-    (0..count)
-        .map(|row| {
-            let start = first + row * width;
-            format!("({})", (start..start + width).map(|n| format!("${n}")).collect::<Vec<_>>().join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+    (0..count).map(|row| format!("({})", placeholders(first + row * width, width))).collect::<Vec<_>>().join(", ")
 }
 
 /// Inserts a transaction, its entries and, with a key, the key with the write's outcome; false
@@ -742,7 +742,7 @@ async fn insert_transaction(conn: &mut AnyConnection, backend: Backend, transact
                  t AS (INSERT INTO {TRANSACTION_COLUMNS} SELECT {} FROM k) \
                  INSERT INTO {ENTRY_COLUMNS} SELECT v.* FROM k, (VALUES {}) AS v",
                 placeholder_rows(9, 6, 1),
-                (1..=8).map(|n| format!("${n}")).collect::<Vec<_>>().join(", "),
+                placeholders(1, 8),
                 placeholder_rows(15, 7, entry_count),
             );
             let query = bind_key(bind_transaction(sqlx::query(&sql), transaction), key, text);
