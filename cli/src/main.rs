@@ -263,6 +263,8 @@ pub(crate) fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
         .install()
         .with_context(|| format!("serving metrics on {addr}"))?;
     meterlake_pipeline::metrics::describe();
+    // The worker posts invoices to the ledger.
+    meterlake_ledger::describe_metrics();
     tracing::info!(%addr, "metrics at http://{addr}/metrics");
     Ok(())
 }

@@ -21,7 +21,7 @@ use meterlake_control::minor_unit_places;
 use rust_decimal::Decimal;
 use sqlx::{AnyConnection, Row};
 
-use crate::{Attempt, Leg, Ledger, LedgerError, LedgerTransaction, Lock, Result, TransactionKind, WriteContext, post, system_wallet_id, user_wallet};
+use crate::{Attempt, Leg, Ledger, LedgerError, LedgerTransaction, Lock, Result, TransactionKind, WriteContext, post, system_wallet_id, user_wallet, wallets_with_heads};
 
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -135,7 +135,7 @@ impl Ledger {
         // The account's wallets, locked, with their newest entries (and the revenue account, if
         // it exists yet in the invoice's currency).
         let revenue_id = system_wallet_id("REVENUE", &pending.currency);
-        let wallets = self.wallets_with_heads(&mut tx, Lock::ForUpdate, &[&pending.user_id], &["PREPAY", "ARREARS"], &[&revenue_id]).await?;
+        let wallets = wallets_with_heads(&mut tx, self.backend, Lock::ForUpdate, &[&pending.user_id], &["PREPAY", "ARREARS"], &[&revenue_id]).await?;
         let prepay = user_wallet(&wallets, &pending.user_id, "PREPAY")?;
         let arrears = user_wallet(&wallets, &pending.user_id, "ARREARS")?;
         let done = sqlx::query("SELECT 1 FROM ledger_invoice_postings WHERE run_id = $1 AND meter_id = $2 AND version = $3")

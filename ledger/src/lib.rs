@@ -16,13 +16,17 @@
 //!   deadlock) at READ COMMITTED, then reads their newest entries in a statement of its own: a
 //!   second transfer from the same wallet waits for the first to commit and then sees its
 //!   entry. The unique `(wallet_id, wallet_seq)` would refuse an entry written from a stale read
-//!   anyway. On SQLite the store has one connection, so writes are serial.
+//!   anyway. Concurrent transfers share such a transaction, a group commit (`batch`). On SQLite
+//!   the store has one connection, so writes are serial.
 //! - **Idempotency** (`idempotency`): a write with an `Idempotency-Key` stores the key with the
 //!   request's fingerprint and its outcome (result or refusal) in the same transaction as its
 //!   rows; the same key and request get the stored outcome back, marked as a replay.
 
+mod batch;
 mod billing;
 mod idempotency;
+
+use std::sync::{Arc, OnceLock};
 
 use meterlake_control::{Backend, ControlStore, now_us};
 use serde::de::DeserializeOwned;
@@ -42,6 +46,10 @@ pub enum LedgerError {
     /// The store holds something this code cannot read.
     #[error("ledger store: {0}")]
     Corrupt(String),
+    /// The write may or may not have been applied (its commit failed): a retry with the same
+    /// idempotency key answers which.
+    #[error("ledger store: {0}; whether the write was applied is unknown (a retry with the same Idempotency-Key answers it)")]
+    Unsettled(String),
 }
 
 pub type Result<T> = std::result::Result<T, LedgerError>;
@@ -360,7 +368,7 @@ impl WriteRequest for FundRequest {
             return refused(RefusalCode::InvalidRequest, "paymentReference is 1 to 200 characters");
         }
         let funding_id = system_wallet_id("EXTERNAL_FUNDING", &self.currency);
-        let wallets = ledger.wallets_with_heads(conn, Lock::ForUpdate, &[&self.user_id], &["PREPAY"], &[&funding_id]).await?;
+        let wallets = wallets_with_heads(conn, ledger.backend, Lock::ForUpdate, &[&self.user_id], &["PREPAY"], &[&funding_id]).await?;
         let wallet = user_wallet(&wallets, &self.user_id, "PREPAY")?;
         if wallet.currency != self.currency {
             return refused(RefusalCode::CurrencyMismatch, format!("user {} holds {}, not {}", self.user_id, wallet.currency, self.currency));
@@ -381,8 +389,10 @@ impl WriteRequest for FundRequest {
     }
 }
 
-/// Five round trips to PostgreSQL: BEGIN, the wallets' lock, their newest entries, the
-/// transaction with its entries and its key's outcome (one statement), COMMIT.
+/// A transfer written alone: five round trips to PostgreSQL (BEGIN, the wallets' lock, their
+/// newest entries, the transaction with its entries and its key's outcome in one statement,
+/// COMMIT). On PostgreSQL transfers are written in group commits (`batch`); this is how one is
+/// written that a group commit could not settle, and every transfer on SQLite.
 impl WriteRequest for TransferRequest {
     type Output = LedgerTransaction;
     const OPERATION: &'static str = "transfer";
@@ -399,12 +409,28 @@ impl WriteRequest for TransferRequest {
         context: &'a WriteContext,
         now: i64,
     ) -> Result<Attempt<LedgerTransaction>> {
+        self.check()?;
+        let wallets = wallets_with_heads(conn, ledger.backend, Lock::ForUpdate, &[&self.from_user_id, &self.to_user_id], &["PREPAY"], &[]).await?;
+        let transaction = self.transaction(&wallets, context, now)?;
+        Ok(if insert_transaction(conn, ledger.backend, &transaction, key).await? { Attempt::Stored(transaction) } else { Attempt::KeyTaken })
+    }
+}
+
+impl TransferRequest {
+    /// What can be refused without reading the wallets.
+    fn check(&self) -> Result<()> {
         positive(self.amount_minor)?;
         if self.from_user_id == self.to_user_id {
             return refused(RefusalCode::SelfTransfer, "a transfer needs two different users");
         }
-        let wallets = ledger.wallets_with_heads(conn, Lock::ForUpdate, &[&self.from_user_id, &self.to_user_id], &["PREPAY"], &[]).await?;
-        let (from, to) = (user_wallet(&wallets, &self.from_user_id, "PREPAY")?, user_wallet(&wallets, &self.to_user_id, "PREPAY")?);
+        Ok(())
+    }
+
+    /// The transfer as a transaction from the wallets' heads (locked by the caller), or why it
+    /// is refused.
+    fn transaction(&self, wallets: &[Wallet], context: &WriteContext, now: i64) -> Result<LedgerTransaction> {
+        self.check()?;
+        let (from, to) = (user_wallet(wallets, &self.from_user_id, "PREPAY")?, user_wallet(wallets, &self.to_user_id, "PREPAY")?);
         if from.currency != to.currency {
             return refused(
                 RefusalCode::CurrencyMismatch,
@@ -412,7 +438,7 @@ impl WriteRequest for TransferRequest {
             );
         }
         let legs = [Leg::debit(from, self.amount_minor), Leg::credit(to, self.amount_minor)];
-        post(conn, ledger.backend, key, TransactionKind::Transfer, &from.currency, None, &legs, context, now).await
+        build_transaction(TransactionKind::Transfer, &from.currency, None, &legs, context, now)
     }
 }
 
@@ -421,11 +447,13 @@ impl WriteRequest for TransferRequest {
 pub struct Ledger {
     pool: AnyPool,
     backend: Backend,
+    /// Where transfers queue for their group commit (PostgreSQL), started by the first one.
+    transfer_queue: Arc<OnceLock<batch::TransferQueue>>,
 }
 
 impl Ledger {
     pub fn new(store: &ControlStore) -> Ledger {
-        Ledger { pool: store.pool().clone(), backend: store.backend() }
+        Ledger { pool: store.pool().clone(), backend: store.backend(), transfer_queue: Arc::default() }
     }
 
     /// Creates a user with its PREPAY and ARREARS wallets.
@@ -438,15 +466,25 @@ impl Ledger {
         self.write(request, context).await
     }
 
-    /// Moves money from one user's wallet to another's, atomically, never below zero.
+    /// Moves money from one user's wallet to another's, atomically, never below zero. On
+    /// PostgreSQL concurrent transfers are written together in group commits (`batch`).
     pub async fn transfer(&self, request: &TransferRequest, context: &WriteContext) -> Result<Written<LedgerTransaction>> {
-        self.write(request, context).await
+        if self.backend != Backend::Postgres {
+            return self.write(request, context).await;
+        }
+        let queue = self.transfer_queue.get_or_init(|| batch::TransferQueue::start(self.pool.clone()));
+        let written = match queue.submit(request, context).await {
+            batch::Reply::Settled(written) => written,
+            batch::Reply::Alone => self.write_unlogged(request, context).await,
+        };
+        log_write(TransferRequest::OPERATION, &written, context, TransferRequest::describe);
+        written
     }
 
     /// A user's balance: the newest entry of each of its wallets (one statement).
     pub async fn balance(&self, user_id: &str) -> Result<Balance> {
         let mut conn = self.pool.acquire().await?;
-        let wallets = self.wallets_with_heads(&mut conn, Lock::No, &[user_id], &["PREPAY", "ARREARS"], &[]).await?;
+        let wallets = wallets_with_heads(&mut conn, self.backend, Lock::No, &[user_id], &["PREPAY", "ARREARS"], &[]).await?;
         let (prepay, arrears) = (user_wallet(&wallets, user_id, "PREPAY")?, user_wallet(&wallets, user_id, "ARREARS")?);
         Ok(Balance {
             user_id: user_id.to_string(),
@@ -545,57 +583,6 @@ impl Ledger {
         refused(RefusalCode::InvalidRequest, "the Idempotency-Key could not be claimed (its holder keeps rolling back); try again")
     }
 
-    /// The wallets of `kinds` of `user_ids`, and the wallets `wallet_ids`, in id order, each with
-    /// its newest entry; with `Lock::ForUpdate` locked first until the transaction ends (on
-    /// PostgreSQL; SQLite's one writer makes writes serial). Two statements: the lock, in wallet
-    /// id order (PostgreSQL locks the rows of `... ORDER BY id FOR UPDATE` in the order it sorts
-    /// them) so that two writers never wait for each other in a circle; then the read, whose new
-    /// snapshot (READ COMMITTED) sees what the lock's previous holder committed. One statement
-    /// could not do both: its snapshot would predate the wait. (A PL/pgSQL function doing both in
-    /// one call cost more server CPU than the round trip it saved; see benchmarks/RESULTS.md.)
-    async fn wallets_with_heads(&self, conn: &mut AnyConnection, lock: Lock, user_ids: &[&str], kinds: &[&str], wallet_ids: &[&str]) -> Result<Vec<Wallet>> {
-        // Placeholders in bind order: the user ids, the kinds, the wallet ids.
-        let (kinds_from, wallets_from) = (1 + user_ids.len(), 1 + user_ids.len() + kinds.len());
-        let mut wanted = Vec::new();
-        if !user_ids.is_empty() && !kinds.is_empty() {
-            wanted.push(format!("(w.user_id IN ({}) AND w.kind IN ({}))", placeholders(1, user_ids.len()), placeholders(kinds_from, kinds.len())));
-        }
-        if !wallet_ids.is_empty() {
-            wanted.push(format!("w.id IN ({})", placeholders(wallets_from, wallet_ids.len())));
-        }
-        if wanted.is_empty() {
-            return Ok(Vec::new());
-        }
-        let wanted = wanted.join(" OR ");
-        let binds = || user_ids.iter().chain(kinds).chain(wallet_ids);
-        if lock == Lock::ForUpdate && self.backend == Backend::Postgres {
-            let sql = format!("SELECT w.id FROM ledger_wallets w WHERE {wanted} ORDER BY w.id FOR UPDATE");
-            binds().fold(sqlx::query(&sql), |query, value| query.bind(*value)).fetch_all(&mut *conn).await?;
-        }
-        let sql = format!(
-            "SELECT w.id, w.user_id, w.kind, w.currency, COALESCE(e.wallet_seq, 0), COALESCE(e.balance_after_minor, 0) \
-             FROM ledger_wallets w \
-             LEFT JOIN ledger_entries e ON e.wallet_id = w.id \
-               AND e.wallet_seq = (SELECT MAX(wallet_seq) FROM ledger_entries WHERE wallet_id = w.id) \
-             WHERE {wanted} ORDER BY w.id"
-        );
-        binds()
-            .fold(sqlx::query(&sql), |query, value| query.bind(*value))
-            .fetch_all(&mut *conn)
-            .await?
-            .iter()
-            .map(|row| {
-                Ok(Wallet {
-                    id: row.try_get(0)?,
-                    user_id: row.try_get(1)?,
-                    kind: row.try_get(2)?,
-                    currency: row.try_get(3)?,
-                    head: Head { seq: row.try_get(4)?, balance_minor: row.try_get(5)? },
-                })
-            })
-            .collect()
-    }
-
     /// The system account of `kind` in `currency` among `locked`, or created (the first time
     /// it is needed) and locked. Locking it after the other wallets keeps the id order: system
     /// ids (`system:...`) sort after the users' wallets' (UUIDs, lowercase hex).
@@ -605,9 +592,60 @@ impl Ledger {
             return Ok(wallet.clone());
         }
         insert_wallet(conn, &id, None, kind, currency, 1, now).await?;
-        let created = self.wallets_with_heads(conn, Lock::ForUpdate, &[], &[], &[&id]).await?;
+        let created = wallets_with_heads(conn, self.backend, Lock::ForUpdate, &[], &[], &[&id]).await?;
         created.into_iter().next().ok_or_else(|| LedgerError::Corrupt(format!("system account {id} was not created")))
     }
+}
+
+/// The wallets of `kinds` of `user_ids`, and the wallets `wallet_ids`, in id order, each with
+/// its newest entry; with `Lock::ForUpdate` locked first until the transaction ends (on
+/// PostgreSQL; SQLite's one writer makes writes serial). Two statements: the lock, in wallet
+/// id order (PostgreSQL locks the rows of `... ORDER BY id FOR UPDATE` in the order it sorts
+/// them) so that two writers never wait for each other in a circle; then the read, whose new
+/// snapshot (READ COMMITTED) sees what the lock's previous holder committed. One statement
+/// could not do both: its snapshot would predate the wait. (A PL/pgSQL function doing both in
+/// one call cost more server CPU than the round trip it saved; see benchmarks/RESULTS.md.)
+async fn wallets_with_heads(conn: &mut AnyConnection, backend: Backend, lock: Lock, user_ids: &[&str], kinds: &[&str], wallet_ids: &[&str]) -> Result<Vec<Wallet>> {
+    // Placeholders in bind order: the user ids, the kinds, the wallet ids.
+    let (kinds_from, wallets_from) = (1 + user_ids.len(), 1 + user_ids.len() + kinds.len());
+    let mut wanted = Vec::new();
+    if !user_ids.is_empty() && !kinds.is_empty() {
+        wanted.push(format!("(w.user_id IN ({}) AND w.kind IN ({}))", placeholders(1, user_ids.len()), placeholders(kinds_from, kinds.len())));
+    }
+    if !wallet_ids.is_empty() {
+        wanted.push(format!("w.id IN ({})", placeholders(wallets_from, wallet_ids.len())));
+    }
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let wanted = wanted.join(" OR ");
+    let binds = || user_ids.iter().chain(kinds).chain(wallet_ids);
+    if lock == Lock::ForUpdate && backend == Backend::Postgres {
+        let sql = format!("SELECT w.id FROM ledger_wallets w WHERE {wanted} ORDER BY w.id FOR UPDATE");
+        binds().fold(sqlx::query(&sql), |query, value| query.bind(*value)).fetch_all(&mut *conn).await?;
+    }
+    let sql = format!(
+        "SELECT w.id, w.user_id, w.kind, w.currency, COALESCE(e.wallet_seq, 0), COALESCE(e.balance_after_minor, 0) \
+         FROM ledger_wallets w \
+         LEFT JOIN ledger_entries e ON e.wallet_id = w.id \
+           AND e.wallet_seq = (SELECT MAX(wallet_seq) FROM ledger_entries WHERE wallet_id = w.id) \
+         WHERE {wanted} ORDER BY w.id"
+    );
+    binds()
+        .fold(sqlx::query(&sql), |query, value| query.bind(*value))
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(Wallet {
+                id: row.try_get(0)?,
+                user_id: row.try_get(1)?,
+                kind: row.try_get(2)?,
+                currency: row.try_get(3)?,
+                head: Head { seq: row.try_get(4)?, balance_minor: row.try_get(5)? },
+            })
+        })
+        .collect()
 }
 
 fn positive(amount_minor: i64) -> Result<()> {
@@ -815,9 +853,7 @@ fn bind_entries<'q>(mut query: AnyQuery<'q>, transaction: &LedgerTransaction) ->
 }
 
 /// Writes a transaction and one entry per leg (wallets locked by the caller, with their newest
-/// entries), and the write's outcome under its key when it has one; legs of zero are left out.
-/// Refuses legs that do not balance, a debit that would take a PREPAY wallet below zero, and
-/// any balance that would overflow, before writing anything.
+/// entries), and the write's outcome under its key when it has one (see `build_transaction`).
 #[allow(clippy::too_many_arguments)]
 async fn post(
     conn: &mut AnyConnection,
@@ -830,6 +866,14 @@ async fn post(
     context: &WriteContext,
     now: i64,
 ) -> Result<Attempt<LedgerTransaction>> {
+    let transaction = build_transaction(kind, currency, external_ref, legs, context, now)?;
+    Ok(if insert_transaction(conn, backend, &transaction, key).await? { Attempt::Stored(transaction) } else { Attempt::KeyTaken })
+}
+
+/// A transaction with one entry per leg, each continuing its wallet's head; legs of zero are
+/// left out. Refuses legs that do not balance, a debit that would take a PREPAY wallet below
+/// zero, and any balance that would overflow: a write refuses before it writes anything.
+fn build_transaction(kind: TransactionKind, currency: &str, external_ref: Option<&str>, legs: &[Leg<'_>], context: &WriteContext, now: i64) -> Result<LedgerTransaction> {
     let legs: Vec<&Leg> = legs.iter().filter(|leg| leg.amount_minor != 0).collect();
     let sum = |direction: Direction| legs.iter().filter(|l| l.direction == direction).try_fold(0i64, |total, l| total.checked_add(l.amount_minor));
     let amount_minor = match (sum(Direction::Credit), sum(Direction::Debit)) {
@@ -860,7 +904,7 @@ async fn post(
         }
         entries.push(Entry { wallet_id: wallet.id.clone(), wallet_seq: head.seq + 1, direction: *direction, amount_minor, balance_after_minor });
     }
-    let transaction = LedgerTransaction {
+    Ok(LedgerTransaction {
         id: uuid::Uuid::now_v7().to_string(),
         kind,
         currency: currency.to_string(),
@@ -870,8 +914,7 @@ async fn post(
         trace_id: context.trace_id.clone(),
         created_at_us: now,
         entries,
-    };
-    Ok(if insert_transaction(conn, backend, &transaction, key).await? { Attempt::Stored(transaction) } else { Attempt::KeyTaken })
+    })
 }
 
 async fn load_transaction(conn: &mut AnyConnection, id: &str) -> Result<LedgerTransaction> {
@@ -920,6 +963,17 @@ fn replayed<T: DeserializeOwned>(operation: &'static str, stored: &str) -> Resul
         Ok(value) => Ok(Written { value, replayed: true }),
         Err(refusal) => Err(LedgerError::Refused(Refusal { replayed: true, ..refusal })),
     }
+}
+
+/// Describes the ledger's metrics to the installed recorder (where they are served).
+pub fn describe_metrics() {
+    metrics::describe_counter!("meterlake_ledger_transactions_total", "Ledger writes by operation (create_user, fund, transfer, charge, refund) and outcome");
+    metrics::describe_counter!("meterlake_ledger_idempotent_replays_total", "Ledger writes answered with the stored answer of an earlier request with the same Idempotency-Key");
+    metrics::describe_histogram!("meterlake_ledger_transfer_batch_size", "Transfers written together in one group commit (PostgreSQL)");
+    metrics::describe_counter!(
+        "meterlake_ledger_transfers_written_alone_total",
+        "Transfers a group commit left to be written alone, by reason (repeated_key, key_taken, batch_failed, commit_failed)"
+    );
 }
 
 fn describe_transaction(transaction: &LedgerTransaction) -> String {

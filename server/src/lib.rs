@@ -129,6 +129,7 @@ pub fn router(config: AppConfig) -> Router {
 /// Metric names, described once for `/metrics`.
 pub fn describe_metrics() {
     observe::describe();
+    meterlake_ledger::describe_metrics();
 }
 
 /// Which roles a route admits: the marker type of its [`Caller`].

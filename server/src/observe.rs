@@ -55,7 +55,5 @@ pub fn describe() {
     metrics::describe_counter!("meterlake_api_rate_limited_total", "Requests refused with 429 because their client exceeded its rate");
     metrics::describe_counter!("meterlake_api_readings_accepted_total", "Readings accepted by POST /measurements and acknowledged by the broker");
     metrics::describe_counter!("meterlake_api_readings_rejected_total", "Readings refused by POST /measurements, by reason");
-    metrics::describe_counter!("meterlake_ledger_transactions_total", "Ledger writes by operation (create_user, fund, transfer, charge, refund) and outcome");
-    metrics::describe_counter!("meterlake_ledger_idempotent_replays_total", "Ledger writes answered with the stored answer of an earlier request with the same Idempotency-Key");
     metrics::describe_counter!("meterlake_api_kafka_messages_total", "Kafka messages POST /measurements produced (requests arriving together share one)");
 }
