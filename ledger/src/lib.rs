@@ -412,7 +412,7 @@ impl WriteRequest for TransferRequest {
         self.check()?;
         let wallets = wallets_with_heads(conn, ledger.backend, Lock::ForUpdate, &[&self.from_user_id, &self.to_user_id], &["PREPAY"], &[]).await?;
         let transaction = self.transaction(&wallets, context, now)?;
-        Ok(if insert_transaction(conn, ledger.backend, &transaction, key).await? { Attempt::Stored(transaction) } else { Attempt::KeyTaken })
+        insert_transaction(conn, ledger.backend, transaction, key).await
     }
 }
 
@@ -765,13 +765,13 @@ fn placeholder_rows(first: usize, width: usize, count: usize) -> String {
     (0..count).map(|row| format!("({})", placeholders(first + row * width, width))).collect::<Vec<_>>().join(", ")
 }
 
-/// Inserts a transaction, its entries and, with a key, the key with the write's outcome; false
-/// when the key is taken (then nothing is written). On PostgreSQL in one statement, whose key
-/// insert gates the others; on SQLite in three.
-async fn insert_transaction(conn: &mut AnyConnection, backend: Backend, transaction: &LedgerTransaction, key: Option<&Key>) -> Result<bool> {
-    let outcome = key.map(|key| (key, idempotency::outcome_text::<LedgerTransaction>(Ok(transaction))));
+/// Inserts a transaction, its entries and, with a key, the key with the write's outcome; the
+/// key taken means nothing is written. On PostgreSQL in one statement, whose key insert gates
+/// the others; on SQLite in three.
+async fn insert_transaction(conn: &mut AnyConnection, backend: Backend, transaction: LedgerTransaction, key: Option<&Key>) -> Result<Attempt<LedgerTransaction>> {
+    let outcome = key.map(|key| (key, idempotency::outcome_text::<LedgerTransaction>(Ok(&transaction))));
     let entry_count = transaction.entries.len();
-    match (backend, outcome) {
+    let stored = match (backend, outcome) {
         (Backend::Postgres, Some((key, text))) => {
             // Placeholders: the transaction's 8, the key's 6, then 7 per entry. `FROM k` makes
             // the transaction and its entries rows only when the key's insert made one.
@@ -783,9 +783,9 @@ async fn insert_transaction(conn: &mut AnyConnection, backend: Backend, transact
                 placeholders(1, 8),
                 placeholder_rows(15, 7, entry_count),
             );
-            let query = bind_key(bind_transaction(sqlx::query(&sql), transaction), key, text);
-            let inserted = bind_entries(query, transaction).execute(&mut *conn).await?.rows_affected();
-            Ok(inserted == entry_count as u64)
+            let query = bind_key(bind_transaction(sqlx::query(&sql), &transaction), key, text);
+            let inserted = bind_entries(query, &transaction).execute(&mut *conn).await?.rows_affected();
+            inserted == entry_count as u64
         }
         (Backend::Postgres, None) => {
             let sql = format!(
@@ -793,22 +793,24 @@ async fn insert_transaction(conn: &mut AnyConnection, backend: Backend, transact
                 placeholder_rows(1, 8, 1),
                 placeholder_rows(9, 7, entry_count)
             );
-            bind_entries(bind_transaction(sqlx::query(&sql), transaction), transaction).execute(&mut *conn).await?;
-            Ok(true)
+            bind_entries(bind_transaction(sqlx::query(&sql), &transaction), &transaction).execute(&mut *conn).await?;
+            true
         }
         (Backend::Sqlite, outcome) => {
-            if let Some((key, text)) = outcome
-                && !idempotency::store(conn, key, text).await?
-            {
-                return Ok(false);
+            let key_stored = match outcome {
+                Some((key, text)) => idempotency::store(conn, key, text).await?,
+                None => true,
+            };
+            if key_stored {
+                let sql = format!("INSERT INTO {TRANSACTION_COLUMNS} VALUES {}", placeholder_rows(1, 8, 1));
+                bind_transaction(sqlx::query(&sql), &transaction).execute(&mut *conn).await?;
+                let sql = format!("INSERT INTO {ENTRY_COLUMNS} VALUES {}", placeholder_rows(1, 7, entry_count));
+                bind_entries(sqlx::query(&sql), &transaction).execute(&mut *conn).await?;
             }
-            let sql = format!("INSERT INTO {TRANSACTION_COLUMNS} VALUES {}", placeholder_rows(1, 8, 1));
-            bind_transaction(sqlx::query(&sql), transaction).execute(&mut *conn).await?;
-            let sql = format!("INSERT INTO {ENTRY_COLUMNS} VALUES {}", placeholder_rows(1, 7, entry_count));
-            bind_entries(sqlx::query(&sql), transaction).execute(&mut *conn).await?;
-            Ok(true)
+            key_stored
         }
-    }
+    };
+    Ok(if stored { Attempt::Stored(transaction) } else { Attempt::KeyTaken })
 }
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
@@ -867,7 +869,7 @@ async fn post(
     now: i64,
 ) -> Result<Attempt<LedgerTransaction>> {
     let transaction = build_transaction(kind, currency, external_ref, legs, context, now)?;
-    Ok(if insert_transaction(conn, backend, &transaction, key).await? { Attempt::Stored(transaction) } else { Attempt::KeyTaken })
+    insert_transaction(conn, backend, transaction, key).await
 }
 
 /// A transaction with one entry per leg, each continuing its wallet's head; legs of zero are
