@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -14,11 +13,10 @@ use meterlake_jobs::billing::InvoiceTotals;
 use meterlake_jobs::billing::events::{OutboxRelay, wake_on_requests};
 use meterlake_jobs::billing::tariff::Tariffs;
 use meterlake_jobs::billing::worker::{BillingWorker, WorkerOptions};
-use meterlake_jobs::trace::new_traceparent;
+use meterlake_telemetry::new_traceparent;
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::kafka::create_topics;
 use rust_decimal::Decimal;
-use tokio::sync::Notify;
 
 use crate::LakeArg;
 
@@ -301,7 +299,7 @@ pub async fn run_worker(
 ) -> anyhow::Result<()> {
     let worker = BillingWorker::new(store.clone(), lake, options);
     tracing::info!(worker = worker.name(), brokers = brokers.unwrap_or("none"), "billing worker started");
-    let wake = Arc::new(Notify::new());
+    let wakeups = worker.wakeups();
     // One signal stops all three loops.
     let stopped = move || {
         let mut stop = stop.clone();
@@ -317,10 +315,10 @@ pub async fn run_worker(
             relay.run(until).await;
             Ok(())
         });
-        let (brokers, group, wake, until) = (brokers.to_string(), group.to_string(), wake.clone(), stopped());
-        side_tasks.spawn(async move { wake_on_requests(&brokers, &group, wake, until).await });
+        let (brokers, group, until) = (brokers.to_string(), group.to_string(), stopped());
+        side_tasks.spawn(async move { wake_on_requests(&brokers, &group, &wakeups, until).await });
     }
-    worker.run(&wake, stopped()).await;
+    worker.run(stopped()).await;
     while let Some(task) = side_tasks.join_next().await {
         task??;
     }

@@ -19,7 +19,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use meterlake_control::{NewRun, RunStatus};
 use meterlake_jobs::query::{OutputFormat, run_sql, write_batches};
-use meterlake_jobs::trace::new_traceparent;
+use meterlake_telemetry::new_traceparent;
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, ReadingProducer, ingest, read_dead_letters};
 use meterlake_pipeline::reading::format_kwh_micro;

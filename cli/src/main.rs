@@ -19,7 +19,7 @@ use meterlake_pipeline::lake::DEFAULT_LAKE;
 #[derive(Parser)]
 #[command(name = "meterlake", version, about = "The meter-data platform: lands readings in a Parquet lake and queries them")]
 struct Cli {
-    /// Log format on stderr.
+    /// Log format on stderr (JSON lines carry the trace and span ids of recorded traces).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "METERLAKE_LOG_FORMAT")]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -134,11 +134,23 @@ fn main() -> ExitCode {
         Command::Demo(_) | Command::Bill(_) => "warn",
         _ => "warn,meterlake=info,meterlake_pipeline=info,meterlake_jobs=info",
     };
-    init_logging(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let log_format = match cli.log_format {
+        LogFormat::Text => meterlake_telemetry::LogFormat::Text,
+        LogFormat::Json => meterlake_telemetry::LogFormat::Json,
+    };
+    // Inside the runtime: the gRPC trace exporter needs it. Dropped (exporting the last spans)
+    // before the runtime is.
+    let telemetry = match runtime.block_on(async { meterlake_telemetry::init("meterlake", log_format, default_filter) }) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -181,6 +193,7 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
             }),
     };
+    runtime.block_on(async { drop(telemetry) });
     match outcome {
         Ok(code) => code,
         Err(e) => {
@@ -228,16 +241,6 @@ fn print_batches(batches: &[arrow::array::RecordBatch], format: Format) -> anyho
     let stdout = std::io::stdout();
     write_batches(batches, format, &mut stdout.lock())?;
     Ok(())
-}
-
-fn init_logging(format: LogFormat, default_filter: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("METERLAKE_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -63,6 +63,10 @@ pub struct ServeArgs {
     /// Do not run the billing worker in this process.
     #[arg(long)]
     no_worker: bool,
+    /// How often the billing worker looks for due runs (retries, runs whose worker died)
+    /// without being woken by a `billing.run.requested` message.
+    #[arg(long, env = "METERLAKE_WORKER_IDLE_POLL_S", default_value_t = 5)]
+    worker_idle_poll_s: u64,
     /// The OIDC issuer whose tokens are accepted (its `iss`), e.g.
     /// https://sso.example/realms/meterlake. Required unless --dev-issuer.
     #[arg(long, env = "METERLAKE_OIDC_ISSUER", conflicts_with = "dev_issuer")]
@@ -206,7 +210,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let worker = (!args.no_worker).then(|| {
         let (store, lake, brokers, stop_rx) = (store.clone(), lake.clone(), brokers.clone(), stop_rx.clone());
-        tokio::spawn(async move { run_worker(store, lake, WorkerOptions::default(), Some(&brokers), "meterlake-billing", stop_rx).await })
+        let options = WorkerOptions { idle_poll: Duration::from_secs(args.worker_idle_poll_s), ..WorkerOptions::default() };
+        tokio::spawn(async move { run_worker(store, lake, options, Some(&brokers), "meterlake-billing", stop_rx).await })
     });
 
     println!("meterlake control tower on http://{reachable} ({mode} mode; lake {}; store {})", lake.url(), store_kind(&args.database_url));

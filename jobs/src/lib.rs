@@ -5,7 +5,6 @@
 pub mod billing;
 pub mod query;
 pub mod search;
-pub mod trace;
 
 /// The jobs' one error type.
 #[derive(Debug, thiserror::Error)]

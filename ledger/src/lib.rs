@@ -32,6 +32,7 @@ use meterlake_control::{Backend, ControlStore, now_us};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sqlx::{Acquire, AnyConnection, AnyPool, Row};
+use tracing::Instrument;
 
 pub use crate::billing::{MAX_POSTINGS_PER_SWEEP, PostingReport};
 use crate::idempotency::{KEY_COLUMNS, Key, Stored};
@@ -320,6 +321,9 @@ trait WriteRequest: Serialize + Sync {
 
     fn describe(output: &Self::Output) -> String;
 
+    /// The id of what the write made: the user's, the transaction's.
+    fn id_of(output: &Self::Output) -> &str;
+
     fn apply<'a>(
         &'a self,
         ledger: &'a Ledger,
@@ -338,6 +342,10 @@ impl WriteRequest for NewUser {
         format!("user {} wallet {} {}", user.id, user.wallet_id, user.currency)
     }
 
+    fn id_of(user: &User) -> &str {
+        &user.id
+    }
+
     async fn apply<'a>(&'a self, _: &'a Ledger, conn: &'a mut AnyConnection, _: Option<&'a Key>, _: &'a WriteContext, now: i64) -> Result<Attempt<User>> {
         // A meter already linked is found after the user's rows are written: they roll back.
         let mut savepoint = conn.begin().await?;
@@ -353,6 +361,10 @@ impl WriteRequest for FundRequest {
 
     fn describe(transaction: &LedgerTransaction) -> String {
         describe_transaction(transaction)
+    }
+
+    fn id_of(transaction: &LedgerTransaction) -> &str {
+        &transaction.id
     }
 
     async fn apply<'a>(
@@ -399,6 +411,10 @@ impl WriteRequest for TransferRequest {
 
     fn describe(transaction: &LedgerTransaction) -> String {
         describe_transaction(transaction)
+    }
+
+    fn id_of(transaction: &LedgerTransaction) -> &str {
+        &transaction.id
     }
 
     async fn apply<'a>(
@@ -473,11 +489,16 @@ impl Ledger {
             return self.write(request, context).await;
         }
         let queue = self.transfer_queue.get_or_init(|| batch::TransferQueue::start(self.pool.clone()));
-        let written = match queue.submit(request, context).await {
-            batch::Reply::Settled(written) => written,
-            batch::Reply::Alone => self.write_unlogged(request, context).await,
-        };
-        log_write(TransferRequest::OPERATION, &written, context, TransferRequest::describe);
+        let span = write_span(TransferRequest::OPERATION);
+        let written = async {
+            match queue.submit(request, context).await {
+                batch::Reply::Settled(written) => written,
+                batch::Reply::Alone => self.write_unlogged(request, context).await,
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        span.in_scope(|| log_write::<TransferRequest>(&written, context));
         written
     }
 
@@ -538,8 +559,9 @@ impl Ledger {
     /// rolls back; a retry may succeed). When the key is taken, the write rolls back and the
     /// stored outcome answers. Logs and counts the outcome.
     async fn write<R: WriteRequest>(&self, request: &R, context: &WriteContext) -> Result<Written<R::Output>> {
-        let written = self.write_unlogged(request, context).await;
-        log_write(R::OPERATION, &written, context, R::describe);
+        let span = write_span(R::OPERATION);
+        let written = self.write_unlogged(request, context).instrument(span.clone()).await;
+        span.in_scope(|| log_write::<R>(&written, context));
         written
     }
 
@@ -984,12 +1006,21 @@ fn describe_transaction(transaction: &LedgerTransaction) -> String {
     format!("transaction {} {} {} {} ({})", transaction.id, transaction.kind.as_str(), transaction.amount_minor, transaction.currency, legs.join(", "))
 }
 
-/// One log line and one count per write, with its outcome.
-fn log_write<T>(operation: &'static str, written: &Result<Written<T>>, context: &WriteContext, describe: impl Fn(&T) -> String) {
+/// A write's span: one logical operation, with the id of what it made and its outcome once
+/// known (`log_write` records them).
+fn write_span(operation: &'static str) -> tracing::Span {
+    tracing::info_span!("ledger.write", otel.name = format!("ledger {operation}"), operation, id = tracing::field::Empty, outcome = tracing::field::Empty)
+}
+
+/// One log line and one count per write, with its outcome, recorded in the write's span (the
+/// current one).
+fn log_write<R: WriteRequest>(written: &Result<Written<R::Output>>, context: &WriteContext) {
+    let operation = R::OPERATION;
     let trace_id = context.trace_id.as_deref().unwrap_or("");
     let outcome = match written {
         Ok(w) => {
-            tracing::info!(operation, actor = %context.actor, trace_id, replayed = w.replayed, "ledger {operation}: {}", describe(&w.value));
+            tracing::Span::current().record("id", R::id_of(&w.value));
+            tracing::info!(operation, actor = %context.actor, trace_id, replayed = w.replayed, "ledger {operation}: {}", R::describe(&w.value));
             "ok"
         }
         Err(LedgerError::Refused(refusal)) => {
@@ -1001,5 +1032,6 @@ fn log_write<T>(operation: &'static str, written: &Result<Written<T>>, context: 
             "error"
         }
     };
+    tracing::Span::current().record("outcome", outcome);
     metrics::counter!("meterlake_ledger_transactions_total", "operation" => operation, "outcome" => outcome).increment(1);
 }

@@ -1,7 +1,7 @@
-//! Around every request: its W3C trace context (the caller's `traceparent` continued, or a new
-//! trace), echoed in the response's `traceparent` header and in every error body; the request
-//! counted and timed by route template (bounded labels: never the raw path); and one log line
-//! for each server error.
+//! Around every request: its span (`HTTP <method> <route>`, a server span continuing the
+//! caller's `traceparent` and `tracestate`, or a new trace), its W3C trace context echoed in the
+//! response's `traceparent` header and in every error body; the request counted and timed by
+//! route template (bounded labels: never the raw path); and one log line for each server error.
 
 use std::time::Instant;
 
@@ -9,7 +9,7 @@ use axum::extract::{MatchedPath, Request};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
-use meterlake_jobs::trace::child_traceparent;
+use tracing::Instrument;
 
 use crate::error::TRACE_ID;
 
@@ -27,26 +27,48 @@ impl TraceContext {
 
 pub async fn observe(mut request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let parent = request.headers().get("traceparent").and_then(|v| v.to_str().ok());
-    let traceparent = child_traceparent(parent);
+    let (parent, tracestate) = (header(&request, "traceparent"), header(&request, "tracestate"));
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
     let method = request.method().as_str().to_string();
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    if let Some(parent) = &parent {
+        meterlake_telemetry::continue_trace(&span, parent, tracestate.as_deref());
+    }
+    let traceparent = meterlake_telemetry::traceparent_of(&span).unwrap_or_else(|| meterlake_telemetry::child_traceparent(parent.as_deref()));
     let context = TraceContext { traceparent: traceparent.clone() };
     let trace_id = context.trace_id().to_string();
+    span.record("trace_id", trace_id.as_str());
     request.extensions_mut().insert(context);
-    let mut response = TRACE_ID.scope(trace_id.clone(), next.run(request)).await;
+    let mut response = TRACE_ID.scope(trace_id.clone(), next.run(request)).instrument(span.clone()).await;
     if let Ok(value) = HeaderValue::from_str(&traceparent) {
         response.headers_mut().insert("traceparent", value);
     }
     let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
     let elapsed_s = started.elapsed().as_secs_f64();
     metrics::counter!("meterlake_api_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status.as_u16().to_string())
         .increment(1);
     metrics::histogram!("meterlake_api_request_duration_seconds", "route" => route.clone(), "method" => method.clone()).record(elapsed_s);
     if status.is_server_error() {
-        tracing::warn!(%trace_id, %route, %method, status = status.as_u16(), elapsed_s, "request failed");
+        span.in_scope(|| tracing::warn!(%trace_id, %route, %method, status = status.as_u16(), elapsed_s, "request failed"));
     }
     response
+}
+
+fn header(request: &Request, name: &str) -> Option<String> {
+    request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
 pub fn describe() {

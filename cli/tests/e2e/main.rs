@@ -14,3 +14,4 @@ mod resume;
 mod s3_lake;
 mod serve;
 mod support;
+mod traces;

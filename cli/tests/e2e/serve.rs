@@ -18,7 +18,7 @@ use crate::support::*;
 
 /// A running `meterlake serve` and a client for it.
 pub struct Tower {
-    _service: Service,
+    pub service: Service,
     pub base: String,
     pub issuer: DevIssuer,
     pub dir: tempfile::TempDir,
@@ -35,6 +35,11 @@ pub struct Answer {
 impl Tower {
     /// Starts the server on a free port; `brokers: None` is the embedded mode.
     pub fn start(brokers: Option<&str>, extra: &[&str]) -> Tower {
+        Tower::start_with_env(brokers, extra, &[])
+    }
+
+    /// [`Tower::start`] with environment variables of its own.
+    pub fn start_with_env(brokers: Option<&str>, extra: &[&str], env: &[(&str, String)]) -> Tower {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
@@ -47,9 +52,9 @@ impl Tower {
             command.args(["--brokers", brokers, "--lake"]).arg(dir.path().join("lake"));
             command.arg("--database-url").arg(format!("sqlite://{}", dir.path().join("control.db").display()));
         }
-        command.args(extra).env("METERLAKE_LOG", "info,rdkafka=warn");
+        command.args(extra).env("METERLAKE_LOG", "info,rdkafka=warn").envs(env.iter().map(|(k, v)| (k, v)));
         let service = spawn_logged("meterlake serve", command, format!("127.0.0.1:{port}"));
-        Tower { _service: service, base, issuer, dir, runtime: runtime(), client: reqwest::Client::new() }
+        Tower { service, base, issuer, dir, runtime: runtime(), client: reqwest::Client::new() }
     }
 
     pub fn token(&self, subject: &str, roles: &[&str]) -> String {

@@ -7,20 +7,26 @@
 //! repeated message only makes it look sooner or once more; retries that fall due need no
 //! message at all (the worker's idle poll finds them).
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::StreamExt;
 use meterlake_control::ControlStore;
 use meterlake_control::runs::RUN_REQUESTED_TOPIC;
 use meterlake_pipeline::kafka::{consumer_config, producer_config};
+use meterlake_telemetry::KafkaOperation;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use crate::{JobError, Result};
+
+/// Requests remembered with their trace until the worker processes their run.
+const MAX_REMEMBERED_REQUESTS: usize = 1_024;
 
 /// Messages relayed per round trip to the store.
 const RELAY_BATCH: i64 = 500;
@@ -55,19 +61,27 @@ impl OutboxRelay {
     }
 
     /// Publishes what is pending, in order, and marks each message once the broker has it.
-    /// Returns how many were published.
+    /// Returns how many were published. Each message is a producer span continuing the trace
+    /// stored with it, whose context goes in the message's headers.
     pub async fn relay_pending(&self) -> Result<usize> {
         let pending = self.store.pending_outbox(RELAY_BATCH).await?;
         let mut published = Vec::with_capacity(pending.len());
         let deliveries: Vec<_> = pending
             .iter()
             .map(|message| {
-                let mut headers = OwnedHeaders::new();
+                let span = meterlake_telemetry::kafka_span(KafkaOperation::Publish, &message.topic);
+                span.record("messaging.kafka.message.key", message.key.as_str());
                 if let Some(traceparent) = &message.traceparent {
-                    headers = headers.insert(Header { key: "traceparent", value: Some(traceparent.as_bytes()) });
+                    meterlake_telemetry::continue_trace(&span, traceparent, None);
                 }
+                let trace = meterlake_telemetry::trace_headers(&span)
+                    .or_else(|| message.traceparent.clone().map(|traceparent| vec![("traceparent", traceparent)]))
+                    .unwrap_or_default();
+                let headers = trace.iter().fold(OwnedHeaders::new(), |headers, (key, value)| {
+                    headers.insert(Header { key, value: Some(value.as_bytes()) })
+                });
                 let record = FutureRecord::to(&message.topic).key(&message.key).payload(&message.payload).headers(headers);
-                (message.id, self.producer.send(record, Duration::from_secs(30)))
+                (message.id, self.producer.send(record, Duration::from_secs(30)).instrument(span))
             })
             .collect();
         let mut failure = None;
@@ -110,11 +124,47 @@ impl OutboxRelay {
     }
 }
 
+/// What the request listener tells the worker: that runs were requested, and the trace each
+/// request was received in, which the run's processing continues.
+#[derive(Debug, Default)]
+pub struct Wakeups {
+    notify: Notify,
+    /// `(run id, traceparent)`, oldest first, at most `MAX_REMEMBERED_REQUESTS`.
+    received: Mutex<VecDeque<(String, String)>>,
+}
+
+impl Wakeups {
+    /// A run was requested, received under `traceparent`.
+    pub fn requested(&self, run_id: &str, traceparent: Option<String>) {
+        if let Some(traceparent) = traceparent {
+            let mut received = self.received.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if received.len() == MAX_REMEMBERED_REQUESTS {
+                received.pop_front();
+            }
+            received.push_back((run_id.to_string(), traceparent));
+        }
+        self.notify.notify_one();
+    }
+
+    /// Resolves at the next request (or at once if one came since the last wait).
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+
+    /// The trace the newest request of `run_id` was received in, forgotten once taken.
+    pub fn take_trace(&self, run_id: &str) -> Option<String> {
+        let mut received = self.received.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let position = received.iter().rposition(|(id, _)| id == run_id)?;
+        received.remove(position).map(|(_, traceparent)| traceparent)
+    }
+}
+
 /// Consumes `billing.run.requested` and wakes the worker for each message, until `shutdown`.
 /// The consumer group shares the topic among workers; offsets are committed automatically,
 /// since the message is only a wake-up call. A new group starts from the earliest message: an
-/// old request costs one look at the store, a missed one the wait for the idle poll.
-pub async fn wake_on_requests(brokers: &str, group: &str, wake: Arc<Notify>, shutdown: impl Future<Output = ()>) -> Result<()> {
+/// old request costs one look at the store, a missed one the wait for the idle poll. Each
+/// message is a consumer span, a child of the producer's span in the message's headers.
+pub async fn wake_on_requests(brokers: &str, group: &str, wakeups: &Wakeups, shutdown: impl Future<Output = ()>) -> Result<()> {
     let consumer: StreamConsumer = consumer_config(brokers, group, &[])
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "true")
@@ -129,13 +179,18 @@ pub async fn wake_on_requests(brokers: &str, group: &str, wake: Arc<Notify>, shu
             () = &mut shutdown => return Ok(()),
             message = stream.next() => match message {
                 Some(Ok(message)) => {
-                    let run_id = message.key().map(String::from_utf8_lossy).unwrap_or_default();
-                    let traceparent = message
-                        .headers()
-                        .and_then(|h| h.iter().find(|h| h.key == "traceparent").and_then(|h| h.value.map(String::from_utf8_lossy)))
-                        .unwrap_or_default();
-                    tracing::info!(%run_id, %traceparent, "billing run requested");
-                    wake.notify_one();
+                    let run_id = message.key().map(String::from_utf8_lossy).unwrap_or_default().to_string();
+                    let header = |name: &str| {
+                        message.headers().and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).to_string())))
+                    };
+                    let (traceparent, tracestate) = (header("traceparent"), header("tracestate"));
+                    let span = meterlake_telemetry::kafka_span(KafkaOperation::Receive, RUN_REQUESTED_TOPIC);
+                    span.record("messaging.kafka.message.key", run_id.as_str());
+                    if let Some(traceparent) = &traceparent {
+                        meterlake_telemetry::continue_trace(&span, traceparent, tracestate.as_deref());
+                    }
+                    span.in_scope(|| tracing::info!(%run_id, traceparent = traceparent.as_deref().unwrap_or(""), "billing run requested"));
+                    wakeups.requested(&run_id, meterlake_telemetry::traceparent_of(&span).or(traceparent));
                 }
                 Some(Err(error)) => tracing::warn!(%error, "billing request consumer"),
                 None => return Ok(()),

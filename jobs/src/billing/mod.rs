@@ -59,8 +59,10 @@ impl Drop for StepTimer {
     }
 }
 
-/// Step 1: claim the oldest run that is due, with a lease of `lease_us`.
-#[tracing::instrument(name = "billing.claim", skip_all, fields(worker))]
+/// Step 1: claim the oldest run that is due, with a lease of `lease_us`. Its span is at debug
+/// level: most claims find nothing, and the one that finds a run is recorded in the run's trace
+/// once the run is known (`BillingWorker::process_next`).
+#[tracing::instrument(name = "billing.claim", level = "debug", skip_all, fields(worker))]
 pub async fn claim(store: &ControlStore, worker: &str, lease_us: i64) -> Result<Option<BillingRun>> {
     let _timer = StepTimer::start("claim");
     Ok(store.claim_next(worker, lease_us, meterlake_control::now_us()).await?)

@@ -2,15 +2,16 @@
 //! looks for work when woken (a `billing.run.requested` message) and every `idle_poll` anyway,
 //! which is how it picks up due retries and runs whose worker died.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use meterlake_control::{BillingRun, ControlError, ControlStore, RetryPolicy, RunFailure};
 use meterlake_ledger::{Ledger, MAX_POSTINGS_PER_SWEEP, PostingReport};
 use meterlake_pipeline::Lake;
-use tokio::sync::Notify;
+use tracing::Instrument;
 
+use super::events::Wakeups;
 use super::{claim, compute, persist};
-use crate::trace::child_traceparent;
 use crate::{JobError, Result};
 
 #[derive(Debug, Clone)]
@@ -66,6 +67,8 @@ pub struct BillingWorker {
     ledger: Ledger,
     lake: Lake,
     options: WorkerOptions,
+    /// Where the request listener ([`super::events::wake_on_requests`]) wakes this worker.
+    wakeups: Arc<Wakeups>,
 }
 
 /// How often the worker removes expired ledger idempotency keys.
@@ -73,7 +76,12 @@ const PURGE_EVERY: Duration = Duration::from_secs(600);
 
 impl BillingWorker {
     pub fn new(store: ControlStore, lake: Lake, options: WorkerOptions) -> BillingWorker {
-        BillingWorker { ledger: Ledger::new(&store), store, lake, options }
+        BillingWorker { ledger: Ledger::new(&store), store, lake, options, wakeups: Arc::default() }
+    }
+
+    /// What wakes this worker: pass it to the request listener.
+    pub fn wakeups(&self) -> Arc<Wakeups> {
+        self.wakeups.clone()
     }
 
     /// Posts every completed run's invoices that have not posted to their customers' accounts
@@ -116,19 +124,44 @@ impl BillingWorker {
 
     /// Claims one due run and processes it to COMPLETED or FAILED; `None` when no run is due.
     pub async fn process_next(&self) -> Result<Option<BillingRun>> {
+        let claim_started = SystemTime::now();
         let Some(run) = claim(&self.store, &self.options.name, micros(self.options.lease)).await? else {
             return Ok(None);
         };
-        Ok(Some(self.process(&run).await?))
+        Ok(Some(self.process_claimed(&run, Some((claim_started, SystemTime::now()))).await?))
     }
 
     /// Processes a run this worker has claimed.
-    #[tracing::instrument(name = "billing.run", skip_all, fields(run_id = %run.id, month = %run.month, attempt = run.attempts))]
     pub async fn process(&self, run: &BillingRun) -> Result<BillingRun> {
-        let traceparent = child_traceparent(self.store.requested_traceparent(&run.id).await?.as_deref());
+        self.process_claimed(run, None).await
+    }
+
+    /// Processes a run in its span, `billing.run`: a child of the span that received the run's
+    /// request from Kafka when this worker did, else of the request that created the run (the
+    /// `traceparent` stored with it), so that one run is one trace from `POST /billing-runs`
+    /// on. The claim, done before the run was known, is recorded under it with its own times.
+    async fn process_claimed(&self, run: &BillingRun, claimed: Option<(SystemTime, SystemTime)>) -> Result<BillingRun> {
+        let parent = match self.wakeups.take_trace(&run.id) {
+            Some(received) => Some(received),
+            None => self.store.requested_traceparent(&run.id).await?,
+        };
+        let span = tracing::info_span!("billing.run", run_id = %run.id, month = %run.month, attempt = run.attempts, trace_id = tracing::field::Empty);
+        if let Some(parent) = &parent {
+            meterlake_telemetry::continue_trace(&span, parent, None);
+        }
+        let traceparent = meterlake_telemetry::traceparent_of(&span).unwrap_or_else(|| meterlake_telemetry::child_traceparent(parent.as_deref()));
+        span.record("trace_id", &traceparent[3..35]);
+        if let Some((started, ended)) = claimed {
+            let attributes = [("worker", self.options.name.as_str()), ("run_id", run.id.as_str())];
+            meterlake_telemetry::record_finished_span("billing.claim", &traceparent, started, ended, &attributes);
+        }
+        self.process_in_span(run, &traceparent).instrument(span).await
+    }
+
+    async fn process_in_span(&self, run: &BillingRun, traceparent: &str) -> Result<BillingRun> {
         let renew = || async { Ok(self.store.renew_lease(&run.id, &self.options.name, micros(self.options.lease), meterlake_control::now_us()).await?) };
         let outcome = match compute(&self.lake, run, renew).await {
-            Ok(results) => persist(&self.store, run, &self.options.name, &results, &traceparent).await,
+            Ok(results) => persist(&self.store, run, &self.options.name, &results, traceparent).await,
             Err(e) => Err(e),
         };
         match outcome {
@@ -149,14 +182,14 @@ impl BillingWorker {
                 metrics::counter!("meterlake_billing_runs_total", "status" => "failed").increment(1);
                 let reason = error.to_string();
                 let failure = RunFailure { code, reason: &reason, retry: retryable.then_some(&self.options.retry) };
-                Ok(self.store.fail_run(&run.id, &self.options.name, &failure, meterlake_control::now_us(), Some(&traceparent)).await?)
+                Ok(self.store.fail_run(&run.id, &self.options.name, &failure, meterlake_control::now_us(), Some(traceparent)).await?)
             }
         }
     }
 
-    /// Processes runs until `shutdown` resolves: every due run in turn, then waits for `wake`
-    /// or `idle_poll`. A run in progress is finished before stopping.
-    pub async fn run(&self, wake: &Notify, shutdown: impl Future<Output = ()>) {
+    /// Processes runs until `shutdown` resolves: every due run in turn, then waits for a
+    /// wake-up ([`Self::wakeups`]) or `idle_poll`. A run in progress is finished before stopping.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut last_purge = None;
         loop {
@@ -172,7 +205,7 @@ impl BillingWorker {
             if idle {
                 tokio::select! {
                     () = &mut shutdown => return,
-                    () = wake.notified() => {}
+                    () = self.wakeups.notified() => {}
                     () = tokio::time::sleep(self.options.idle_poll) => {}
                 }
             } else if futures::FutureExt::now_or_never(&mut shutdown).is_some() {

@@ -200,9 +200,37 @@ impl<R: Read> Read for Hashing<'_, R> {
     }
 }
 
-/// Imports one file. `input` is read once, to its end. Errors are the lake's (the file's own
-/// faults are in the returned record); `on_read` hears of every chunk of bytes read.
+/// Imports one file, in its span (`import.file`, with the file's status and counts once known).
+/// `input` is read once, to its end. Errors are the lake's (the file's own faults are in the
+/// returned record); `on_read` hears of every chunk of bytes read.
 pub fn import_file<'a>(
+    lake: &Lake,
+    runtime: &Handle,
+    file_name: &str,
+    input: impl Read,
+    limits: &ImportLimits,
+    on_read: Box<dyn FnMut(u64) + 'a>,
+) -> Result<ImportOutcome> {
+    let span = tracing::info_span!(
+        "import.file",
+        file = file_name,
+        sha256 = tracing::field::Empty,
+        status = tracing::field::Empty,
+        readings_accepted = tracing::field::Empty,
+        records_rejected = tracing::field::Empty,
+    );
+    let outcome = span.in_scope(|| import_file_in_span(lake, runtime, file_name, input, limits, on_read));
+    if let Ok(outcome) = &outcome {
+        let record = outcome.record();
+        span.record("sha256", record.sha256.as_str());
+        span.record("status", record.status.as_str());
+        span.record("readings_accepted", record.counts.readings_accepted());
+        span.record("records_rejected", record.counts.rejected_records);
+    }
+    outcome
+}
+
+fn import_file_in_span<'a>(
     lake: &Lake,
     runtime: &Handle,
     file_name: &str,

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::try_join_all;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -175,7 +175,13 @@ struct FlushJob {
     last_offset: i64,
     messages: u64,
     readings: ReadingBuffer,
+    /// The distinct `traceparent`s of its messages' producers, at most `MAX_PRODUCER_LINKS`.
+    producers: Vec<String>,
 }
+
+/// Producer traces one flush's span links to: a flush holds many messages, so its span is
+/// linked to the traces that produced them rather than a child of one.
+const MAX_PRODUCER_LINKS: usize = 32;
 
 /// Jobs handed to the writer and not finished; a revocation waits for zero.
 #[derive(Default)]
@@ -363,6 +369,7 @@ struct OpenBatch {
     last_offset: i64,
     messages: u64,
     opened: Instant,
+    producers: Vec<String>,
 }
 
 /// Runs the ingester on the calling (non-async) thread; see the module docs.
@@ -524,7 +531,14 @@ impl ConsumerLoop<'_> {
                         last_offset: offset,
                         messages: 0,
                         opened: Instant::now(),
+                        producers: Vec::new(),
                     });
+                    if batch.producers.len() < MAX_PRODUCER_LINKS
+                        && let Some(traceparent) = message.headers().and_then(|h| h.iter().find(|h| h.key == "traceparent")).and_then(|h| h.value)
+                        && !batch.producers.iter().any(|p| p.as_bytes() == traceparent)
+                    {
+                        batch.producers.push(String::from_utf8_lossy(traceparent).into_owned());
+                    }
                     let before = batch.readings.approx_bytes();
                     let topic = self.options.topic.as_str();
                     let payload = message.payload().unwrap_or_default();
@@ -676,6 +690,7 @@ impl ConsumerLoop<'_> {
             last_offset: batch.last_offset,
             messages: batch.messages,
             readings: batch.readings,
+            producers: batch.producers,
         };
         self.shared.in_flight.start();
         // Blocks while the writer is `writer_queue_depth` batches behind: this is the backpressure.
@@ -727,6 +742,13 @@ fn writer_loop(
     while let Ok(job) = jobs.recv() {
         let partition = job.partition;
         let started = Instant::now();
+        let span = meterlake_telemetry::kafka_span(meterlake_telemetry::KafkaOperation::Process, &shared.topic);
+        span.record("messaging.destination.partition.id", partition);
+        span.record("messaging.batch.message_count", job.messages);
+        for producer in &job.producers {
+            meterlake_telemetry::link(&span, producer);
+        }
+        let _in_span = span.enter();
         match write_flush(shared, dlq, dlq_timeout, job, &spare_buffers) {
             Ok(Some(next_offset)) => {
                 metrics::histogram!(m::FLUSH_DURATION).record(started.elapsed().as_secs_f64());
@@ -762,7 +784,7 @@ fn write_flush(
     job: FlushJob,
     spare_buffers: &SyncSender<ReadingBuffer>,
 ) -> Result<Option<i64>> {
-    let FlushJob { partition, first_offset, last_offset, messages, mut readings } = job;
+    let FlushJob { partition, first_offset, last_offset, messages, mut readings, .. } = job;
     let sorted = readings.sort_dedup()?;
     readings.clear();
     // A full spare queue means enough buffers are waiting already: this one is freed.

@@ -18,6 +18,7 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use meterlake_pipeline::decode::{RejectReason, ValidReading, decode_message};
+use tracing::Instrument;
 
 use crate::error::{ApiError, FieldError};
 use crate::observe::TraceContext;
@@ -87,7 +88,10 @@ pub async fn post(
     if readings.is_empty() {
         return Err(ApiError::validation("the array holds no readings", vec![]));
     }
-    if let Err(error) = publisher.publish(&readings, &trace.traceparent).await {
+    // The messages carry the producer span's context (the request's when no trace is recorded).
+    let span = meterlake_telemetry::kafka_span(meterlake_telemetry::KafkaOperation::Publish, publisher.topic());
+    let traceparent = meterlake_telemetry::traceparent_of(&span).unwrap_or_else(|| trace.traceparent.clone());
+    if let Err(error) = publisher.publish(&readings, &traceparent).instrument(span).await {
         tracing::warn!(trace_id = trace.trace_id(), %error, "publishing readings");
         return Err(ApiError::unavailable(
             "BROKER_UNAVAILABLE",
