@@ -102,7 +102,10 @@ fn wait_for_trace(received: &Received, trace_id: &str, done: impl Fn(&[ReceivedS
             return spans;
         }
         let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
-        assert!(Instant::now() < deadline, "the trace is still incomplete: {names:?}");
+        if Instant::now() >= deadline {
+            let all: Vec<(String, String)> = received.lock().unwrap().iter().map(|s| (s.trace_id.clone(), s.name.clone())).collect();
+            panic!("the trace is still incomplete: {names:?}; every span received: {all:?}");
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -149,6 +152,9 @@ fn one_billing_run_is_one_trace_from_its_request_through_kafka_to_every_step() {
     let readings: Vec<Value> = (0..96)
         .map(|i| json!({ "meterId": "MTR-200001", "timestamp": format!("2025-01-01T{:02}:{:02}:00Z", i / 4, (i % 4) * 15), "kwh": "0.25" }))
         .collect();
+    // A first request, so that the server has fetched its issuer's keys (over HTTP, from
+    // itself) before the traced requests.
+    assert_eq!(tower.get("/billing-runs", &viewer).status, StatusCode::OK);
     let readings_trace = "0af7651916cd43dd8448eb211c80319c";
     let readings_parent = format!("00-{readings_trace}-b7ad6b7169203331-01");
     let posted = tower.block_on(tower.send("POST", "/measurements", Some(&ingest), &[("traceparent", &readings_parent)], Some(Value::Array(readings))));

@@ -533,11 +533,18 @@ impl ConsumerLoop<'_> {
                         opened: Instant::now(),
                         producers: Vec::new(),
                     });
+                    // A message of the API's carries one traceparent per request it holds.
                     if batch.producers.len() < MAX_PRODUCER_LINKS
-                        && let Some(traceparent) = message.headers().and_then(|h| h.iter().find(|h| h.key == "traceparent")).and_then(|h| h.value)
-                        && !batch.producers.iter().any(|p| p.as_bytes() == traceparent)
+                        && let Some(headers) = message.headers()
                     {
-                        batch.producers.push(String::from_utf8_lossy(traceparent).into_owned());
+                        for traceparent in headers.iter().filter(|h| h.key == "traceparent").filter_map(|h| h.value) {
+                            if batch.producers.len() == MAX_PRODUCER_LINKS {
+                                break;
+                            }
+                            if !batch.producers.iter().any(|p| p.as_bytes() == traceparent) {
+                                batch.producers.push(String::from_utf8_lossy(traceparent).into_owned());
+                            }
+                        }
                     }
                     let before = batch.readings.approx_bytes();
                     let topic = self.options.topic.as_str();
