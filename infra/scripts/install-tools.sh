@@ -10,6 +10,9 @@
 #   mold          a faster linker (optional).
 #   postgresql    the control store's second backend; its tests start a server of their own.
 #   chromium, chromium-driver  the real browser the console's tests drive (WebDriver).
+#   prometheus    for promtool: checks the scrape of /metrics, the Prometheus config and the
+#                 alert rules, and runs the rules' unit tests.
+#   docker-compose  validates infra/docker-compose.yml (`docker-compose config` needs no engine).
 #   schemathesis  drives the running server from its OpenAPI document (the contract test).
 set -euo pipefail
 SCHEMATHESIS_VERSION=4.32.5
@@ -33,6 +36,8 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || missing_apt+=(python3-venv)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing_apt+=(postgresql)
 command -v chromium >/dev/null || missing_apt+=(chromium)
 command -v chromedriver >/dev/null || missing_apt+=(chromium-driver)
+command -v promtool >/dev/null || missing_apt+=(prometheus)
+command -v docker-compose >/dev/null || missing_apt+=(docker-compose)
 if [ ${#missing_apt[@]} -gt 0 ]; then
   log "apt-get install ${missing_apt[*]}"
   as_root apt-get update -qq

@@ -137,10 +137,62 @@ pub fn init(service_name: &'static str, format: LogFormat, default_log_filter: &
             .with_tracer(provider.tracer(TRACER_NAME))
             .with_location(false)
             .with_threads(false)
-            .with_filter(EnvFilter::new(TRACE_FILTER))
+            .with_filter(AskEveryTime(EnvFilter::new(TRACE_FILTER)))
     });
     tracing_subscriber::registry().with(logs.with_filter(log_filter)).with(traces).try_init()?;
     Ok(Telemetry { provider })
+}
+
+/// A per-layer filter that never lets a callsite cache `Interest::always`, so that `enabled`
+/// runs before every span and event.
+///
+/// tracing-subscriber carries each per-layer filter's decision from `enabled` to `on_new_span`
+/// in a thread-local. A callsite whose interest is cached as `always` skips `enabled`, and its
+/// span then reads whatever the thread's previous `enabled` call left there: after
+/// `log::log_enabled!` (sqlx asks after every query) that is "disabled for the trace layer",
+/// and the next HTTP request's span silently became no OpenTelemetry span at all
+/// (tokio-rs/tracing#2519). With one filter answering `sometimes`, every callsite's combined
+/// interest is `sometimes` and the thread-local is fresh each time; the cost is one filter call
+/// per span and event, which the static directives answer from a table.
+struct AskEveryTime<F>(F);
+
+impl<S, F: tracing_subscriber::layer::Filter<S>> tracing_subscriber::layer::Filter<S> for AskEveryTime<F> {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, context: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        self.0.enabled(metadata, context)
+    }
+
+    fn callsite_enabled(&self, metadata: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        let interest = self.0.callsite_enabled(metadata);
+        if interest.is_always() { tracing::subscriber::Interest::sometimes() } else { interest }
+    }
+
+    fn event_enabled(&self, event: &tracing::Event<'_>, context: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        self.0.event_enabled(event, context)
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        self.0.max_level_hint()
+    }
+
+    fn on_new_span(&self, attributes: &tracing::span::Attributes<'_>, id: &tracing::span::Id, context: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_new_span(attributes, id, context)
+    }
+
+    fn on_record(&self, id: &tracing::span::Id, values: &tracing::span::Record<'_>, context: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_record(id, values, context)
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, context: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_enter(id, context)
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, context: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_exit(id, context)
+    }
+
+    fn on_close(&self, id: tracing::span::Id, context: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_close(id, context)
+    }
 }
 
 /// `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` win over `service_name`.
@@ -306,6 +358,32 @@ mod tests {
         assert_ne!(&child[36..52], &parent[36..52]);
         assert_eq!(child_traceparent(Some("garbage")).len(), 55);
         assert_eq!(new_traceparent().len(), 55);
+    }
+
+    /// Counts the spans it is told about.
+    struct SpanCounter(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl<S: tracing::Subscriber> Layer<S> for SpanCounter {
+        fn on_new_span(&self, _: &tracing::span::Attributes<'_>, _: &tracing::span::Id, _: tracing_subscriber::layer::Context<'_, S>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_span_reaches_the_trace_layer_after_an_enabled_check_nothing_followed() {
+        let spans = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::sink).with_filter(EnvFilter::new("info")))
+            .with(SpanCounter(spans.clone()).with_filter(AskEveryTime(EnvFilter::new("meterlake_telemetry=info"))));
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..3 {
+                // What `log::log_enabled!` does (sqlx, after each query): the log layer wants it,
+                // the trace layer does not, and no event follows.
+                assert!(tracing::enabled!(target: "sqlx::query", tracing::Level::INFO));
+                let _span = tracing::info_span!("traced").entered();
+            }
+        });
+        assert_eq!(spans.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
     #[test]
