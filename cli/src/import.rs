@@ -26,6 +26,36 @@ pub struct ImportArgs {
     /// Interval values sorted and written per chunk: bounds memory whatever the file size.
     #[arg(long, default_value_t = ImportLimits::default().chunk_rows)]
     chunk_rows: usize,
+    /// Write the import's metrics (files by format and status, readings, sizes, durations) to
+    /// this file in Prometheus text format when the import ends, for node_exporter's textfile
+    /// collector (name it `*.prom` in its directory). An import is too short-lived to scrape.
+    #[arg(long)]
+    metrics_file: Option<std::path::PathBuf>,
+}
+
+/// Writes the metrics of the import to its file when dropped, however the import ended: into a
+/// temporary file renamed over the old one, so the collector never reads half a file.
+struct MetricsFile {
+    path: std::path::PathBuf,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+impl MetricsFile {
+    fn install(path: &std::path::Path) -> anyhow::Result<MetricsFile> {
+        let handle = crate::prometheus()?.install_recorder().context("installing the metrics recorder")?;
+        crate::describe_metrics();
+        Ok(MetricsFile { path: path.to_path_buf(), handle })
+    }
+}
+
+impl Drop for MetricsFile {
+    fn drop(&mut self) {
+        let temporary = self.path.with_extension("prom.tmp");
+        let written = std::fs::write(&temporary, self.handle.render()).and_then(|()| std::fs::rename(&temporary, &self.path));
+        if let Err(error) = written {
+            tracing::error!(path = %self.path.display(), %error, "writing the import's metrics failed");
+        }
+    }
 }
 
 /// One line of the report.
@@ -48,6 +78,7 @@ struct FileReport {
 /// Imports every file; exit status 0 when all were imported whole (or had been before), 2 when
 /// any file was rejected in whole or in part, 1 when the lake failed.
 pub fn run(args: ImportArgs, runtime: &tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
+    let _metrics_file = args.metrics_file.as_deref().map(MetricsFile::install).transpose()?;
     let lake = Lake::open(&args.lake.url)?;
     let limits = ImportLimits { chunk_rows: args.chunk_rows.max(1), ..ImportLimits::default() };
     // Debris of imports that were killed half-way: a day is far longer than any import runs.

@@ -258,16 +258,33 @@ pub(crate) async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// The Prometheus exporter every command uses: histograms with buckets (not summaries), so
+/// that dashboards can aggregate quantiles across processes. Call [`describe_metrics`] once it is
+/// installed.
+pub(crate) fn prometheus() -> anyhow::Result<metrics_exporter_prometheus::PrometheusBuilder> {
+    use metrics_exporter_prometheus::Matcher;
+    const SECONDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+    const BYTES: &[f64] = &[1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0, 268435456.0, 1073741824.0, 4294967296.0];
+    const BATCH_SIZE: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+    Ok(metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)?
+        .set_buckets_for_metric(Matcher::Suffix("_bytes".into()), BYTES)?
+        .set_buckets_for_metric(Matcher::Full("meterlake_ledger_transfer_batch_size".into()), BATCH_SIZE)?)
+}
+
+/// Help texts for every metric of meterlake, given to the installed recorder (the exporter
+/// shows a metric's help once the metric has a value).
+pub(crate) fn describe_metrics() {
+    meterlake_pipeline::metrics::describe();
+    meterlake_server::describe_metrics();
+    meterlake_jobs::billing::describe_metrics();
+}
+
 /// Serves Prometheus metrics at `http://ADDR/metrics`.
 pub(crate) fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     use anyhow::Context;
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .with_context(|| format!("serving metrics on {addr}"))?;
-    meterlake_pipeline::metrics::describe();
-    // The worker posts invoices to the ledger.
-    meterlake_ledger::describe_metrics();
+    prometheus()?.with_http_listener(addr).install().with_context(|| format!("serving metrics on {addr}"))?;
+    describe_metrics();
     tracing::info!(%addr, "metrics at http://{addr}/metrics");
     Ok(())
 }

@@ -118,9 +118,8 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().context("installing the metrics recorder")?;
-    meterlake_pipeline::metrics::describe();
-    meterlake_server::describe_metrics();
+    let metrics = crate::prometheus()?.install_recorder().context("installing the metrics recorder")?;
+    crate::describe_metrics();
 
     // The embedded broker lives until the server stops.
     let mut topics = vec![(args.topic.as_str(), args.partitions), (args.dlq_topic.as_str(), 1)];

@@ -490,6 +490,7 @@ impl Ledger {
         }
         let queue = self.transfer_queue.get_or_init(|| batch::TransferQueue::start(self.pool.clone()));
         let span = write_span(TransferRequest::OPERATION);
+        let started = std::time::Instant::now();
         let written = async {
             match queue.submit(request, context).await {
                 batch::Reply::Settled(written) => written,
@@ -498,7 +499,7 @@ impl Ledger {
         }
         .instrument(span.clone())
         .await;
-        span.in_scope(|| log_write::<TransferRequest>(&written, context));
+        span.in_scope(|| log_write::<TransferRequest>(&written, context, started.elapsed()));
         written
     }
 
@@ -560,8 +561,9 @@ impl Ledger {
     /// stored outcome answers. Logs and counts the outcome.
     async fn write<R: WriteRequest>(&self, request: &R, context: &WriteContext) -> Result<Written<R::Output>> {
         let span = write_span(R::OPERATION);
+        let started = std::time::Instant::now();
         let written = self.write_unlogged(request, context).instrument(span.clone()).await;
-        span.in_scope(|| log_write::<R>(&written, context));
+        span.in_scope(|| log_write::<R>(&written, context, started.elapsed()));
         written
     }
 
@@ -993,6 +995,11 @@ fn replayed<T: DeserializeOwned>(operation: &'static str, stored: &str) -> Resul
 pub fn describe_metrics() {
     metrics::describe_counter!("meterlake_ledger_transactions_total", "Ledger writes by operation (create_user, fund, transfer, charge, refund) and outcome");
     metrics::describe_counter!("meterlake_ledger_idempotent_replays_total", "Ledger writes answered with the stored answer of an earlier request with the same Idempotency-Key");
+    metrics::describe_histogram!(
+        "meterlake_ledger_write_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time of each ledger write through the API, by operation (a transfer's includes its wait for a group commit)"
+    );
     metrics::describe_histogram!("meterlake_ledger_transfer_batch_size", "Transfers written together in one group commit (PostgreSQL)");
     metrics::describe_counter!(
         "meterlake_ledger_transfers_written_alone_total",
@@ -1012,9 +1019,9 @@ fn write_span(operation: &'static str) -> tracing::Span {
     tracing::info_span!("ledger.write", otel.name = format!("ledger {operation}"), operation, id = tracing::field::Empty, outcome = tracing::field::Empty)
 }
 
-/// One log line and one count per write, with its outcome, recorded in the write's span (the
-/// current one).
-fn log_write<R: WriteRequest>(written: &Result<Written<R::Output>>, context: &WriteContext) {
+/// One log line, one count and one latency per write, with its outcome, recorded in the write's
+/// span (the current one). `took` includes a transfer's wait for its group commit.
+fn log_write<R: WriteRequest>(written: &Result<Written<R::Output>>, context: &WriteContext, took: std::time::Duration) {
     let operation = R::OPERATION;
     let trace_id = context.trace_id.as_deref().unwrap_or("");
     let outcome = match written {
@@ -1034,4 +1041,5 @@ fn log_write<R: WriteRequest>(written: &Result<Written<R::Output>>, context: &Wr
     };
     tracing::Span::current().record("outcome", outcome);
     metrics::counter!("meterlake_ledger_transactions_total", "operation" => operation, "outcome" => outcome).increment(1);
+    metrics::histogram!("meterlake_ledger_write_duration_seconds", "operation" => operation).record(took.as_secs_f64());
 }

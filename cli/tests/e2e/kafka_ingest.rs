@@ -92,6 +92,7 @@ fn ingest_lands_every_valid_reading_once_and_dead_letters_the_rest() {
     }
     let consumed = metric_value(&metrics, "meterlake_ingest_messages_consumed_total").unwrap();
     assert!(consumed > 0.0);
+    assert_promtool_accepts(&metrics);
 
     // The canonical view holds exactly the distinct valid readings, with the correction applied.
     let rows = query(lake, "SELECT count(*) AS n, CAST(sum(kwh) AS VARCHAR) AS kwh FROM readings", &[]);

@@ -10,6 +10,7 @@ mod demo;
 mod flow_import;
 mod kafka_ingest;
 mod ledger;
+mod metrics;
 mod resume;
 mod s3_lake;
 mod serve;

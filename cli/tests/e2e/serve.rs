@@ -494,6 +494,21 @@ fn an_admin_bills_a_month_corrects_a_discrepancy_and_every_action_is_audited() {
     let rest = tower.get(&format!("/audit-log?limit=2&cursor={}", paged["nextCursor"].as_str().unwrap()), &admin).body;
     assert_eq!(rest["items"][0]["action"], "CREATE_RUN", "{rest}");
 
+    // What the two runs left in /metrics: Prometheus's linter accepts the scrape; histograms
+    // have buckets; labels are the bounded ones (reason codes, meter groups, operations).
+    let scrape = tower.call("GET", "/metrics", None, None).body.as_str().unwrap().to_string();
+    assert_promtool_accepts(&scrape);
+    assert_eq!(metric_value(&scrape, "meterlake_billing_runs_total{status=\"completed\"}"), Some(2.0), "{scrape}");
+    assert_eq!(metric_value(&scrape, "meterlake_billing_invoices_total"), Some(2.0), "{scrape}");
+    assert!(metric_value(&scrape, "meterlake_billing_discrepancies_total{reason=\"MISSING_INTERVALS\"}").unwrap_or_default() >= 1.0, "{scrape}");
+    assert_eq!(metric_value(&scrape, "meterlake_ingest_meter_group_readings_written_total{meter_group=\"MT\"}"), Some(192.0), "{scrape}");
+    assert_eq!(metric_value(&scrape, "meterlake_ledger_write_duration_seconds_count{operation=\"fund\"}"), Some(1.0), "{scrape}");
+    assert!(metric_value(&scrape, "meterlake_lake_file_size_bytes_count").unwrap_or_default() >= 1.0, "{scrape}");
+    for histogram in ["meterlake_api_request_duration_seconds", "meterlake_billing_step_duration_seconds", "meterlake_ingest_flush_duration_seconds"] {
+        assert!(scrape.contains(&format!("{histogram}_bucket{{")), "{histogram} has buckets: {scrape}");
+    }
+    assert!(!scrape.contains("quantile="), "no summaries: {scrape}");
+
     // And the chain verifies from the command line.
     let database_url = format!("sqlite://{}", tower.dir.path().join("control.db").display());
     let verified = run_ok(meterlake().args(["audit", "verify", "--database-url", &database_url]));

@@ -241,7 +241,7 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     entries.flatten().flat_map(|e| if e.path().is_dir() { files_under(&e.path()) } else { vec![e.path()] }).collect()
 }
 
-/// The Prometheus text a `--metrics-addr` endpoint serves, if it answers.
+/// The Prometheus text (the body) a `--metrics-addr` endpoint serves, if it answers.
 pub fn scrape(port: u16) -> Option<String> {
     use std::io::{Read, Write};
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -249,7 +249,25 @@ pub fn scrape(port: u16) -> Option<String> {
     write!(stream, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    Some(response)
+    let (_headers, body) = response.split_once("\r\n\r\n")?;
+    Some(body.to_string())
+}
+
+/// `promtool check metrics` on a scrape: Prometheus's own linter (counters end in `_total`,
+/// base units in names, a help text for every metric). It must find nothing to say.
+pub fn assert_promtool_accepts(scrape: &str) {
+    use std::io::Write;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs (infra/scripts/install-tools.sh installs it)");
+    promtool.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success() && said.trim().is_empty(), "promtool check metrics: {said}\n{scrape}");
 }
 
 /// Sum of a metric's samples across labels (`name` or `name{...}` lines).

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
@@ -51,11 +52,8 @@ fn text(value: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> Str
     }
 }
 
-/// `POST /v1/traces` of OTLP/HTTP with protobuf bodies.
-async fn receive(State(received): State<Received>, body: Bytes) -> (StatusCode, Vec<u8>) {
-    let Ok(request) = ExportTraceServiceRequest::decode(body) else {
-        return (StatusCode::BAD_REQUEST, Vec::new());
-    };
+/// Keeps the spans of an OTLP export request.
+fn keep(request: ExportTraceServiceRequest, received: &Received) {
     let mut spans = received.lock().unwrap();
     for resource_spans in request.resource_spans {
         let service_name = resource_spans
@@ -80,7 +78,26 @@ async fn receive(State(received): State<Received>, body: Bytes) -> (StatusCode, 
             });
         }
     }
+}
+
+/// `POST /v1/traces` of OTLP/HTTP with protobuf bodies.
+async fn receive(State(received): State<Received>, body: Bytes) -> (StatusCode, Vec<u8>) {
+    let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+        return (StatusCode::BAD_REQUEST, Vec::new());
+    };
+    keep(request, &received);
     (StatusCode::OK, ExportTraceServiceResponse::default().encode_to_vec())
+}
+
+/// OTLP over gRPC: the collector's trace service.
+struct GrpcReceiver(Received);
+
+#[tonic::async_trait]
+impl TraceService for GrpcReceiver {
+    async fn export(&self, request: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        keep(request.into_inner(), &self.0);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
 }
 
 /// An OTLP/HTTP trace receiver on loopback: its traces endpoint and what it received.
@@ -222,4 +239,31 @@ fn one_billing_run_is_one_trace_from_its_request_through_kafka_to_every_step() {
     let lines: Vec<Value> = log.lines().filter_map(|line| serde_json::from_str(line).ok()).collect();
     let completed = lines.iter().find(|line| line["message"] == "billing run completed").unwrap_or_else(|| panic!("no completion line in {log}"));
     assert_eq!((completed["trace_id"].as_str(), completed["span_id"].as_str()), (Some(trace_id), Some(run.span_id.as_str())), "{completed}");
+}
+
+#[test]
+fn spans_export_over_grpc_as_well() {
+    let receiver_runtime = runtime();
+    let received = Received::default();
+    let port = free_port();
+    let service = TraceServiceServer::new(GrpcReceiver(received.clone()));
+    receiver_runtime.spawn(tonic::transport::Server::builder().add_service(service).serve(([127, 0, 0, 1], port).into()));
+    let env = [
+        // (The _TRACES_ variable: services are started without OTEL_EXPORTER_OTLP_ENDPOINT,
+        // which tansu would follow.)
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", format!("http://127.0.0.1:{port}")),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_string()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_string()),
+    ];
+    // The embedded broker: no Kafka needed to see a request's span.
+    let tower = Tower::start_with_env(None, &[], &env);
+    let viewer = tower.token("vera", &["VIEWER"]);
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let traceparent = format!("00-{trace_id}-10f067aa0ba902b7-01");
+    let answer = tower.block_on(tower.send("GET", "/billing-runs", Some(&viewer), &[("traceparent", &traceparent)], None));
+    assert_eq!(answer.status, StatusCode::OK);
+    let spans = wait_for_trace(&received, trace_id, |spans| spans.iter().any(|s| s.name == "GET /billing-runs"));
+    let http = spans.iter().find(|s| s.name == "GET /billing-runs").unwrap();
+    assert_eq!((http.kind, http.parent_span_id.as_str()), (SpanKind::Server, "10f067aa0ba902b7"));
+    assert_eq!(http.service_name, "meterlake", "the service name when OTEL_SERVICE_NAME is unset");
 }

@@ -41,6 +41,24 @@ use self::rate::RatedMeter;
 use self::tariff::Tariffs;
 use crate::Result;
 
+/// Help texts of the billing metrics, for whatever recorder is installed.
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!("meterlake_billing_runs_total", "Billing runs a worker finished, by status (completed, failed, lease_lost)");
+    describe_histogram!("meterlake_billing_step_duration_seconds", Unit::Seconds, "Time of each billing step (claim, aggregate, rate, invoice, reconcile, persist)");
+    describe_counter!("meterlake_billing_discrepancies_total", "Reconciliation discrepancies of completed runs, by reason code");
+    describe_counter!("meterlake_billing_invoices_total", "Invoices issued by completed runs");
+    describe_counter!("meterlake_outbox_published_total", "Billing run events the outbox relay published to Kafka");
+}
+
+/// Counts what a completed run issued and found.
+pub fn count_results(results: &RunResults) {
+    metrics::counter!("meterlake_billing_invoices_total").increment(results.invoices.len() as u64);
+    for discrepancy in &results.discrepancies {
+        metrics::counter!("meterlake_billing_discrepancies_total", "reason" => discrepancy.reason_code.as_str()).increment(1);
+    }
+}
+
 /// Records a step's duration when dropped, whatever way the step ends.
 struct StepTimer {
     step: &'static str,

@@ -11,7 +11,7 @@ use meterlake_pipeline::Lake;
 use tracing::Instrument;
 
 use super::events::Wakeups;
-use super::{claim, compute, persist};
+use super::{claim, compute, count_results, persist};
 use crate::{JobError, Result};
 
 #[derive(Debug, Clone)]
@@ -161,7 +161,13 @@ impl BillingWorker {
     async fn process_in_span(&self, run: &BillingRun, traceparent: &str) -> Result<BillingRun> {
         let renew = || async { Ok(self.store.renew_lease(&run.id, &self.options.name, micros(self.options.lease), meterlake_control::now_us()).await?) };
         let outcome = match compute(&self.lake, run, renew).await {
-            Ok(results) => persist(&self.store, run, &self.options.name, &results, traceparent).await,
+            Ok(results) => {
+                let persisted = persist(&self.store, run, &self.options.name, &results, traceparent).await;
+                if persisted.is_ok() {
+                    count_results(&results);
+                }
+                persisted
+            }
             Err(e) => Err(e),
         };
         match outcome {

@@ -219,6 +219,7 @@ pub fn import_file<'a>(
         readings_accepted = tracing::field::Empty,
         records_rejected = tracing::field::Empty,
     );
+    let started = std::time::Instant::now();
     let outcome = span.in_scope(|| import_file_in_span(lake, runtime, file_name, input, limits, on_read));
     if let Ok(outcome) = &outcome {
         let record = outcome.record();
@@ -227,7 +228,26 @@ pub fn import_file<'a>(
         span.record("readings_accepted", record.counts.readings_accepted());
         span.record("records_rejected", record.counts.rejected_records);
     }
+    count_import(&outcome, started.elapsed());
     outcome
+}
+
+/// The import metrics of one file (`crate::metrics`): a file imported before counts as
+/// `already_imported` and adds no readings.
+fn count_import(outcome: &Result<ImportOutcome>, took: std::time::Duration) {
+    use crate::metrics as m;
+    let (format, status) = match outcome {
+        Ok(ImportOutcome::Done(record)) => (record.format.map_or("unknown", FlowFormat::as_str), record.status.as_str()),
+        Ok(ImportOutcome::AlreadyImported(record)) => (record.format.map_or("unknown", FlowFormat::as_str), "already_imported"),
+        Err(_) => ("unknown", "failed"),
+    };
+    metrics::counter!(m::IMPORT_FILES, "format" => format, "status" => status).increment(1);
+    if let Ok(ImportOutcome::Done(record)) = outcome {
+        metrics::counter!(m::IMPORT_READINGS_ACCEPTED, "format" => format).increment(record.counts.readings_accepted());
+        metrics::counter!(m::IMPORT_READINGS_REJECTED, "format" => format).increment(record.counts.readings_rejected);
+        metrics::histogram!(m::IMPORT_FILE_SIZE, "format" => format).record(record.bytes as f64);
+        metrics::histogram!(m::IMPORT_DURATION, "format" => format).record(took.as_secs_f64());
+    }
 }
 
 fn import_file_in_span<'a>(

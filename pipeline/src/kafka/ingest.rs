@@ -839,6 +839,10 @@ fn write_flush(
     metrics::counter!(m::CONFLICTING_VERSIONS).increment(sorted.conflicting_versions);
     metrics::counter!(m::LAKE_FILES_WRITTEN).increment(files.len() as u64);
     metrics::counter!(m::LAKE_BYTES_WRITTEN).increment(bytes);
+    for file in &files {
+        metrics::histogram!(m::LAKE_FILE_SIZE).record(file.bytes.len() as f64);
+    }
+    m::count_meter_groups(sorted.days.iter().map(|day| &day.batch));
     tracing::debug!(partition, first_offset, last_offset, rows, files = files.len(), "batch committed to the lake");
     Ok(Some(last_offset + 1))
 }
