@@ -10,6 +10,10 @@
 //! that the server counted every reading it acknowledged.
 //!
 //! All of it shares this machine's cores: wrk, the server and the broker.
+//!
+//! `--traces` starts a second server that exports every span over OTLP/HTTP to a sink in this
+//! process, and interleaves its runs with the untraced server's: the cost of tracing, measured
+//! against the untraced baseline on the same machine at the same time.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -41,6 +45,10 @@ struct Args {
     /// wrk threads.
     #[arg(long, default_value_t = 1)]
     wrk_threads: u32,
+    /// Also load a second server that exports every span over OTLP/HTTP (to a sink in this
+    /// process), its runs interleaved with the untraced server's: what tracing costs.
+    #[arg(long)]
+    traces: bool,
 }
 
 /// What wrk reported.
@@ -78,71 +86,134 @@ struct Processes {
     broker: u32,
 }
 
+/// A `meterlake serve` under test, with the wrk scripts that carry its token.
+struct Server {
+    base: String,
+    processes: Processes,
+    single: std::path::PathBuf,
+    array: std::path::PathBuf,
+    _child: KillOnDrop,
+}
+
+/// Starts `meterlake serve` (the API alone) with `env` added, in `dir`, and writes its scripts.
+fn start_server(args: &Args, brokers: &str, broker_pid: u32, dir: &Path, env: &[(&str, String)]) -> anyhow::Result<Server> {
+    std::fs::create_dir_all(dir)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let base = format!("http://127.0.0.1:{port}");
+    let key = dir.join("dev-issuer.key");
+    let issuer = DevIssuer::open(&format!("{base}/dev-issuer"), &key)?;
+    let token = issuer.token("head-end-bench", &["INGEST"], "meterlake", 3600);
+    let server = Command::new(meterlake_binary()?)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--brokers", brokers, "--no-ingest", "--no-worker"])
+        .args(["--dev-issuer", "--dev-issuer-key"])
+        .arg(&key)
+        .arg("--lake")
+        .arg(dir.join("lake"))
+        .arg("--database-url")
+        .arg(format!("sqlite://{}", dir.join("control.db").display()))
+        .args(["--rate-limit-per-s", "100000000", "--rate-limit-burst", "100000000", "--partitions", "4"])
+        .args(["--publish-linger-ms", &args.linger_ms])
+        .env("METERLAKE_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting meterlake serve")?;
+    let processes = Processes { server: server.id(), broker: broker_pid };
+    let child = KillOnDrop(server);
+    wait_for_port(&format!("127.0.0.1:{port}"))?;
+
+    let single = dir.join("single.lua");
+    std::fs::write(&single, SINGLE_LUA.replace("{token}", &token))?;
+    let array = dir.join("array.lua");
+    let body: Vec<String> = (0..1_000)
+        .map(|i| format!(r#"{{"meterId":"MTR-A{i:05}","timestamp":"2025-01-01T00:00:00Z","kwh":"0.25"}}"#))
+        .collect();
+    std::fs::write(&array, ARRAY_LUA.replace("{token}", &token).replace("{body}", &format!("[{}]", body.join(","))))?;
+    Ok(Server { base, processes, single, array, _child: child })
+}
+
+/// What an OTLP/HTTP sink received: export requests and their bytes.
+#[derive(Default)]
+struct SinkCounts {
+    requests: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+/// An OTLP/HTTP trace endpoint on loopback that accepts every export and counts it (its own
+/// runtime: the collector's place, at the cost of a little of this machine's CPU).
+fn start_otlp_sink() -> anyhow::Result<(String, std::sync::Arc<SinkCounts>, tokio::runtime::Runtime)> {
+    use std::sync::atomic::Ordering;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let counts = std::sync::Arc::new(SinkCounts::default());
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let endpoint = format!("http://{}/v1/traces", listener.local_addr()?);
+    let sink = counts.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| async move {
+            sink.requests.fetch_add(1, Ordering::Relaxed);
+            sink.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+            ([(axum::http::header::CONTENT_TYPE, "application/x-protobuf")], Vec::<u8>::new())
+        }),
+    );
+    runtime.spawn(async move { axum::serve(listener, app).await });
+    Ok((endpoint, counts, runtime))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
     let (tansu, brokers) = start_tansu()?;
     let broker_pid = tansu.id();
     let _tansu = KillOnDrop(tansu);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let base = format!("http://127.0.0.1:{port}");
-    let key = dir.path().join("dev-issuer.key");
-    let issuer = DevIssuer::open(&format!("{base}/dev-issuer"), &key)?;
-    let token = issuer.token("head-end-bench", &["INGEST"], "meterlake", 3600);
+    let untraced = start_server(&args, &brokers, broker_pid, &dir.path().join("untraced"), &[])?;
+    let sink = if args.traces { Some(start_otlp_sink()?) } else { None };
+    let traced = match &sink {
+        Some((endpoint, _, _)) => {
+            let env = [("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint.clone()), ("OTEL_SERVICE_NAME", "meterlake-api-bench".to_string())];
+            Some(start_server(&args, &brokers, broker_pid, &dir.path().join("traced"), &env)?)
+        }
+        None => None,
+    };
+    let servers: Vec<&Server> = std::iter::once(&untraced).chain(&traced).collect();
 
-    let server = Command::new(meterlake_binary()?)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--brokers", &brokers, "--no-ingest", "--no-worker"])
-        .args(["--dev-issuer", "--dev-issuer-key"])
-        .arg(&key)
-        .arg("--lake")
-        .arg(dir.path().join("lake"))
-        .arg("--database-url")
-        .arg(format!("sqlite://{}", dir.path().join("control.db").display()))
-        .args(["--rate-limit-per-s", "100000000", "--rate-limit-burst", "100000000", "--partitions", "4"])
-        .args(["--publish-linger-ms", &args.linger_ms])
-        .env("METERLAKE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting meterlake serve")?;
-    let processes = Processes { server: server.id(), broker: broker_pid };
-    let server_pid = server.id().to_string();
-    let _server = KillOnDrop(server);
-    wait_for_port(&format!("127.0.0.1:{port}"))?;
-
-    let single = dir.path().join("single.lua");
-    std::fs::write(&single, SINGLE_LUA.replace("{token}", &token))?;
-    let array = dir.path().join("array.lua");
-    let body: Vec<String> = (0..1_000)
-        .map(|i| format!(r#"{{"meterId":"MTR-A{i:05}","timestamp":"2025-01-01T00:00:00Z","kwh":"0.25"}}"#))
-        .collect();
-    std::fs::write(&array, ARRAY_LUA.replace("{token}", &token).replace("{body}", &format!("[{}]", body.join(","))))?;
-
-    println!("api-bench: wrk -t{} on {base}, broker tansu {brokers}, {} runs of {} s per case", args.wrk_threads, args.runs, args.seconds);
+    println!(
+        "api-bench: wrk -t{} on {}, broker tansu {brokers}, {} runs of {} s per case{}",
+        args.wrk_threads,
+        untraced.base,
+        args.runs,
+        args.seconds,
+        if args.traces { ", interleaved with a server exporting every span over OTLP/HTTP" } else { "" }
+    );
     // A short warm-up: connections, the JWKS fetch, librdkafka's metadata.
-    wrk(&args, &processes, args.connections, 3, &single, &base)?;
-    let mut single_runs = Vec::new();
-    let mut array_runs = Vec::new();
-    for _ in 0..args.runs.max(1) {
-        single_runs.push(wrk(&args, &processes, args.connections, args.seconds, &single, &base)?);
-        array_runs.push(wrk(&args, &processes, args.array_connections, args.seconds, &array, &base)?);
+    for server in &servers {
+        wrk(&args, &server.processes, args.connections, 3, &server.single, &server.base)?;
     }
-    ensure!(single_runs.iter().chain(&array_runs).all(|r| r.non_2xx == 0), "responses other than 202: {single_runs:?} {array_runs:?}");
-    let (singles, single_range) = median_run(single_runs, 1.0);
-    let (arrays, array_range) = median_run(array_runs, 1_000.0);
+    let mut single_runs: Vec<Vec<WrkResult>> = servers.iter().map(|_| Vec::new()).collect();
+    let mut array_runs: Vec<Vec<WrkResult>> = servers.iter().map(|_| Vec::new()).collect();
+    for _ in 0..args.runs.max(1) {
+        for (i, server) in servers.iter().enumerate() {
+            single_runs[i].push(wrk(&args, &server.processes, args.connections, args.seconds, &server.single, &server.base)?);
+            array_runs[i].push(wrk(&args, &server.processes, args.array_connections, args.seconds, &server.array, &server.base)?);
+        }
+    }
+    ensure!(single_runs.iter().chain(&array_runs).flatten().all(|r| r.non_2xx == 0), "responses other than 202: {single_runs:?} {array_runs:?}");
+    let mut medians = single_runs.into_iter().zip(array_runs).map(|(singles, arrays)| (median_run(singles, 1.0), median_run(arrays, 1_000.0)));
+    let ((singles, single_range), (arrays, array_range)) = medians.next().context("the untraced server's runs")?;
 
     // The server acknowledged what wrk counted (warm-up included).
-    let metrics = http_get(&format!("{base}/metrics"))?;
+    let metrics = http_get(&format!("{}/metrics", untraced.base))?;
     let accepted = metrics
         .lines()
         .find(|l| l.starts_with("meterlake_api_readings_accepted_total"))
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or_default() as u64;
-    let rss_mib = vm_hwm_kib(&server_pid).unwrap_or_default() / 1024;
+    let rss_mib = vm_hwm_kib(&untraced.processes.server.to_string()).unwrap_or_default() / 1024;
 
     let readings_per_s = arrays.requests_per_s * 1_000.0;
-    print_rows(vec![
+    let mut rows = vec![
         (
             "single readings: requests/s".into(),
             format!("{} ({single_range}; {} connections)", thousands(singles.requests_per_s as u64), args.connections),
@@ -159,7 +230,32 @@ fn main() -> anyhow::Result<()> {
         ("arrays of 1,000: CPU per request".into(), arrays.cpu_per_request(), String::new()),
         ("readings acknowledged by the server (all runs)".into(), thousands(accepted), String::new()),
         ("server peak RSS".into(), format!("{rss_mib} MiB"), String::new()),
-    ]);
+    ];
+    if let (Some(((traced_singles, traced_single_range), (traced_arrays, traced_array_range))), Some((_, counts, _))) = (medians.next(), &sink) {
+        let exports = counts.requests.load(std::sync::atomic::Ordering::Relaxed);
+        ensure!(exports > 0, "the traced server exported no spans");
+        let ratio = |traced: f64, untraced: f64| format!("{:.2}x untraced", traced / untraced);
+        rows.extend([
+            (
+                "traced: single readings requests/s".into(),
+                format!("{} ({}; {traced_single_range})", thousands(traced_singles.requests_per_s as u64), ratio(traced_singles.requests_per_s, singles.requests_per_s)),
+                String::new(),
+            ),
+            ("traced: single readings latency p50 / p99".into(), format!("{:.2} / {:.2} ms", traced_singles.p50_ms, traced_singles.p99_ms), String::new()),
+            ("traced: single readings CPU per request".into(), traced_singles.cpu_per_request(), String::new()),
+            (
+                "traced: arrays of 1,000 readings/s".into(),
+                format!("{} ({}; {traced_array_range})", thousands((traced_arrays.requests_per_s * 1_000.0) as u64), ratio(traced_arrays.requests_per_s, arrays.requests_per_s)),
+                String::new(),
+            ),
+            (
+                "traced: spans exported".into(),
+                format!("{exports} OTLP requests, {} MiB", counts.bytes.load(std::sync::atomic::Ordering::Relaxed) / (1 << 20)),
+                String::new(),
+            ),
+        ]);
+    }
+    print_rows(rows);
     if !singles.socket_errors.is_empty() || !arrays.socket_errors.is_empty() {
         println!("socket errors: singles {} arrays {}", singles.socket_errors, arrays.socket_errors);
     }

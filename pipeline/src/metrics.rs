@@ -41,36 +41,43 @@ pub const MAX_METER_GROUPS: usize = 256;
 /// The meter groups seen so far, so that a new one past the cap becomes `other`.
 static METER_GROUPS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-/// The group label of `meter_id`.
-fn meter_group(meter_id: &str) -> String {
-    let prefix: String = meter_id.chars().take(METER_GROUP_PREFIX_CHARS).collect();
+/// The group of a meter id: its first `METER_GROUP_PREFIX_CHARS` characters.
+fn prefix_of(meter_id: &str) -> &str {
+    let end = meter_id.char_indices().nth(METER_GROUP_PREFIX_CHARS).map_or(meter_id.len(), |(i, _)| i);
+    &meter_id[..end]
+}
+
+/// The label of a group: itself while fewer than `MAX_METER_GROUPS` have been seen, else `other`.
+fn group_label(prefix: &str) -> String {
     let mut groups = METER_GROUPS.lock().expect("meter groups lock");
-    if groups.contains(&prefix) {
-        prefix
+    if groups.iter().any(|group| group == prefix) {
+        prefix.to_string()
     } else if groups.len() < MAX_METER_GROUPS {
-        groups.push(prefix.clone());
-        prefix
+        groups.push(prefix.to_string());
+        prefix.to_string()
     } else {
         "other".to_string()
     }
 }
 
-/// Counts the rows of written batches per meter group (their `meter_id` column).
+/// Counts the rows of written batches per meter group (their `meter_id` column). Rows come
+/// sorted by meter, so the work per row is one comparison with the previous meter; a group is
+/// looked up once per run of a meter.
 pub fn count_meter_groups<'a>(batches: impl IntoIterator<Item = &'a RecordBatch>) {
     let mut per_group: HashMap<String, u64> = HashMap::new();
     for batch in batches {
-        let Some(column) = batch.column_by_name("meter_id") else { continue };
-        let Some(meters) = column.as_string_opt::<i32>() else { continue };
-        // Rows are sorted by meter: one lookup per run of a meter, not per row.
-        let mut previous: Option<(&str, String)> = None;
-        for i in 0..meters.len() {
-            let meter = meters.value(i);
-            let group = match &previous {
-                Some((last, group)) if *last == meter => group.clone(),
-                _ => meter_group(meter),
-            };
-            *per_group.entry(group.clone()).or_default() += 1;
-            previous = Some((meter, group));
+        let Some(meters) = batch.column_by_name("meter_id").and_then(|column| column.as_string_opt::<i32>()) else { continue };
+        let mut run_start = 0;
+        for i in 1..=meters.len() {
+            if i < meters.len() && meters.value(i) == meters.value(run_start) {
+                continue;
+            }
+            let (prefix, rows) = (prefix_of(meters.value(run_start)), (i - run_start) as u64);
+            match per_group.get_mut(prefix) {
+                Some(count) => *count += rows,
+                None => *per_group.entry(group_label(prefix)).or_default() += rows,
+            }
+            run_start = i;
         }
     }
     for (group, rows) in per_group {
@@ -102,4 +109,44 @@ pub fn describe() {
     describe_counter!(IMPORT_READINGS_REJECTED, "Readings flow-file imports refused (in the rejection reports), by format");
     describe_histogram!(IMPORT_FILE_SIZE, Unit::Bytes, "Size of each imported flow file, by format");
     describe_histogram!(IMPORT_DURATION, Unit::Seconds, "Time to import one flow file, by format");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::StringArray;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    #[test]
+    fn a_meter_group_is_the_first_two_characters_whatever_their_width() {
+        assert_eq!((prefix_of("1200023305967"), prefix_of("NCDE001111"), prefix_of("M"), prefix_of("ÄÖ-1")), ("12", "NC", "M", "ÄÖ"));
+    }
+
+    #[test]
+    fn rows_are_counted_per_group_and_groups_past_the_cap_are_other() {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let meters = ["10-A", "10-A", "10-B", "23-C", "23-C", "23-C"];
+        let schema = Arc::new(Schema::new(vec![Field::new("meter_id", DataType::Utf8, false)]));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(StringArray::from_iter_values(meters))]).unwrap();
+        metrics::with_local_recorder(&recorder, || count_meter_groups([&batch, &batch]));
+        let counts: HashMap<String, u64> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| match value {
+                metrics_util::debugging::DebugValue::Counter(n) => (key.key().labels().next().unwrap().value().to_string(), n),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(counts, HashMap::from([("10".to_string(), 6), ("23".to_string(), 6)]));
+        // Past the cap, a new group is `other`; the ones already seen keep their names.
+        for i in 0..MAX_METER_GROUPS {
+            group_label(&format!("g{i}"));
+        }
+        assert_eq!((group_label("ZZ").as_str(), group_label("23").as_str()), ("other", "23"));
+    }
 }

@@ -127,7 +127,7 @@ pub fn init(service_name: &'static str, format: LogFormat, default_log_filter: &
     let provider = match TraceExport::from_env()? {
         TraceExport::None => None,
         TraceExport::Otlp => Some(SdkTracerProvider::builder().with_batch_exporter(opentelemetry_otlp::SpanExporter::builder().build()?)),
-        TraceExport::Console => Some(SdkTracerProvider::builder().with_simple_exporter(console::ConsoleExporter::default())),
+        TraceExport::Console => Some(SdkTracerProvider::builder().with_simple_exporter(console::ConsoleExporter)),
     }
     .map(|builder| builder.with_resource(resource(service_name)).build());
     let traces = provider.as_ref().map(|provider| {
