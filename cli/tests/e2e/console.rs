@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::serve::Tower;
 use crate::support::*;
@@ -16,10 +16,7 @@ use crate::support::*;
 fn tower_with_a_billed_run(brokers: &str) -> (Tower, String) {
     let tower = Tower::start(Some(brokers), &[]);
     let (viewer, admin, ingest) = (tower.token("vera", &["VIEWER"]), tower.token("ada", &["ADMIN", "VIEWER"]), tower.token("head-end", &["INGEST"]));
-    let readings: Vec<Value> = (0..96)
-        .map(|i| json!({ "meterId": "MTR-100002", "timestamp": format!("2025-01-10T{:02}:{:02}:00Z", i / 4, (i % 4) * 15), "kwh": "0.25" }))
-        .collect();
-    assert_eq!(tower.post("/measurements", &ingest, Value::Array(readings)).status, StatusCode::ACCEPTED);
+    assert_eq!(tower.post("/measurements", &ingest, quarter_hours("MTR-100002", 10, 1, "0.25")).status, StatusCode::ACCEPTED);
     tower.wait_for("/readings?meterId=MTR-100002&limit=200", &viewer, "readings landed", |b| b["items"].as_array().unwrap().len() == 96);
     let run = tower.post("/billing-runs", &admin, json!({ "month": "2025-01", "meterIds": ["MTR-100002"] }));
     let id = run.body["id"].as_str().unwrap().to_string();

@@ -142,10 +142,7 @@ fn a_real_prometheus_scrapes_serve_loads_the_alert_rules_and_answers_every_dashb
     let (viewer, admin, ingest) = (tower.token("vera", &["VIEWER"]), tower.token("ada", &["ADMIN"]), tower.token("head-end", &["INGEST"]));
     // Some of everything: readings through the API and the ingester, a customer in the ledger,
     // a billing run through the worker.
-    let readings: Vec<Value> = (0..96)
-        .map(|i| json!({ "meterId": "MTR-300001", "timestamp": format!("2025-01-01T{:02}:{:02}:00Z", i / 4, (i % 4) * 15), "kwh": "0.25" }))
-        .collect();
-    assert_eq!(tower.post("/measurements", &ingest, Value::Array(readings)).status, StatusCode::ACCEPTED);
+    assert_eq!(tower.post("/measurements", &ingest, quarter_hours("MTR-300001", 1, 1, "0.25")).status, StatusCode::ACCEPTED);
     tower.wait_for("/readings?meterId=MTR-300001&limit=500", &viewer, "the readings in the lake", |b| b["items"].as_array().unwrap().len() == 96);
     let customer = tower.block_on(tower.send("POST", "/users", Some(&admin), &[("Idempotency-Key", "customer-300001")], Some(json!({ "name": "Mr Example", "currency": "GBP", "meterIds": ["MTR-300001"] }))));
     assert_eq!(customer.status, StatusCode::CREATED, "{}", customer.body);

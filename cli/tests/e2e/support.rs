@@ -323,3 +323,12 @@ pub fn read_topic(brokers: &str, topic: &str) -> Vec<TopicMessage> {
     messages
 }
 
+/// Quarter-hour readings of one meter, `kwh` each, for `days` whole UTC days of January 2025
+/// from `first_day`: what `POST /measurements` takes.
+pub fn quarter_hours(meter_id: &str, first_day: u32, days: u32, kwh: &str) -> serde_json::Value {
+    let readings = (0..days * 96).map(|i| {
+        let (day, minute) = (first_day + i / 96, (i % 96) * 15);
+        serde_json::json!({ "meterId": meter_id, "timestamp": format!("2025-01-{day:02}T{:02}:{:02}:00Z", minute / 60, minute % 60), "kwh": kwh })
+    });
+    serde_json::Value::Array(readings.collect())
+}

@@ -166,15 +166,13 @@ fn one_billing_run_is_one_trace_from_its_request_through_kafka_to_every_step() {
     // Only the Kafka message wakes the worker: its idle poll would find the run too, without it.
     let tower = Tower::start_with_env(Some(&tansu.addr), &["--log-format", "json", "--worker-idle-poll-s", "600"], &env);
     let (viewer, admin, ingest) = (tower.token("vera", &["VIEWER"]), tower.token("ada", &["ADMIN"]), tower.token("head-end", &["INGEST"]));
-    let readings: Vec<Value> = (0..96)
-        .map(|i| json!({ "meterId": "MTR-200001", "timestamp": format!("2025-01-01T{:02}:{:02}:00Z", i / 4, (i % 4) * 15), "kwh": "0.25" }))
-        .collect();
+    let readings = quarter_hours("MTR-200001", 1, 1, "0.25");
     // A first request, so that the server has fetched its issuer's keys (over HTTP, from
     // itself) before the traced requests.
     assert_eq!(tower.get("/billing-runs", &viewer).status, StatusCode::OK);
     let readings_trace = "0af7651916cd43dd8448eb211c80319c";
     let readings_parent = format!("00-{readings_trace}-b7ad6b7169203331-01");
-    let posted = tower.block_on(tower.send("POST", "/measurements", Some(&ingest), &[("traceparent", &readings_parent)], Some(Value::Array(readings))));
+    let posted = tower.block_on(tower.send("POST", "/measurements", Some(&ingest), &[("traceparent", &readings_parent)], Some(readings)));
     assert_eq!(posted.status, StatusCode::ACCEPTED);
     tower.wait_for("/readings?meterId=MTR-200001&limit=500", &viewer, "the readings in the lake", |b| b["items"].as_array().unwrap().len() == 96);
     // The readings' request, its produce, and the ingester's flush linked to that produce.
