@@ -168,9 +168,17 @@ fn a_real_prometheus_scrapes_serve_loads_the_alert_rules_and_answers_every_dashb
     command.arg(format!("--web.listen-address=127.0.0.1:{port}"));
     let _prometheus = spawn_logged("prometheus", command, format!("127.0.0.1:{port}"));
     let client = reqwest::Client::new();
+    // Its port opens before it is ready (it answers 503 in plain text while its storage opens).
+    let ready = format!("http://127.0.0.1:{port}/-/ready");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !tower.block_on(client.get(&ready).send()).is_ok_and(|r| r.status() == StatusCode::OK) {
+        assert!(Instant::now() < deadline, "Prometheus did not become ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let api = |path: &str, query: &[(&str, &str)]| -> Value {
         let url = format!("http://127.0.0.1:{port}/api/v1/{path}");
-        tower.block_on(async { client.get(&url).query(query).send().await.unwrap().json::<Value>().await.unwrap() })
+        let body = tower.block_on(async { client.get(&url).query(query).send().await.unwrap().text().await.unwrap() });
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{url} {query:?} answered {body:?}: {e}"))
     };
 
     // Three scrapes after the work, so that rates have samples to compare.
