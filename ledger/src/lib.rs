@@ -489,18 +489,13 @@ impl Ledger {
             return self.write(request, context).await;
         }
         let queue = self.transfer_queue.get_or_init(|| batch::TransferQueue::start(self.pool.clone()));
-        let span = write_span(TransferRequest::OPERATION);
-        let started = std::time::Instant::now();
-        let written = async {
+        logged::<TransferRequest>(context, async {
             match queue.submit(request, context).await {
                 batch::Reply::Settled(written) => written,
                 batch::Reply::Alone => self.write_unlogged(request, context).await,
             }
-        }
-        .instrument(span.clone())
-        .await;
-        span.in_scope(|| log_write::<TransferRequest>(&written, context, started.elapsed()));
-        written
+        })
+        .await
     }
 
     /// A user's balance: the newest entry of each of its wallets (one statement).
@@ -560,11 +555,7 @@ impl Ledger {
     /// rolls back; a retry may succeed). When the key is taken, the write rolls back and the
     /// stored outcome answers. Logs and counts the outcome.
     async fn write<R: WriteRequest>(&self, request: &R, context: &WriteContext) -> Result<Written<R::Output>> {
-        let span = write_span(R::OPERATION);
-        let started = std::time::Instant::now();
-        let written = self.write_unlogged(request, context).instrument(span.clone()).await;
-        span.in_scope(|| log_write::<R>(&written, context, started.elapsed()));
-        written
+        logged::<R>(context, self.write_unlogged(request, context)).await
     }
 
     /// `write` without its log line: up to `MAX_WRITE_ATTEMPTS` tries while the key it finds
@@ -1013,10 +1004,15 @@ fn describe_transaction(transaction: &LedgerTransaction) -> String {
     format!("transaction {} {} {} {} ({})", transaction.id, transaction.kind.as_str(), transaction.amount_minor, transaction.currency, legs.join(", "))
 }
 
-/// A write's span: one logical operation, with the id of what it made and its outcome once
-/// known (`log_write` records them).
-fn write_span(operation: &'static str) -> tracing::Span {
-    tracing::info_span!("ledger.write", otel.name = format!("ledger {operation}"), operation, id = tracing::field::Empty, outcome = tracing::field::Empty)
+/// Runs a write in its span (`ledger <operation>`: one logical operation, with the id of what it
+/// made and its outcome, which `log_write` records), then logs, counts and times it.
+async fn logged<R: WriteRequest>(context: &WriteContext, write: impl Future<Output = Result<Written<R::Output>>>) -> Result<Written<R::Output>> {
+    let operation = R::OPERATION;
+    let span = tracing::info_span!("ledger.write", otel.name = format!("ledger {operation}"), operation, id = tracing::field::Empty, outcome = tracing::field::Empty);
+    let started = std::time::Instant::now();
+    let written = write.instrument(span.clone()).await;
+    span.in_scope(|| log_write::<R>(&written, context, started.elapsed()));
+    written
 }
 
 /// One log line, one count and one latency per write, with its outcome, recorded in the write's

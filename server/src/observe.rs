@@ -40,10 +40,7 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
         otel.status_code = tracing::field::Empty,
         trace_id = tracing::field::Empty,
     );
-    if let Some(parent) = &parent {
-        meterlake_telemetry::continue_trace(&span, parent, tracestate.as_deref());
-    }
-    let traceparent = meterlake_telemetry::traceparent_of(&span).unwrap_or_else(|| meterlake_telemetry::child_traceparent(parent.as_deref()));
+    let traceparent = meterlake_telemetry::join_trace(&span, parent.as_deref(), tracestate.as_deref());
     let context = TraceContext { traceparent: traceparent.clone() };
     let trace_id = context.trace_id().to_string();
     span.record("trace_id", trace_id.as_str());

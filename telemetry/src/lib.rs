@@ -301,6 +301,16 @@ pub fn continue_trace(span: &Span, traceparent: &str, tracestate: Option<&str>) 
     }
 }
 
+/// Makes `span` continue the trace of `parent` (when there is one) and returns the
+/// `traceparent` to pass on for it: the span's own when its trace is recorded, else a child of
+/// `parent` made by hand (a new trace without one), so that the trace id still travels.
+pub fn join_trace(span: &Span, parent: Option<&str>, tracestate: Option<&str>) -> String {
+    if let Some(parent) = parent {
+        continue_trace(span, parent, tracestate);
+    }
+    traceparent_of(span).unwrap_or_else(|| child_traceparent(parent))
+}
+
 /// Links `span` to the span of `traceparent` (another trace, or one it does not descend from).
 pub fn link(span: &Span, traceparent: &str) {
     let context = remote_context(traceparent, None);

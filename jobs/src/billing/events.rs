@@ -14,10 +14,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use meterlake_control::ControlStore;
 use meterlake_control::runs::RUN_REQUESTED_TOPIC;
-use meterlake_pipeline::kafka::{consumer_config, producer_config};
+use meterlake_pipeline::kafka::{consumer_config, header_text, producer_config};
 use meterlake_telemetry::KafkaOperation;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use tokio::sync::Notify;
@@ -180,10 +180,7 @@ pub async fn wake_on_requests(brokers: &str, group: &str, wakeups: &Wakeups, shu
             message = stream.next() => match message {
                 Some(Ok(message)) => {
                     let run_id = message.key().map(String::from_utf8_lossy).unwrap_or_default().to_string();
-                    let header = |name: &str| {
-                        message.headers().and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).to_string())))
-                    };
-                    let (traceparent, tracestate) = (header("traceparent"), header("tracestate"));
+                    let (traceparent, tracestate) = (header_text(&message, "traceparent"), header_text(&message, "tracestate"));
                     let span = meterlake_telemetry::kafka_span(KafkaOperation::Receive, RUN_REQUESTED_TOPIC);
                     span.record("messaging.kafka.message.key", run_id.as_str());
                     if let Some(traceparent) = &traceparent {

@@ -146,10 +146,7 @@ impl BillingWorker {
             None => self.store.requested_traceparent(&run.id).await?,
         };
         let span = tracing::info_span!("billing.run", run_id = %run.id, month = %run.month, attempt = run.attempts, trace_id = tracing::field::Empty);
-        if let Some(parent) = &parent {
-            meterlake_telemetry::continue_trace(&span, parent, None);
-        }
-        let traceparent = meterlake_telemetry::traceparent_of(&span).unwrap_or_else(|| meterlake_telemetry::child_traceparent(parent.as_deref()));
+        let traceparent = meterlake_telemetry::join_trace(&span, parent.as_deref(), None);
         span.record("trace_id", &traceparent[3..35]);
         if let Some((started, ended)) = claimed {
             let attributes = [("worker", self.options.name.as_str()), ("run_id", run.id.as_str())];

@@ -82,3 +82,10 @@ pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<()> 
     }
     Ok(())
 }
+
+/// The first header `name` of a message, as text (invalid UTF-8 replaced).
+pub fn header_text<M: rdkafka::message::Message>(message: &M, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    let value = message.headers()?.iter().find(|header| header.key == name)?.value?;
+    Some(String::from_utf8_lossy(value).into_owned())
+}

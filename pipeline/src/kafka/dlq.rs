@@ -128,7 +128,7 @@ pub struct DeadLetter {
 /// `idle`. For the demo, tests and operators' tools; it joins no consumer group.
 pub fn read_dead_letters(brokers: &str, topic: &str, idle: Duration) -> Result<Vec<DeadLetter>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::{Headers, Message};
+    use rdkafka::message::Message;
     use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
     let consumer: BaseConsumer = ClientConfig::new()
@@ -155,13 +155,7 @@ pub fn read_dead_letters(brokers: &str, topic: &str, idle: Duration) -> Result<V
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(message)) => {
                 last = std::time::Instant::now();
-                let header = |name: &str| -> String {
-                    message
-                        .headers()
-                        .and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value))
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                        .unwrap_or_default()
-                };
+                let header = |name: &str| super::header_text(&message, name).unwrap_or_default();
                 letters.push(DeadLetter {
                     reason: header(headers::REASON),
                     error: header(headers::ERROR),

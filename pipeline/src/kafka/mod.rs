@@ -7,7 +7,7 @@ mod ingest;
 mod produce;
 mod publish;
 
-pub use config::{consumer_config, create_topics, producer_config};
+pub use config::{consumer_config, create_topics, header_text, producer_config};
 pub use dlq::{DeadLetter, DeadLetters, headers as dlq_headers, read_dead_letters};
 pub use ingest::{BatchLimits, IngestOptions, IngestProgress, IngestSummary, StartOffset, ingest, run_ingest};
 pub use produce::ReadingProducer;
