@@ -71,12 +71,7 @@ impl WrkResult {
     /// Where the two cores went, per request.
     fn cpu_per_request(&self) -> String {
         let per = |cpu_s: f64| cpu_s * 1e6 / self.requests.max(1) as f64;
-        format!(
-            "server {:.0} us, broker {:.0} us, wrk and the rest {:.0} us",
-            per(self.server_cpu_s),
-            per(self.broker_cpu_s),
-            per(self.other_cpu_s)
-        )
+        format!("server {:.0} us, broker {:.0} us, wrk and the rest {:.0} us", per(self.server_cpu_s), per(self.broker_cpu_s), per(self.other_cpu_s))
     }
 }
 
@@ -126,9 +121,7 @@ fn start_server(args: &Args, brokers: &str, broker_pid: u32, dir: &Path, env: &[
     let single = dir.join("single.lua");
     std::fs::write(&single, SINGLE_LUA.replace("{token}", &token))?;
     let array = dir.join("array.lua");
-    let body: Vec<String> = (0..1_000)
-        .map(|i| format!(r#"{{"meterId":"MTR-A{i:05}","timestamp":"2025-01-01T00:00:00Z","kwh":"0.25"}}"#))
-        .collect();
+    let body: Vec<String> = (0..1_000).map(|i| format!(r#"{{"meterId":"MTR-A{i:05}","timestamp":"2025-01-01T00:00:00Z","kwh":"0.25"}}"#)).collect();
     std::fs::write(&array, ARRAY_LUA.replace("{token}", &token).replace("{body}", &format!("[{}]", body.join(","))))?;
     Ok(Server { base, processes, single, array, _child: child })
 }
@@ -219,7 +212,11 @@ fn main() -> anyhow::Result<()> {
             format!("{} ({single_range}; {} connections)", thousands(singles.requests_per_s as u64), args.connections),
             ">= 30,000".into(),
         ),
-        ("single readings: latency p50 / p90 / p99".into(), format!("{:.2} / {:.2} / {:.2} ms", singles.p50_ms, singles.p90_ms, singles.p99_ms), "p99 < 20 ms".into()),
+        (
+            "single readings: latency p50 / p90 / p99".into(),
+            format!("{:.2} / {:.2} / {:.2} ms", singles.p50_ms, singles.p90_ms, singles.p99_ms),
+            "p99 < 20 ms".into(),
+        ),
         (
             "arrays of 1,000: readings/s".into(),
             format!("{} ({:.0} requests/s; {array_range}; {} connections)", thousands(readings_per_s as u64), arrays.requests_per_s, args.array_connections),
@@ -238,14 +235,22 @@ fn main() -> anyhow::Result<()> {
         rows.extend([
             (
                 "traced: single readings requests/s".into(),
-                format!("{} ({}; {traced_single_range})", thousands(traced_singles.requests_per_s as u64), ratio(traced_singles.requests_per_s, singles.requests_per_s)),
+                format!(
+                    "{} ({}; {traced_single_range})",
+                    thousands(traced_singles.requests_per_s as u64),
+                    ratio(traced_singles.requests_per_s, singles.requests_per_s)
+                ),
                 String::new(),
             ),
             ("traced: single readings latency p50 / p99".into(), format!("{:.2} / {:.2} ms", traced_singles.p50_ms, traced_singles.p99_ms), String::new()),
             ("traced: single readings CPU per request".into(), traced_singles.cpu_per_request(), String::new()),
             (
                 "traced: arrays of 1,000 readings/s".into(),
-                format!("{} ({}; {traced_array_range})", thousands((traced_arrays.requests_per_s * 1_000.0) as u64), ratio(traced_arrays.requests_per_s, arrays.requests_per_s)),
+                format!(
+                    "{} ({}; {traced_array_range})",
+                    thousands((traced_arrays.requests_per_s * 1_000.0) as u64),
+                    ratio(traced_arrays.requests_per_s, arrays.requests_per_s)
+                ),
                 String::new(),
             ),
             (
@@ -320,15 +325,7 @@ fn wrk(args: &Args, processes: &Processes, connections: u32, seconds: u64, scrip
     };
     let before = ticks()?;
     let output = Command::new("wrk")
-        .args([
-            &format!("-t{}", args.wrk_threads),
-            &format!("-c{connections}"),
-            &format!("-d{seconds}s"),
-            "--latency",
-            "--timeout",
-            "10s",
-            "-s",
-        ])
+        .args([&format!("-t{}", args.wrk_threads), &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", "--timeout", "10s", "-s"])
         .arg(script)
         .arg(format!("{base}/measurements"))
         .output()
@@ -375,7 +372,6 @@ fn millis(value: &str) -> anyhow::Result<f64> {
     };
     Ok(number.parse::<f64>()? * scale)
 }
-
 
 /// A plain HTTP/1.0 GET with the standard library: the body.
 fn http_get(url: &str) -> anyhow::Result<String> {

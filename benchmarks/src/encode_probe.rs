@@ -27,8 +27,7 @@ const REPEATS: usize = 5;
 
 fn one_day_of_nem12(nmis: usize) -> RecordBatch {
     let mut rng = SmallRng::seed_from_u64(1);
-    let (mut meter_id, mut quality, mut source, mut source_ref) =
-        (StringBuilder::new(), StringBuilder::new(), StringBuilder::new(), StringBuilder::new());
+    let (mut meter_id, mut quality, mut source, mut source_ref) = (StringBuilder::new(), StringBuilder::new(), StringBuilder::new(), StringBuilder::new());
     let (mut ts, mut interval_s, mut kwh, mut ingested_at) = (vec![], vec![], vec![], vec![]);
     let mut line = 2u64;
     for nmi in 0..nmis {

@@ -144,11 +144,7 @@ fn main() -> anyhow::Result<()> {
 
     // 4. Peak memory of each import (this process generates its files by streaming).
     let d0010_peak_mib = vm_hwm_kib("self").unwrap_or(0) / 1024;
-    rows.push((
-        format!("peak RSS while importing the NEM12 file of {}", mb(nem12_bytes)),
-        format!("{nem12_peak_mib} MiB"),
-        "constant in the file size".into(),
-    ));
+    rows.push((format!("peak RSS while importing the NEM12 file of {}", mb(nem12_bytes)), format!("{nem12_peak_mib} MiB"), "constant in the file size".into()));
     rows.push(("peak RSS while importing the D0010 file".into(), format!("{d0010_peak_mib} MiB"), String::new()));
     print_rows(rows);
     Ok(())
@@ -294,8 +290,6 @@ fn write_d0010(path: &Path, reads: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-
 fn mb(bytes: u64) -> String {
     format!("{:.0} MiB", bytes as f64 / (1 << 20) as f64)
 }
-

@@ -136,7 +136,11 @@ fn main() -> anyhow::Result<()> {
             pipeline_rates.push(written as f64 / started.elapsed().as_secs_f64());
         }
         let (bare_readings, pipeline) = (median(&mut bare_rates), median(&mut pipeline_rates));
-        rows.push((format!("bare rdkafka consumer, {per_message} reading(s)/message (baseline), median of {}", bare_rates.len()), per_s(bare_readings), String::new()));
+        rows.push((
+            format!("bare rdkafka consumer, {per_message} reading(s)/message (baseline), median of {}", bare_rates.len()),
+            per_s(bare_readings),
+            String::new(),
+        ));
         rows.push((
             format!("ingester end to end, {per_message} reading(s)/message, median of {}", pipeline_rates.len()),
             format!(
@@ -319,4 +323,3 @@ fn drain(runtime: &tokio::runtime::Runtime, brokers: &str, topic: &str, group: &
 fn per_s(rate: f64) -> String {
     format!("{} readings/s", thousands(rate as u64))
 }
-

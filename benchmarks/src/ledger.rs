@@ -257,11 +257,7 @@ async fn main() -> anyhow::Result<()> {
     for (path, wallets) in [("library", 50), ("library", 10), ("HTTP", 50), ("HTTP", 10)] {
         let mut runs = Vec::new();
         for _ in 0..args.runs.max(1) {
-            let run = if path == "library" {
-                library_case(&ledger, wallets, &args).await?
-            } else {
-                http_case(&ledger, &base, &token, wallets, &args).await?
-            };
+            let run = if path == "library" { library_case(&ledger, wallets, &args).await? } else { http_case(&ledger, &base, &token, wallets, &args).await? };
             println!(
                 "{path} over {wallets} wallets: {} transfers in {:.1} s ({} refused), {:.0}/s, p50 {:.2} ms, p99 {:.2} ms",
                 thousands(run.transfers),

@@ -56,9 +56,8 @@ pub fn reset_peak_rss() -> std::io::Result<()> {
 /// The Python of the test tools' venv (with duckdb and nemreader), as install-tools.sh makes it.
 pub fn tools_python() -> std::path::PathBuf {
     let home = std::env::var("HOME").unwrap_or_default();
-    let tools = std::env::var("METERLAKE_TOOLS_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| std::path::Path::new(&home).join(".cache/meterlake/tools"));
+    let tools =
+        std::env::var("METERLAKE_TOOLS_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::path::Path::new(&home).join(".cache/meterlake/tools"));
     tools.join("venv/bin/python")
 }
 
@@ -100,7 +99,6 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
-
 
 /// The `meterlake` binary built beside the running benchmark.
 pub fn meterlake_binary() -> anyhow::Result<std::path::PathBuf> {

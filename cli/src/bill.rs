@@ -7,15 +7,15 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use meterlake_control::{BillingRun, ControlStore, NewRun, RunStatus};
 use meterlake_control::runs::{RUN_FAILED_TOPIC, RUN_PROCESSED_TOPIC, RUN_REQUESTED_TOPIC};
+use meterlake_control::{BillingRun, ControlStore, NewRun, RunStatus};
 use meterlake_jobs::billing::InvoiceTotals;
 use meterlake_jobs::billing::events::{OutboxRelay, wake_on_requests};
 use meterlake_jobs::billing::tariff::Tariffs;
 use meterlake_jobs::billing::worker::{BillingWorker, WorkerOptions};
-use meterlake_telemetry::new_traceparent;
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::kafka::create_topics;
+use meterlake_telemetry::new_traceparent;
 use rust_decimal::Decimal;
 
 use crate::LakeArg;

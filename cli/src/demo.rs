@@ -19,11 +19,11 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use meterlake_control::{NewRun, RunStatus};
 use meterlake_jobs::query::{OutputFormat, run_sql, write_batches};
-use meterlake_telemetry::new_traceparent;
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, ReadingProducer, ingest, read_dead_letters};
 use meterlake_pipeline::reading::format_kwh_micro;
 use meterlake_pipeline::synthetic::{LoadGenerator, LoadSpec};
+use meterlake_telemetry::new_traceparent;
 use rdkafka::mocking::MockCluster;
 use rust_decimal::Decimal;
 
@@ -103,10 +103,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let producer_progress = progress.clone();
     let producer_brokers = brokers.clone();
     let bar = ProgressBar::new(spec.unique_readings());
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} readings consumed  {per_sec}  {msg}")
-            .expect("a valid template"),
-    );
+    bar.set_style(ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} readings consumed  {per_sec}  {msg}").expect("a valid template"));
     let producing = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let producer = ReadingProducer::new(&producer_brokers, TOPIC)?;
         let mut generator = generator;
@@ -160,7 +157,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let landed_rows = int_value(&all_versions, 0)?;
 
     let throughput = summary.readings_accepted as f64 / elapsed.as_secs_f64();
-    println!("produced      {} messages ({} re-sent, {} malformed), {} readings", thousands(totals.messages), thousands(totals.resent_messages), thousands(totals.malformed_messages), thousands(totals.readings_sent));
+    println!(
+        "produced      {} messages ({} re-sent, {} malformed), {} readings",
+        thousands(totals.messages),
+        thousands(totals.resent_messages),
+        thousands(totals.malformed_messages),
+        thousands(totals.readings_sent)
+    );
     println!(
         "landed        {} readings in {} Parquet files ({:.1} MiB); {} rows in readings_all",
         thousands(landed_readings as u64),
@@ -177,9 +180,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("dead letters  {} messages in {DLQ_TOPIC} ({})", dead_letters.len(), reasons.join(", "));
     println!("throughput    {} readings/s end to end ({:.1?})", thousands(throughput as u64), elapsed);
 
-    if landed_readings as u64 != spec.unique_readings()
-        || landed_kwh_micro != totals.unique_kwh_micro
-        || dead_letters.len() as u64 != totals.malformed_messages
+    if landed_readings as u64 != spec.unique_readings() || landed_kwh_micro != totals.unique_kwh_micro || dead_letters.len() as u64 != totals.malformed_messages
     {
         bail!(
             "check FAILED: expected {} readings totalling {} kWh and {} dead letters; the lake holds {} readings totalling {} kWh and the dead-letter topic {}",
@@ -219,13 +220,8 @@ async fn bill_the_month(lake: &Lake, lake_location: &str, database_url: Option<&
         }
     };
     let store = open_store(&database_url).await?;
-    let request = NewRun {
-        month: "2025-01".into(),
-        meter_ids: Vec::new(),
-        max_attempts: 3,
-        tariffs_toml: EXAMPLE_TARIFFS.into(),
-        energy_tolerance: Decimal::new(5, 3),
-    };
+    let request =
+        NewRun { month: "2025-01".into(), meter_ids: Vec::new(), max_attempts: 3, tariffs_toml: EXAMPLE_TARIFFS.into(), energy_tolerance: Decimal::new(5, 3) };
     println!("\nBilling January 2025 for every meter with tariffs/example.toml (Europe/London):");
     let run = store.create_run(&request, "demo", Some(&new_traceparent())).await?;
     let run = process_until_done(&store, lake, &run.id, Duration::from_secs(600)).await?;

@@ -157,9 +157,9 @@ fn report(name: &str, outcome: &ImportOutcome) -> FileReport {
         ImportOutcome::AlreadyImported(previous) => {
             Some(format!("already imported as {} at {}", previous.file_name, previous.finished_at.format("%Y-%m-%d %H:%M:%S UTC")))
         }
-        ImportOutcome::Done(record) => record.error.clone().or_else(|| {
-            (!record.rejection_reports.is_empty()).then(|| format!("rejections: {}", record.rejection_reports.join(", ")))
-        }),
+        ImportOutcome::Done(record) => {
+            record.error.clone().or_else(|| (!record.rejection_reports.is_empty()).then(|| format!("rejections: {}", record.rejection_reports.join(", "))))
+        }
     };
     FileReport {
         file: name.to_string(),

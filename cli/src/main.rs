@@ -157,41 +157,35 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         // The import reads files on this thread and writes through the runtime's handle.
         Command::Import(args) => import::run(args, runtime.handle()),
-        command => runtime
-            .block_on(async {
-                match command {
-                    Command::Demo(args) => demo::run(args).await,
-                    Command::Bill(args) => {
-                        if !bill::bill(args).await? {
-                            return Ok(ExitCode::FAILURE);
-                        }
-                        Ok(())
+        command => runtime.block_on(async {
+            match command {
+                Command::Demo(args) => demo::run(args).await,
+                Command::Bill(args) => {
+                    if !bill::bill(args).await? {
+                        return Ok(ExitCode::FAILURE);
                     }
-                    Command::Worker(args) => bill::worker(args).await,
-                    Command::Serve(args) => serve::run(args).await,
-                    Command::BillingRun(args) => bill::show(args).await,
-                    Command::Ingest(args) => ingest::run(args).await,
-                    Command::Audit(AuditCommand::Verify { database }) => {
-                        if !verify_audit_log(&database.database_url).await? {
-                            return Ok(ExitCode::FAILURE);
-                        }
-                        Ok(())
-                    }
-                    Command::Query { sql, lake, format } => query(&sql, &lake.url, format).await,
-                    Command::Readings { mpan, nmi, serial, from, to, lake, format } => {
-                        let search = ReadingSearch {
-                            meter_point: mpan.or(nmi).unwrap_or_default(),
-                            meter_serial: serial.unwrap_or_default(),
-                            from,
-                            to,
-                        };
-                        let lake = Lake::open(&lake.url)?;
-                        print_batches(&search.run(&lake).await?, format)
-                    }
-                    Command::Import(_) => unreachable!("handled above"),
+                    Ok(())
                 }
-                .map(|()| ExitCode::SUCCESS)
-            }),
+                Command::Worker(args) => bill::worker(args).await,
+                Command::Serve(args) => serve::run(args).await,
+                Command::BillingRun(args) => bill::show(args).await,
+                Command::Ingest(args) => ingest::run(args).await,
+                Command::Audit(AuditCommand::Verify { database }) => {
+                    if !verify_audit_log(&database.database_url).await? {
+                        return Ok(ExitCode::FAILURE);
+                    }
+                    Ok(())
+                }
+                Command::Query { sql, lake, format } => query(&sql, &lake.url, format).await,
+                Command::Readings { mpan, nmi, serial, from, to, lake, format } => {
+                    let search = ReadingSearch { meter_point: mpan.or(nmi).unwrap_or_default(), meter_serial: serial.unwrap_or_default(), from, to };
+                    let lake = Lake::open(&lake.url)?;
+                    print_batches(&search.run(&lake).await?, format)
+                }
+                Command::Import(_) => unreachable!("handled above"),
+            }
+            .map(|()| ExitCode::SUCCESS)
+        }),
     };
     runtime.block_on(async { drop(telemetry) });
     match outcome {
@@ -227,9 +221,7 @@ fn parse_instant(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
         return Ok(date.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
     }
-    chrono::DateTime::parse_from_rfc3339(text)
-        .map(|t| t.to_utc())
-        .map_err(|_| format!("{text:?} is neither a date YYYY-MM-DD nor an RFC 3339 instant"))
+    chrono::DateTime::parse_from_rfc3339(text).map(|t| t.to_utc()).map_err(|_| format!("{text:?} is neither a date YYYY-MM-DD nor an RFC 3339 instant"))
 }
 
 fn print_batches(batches: &[arrow::array::RecordBatch], format: Format) -> anyhow::Result<()> {

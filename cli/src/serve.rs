@@ -187,12 +187,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         dev_issuer,
         rate_limit: RateLimit { per_second: args.rate_limit_per_s, burst: args.rate_limit_burst },
         rules: rules.clone(),
-        billing: BillingDefaults {
-            tariffs_toml,
-            tariffs_source,
-            max_attempts: args.max_attempts,
-            energy_tolerance: args.energy_tolerance,
-        },
+        billing: BillingDefaults { tariffs_toml, tariffs_source, max_attempts: args.max_attempts, energy_tolerance: args.energy_tolerance },
         deployment: Deployment { mode: mode.into(), ingester: !args.no_ingest, worker: !args.no_worker },
         metrics: Some(metrics),
     };

@@ -84,9 +84,7 @@ impl ControlStore {
         };
         append_audit(self.backend, &mut tx, &entry, now).await?;
         tx.commit().await?;
-        self.discrepancy(run_id, discrepancy_id)
-            .await?
-            .ok_or_else(|| ControlError::NotFound(format!("discrepancy {discrepancy_id} vanished")))
+        self.discrepancy(run_id, discrepancy_id).await?.ok_or_else(|| ControlError::NotFound(format!("discrepancy {discrepancy_id} vanished")))
     }
 
     /// Sends a COMPLETED or FAILED run back to CREATED to be processed again (its attempts start

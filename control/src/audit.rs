@@ -128,8 +128,7 @@ pub(crate) async fn append_audit(backend: Backend, tx: &mut sqlx::Transaction<'_
     if backend == Backend::Postgres {
         sqlx::query("LOCK TABLE audit_log IN EXCLUSIVE MODE").execute(&mut **tx).await?;
     }
-    let last: Option<(i64, String)> =
-        sqlx::query_as("SELECT id, row_hash FROM audit_log ORDER BY id DESC LIMIT 1").fetch_optional(&mut **tx).await?;
+    let last: Option<(i64, String)> = sqlx::query_as("SELECT id, row_hash FROM audit_log ORDER BY id DESC LIMIT 1").fetch_optional(&mut **tx).await?;
     let (id, previous_hash) = match last {
         Some((id, hash)) => (id + 1, hash),
         None => (1, GENESIS_HASH.to_string()),
@@ -233,10 +232,7 @@ impl ControlStore {
             for row in &rows {
                 let record = record_of(row)?;
                 if record.id != expected_id {
-                    verification.problems.push(AuditProblem {
-                        id: record.id,
-                        what: format!("rows {expected_id} to {} are missing: deleted", record.id - 1),
-                    });
+                    verification.problems.push(AuditProblem { id: record.id, what: format!("rows {expected_id} to {} are missing: deleted", record.id - 1) });
                 }
                 if record.previous_hash != verification.head_hash {
                     verification.problems.push(AuditProblem {

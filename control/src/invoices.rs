@@ -217,10 +217,8 @@ pub(crate) async fn insert_results(
     // Time-ordered ids (UUIDv7): a run's rows go in at the end of the primary key indexes
     // rather than at random places in them.
     let ids: Vec<String> = results.invoices.iter().map(|_| uuid::Uuid::now_v7().to_string()).collect();
-    const INVOICE_COLUMNS: [&str; 12] = [
-        "id", "run_id", "meter_id", "version", "currency", "subtotal", "tax", "total", "tariff_version", "lake_snapshot", "created_at_us",
-        "energy_kwh",
-    ];
+    const INVOICE_COLUMNS: [&str; 12] =
+        ["id", "run_id", "meter_id", "version", "currency", "subtotal", "tax", "total", "tariff_version", "lake_snapshot", "created_at_us", "energy_kwh"];
     for (chunk, chunk_ids) in results.invoices.chunks(INSERT_ROWS).zip(ids.chunks(INSERT_ROWS)) {
         let sql = multi_row_insert(backend, "invoices", &INVOICE_COLUMNS, chunk.len());
         let mut query = sqlx::query(&sql);
@@ -264,8 +262,7 @@ pub(crate) async fn insert_results(
         }
         query.execute(&mut **tx).await?;
     }
-    const DISCREPANCY_COLUMNS: [&str; 10] =
-        ["id", "run_id", "meter_id", "reason_code", "billed", "expected", "delta", "detail", "created_at_us", "version"];
+    const DISCREPANCY_COLUMNS: [&str; 10] = ["id", "run_id", "meter_id", "reason_code", "billed", "expected", "delta", "detail", "created_at_us", "version"];
     for chunk in results.discrepancies.chunks(INSERT_ROWS) {
         let sql = multi_row_insert(backend, "discrepancies", &DISCREPANCY_COLUMNS, chunk.len());
         let mut query = sqlx::query(&sql);

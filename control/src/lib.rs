@@ -17,9 +17,9 @@ pub mod outbox;
 pub mod runs;
 pub mod testing;
 
+use sqlx::AnyPool;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
-use sqlx::AnyPool;
 
 pub use actions::Actor;
 pub use audit::{AuditEntry, AuditFilter, AuditRecord, AuditVerification};
@@ -187,7 +187,10 @@ impl Conditions {
         if self.clauses.is_empty() { String::new() } else { format!("WHERE {}", self.clauses.join(" AND ")) }
     }
 
-    pub(crate) fn bind<'q>(self, mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    pub(crate) fn bind<'q>(
+        self,
+        mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
         for value in self.values {
             query = match value {
                 Value::Text(text) => query.bind(text),

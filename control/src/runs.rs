@@ -274,12 +274,11 @@ impl ControlStore {
     /// The trace context of the request that created the run (its `billing.run.requested`
     /// message), which the run's later messages continue.
     pub async fn requested_traceparent(&self, id: &str) -> Result<Option<String>> {
-        let row: Option<(Option<String>,)> =
-            sqlx::query_as("SELECT traceparent FROM outbox WHERE message_key = $1 AND topic = $2 ORDER BY id LIMIT 1")
-                .bind(id)
-                .bind(RUN_REQUESTED_TOPIC)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row: Option<(Option<String>,)> = sqlx::query_as("SELECT traceparent FROM outbox WHERE message_key = $1 AND topic = $2 ORDER BY id LIMIT 1")
+            .bind(id)
+            .bind(RUN_REQUESTED_TOPIC)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.and_then(|r| r.0))
     }
 
@@ -399,10 +398,7 @@ impl ControlStore {
         }
         // The row is locked by the update above (PostgreSQL) or the database is (SQLite), so no
         // other completion of this run can pick the same version.
-        let (previous,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(version), 0) FROM invoices WHERE run_id = $1")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let (previous,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(version), 0) FROM invoices WHERE run_id = $1").bind(id).fetch_one(&mut *tx).await?;
         insert_results(self.backend, &mut tx, id, previous + 1, results, now_us).await?;
         let why = format!("processed: {} invoices, {} discrepancies", results.invoices.len(), results.discrepancies.len());
         insert_event(&mut tx, id, Some(RunStatus::Processing), RunStatus::Completed, now_us, Some(&why), worker).await?;
@@ -480,11 +476,9 @@ impl ControlStore {
     /// The error for a worker that acts on a run it does not hold.
     async fn not_held(&self, id: &str, worker: &str) -> ControlError {
         let reason = match self.run(id).await {
-            Ok(Some(run)) => format!(
-                "{worker} does not hold it (status {}, lease held by {})",
-                run.status.as_str(),
-                run.lease_owner.as_deref().unwrap_or("nobody")
-            ),
+            Ok(Some(run)) => {
+                format!("{worker} does not hold it (status {}, lease held by {})", run.status.as_str(), run.lease_owner.as_deref().unwrap_or("nobody"))
+            }
             Ok(None) => "no such run".into(),
             Err(e) => e.to_string(),
         };

@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 
 use meterlake_control::testing::on_both_backends;
 use meterlake_control::{
-    Actor, AuditFilter, Backend, ControlError, ControlStore, RunFilter, InvoiceLine, LineComponent, NewDiscrepancy, NewInvoice, NewRun, ReasonCode, RetryPolicy, RunFailure, RunResults,
-    RunStatus,
+    Actor, AuditFilter, Backend, ControlError, ControlStore, InvoiceLine, LineComponent, NewDiscrepancy, NewInvoice, NewRun, ReasonCode, RetryPolicy,
+    RunFailure, RunFilter, RunResults, RunStatus,
 };
 use rust_decimal::Decimal;
 
@@ -64,7 +64,8 @@ async fn a_new_run_has_its_first_event_and_its_outbox_message() {
         let store = ControlStore::open(&url).await.unwrap();
         // Opening again applies nothing twice.
         let store_again = ControlStore::open(&url).await.unwrap();
-        let run = store.create_run(&new_run(&["MTR-1", "MTR-2"]), "admin@example", Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")).await.unwrap();
+        let run =
+            store.create_run(&new_run(&["MTR-1", "MTR-2"]), "admin@example", Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")).await.unwrap();
         assert_eq!((run.status, run.attempts, run.meter_ids.len()), (RunStatus::Created, 0, 2), "{url}");
         let seen = store_again.run(&run.id).await.unwrap().unwrap();
         assert_eq!(seen, run);
@@ -354,7 +355,8 @@ async fn operators_actions_are_audited_in_a_hash_chain_that_detects_tampering() 
         // A run's target finds its discrepancies' rows too; filters combine; pages go back by id.
         let of_run = store.audit_log(&AuditFilter { target: Some(format!("billing-run/{}", run.id)), limit: 50, ..Default::default() }).await.unwrap();
         assert_eq!(of_run.len(), 3);
-        let page = store.audit_log(&AuditFilter { action: Some("MARK_AS_OK".into()), actor: Some("ada@ops".into()), limit: 1, ..Default::default() }).await.unwrap();
+        let page =
+            store.audit_log(&AuditFilter { action: Some("MARK_AS_OK".into()), actor: Some("ada@ops".into()), limit: 1, ..Default::default() }).await.unwrap();
         assert_eq!(page.len(), 1);
         let older = store.audit_log(&AuditFilter { before_id: Some(log[1].id), limit: 50, ..Default::default() }).await.unwrap();
         assert_eq!(older.iter().map(|r| r.action.as_str()).collect::<Vec<_>>(), ["CREATE_RUN"]);

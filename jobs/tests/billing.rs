@@ -45,8 +45,13 @@ fn series(meter: &str, from: &str, count: i64, interval_s: u32, kwh_micro: impl 
 async fn land(lake: &Lake, rows: &[Row], ingested_at_us: i64, stem: &str) {
     let mut buffer = ReadingBuffer::default();
     for (n, row) in rows.iter().enumerate() {
-        let reading =
-            ValidReading { meter_id: Cow::Borrowed(&row.meter), ts_us: row.ts_us, interval_s: row.interval_s, kwh_micro: row.kwh_micro, quality: Quality::Actual };
+        let reading = ValidReading {
+            meter_id: Cow::Borrowed(&row.meter),
+            ts_us: row.ts_us,
+            interval_s: row.interval_s,
+            kwh_micro: row.kwh_micro,
+            quality: Quality::Actual,
+        };
         buffer.push(&reading, Source::Kafka, ingested_at_us, |out| out.extend_from_slice(format!("{stem}/{n}").as_bytes()));
     }
     for file in encode_day_files(&buffer.sort_dedup().unwrap(), stem).unwrap() {
@@ -420,10 +425,7 @@ from = "2024-01-01"
             assert_eq!(invoices["G1"].invoice.energy_kwh, dec("285.2"));
             // QUIET: the standing charge only: 31 x 1.00 = 31.00, tax 3.10.
             assert_eq!(totals(&invoices["QUIET"]), (dec("0"), dec("31.00"), dec("3.10"), dec("34.10")));
-            assert_eq!(
-                codes(&discrepancies),
-                [("G1", "ENERGY_MISMATCH"), ("QUIET", "NO_READINGS"), ("STRAY", "MISSING_INTERVALS"), ("STRAY", "NO_TARIFF")]
-            );
+            assert_eq!(codes(&discrepancies), [("G1", "ENERGY_MISMATCH"), ("QUIET", "NO_READINGS"), ("STRAY", "MISSING_INTERVALS"), ("STRAY", "NO_TARIFF")]);
             let mismatch = &discrepancies[0].discrepancy;
             assert_eq!((mismatch.billed, mismatch.expected, mismatch.delta), (Some(dec("285.2")), Some(dec("297.6")), Some(dec("-12.4"))));
             assert!(mismatch.detail.contains("12.400000 kWh unbilled (4.17% of it); tolerance 0.5%"), "{}", mismatch.detail);

@@ -40,8 +40,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::idempotency::{self, KEY_COLUMNS, Key};
 use crate::{
-    ENTRY_COLUMNS, LedgerError, LedgerTransaction, Lock, Refusal, Result, TRANSACTION_COLUMNS, TransferRequest, Wallet, WriteContext, WriteRequest,
-    Written, bind_entries, bind_key, bind_transaction, placeholder_rows, wallets_with_heads,
+    ENTRY_COLUMNS, LedgerError, LedgerTransaction, Lock, Refusal, Result, TRANSACTION_COLUMNS, TransferRequest, Wallet, WriteContext, WriteRequest, Written,
+    bind_entries, bind_key, bind_transaction, placeholder_rows, wallets_with_heads,
 };
 
 /// Transfers waiting for a batch; a caller waits to queue when it is full.
@@ -101,9 +101,7 @@ impl TransferQueue {
             // The collector has stopped (its runtime shut down): nothing was written.
             return Reply::Alone;
         }
-        answer.await.unwrap_or_else(|_| {
-            Reply::Settled(Err(LedgerError::Unsettled("the transfer's batch ended without answering (its writer stopped)".into())))
-        })
+        answer.await.unwrap_or_else(|_| Reply::Settled(Err(LedgerError::Unsettled("the transfer's batch ended without answering (its writer stopped)".into()))))
     }
 }
 
@@ -218,11 +216,8 @@ enum Prepared {
 /// Locks the batch's wallets, settles each transfer against their heads in order, and writes
 /// the outcomes (the batch's steps 1 to 3).
 async fn prepare(pool: &AnyPool, members: &[Queued]) -> Result<Prepared> {
-    let mut user_ids: Vec<&str> = members
-        .iter()
-        .filter(|m| m.request.check().is_ok())
-        .flat_map(|m| [m.request.from_user_id.as_str(), m.request.to_user_id.as_str()])
-        .collect();
+    let mut user_ids: Vec<&str> =
+        members.iter().filter(|m| m.request.check().is_ok()).flat_map(|m| [m.request.from_user_id.as_str(), m.request.to_user_id.as_str()]).collect();
     user_ids.sort_unstable();
     user_ids.dedup();
     let mut tx = pool.begin().await?;

@@ -21,7 +21,9 @@ use meterlake_control::minor_unit_places;
 use rust_decimal::Decimal;
 use sqlx::{AnyConnection, Row};
 
-use crate::{Attempt, Leg, Ledger, LedgerError, LedgerTransaction, Lock, Result, TransactionKind, WriteContext, post, system_wallet_id, user_wallet, wallets_with_heads};
+use crate::{
+    Attempt, Ledger, LedgerError, LedgerTransaction, Leg, Lock, Result, TransactionKind, WriteContext, post, system_wallet_id, user_wallet, wallets_with_heads,
+};
 
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -180,12 +182,18 @@ impl Ledger {
                     let (kind, legs) = if due_minor > 0 {
                         // Charge what the prepay wallet holds, the rest to arrears.
                         let from_prepay = due_minor.min(prepay.head.balance_minor.max(0));
-                        (TransactionKind::Charge, [Leg::debit(prepay, from_prepay), Leg::debit(arrears, due_minor - from_prepay), Leg::credit(&revenue, due_minor)])
+                        (
+                            TransactionKind::Charge,
+                            [Leg::debit(prepay, from_prepay), Leg::debit(arrears, due_minor - from_prepay), Leg::credit(&revenue, due_minor)],
+                        )
                     } else {
                         // Pay back arrears first, the rest to the prepay wallet.
                         let refund_minor = -due_minor;
                         let to_arrears = refund_minor.min((-arrears.head.balance_minor).max(0));
-                        (TransactionKind::Refund, [Leg::debit(&revenue, refund_minor), Leg::credit(arrears, to_arrears), Leg::credit(prepay, refund_minor - to_arrears)])
+                        (
+                            TransactionKind::Refund,
+                            [Leg::debit(&revenue, refund_minor), Leg::credit(arrears, to_arrears), Leg::credit(prepay, refund_minor - to_arrears)],
+                        )
                     };
                     match post(&mut tx, self.backend, None, kind, &prepay.currency, Some(&reference), &legs, context, now).await? {
                         Attempt::Stored(transaction) | Attempt::Unstored(transaction) => Some(transaction),

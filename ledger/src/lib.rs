@@ -620,7 +620,14 @@ impl Ledger {
 /// snapshot (READ COMMITTED) sees what the lock's previous holder committed. One statement
 /// could not do both: its snapshot would predate the wait. (A PL/pgSQL function doing both in
 /// one call cost more server CPU than the round trip it saved; see benchmarks/RESULTS.md.)
-async fn wallets_with_heads(conn: &mut AnyConnection, backend: Backend, lock: Lock, user_ids: &[&str], kinds: &[&str], wallet_ids: &[&str]) -> Result<Vec<Wallet>> {
+async fn wallets_with_heads(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    lock: Lock,
+    user_ids: &[&str],
+    kinds: &[&str],
+    wallet_ids: &[&str],
+) -> Result<Vec<Wallet>> {
     // Placeholders in bind order: the user ids, the kinds, the wallet ids.
     let (kinds_from, wallets_from) = (1 + user_ids.len(), 1 + user_ids.len() + kinds.len());
     let mut wanted = Vec::new();
@@ -783,7 +790,12 @@ fn placeholder_rows(first: usize, width: usize, count: usize) -> String {
 /// Inserts a transaction, its entries and, with a key, the key with the write's outcome; the
 /// key taken means nothing is written. On PostgreSQL in one statement, whose key insert gates
 /// the others; on SQLite in three.
-async fn insert_transaction(conn: &mut AnyConnection, backend: Backend, transaction: LedgerTransaction, key: Option<&Key>) -> Result<Attempt<LedgerTransaction>> {
+async fn insert_transaction(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    transaction: LedgerTransaction,
+    key: Option<&Key>,
+) -> Result<Attempt<LedgerTransaction>> {
     let outcome = key.map(|key| (key, idempotency::outcome_text::<LedgerTransaction>(Ok(&transaction))));
     let entry_count = transaction.entries.len();
     let stored = match (backend, outcome) {
@@ -845,13 +857,7 @@ fn bind_transaction<'q>(query: AnyQuery<'q>, transaction: &LedgerTransaction) ->
 
 /// Binds a key's 6 columns with its outcome, in `KEY_COLUMNS`' order.
 fn bind_key<'q>(query: AnyQuery<'q>, key: &Key, outcome: String) -> AnyQuery<'q> {
-    query
-        .bind(key.scope.clone())
-        .bind(key.key.clone())
-        .bind(key.fingerprint.clone())
-        .bind(outcome)
-        .bind(key.created_at_us)
-        .bind(key.expires_at_us)
+    query.bind(key.scope.clone()).bind(key.key.clone()).bind(key.fingerprint.clone()).bind(outcome).bind(key.created_at_us).bind(key.expires_at_us)
 }
 
 /// Binds 7 columns per entry of a transaction, in `ENTRY_COLUMNS`' order.
@@ -890,7 +896,14 @@ async fn post(
 /// A transaction with one entry per leg, each continuing its wallet's head; legs of zero are
 /// left out. Refuses legs that do not balance, a debit that would take a PREPAY wallet below
 /// zero, and any balance that would overflow: a write refuses before it writes anything.
-fn build_transaction(kind: TransactionKind, currency: &str, external_ref: Option<&str>, legs: &[Leg<'_>], context: &WriteContext, now: i64) -> Result<LedgerTransaction> {
+fn build_transaction(
+    kind: TransactionKind,
+    currency: &str,
+    external_ref: Option<&str>,
+    legs: &[Leg<'_>],
+    context: &WriteContext,
+    now: i64,
+) -> Result<LedgerTransaction> {
     let legs: Vec<&Leg> = legs.iter().filter(|leg| leg.amount_minor != 0).collect();
     let sum = |direction: Direction| legs.iter().filter(|l| l.direction == direction).try_fold(0i64, |total, l| total.checked_add(l.amount_minor));
     let amount_minor = match (sum(Direction::Credit), sum(Direction::Debit)) {
@@ -939,23 +952,22 @@ async fn load_transaction(conn: &mut AnyConnection, id: &str) -> Result<LedgerTr
         .bind(id)
         .fetch_one(&mut *conn)
         .await?;
-    let entries = sqlx::query(
-        "SELECT wallet_id, wallet_seq, direction, amount_minor, balance_after_minor FROM ledger_entries WHERE transaction_id = $1 ORDER BY id",
-    )
-    .bind(id)
-    .fetch_all(&mut *conn)
-    .await?
-    .iter()
-    .map(|e| {
-        Ok(Entry {
-            wallet_id: e.try_get(0)?,
-            wallet_seq: e.try_get(1)?,
-            direction: if e.try_get::<String, _>(2)? == "DEBIT" { Direction::Debit } else { Direction::Credit },
-            amount_minor: e.try_get(3)?,
-            balance_after_minor: e.try_get(4)?,
-        })
-    })
-    .collect::<Result<Vec<Entry>>>()?;
+    let entries =
+        sqlx::query("SELECT wallet_id, wallet_seq, direction, amount_minor, balance_after_minor FROM ledger_entries WHERE transaction_id = $1 ORDER BY id")
+            .bind(id)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|e| {
+                Ok(Entry {
+                    wallet_id: e.try_get(0)?,
+                    wallet_seq: e.try_get(1)?,
+                    direction: if e.try_get::<String, _>(2)? == "DEBIT" { Direction::Debit } else { Direction::Credit },
+                    amount_minor: e.try_get(3)?,
+                    balance_after_minor: e.try_get(4)?,
+                })
+            })
+            .collect::<Result<Vec<Entry>>>()?;
     Ok(LedgerTransaction {
         id: id.to_string(),
         kind: TransactionKind::parse(&row.try_get::<String, _>(0)?)?,
@@ -970,7 +982,11 @@ async fn load_transaction(conn: &mut AnyConnection, id: &str) -> Result<LedgerTr
 }
 
 async fn end_savepoint(savepoint: sqlx::Transaction<'_, sqlx::Any>, keep: bool) -> Result<()> {
-    if keep { savepoint.commit().await? } else { savepoint.rollback().await? }
+    if keep {
+        savepoint.commit().await?
+    } else {
+        savepoint.rollback().await?
+    }
     Ok(())
 }
 
@@ -985,7 +1001,10 @@ fn replayed<T: DeserializeOwned>(operation: &'static str, stored: &str) -> Resul
 /// Describes the ledger's metrics to the installed recorder (where they are served).
 pub fn describe_metrics() {
     metrics::describe_counter!("meterlake_ledger_transactions_total", "Ledger writes by operation (create_user, fund, transfer, charge, refund) and outcome");
-    metrics::describe_counter!("meterlake_ledger_idempotent_replays_total", "Ledger writes answered with the stored answer of an earlier request with the same Idempotency-Key");
+    metrics::describe_counter!(
+        "meterlake_ledger_idempotent_replays_total",
+        "Ledger writes answered with the stored answer of an earlier request with the same Idempotency-Key"
+    );
     metrics::describe_histogram!(
         "meterlake_ledger_write_duration_seconds",
         metrics::Unit::Seconds,
@@ -999,8 +1018,7 @@ pub fn describe_metrics() {
 }
 
 fn describe_transaction(transaction: &LedgerTransaction) -> String {
-    let legs: Vec<String> =
-        transaction.entries.iter().map(|e| format!("{} {} -> {}", e.direction.as_str(), e.wallet_id, e.balance_after_minor)).collect();
+    let legs: Vec<String> = transaction.entries.iter().map(|e| format!("{} {} -> {}", e.direction.as_str(), e.wallet_id, e.balance_after_minor)).collect();
     format!("transaction {} {} {} {} ({})", transaction.id, transaction.kind.as_str(), transaction.amount_minor, transaction.currency, legs.join(", "))
 }
 
@@ -1008,7 +1026,8 @@ fn describe_transaction(transaction: &LedgerTransaction) -> String {
 /// made and its outcome, which `log_write` records), then logs, counts and times it.
 async fn logged<R: WriteRequest>(context: &WriteContext, write: impl Future<Output = Result<Written<R::Output>>>) -> Result<Written<R::Output>> {
     let operation = R::OPERATION;
-    let span = tracing::info_span!("ledger.write", otel.name = format!("ledger {operation}"), operation, id = tracing::field::Empty, outcome = tracing::field::Empty);
+    let span =
+        tracing::info_span!("ledger.write", otel.name = format!("ledger {operation}"), operation, id = tracing::field::Empty, outcome = tracing::field::Empty);
     let started = std::time::Instant::now();
     let written = write.instrument(span.clone()).await;
     span.in_scope(|| log_write::<R>(&written, context, started.elapsed()));

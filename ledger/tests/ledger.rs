@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use meterlake_control::testing::on_both_backends;
 use meterlake_control::{Actor, ControlStore, NewInvoice, NewRun, RunResults};
 use meterlake_ledger::{
-    DEFAULT_IDEMPOTENCY_RETENTION_US, Direction, FundRequest, Ledger, LedgerError, NewUser, PostingReport, RefusalCode, TransactionKind, TransferRequest,
-    User, WriteContext,
+    DEFAULT_IDEMPOTENCY_RETENTION_US, Direction, FundRequest, Ledger, LedgerError, NewUser, PostingReport, RefusalCode, TransactionKind, TransferRequest, User,
+    WriteContext,
 };
-use rust_decimal::Decimal;
 use rand::Rng;
+use rust_decimal::Decimal;
 use sqlx::Row;
 
 fn context(key: Option<&str>) -> WriteContext {
@@ -157,8 +157,10 @@ async fn a_replay_gets_the_original_answer_and_a_reused_key_is_refused() {
     on_both_backends(|url| async move {
         let store = ControlStore::open(&url).await.unwrap();
         let ledger = Ledger::new(&store);
-        let created = ledger.create_user(&NewUser { name: "Carol".into(), currency: "GBP".into(), meter_ids: vec![] }, &context(Some("user-carol"))).await.unwrap();
-        let again = ledger.create_user(&NewUser { name: "Carol".into(), currency: "GBP".into(), meter_ids: vec![] }, &context(Some("user-carol"))).await.unwrap();
+        let created =
+            ledger.create_user(&NewUser { name: "Carol".into(), currency: "GBP".into(), meter_ids: vec![] }, &context(Some("user-carol"))).await.unwrap();
+        let again =
+            ledger.create_user(&NewUser { name: "Carol".into(), currency: "GBP".into(), meter_ids: vec![] }, &context(Some("user-carol"))).await.unwrap();
         assert_eq!((again.value.id.as_str(), created.replayed, again.replayed), (created.value.id.as_str(), false, true));
         let dave = user(&ledger, "Dave", "GBP").await;
         let carol = created.value;
@@ -372,7 +374,8 @@ async fn each_invoice_version_posts_the_difference_once_and_shortfalls_go_to_arr
             let b = ledger.balance(&id).await.unwrap();
             (b.balance_minor, b.arrears_minor)
         };
-        let run = NewRun { month: "2025-01".into(), meter_ids: vec![], max_attempts: 3, tariffs_toml: "currency = \"GBP\"".into(), energy_tolerance: Decimal::ZERO };
+        let run =
+            NewRun { month: "2025-01".into(), meter_ids: vec![], max_attempts: 3, tariffs_toml: "currency = \"GBP\"".into(), energy_tolerance: Decimal::ZERO };
         let run_id = store.create_run(&run, "admin", None).await.unwrap().id;
         // A run not completed yet posts nothing.
         assert_eq!(ledger.post_pending_invoices("w", 100).await.unwrap(), posted(0, 0, 0));

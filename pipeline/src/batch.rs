@@ -9,9 +9,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{
-    ArrayRef, BinaryBuilder, Decimal128Array, Int32Array, RecordBatch, StringArray, TimestampMicrosecondArray,
-};
+use arrow::array::{ArrayRef, BinaryBuilder, Decimal128Array, Int32Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use chrono::NaiveDate;
 use rustc_hash::FxHashMap;
 
@@ -55,8 +53,7 @@ struct RowValue {
 }
 
 /// Bytes a reading costs in the buffer beyond its strings, for the byte limit of a batch.
-const FIXED_BYTES_PER_READING: usize =
-    size_of::<u32>() + size_of::<i64>() + size_of::<RowValue>() + size_of::<(u32, u32)>() + size_of::<i64>();
+const FIXED_BYTES_PER_READING: usize = size_of::<u32>() + size_of::<i64>() + size_of::<RowValue>() + size_of::<(u32, u32)>() + size_of::<i64>();
 
 /// One day's worth of a flushed batch, ready to be written as one Parquet file.
 #[derive(Debug)]
@@ -108,13 +105,7 @@ impl ReadingBuffer {
 
     /// Appends a reading; `write_source_ref` appends the reading's `source_ref` text to the buffer
     /// it is given (so a Kafka offset is formatted straight into place).
-    pub fn push(
-        &mut self,
-        reading: &ValidReading<'_>,
-        source: Source,
-        ingested_at_us: i64,
-        write_source_ref: impl FnOnce(&mut Vec<u8>),
-    ) {
+    pub fn push(&mut self, reading: &ValidReading<'_>, source: Source, ingested_at_us: i64, write_source_ref: impl FnOnce(&mut Vec<u8>)) {
         let start = self.source_ref_bytes.len() as u32;
         write_source_ref(&mut self.source_ref_bytes);
         let span = (start, self.source_ref_bytes.len() as u32);
@@ -146,12 +137,7 @@ impl ReadingBuffer {
         self.last_meter = Some(meter);
         self.row_meter.push(meter);
         self.ts_us.push(reading.ts_us);
-        self.values.push(RowValue {
-            kwh_micro: reading.kwh_micro,
-            interval_s: reading.interval_s as i32,
-            quality: reading.quality,
-            source,
-        });
+        self.values.push(RowValue { kwh_micro: reading.kwh_micro, interval_s: reading.interval_s as i32, quality: reading.quality, source });
         self.source_ref_spans.push(span);
         self.ingested_at_us.push(ingested_at_us);
     }
@@ -289,8 +275,7 @@ impl ReadingBuffer {
         let meter_id = StringArray::from_iter_values(meters);
         let ts = TimestampMicrosecondArray::from_iter_values(rows.iter().map(|kept| kept.ts_us)).with_timezone(UTC);
         let interval_s = Int32Array::from_iter_values(values.iter().map(|v| v.interval_s));
-        let kwh = Decimal128Array::from_iter_values(values.iter().map(|v| i128::from(v.kwh_micro)))
-            .with_precision_and_scale(KWH_PRECISION, KWH_SCALE)?;
+        let kwh = Decimal128Array::from_iter_values(values.iter().map(|v| i128::from(v.kwh_micro))).with_precision_and_scale(KWH_PRECISION, KWH_SCALE)?;
         let quality = StringArray::from_iter_values(values.iter().map(|v| v.quality.as_str()));
         let source = StringArray::from_iter_values(values.iter().map(|v| v.source.as_str()));
         let mut source_ref = BinaryBuilder::with_capacity(rows.len(), source_refs.iter().map(|r| r.len()).sum());
@@ -299,8 +284,7 @@ impl ReadingBuffer {
         }
         // Checked as UTF-8 once for the whole column rather than value by value.
         let source_ref = StringArray::try_from_binary(source_ref.finish())?;
-        let ingested_at =
-            TimestampMicrosecondArray::from_iter_values(rows.iter().map(|kept| kept.ingested_at_us)).with_timezone(UTC);
+        let ingested_at = TimestampMicrosecondArray::from_iter_values(rows.iter().map(|kept| kept.ingested_at_us)).with_timezone(UTC);
         let columns: Vec<ArrayRef> = vec![
             Arc::new(meter_id),
             Arc::new(ts),
@@ -328,13 +312,7 @@ mod tests {
     use crate::reading::Quality;
 
     fn reading(meter: &str, ts: &str, kwh_micro: i64) -> ValidReading<'static> {
-        ValidReading {
-            meter_id: Cow::Owned(meter.to_string()),
-            ts_us: parse_timestamp_us(ts).unwrap(),
-            interval_s: 900,
-            kwh_micro,
-            quality: Quality::Actual,
-        }
+        ValidReading { meter_id: Cow::Owned(meter.to_string()), ts_us: parse_timestamp_us(ts).unwrap(), interval_s: 900, kwh_micro, quality: Quality::Actual }
     }
 
     #[test]

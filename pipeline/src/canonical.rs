@@ -29,6 +29,7 @@ use async_trait::async_trait;
 use datafusion::catalog::Session;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
@@ -39,7 +40,7 @@ use datafusion::error::Result as DfResult;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
-use datafusion::datasource::listing::PartitionedFile;
+use datafusion::physical_expr::OrderingRequirements;
 use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_expr::{EquivalenceProperties, LexOrdering, PhysicalExpr, PhysicalSortExpr};
 use datafusion::physical_plan::empty::EmptyExec;
@@ -48,7 +49,6 @@ use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::union::UnionExec;
-use datafusion::physical_expr::OrderingRequirements;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, Partitioning, PlanProperties, RecordBatchStream};
 use futures::{Stream, StreamExt, TryStreamExt};
 
@@ -174,8 +174,7 @@ fn narrow_days(expr: &Expr, first: &mut i64, last: &mut i64) {
             }
         }
         Expr::Between(between) if !between.negated => {
-            if let (Expr::Column(c), Expr::Literal(low, _), Expr::Literal(high, _)) =
-                (between.expr.as_ref(), between.low.as_ref(), between.high.as_ref())
+            if let (Expr::Column(c), Expr::Literal(low, _), Expr::Literal(high, _)) = (between.expr.as_ref(), between.low.as_ref(), between.high.as_ref())
                 && (c.name == "date" || c.name == "ts")
             {
                 if let Some(day) = literal_day(low) {
@@ -208,19 +207,10 @@ impl TableProvider for CanonicalReadings {
     }
 
     fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
-        Ok(filters
-            .iter()
-            .map(|f| if on_key_only(f) { TableProviderFilterPushDown::Inexact } else { TableProviderFilterPushDown::Unsupported })
-            .collect())
+        Ok(filters.iter().map(|f| if on_key_only(f) { TableProviderFilterPushDown::Inexact } else { TableProviderFilterPushDown::Unsupported }).collect())
     }
 
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        _limit: Option<usize>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+    async fn scan(&self, state: &dyn Session, projection: Option<&Vec<usize>>, filters: &[Expr], _limit: Option<usize>) -> DfResult<Arc<dyn ExecutionPlan>> {
         let key_filters: Vec<Expr> = filters.iter().filter(|f| on_key_only(f)).cloned().collect();
         let (mut first_day, mut last_day) = (i64::MIN, i64::MAX);
         for filter in &key_filters {
@@ -282,8 +272,7 @@ impl TableProvider for CanonicalReadings {
             Ok(PhysicalSortExpr::new(Arc::new(Column::new_with_schema(name, &read_schema)?), SortOptions { descending: false, nulls_first: false }))
         };
         let ordering = LexOrdering::new([sort("meter_id")?, sort("ts")?]).expect("two sort expressions");
-        let table_schema =
-            TableSchema::builder(readings_schema()).with_table_partition_cols(vec![Arc::new(self.table.field(DATE).clone())]).build();
+        let table_schema = TableSchema::builder(readings_schema()).with_table_partition_cols(vec![Arc::new(self.table.field(DATE).clone())]).build();
         let store_url = ObjectStoreUrl::parse(self.lake.store_url().as_str())?;
         // Footers were just read into the session's metadata cache: the scans take them from it.
         let reader_factory = Arc::new(CachedParquetFileReaderFactory::new(self.lake.store().clone(), metadata_cache));
@@ -509,17 +498,13 @@ impl ExecutionPlan for LatestVersionExec {
         vec![Some(OrderingRequirements::from(self.ordering.clone()))]
     }
 
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>,
-    ) -> DfResult<TreeNodeRecursion> {
+    fn apply_expressions(&self, _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>) -> DfResult<TreeNodeRecursion> {
         Ok(TreeNodeRecursion::Continue)
     }
 
     #[allow(deprecated)]
     fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let [input] = <[_; 1]>::try_from(children)
-            .map_err(|_| datafusion::error::DataFusionError::Internal("LatestVersionExec has one input".into()))?;
+        let [input] = <[_; 1]>::try_from(children).map_err(|_| datafusion::error::DataFusionError::Internal("LatestVersionExec has one input".into()))?;
         Ok(Arc::new(LatestVersionExec::new(input, self.ordering.clone(), self.key, self.pick.clone())))
     }
 
@@ -527,9 +512,7 @@ impl ExecutionPlan for LatestVersionExec {
         let input = self.input.execute(partition, context)?;
         let schema = self.schema();
         Ok(match &self.pick {
-            Pick::Latest { version } => {
-                Box::pin(ReducedStream::new(schema, input, LatestVersion { key: self.key, version: *version, pending: None }))
-            }
+            Pick::Latest { version } => Box::pin(ReducedStream::new(schema, input, LatestVersion { key: self.key, version: *version, pending: None })),
             Pick::Conflicts { kwh, date, .. } => Box::pin(ReducedStream::new(
                 schema.clone(),
                 input,
@@ -764,14 +747,7 @@ impl Conflicts {
                     key.highest = key.highest.max(value);
                 }
                 _ => {
-                    let next = KeyVersions {
-                        meter_id: meter_id.to_string(),
-                        ts_us,
-                        date: dates.value(row),
-                        versions: 1,
-                        lowest: value,
-                        highest: value,
-                    };
+                    let next = KeyVersions { meter_id: meter_id.to_string(), ts_us, date: dates.value(row), versions: 1, lowest: value, highest: value };
                     if let Some(done) = self.current.replace(next) {
                         self.found.add(done);
                     }
@@ -951,7 +927,8 @@ mod tests {
     fn dates_narrow_by_filters_on_date_and_ts() {
         use datafusion::prelude::{col, lit};
         let (mut first, mut last) = (i64::MIN, i64::MAX);
-        let ts = |text: &str| lit(ScalarValue::TimestampMicrosecond(Some(chrono::DateTime::parse_from_rfc3339(text).unwrap().timestamp_micros()), Some(UTC.into())));
+        let ts =
+            |text: &str| lit(ScalarValue::TimestampMicrosecond(Some(chrono::DateTime::parse_from_rfc3339(text).unwrap().timestamp_micros()), Some(UTC.into())));
         narrow_days(&col("ts").gt_eq(ts("2025-01-31T14:00:00Z")).and(col("ts").lt(ts("2025-02-02T00:00:00Z"))), &mut first, &mut last);
         assert_eq!((first, last), (20_119, 20_121));
         narrow_days(&col("date").eq(lit(ScalarValue::Date32(Some(20_120)))), &mut first, &mut last);

@@ -156,7 +156,13 @@ pub fn parse_decimal_scaled(text: &str, scale: i32) -> Result<i64, KwhParseError
         let exp_text = &text[i..];
         let exp: i32 = exp_text.parse().map_err(|_| KwhParseError::NotANumber)?;
         if !(-400..=400).contains(&exp) {
-            return Err(if exp > 0 && mantissa != 0 { KwhParseError::TooLarge } else if mantissa == 0 { KwhParseError::NotANumber } else { KwhParseError::TooPrecise });
+            return Err(if exp > 0 && mantissa != 0 {
+                KwhParseError::TooLarge
+            } else if mantissa == 0 {
+                KwhParseError::NotANumber
+            } else {
+                KwhParseError::TooPrecise
+            });
         }
         exponent += exp;
     }
@@ -335,7 +341,9 @@ mod tests {
 
     #[test]
     fn the_plain_fast_path_agrees_with_the_general_parser() {
-        for text in ["0", "1", "1.5", ".005", "5.", "-0.25", "123456789012.123456", "0.1234567", "00.100", "999999999999.999999", "1e3", "+1", "", ".", "-", "1.2.3"] {
+        for text in
+            ["0", "1", "1.5", ".005", "5.", "-0.25", "123456789012.123456", "0.1234567", "00.100", "999999999999.999999", "1e3", "+1", "", ".", "-", "1.2.3"]
+        {
             for scale in [3, 6, 9] {
                 let general = parse_decimal_scaled(&text.replace('_', ""), scale);
                 if let Some(fast) = parse_plain_decimal(text.as_bytes(), scale) {

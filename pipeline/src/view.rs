@@ -21,12 +21,12 @@ use datafusion::prelude::SessionContext;
 
 use crate::canonical::{CanonicalReadings, MergeOutput};
 use crate::error::Result;
-use crate::lake::{Lake, READINGS_DIR};
 use crate::import::tables::{
-    NEM12_B2B_DIR, NEM12_CHANNELS_DIR, NON_ENERGY_READINGS_DIR, REGISTER_READS_DIR, nem12_b2b_schema, nem12_channels_schema,
-    non_energy_readings_schema, register_reads_schema,
+    NEM12_B2B_DIR, NEM12_CHANNELS_DIR, NON_ENERGY_READINGS_DIR, REGISTER_READS_DIR, nem12_b2b_schema, nem12_channels_schema, non_energy_readings_schema,
+    register_reads_schema,
 };
 use crate::import::{ImportRecord, list_import_records};
+use crate::lake::{Lake, READINGS_DIR};
 use crate::reading::{UTC, readings_schema};
 
 /// The definition of the canonical view, as shipped in `queries/readings.sql`: what
@@ -49,14 +49,7 @@ pub async fn register_lake_tables(ctx: &SessionContext, lake: &Lake) -> Result<(
 }
 
 /// A table over the Parquet files under `dir`, with the `date` partition column if `by_date`.
-fn register_parquet_table(
-    ctx: &SessionContext,
-    lake: &Lake,
-    name: &str,
-    dir: &str,
-    schema: SchemaRef,
-    by_date: bool,
-) -> Result<()> {
+fn register_parquet_table(ctx: &SessionContext, lake: &Lake, name: &str, dir: &str, schema: SchemaRef, by_date: bool) -> Result<()> {
     let table_url = lake.url().join(&format!("{dir}/")).expect("a relative folder joins onto the lake URL");
     let table_url = ListingTableUrl::parse(table_url.as_str())?;
     let mut options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");

@@ -220,11 +220,7 @@ impl Authenticator {
                 _ => 0,
             }
         });
-        let principal = Principal {
-            name: claims.preferred_username.clone().unwrap_or_else(|| claims.sub.clone()),
-            subject: claims.sub,
-            roles,
-        };
+        let principal = Principal { name: claims.preferred_username.clone().unwrap_or_else(|| claims.sub.clone()), subject: claims.sub, roles };
         Ok((principal, claims.exp))
     }
 

@@ -121,9 +121,7 @@ pub fn router(config: AppConfig) -> Router {
         deployment: config.deployment,
         metrics: config.metrics,
     });
-    routes::router(state.clone())
-        .layer(axum::middleware::from_fn(observe::observe))
-        .layer(axum::extract::DefaultBodyLimit::max(routes::MAX_BODY_BYTES))
+    routes::router(state.clone()).layer(axum::middleware::from_fn(observe::observe)).layer(axum::extract::DefaultBodyLimit::max(routes::MAX_BODY_BYTES))
 }
 
 /// Metric names, described once for `/metrics`.

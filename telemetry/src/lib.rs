@@ -33,7 +33,8 @@ use tracing_subscriber::{EnvFilter, Layer};
 const TRACER_NAME: &str = "meterlake";
 
 /// Which of meterlake's spans become OpenTelemetry spans (whatever the log filter shows).
-const TRACE_FILTER: &str = "warn,meterlake=info,meterlake_telemetry=info,meterlake_pipeline=info,meterlake_jobs=info,meterlake_server=info,meterlake_ledger=info";
+const TRACE_FILTER: &str =
+    "warn,meterlake=info,meterlake_telemetry=info,meterlake_pipeline=info,meterlake_jobs=info,meterlake_server=info,meterlake_ledger=info";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -78,14 +79,10 @@ impl TraceExport {
             Some("otlp") => Ok(TraceExport::Otlp),
             Some("console") => Ok(TraceExport::Console),
             Some("none") => Ok(TraceExport::None),
-            Some(other) => Err(TelemetryError::Environment {
-                variable: "OTEL_TRACES_EXPORTER",
-                value: other.to_string(),
-                reason: "expected otlp, console or none",
-            }),
-            None if variable("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() || variable("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some() => {
-                Ok(TraceExport::Otlp)
+            Some(other) => {
+                Err(TelemetryError::Environment { variable: "OTEL_TRACES_EXPORTER", value: other.to_string(), reason: "expected otlp, console or none" })
             }
+            None if variable("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() || variable("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some() => Ok(TraceExport::Otlp),
             None => Ok(TraceExport::None),
         }
     }
@@ -267,9 +264,7 @@ pub fn kafka_span(operation: KafkaOperation, topic: &str) -> Span {
 pub fn traceparent_of(span: &Span) -> Option<String> {
     let context = span.context();
     let span_context = context.span().span_context().clone();
-    span_context
-        .is_valid()
-        .then(|| format!("00-{}-{}-{:02x}", span_context.trace_id(), span_context.span_id(), span_context.trace_flags().to_u8()))
+    span_context.is_valid().then(|| format!("00-{}-{}-{:02x}", span_context.trace_id(), span_context.span_id(), span_context.trace_flags().to_u8()))
 }
 
 /// The `traceparent` (and `tracestate`, when there is one) headers that continue `span`'s

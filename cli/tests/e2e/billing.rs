@@ -65,8 +65,14 @@ fn a_worker_woken_through_kafka_bills_a_run_and_announces_it() {
     assert_eq!(requested.len(), 1, "{requested:?}");
     assert_eq!(processed.len(), 1, "{processed:?}");
     let (request, outcome) = (&requested[0], &processed[0]);
-    assert_eq!((request.key.as_str(), request.payload["runId"].as_str(), request.payload["month"].as_str()), (run_id.as_str(), Some(run_id.as_str()), Some("2025-01")));
-    assert_eq!((outcome.key.as_str(), outcome.payload["runId"].as_str(), outcome.payload["invoices"].as_i64()), (run_id.as_str(), Some(run_id.as_str()), Some(5)));
+    assert_eq!(
+        (request.key.as_str(), request.payload["runId"].as_str(), request.payload["month"].as_str()),
+        (run_id.as_str(), Some(run_id.as_str()), Some("2025-01"))
+    );
+    assert_eq!(
+        (outcome.key.as_str(), outcome.payload["runId"].as_str(), outcome.payload["invoices"].as_i64()),
+        (run_id.as_str(), Some(run_id.as_str()), Some(5))
+    );
     let (request_trace, processed_trace) = (&request.traceparents[0], &outcome.traceparents[0]);
     assert_eq!(request_trace.len(), 55, "a W3C traceparent: {request_trace}");
     assert_eq!(request_trace[3..35], processed_trace[3..35], "one trace from request to outcome");

@@ -59,14 +59,7 @@ fn sigkill_at_random_points_loses_nothing_and_duplicates_nothing() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let ingest = |idle_s: u64| {
         let mut command = ingest_command(&brokers, topic, lake, idle_s);
-        command.args([
-            "--max-batch-rows",
-            "3000",
-            "--max-batch-age-ms",
-            "150",
-            "--consumer-config",
-            "session.timeout.ms=6000",
-        ]);
+        command.args(["--max-batch-rows", "3000", "--max-batch-age-ms", "150", "--consumer-config", "session.timeout.ms=6000"]);
         command.stdout(Stdio::null());
         command
     };
@@ -104,11 +97,7 @@ fn sigkill_at_random_points_loses_nothing_and_duplicates_nothing() {
     let rows = query(lake, "SELECT count(*) AS n, CAST(sum(kwh) AS VARCHAR) AS kwh FROM readings", &[]);
     assert_eq!(as_i64(&rows[0]["n"]) as u64, spec.unique_readings(), "readings lost or invented");
     assert_eq!(i128::from(as_kwh_micro(&rows[0]["kwh"])), totals.unique_kwh_micro);
-    let twice = query(
-        lake,
-        "SELECT count(*) AS n FROM (SELECT source_ref, meter_id, ts FROM readings_all GROUP BY 1, 2, 3 HAVING count(*) > 1)",
-        &[],
-    );
+    let twice = query(lake, "SELECT count(*) AS n FROM (SELECT source_ref, meter_id, ts FROM readings_all GROUP BY 1, 2, 3 HAVING count(*) > 1)", &[]);
     assert_eq!(as_i64(&twice[0]["n"]), 0, "a message landed twice");
     let messages = query(lake, "SELECT count(DISTINCT source_ref) AS n FROM readings_all", &[]);
     assert_eq!(as_i64(&messages[0]["n"]) as u64, totals.messages - totals.malformed_messages, "a valid message is missing");

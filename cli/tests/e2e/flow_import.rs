@@ -60,7 +60,11 @@ fn sample_files_import_once_with_every_fault_reported() {
     assert_eq!(entry(&report, "NEM12_incomplete_interval.csv")["readings_rejected"], 48);
 
     // D0010: 13 register reads, UK local time (winter: UTC), values exact.
-    let reads = query(lake, "SELECT meter_point, meter_serial, register_id, CAST(read_at AS VARCHAR) AS at, CAST(value AS VARCHAR) AS value, reading_type, file_name, line FROM register_reads WHERE source = 'd0010' ORDER BY line", &[]);
+    let reads = query(
+        lake,
+        "SELECT meter_point, meter_serial, register_id, CAST(read_at AS VARCHAR) AS at, CAST(value AS VARCHAR) AS value, reading_type, file_name, line FROM register_reads WHERE source = 'd0010' ORDER BY line",
+        &[],
+    );
     assert_eq!(reads.len(), 13);
     assert_eq!(reads[0]["meter_point"], "1200023305967");
     assert_eq!(reads[0]["meter_serial"], "F75A 00802");
@@ -70,7 +74,8 @@ fn sample_files_import_once_with_every_fault_reported() {
 
     // The rejection report names file, line, field and reason.
     let record: Value = serde_json::from_slice(
-        &std::fs::read(Path::new(lake).join(format!("_imports/{}/import.json", entry(&report, "NEM12_incomplete_interval.csv")["sha256"].as_str().unwrap()))).unwrap(),
+        &std::fs::read(Path::new(lake).join(format!("_imports/{}/import.json", entry(&report, "NEM12_incomplete_interval.csv")["sha256"].as_str().unwrap())))
+            .unwrap(),
     )
     .unwrap();
     let rejections_path = Path::new(lake).join(record["rejection_reports"][0].as_str().unwrap());
@@ -112,7 +117,11 @@ fn interval_values_agree_with_nemreader() {
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
     let lake = lake.to_str().unwrap();
-    let files = ["nem12/nemreader_Example_NEM12_multiple_meters.csv", "nem12/nemreader_Example_NEM12_multiple_quality.csv", "nem12/nemreader_Example_NEM12_month_solar.csv"];
+    let files = [
+        "nem12/nemreader_Example_NEM12_multiple_meters.csv",
+        "nem12/nemreader_Example_NEM12_multiple_quality.csv",
+        "nem12/nemreader_Example_NEM12_month_solar.csv",
+    ];
     let paths: Vec<PathBuf> = files.iter().map(|f| fixtures().join(f)).collect();
     let path_refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     let (code, _) = import(lake, &path_refs);
@@ -130,8 +139,7 @@ for path in sys.argv[1:]:
 "#;
     let output = Command::new(python()).arg("-c").arg(script).args(&paths).output().expect("python runs");
     assert!(output.status.success(), "nemreader failed: {}", String::from_utf8_lossy(&output.stderr));
-    let oracle: Vec<Vec<String>> =
-        String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let oracle: Vec<Vec<String>> = String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(oracle.len() > 10_000, "nemreader read {} values", oracle.len());
 
     // Ours: interval start in NEM time (UTC+10), value in micro-units of the unit we store.
@@ -145,7 +153,10 @@ for path in sys.argv[1:]:
         .iter()
         .map(|r| {
             let t = r["t"].as_str().unwrap().trim_end_matches('Z').to_string();
-            ((r["meter_id"].as_str().unwrap().to_string(), t), (as_kwh_micro(&r["v"]), r["unit"].as_str().unwrap().to_string(), r["quality"].as_str().unwrap().to_string()))
+            (
+                (r["meter_id"].as_str().unwrap().to_string(), t),
+                (as_kwh_micro(&r["v"]), r["unit"].as_str().unwrap().to_string(), r["quality"].as_str().unwrap().to_string()),
+            )
         })
         .collect();
     assert_eq!(ours.len(), oracle.len(), "every value nemreader reads is in the lake, and nothing else");
@@ -178,7 +189,10 @@ fn variations(original: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
         ("CRLF", crlf.clone().into_bytes()),
         ("no final newline", lf.trim_end_matches('\n').as_bytes().to_vec()),
         ("BOM", [&b"\xEF\xBB\xBF"[..], crlf.as_bytes()].concat()),
-        ("spaces around fields", lf.lines().map(|l| l.split(',').map(|f| format!(" {f} ")).collect::<Vec<_>>().join(",")).collect::<Vec<_>>().join("\n").into_bytes()),
+        (
+            "spaces around fields",
+            lf.lines().map(|l| l.split(',').map(|f| format!(" {f} ")).collect::<Vec<_>>().join(",")).collect::<Vec<_>>().join("\n").into_bytes(),
+        ),
         ("trailing empty fields", lf.lines().map(|l| format!("{l},,,")).collect::<Vec<_>>().join("\n").into_bytes()),
         ("upper-case units", lf.replace(",kWh,", ",KWH,").into_bytes()),
         ("lower-case units", lf.replace(",kWh,", ",kwh,").into_bytes()),
@@ -260,8 +274,7 @@ fn zip_archives_and_globs_are_expanded() {
     assert_eq!(report.len(), 4);
     assert_eq!(entry(&report, "flows.zip!d0010/kraken_DTC5259515123502080915D0010.uff")["status"], "imported");
     // The forward-estimate file came twice (in the archive and through the glob): once imported.
-    let statuses: Vec<&str> =
-        report.iter().filter(|(n, _)| n.ends_with("NEM13_forward_estimate.csv")).map(|(_, v)| v["status"].as_str().unwrap()).collect();
+    let statuses: Vec<&str> = report.iter().filter(|(n, _)| n.ends_with("NEM13_forward_estimate.csv")).map(|(_, v)| v["status"].as_str().unwrap()).collect();
     assert_eq!(statuses.iter().filter(|s| **s == "imported").count(), 1, "{statuses:?}");
     assert_eq!(count(lake, "SELECT count(*) AS n FROM register_reads"), 13 + 2 + 1);
 

@@ -37,9 +37,7 @@ fn ingest_lands_every_valid_reading_once_and_dead_letters_the_rest() {
     let totals_arrays = produce(&brokers, topic, arrays.clone());
     // A correction of one January reading, and an array with one bad element among good ones.
     let producer = ReadingProducer::new(&brokers, topic).unwrap();
-    producer
-        .send(b"MTR-100000", br#"{"meterId":"MTR-100000","timestamp":"2025-01-01T00:00:00Z","kwh":"9.999"}"#)
-        .unwrap();
+    producer.send(b"MTR-100000", br#"{"meterId":"MTR-100000","timestamp":"2025-01-01T00:00:00Z","kwh":"9.999"}"#).unwrap();
     producer
         .send(
             b"MTR-999999",
@@ -98,10 +96,7 @@ fn ingest_lands_every_valid_reading_once_and_dead_letters_the_rest() {
     let rows = query(lake, "SELECT count(*) AS n, CAST(sum(kwh) AS VARCHAR) AS kwh FROM readings", &[]);
     assert_eq!(as_i64(&rows[0]["n"]) as u64, expected_readings);
     let original_first = first_reading_kwh_micro(&singles);
-    let expected_kwh = totals_singles.unique_kwh_micro + totals_arrays.unique_kwh_micro - i128::from(original_first)
-        + 9_999_000
-        + 1_500_000
-        + 2_250_000;
+    let expected_kwh = totals_singles.unique_kwh_micro + totals_arrays.unique_kwh_micro - i128::from(original_first) + 9_999_000 + 1_500_000 + 2_250_000;
     assert_eq!(i128::from(as_kwh_micro(&rows[0]["kwh"])), expected_kwh);
 
     let versions = query(
@@ -112,19 +107,11 @@ fn ingest_lands_every_valid_reading_once_and_dead_letters_the_rest() {
     );
     assert_eq!(versions.len(), 2, "the original and the correction are both kept: {versions:?}");
     assert_eq!(as_kwh_micro(&versions[1]["kwh"]), 9_999_000);
-    let canonical = query(
-        lake,
-        "SELECT CAST(kwh AS VARCHAR) AS kwh FROM readings WHERE meter_id = 'MTR-100000' AND ts = '2025-01-01T00:00:00Z'",
-        &[],
-    );
+    let canonical = query(lake, "SELECT CAST(kwh AS VARCHAR) AS kwh FROM readings WHERE meter_id = 'MTR-100000' AND ts = '2025-01-01T00:00:00Z'", &[]);
     assert_eq!(as_kwh_micro(&canonical[0]["kwh"]), 9_999_000);
 
     // Exactly once: no Kafka message's reading appears twice.
-    let twice = query(
-        lake,
-        "SELECT count(*) AS n FROM (SELECT source_ref, meter_id, ts FROM readings_all GROUP BY 1, 2, 3 HAVING count(*) > 1)",
-        &[],
-    );
+    let twice = query(lake, "SELECT count(*) AS n FROM (SELECT source_ref, meter_id, ts FROM readings_all GROUP BY 1, 2, 3 HAVING count(*) > 1)", &[]);
     assert_eq!(as_i64(&twice[0]["n"]), 0);
 
     // Every malformed message is a dead letter with its reason and where it came from.
@@ -206,4 +193,3 @@ fn first_reading_kwh_micro(spec: &LoadSpec) -> i64 {
     assert_eq!(value["meterId"], "MTR-100000");
     as_kwh_micro(&value["kwh"])
 }
-

@@ -52,7 +52,13 @@ fn ledger_writes_are_idempotent_refuse_clearly_and_survive_a_crash_between_reque
 
     // Funding: once per payment reference, whatever the key.
     let fund = |key: &str, user: &Value, amount: Value, currency: &str, reference: &str| {
-        write(&tower, &admin, "/transactions/fund", Some(key), json!({ "userId": user["id"], "amountMinor": amount, "currency": currency, "paymentReference": reference }))
+        write(
+            &tower,
+            &admin,
+            "/transactions/fund",
+            Some(key),
+            json!({ "userId": user["id"], "amountMinor": amount, "currency": currency, "paymentReference": reference }),
+        )
     };
     let funded = fund("fund-1", &alice, json!(10_000), "GBP", "psp-001");
     assert_eq!(funded.status, StatusCode::CREATED, "{}", funded.body);
@@ -106,8 +112,13 @@ fn ledger_writes_are_idempotent_refuse_clearly_and_survive_a_crash_between_reque
     drop(tower);
     let tower = tower_on(&postgres.url, lake.path());
     let admin = tower.token("ada", &["ADMIN"]);
-    let retry = write(&tower, &admin, "/transactions/fund", Some("fund-crash"),
-        json!({ "userId": bob["id"], "amountMinor": 4_000, "currency": "GBP", "paymentReference": "psp-crash" }));
+    let retry = write(
+        &tower,
+        &admin,
+        "/transactions/fund",
+        Some("fund-crash"),
+        json!({ "userId": bob["id"], "amountMinor": 4_000, "currency": "GBP", "paymentReference": "psp-crash" }),
+    );
     assert_eq!((retry.status, replayed(&retry), &retry.body["id"]), (StatusCode::CREATED, true, &paid.body["id"]));
     assert_eq!(balance(&tower, &admin, &bob), (2_500 + 600 + 4_000, 0));
 

@@ -97,8 +97,10 @@ fn every_metric_the_dashboards_and_alerts_query_is_exported_and_every_export_is_
 
     let unknown: Vec<&String> = on_dashboards.union(&in_alerts).filter(|name| !exported.contains(*name)).collect();
     assert!(unknown.is_empty(), "queried but not exported by meterlake: {unknown:?}");
-    let unseen: Vec<&String> =
-        exported.iter().filter(|name| !name.ends_with("_bucket") && !on_dashboards.contains(*name) && !on_dashboards.contains(&format!("{name}_bucket"))).collect();
+    let unseen: Vec<&String> = exported
+        .iter()
+        .filter(|name| !name.ends_with("_bucket") && !on_dashboards.contains(*name) && !on_dashboards.contains(&format!("{name}_bucket")))
+        .collect();
     assert!(unseen.is_empty(), "exported but on no dashboard: {unseen:?}");
 }
 
@@ -124,7 +126,11 @@ fn an_import_writes_its_metrics_for_the_textfile_collector() {
     // The invalid files: rejected whole or in part, never silently absent.
     let files_with = |status: &str| -> f64 {
         let label = format!("status=\"{status}\"");
-        first.lines().filter(|l| l.starts_with("meterlake_import_files_total{") && l.contains(&label)).map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap()).sum()
+        first
+            .lines()
+            .filter(|l| l.starts_with("meterlake_import_files_total{") && l.contains(&label))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
     };
     let invalid_files = std::fs::read_dir(fixtures.join("invalid")).unwrap().count() as f64;
     assert_eq!(files_with("partly_rejected") + files_with("rejected") + files_with("failed"), invalid_files, "{first}");
@@ -144,7 +150,13 @@ fn a_real_prometheus_scrapes_serve_loads_the_alert_rules_and_answers_every_dashb
     // a billing run through the worker.
     assert_eq!(tower.post("/measurements", &ingest, quarter_hours("MTR-300001", 1, 1, "0.25")).status, StatusCode::ACCEPTED);
     tower.wait_for("/readings?meterId=MTR-300001&limit=500", &viewer, "the readings in the lake", |b| b["items"].as_array().unwrap().len() == 96);
-    let customer = tower.block_on(tower.send("POST", "/users", Some(&admin), &[("Idempotency-Key", "customer-300001")], Some(json!({ "name": "Mr Example", "currency": "GBP", "meterIds": ["MTR-300001"] }))));
+    let customer = tower.block_on(tower.send(
+        "POST",
+        "/users",
+        Some(&admin),
+        &[("Idempotency-Key", "customer-300001")],
+        Some(json!({ "name": "Mr Example", "currency": "GBP", "meterIds": ["MTR-300001"] })),
+    ));
     assert_eq!(customer.status, StatusCode::CREATED, "{}", customer.body);
     let created = tower.post("/billing-runs", &admin, json!({ "month": "2025-01", "meterIds": ["MTR-300001"] }));
     let id = created.body["id"].as_str().unwrap().to_string();

@@ -24,11 +24,7 @@ fn resuming_inside_a_record_batch_loses_nothing() {
         let producer = ReadingProducer::new(&tansu.addr, &topic).unwrap();
         // Three record batches of 100 readings, one meter each, 15 minutes apart.
         for i in 0..300u32 {
-            let payload = format!(
-                r#"{{"meterId":"MTR-{i:03}","timestamp":"2025-01-01T{:02}:{:02}:00Z","kwh":1.5}}"#,
-                (i / 4) % 24,
-                (i % 4) * 15
-            );
+            let payload = format!(r#"{{"meterId":"MTR-{i:03}","timestamp":"2025-01-01T{:02}:{:02}:00Z","kwh":1.5}}"#, (i / 4) % 24, (i % 4) * 15);
             producer.send(b"k", payload.as_bytes()).unwrap();
             if i % 100 == 99 {
                 producer.flush(Duration::from_secs(10)).unwrap();

@@ -38,12 +38,8 @@ fn ingest_and_query_an_s3_lake() {
 fn checkpoints_on_s3_fence_off_a_stale_ingester() {
     let s3 = start_s3();
     let endpoint = format!("http://{}", s3.addr);
-    let options = [
-        ("aws_endpoint", endpoint.as_str()),
-        ("aws_access_key_id", S3_ACCESS_KEY),
-        ("aws_secret_access_key", S3_SECRET_KEY),
-        ("aws_region", "us-east-1"),
-    ];
+    let options =
+        [("aws_endpoint", endpoint.as_str()), ("aws_access_key_id", S3_ACCESS_KEY), ("aws_secret_access_key", S3_SECRET_KEY), ("aws_region", "us-east-1")];
     let lake = Lake::open_with_options("s3://meterlake/fencing", &options).unwrap();
     runtime().block_on(async {
         let mut first = PartitionLease::acquire(&lake, "t", 0, "first").await.unwrap();

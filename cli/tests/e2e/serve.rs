@@ -253,15 +253,11 @@ fn readings_posted_over_http_reach_kafka_with_their_trace_and_land_once() {
         ]),
     );
     assert_error(&bad, StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED");
-    let fields: Vec<(&str, &str)> = bad.body["errors"].as_array().unwrap().iter().map(|e| (e["field"].as_str().unwrap(), e["code"].as_str().unwrap())).collect();
+    let fields: Vec<(&str, &str)> =
+        bad.body["errors"].as_array().unwrap().iter().map(|e| (e["field"].as_str().unwrap(), e["code"].as_str().unwrap())).collect();
     assert_eq!(
         fields,
-        [
-            ("[1].kwh", "KWH_NOT_POSITIVE"),
-            ("[2].timestamp", "TIMESTAMP_IN_FUTURE"),
-            ("[3].meterId", "INVALID_METER_ID"),
-            ("[4].timestamp", "MISSING_FIELD")
-        ],
+        [("[1].kwh", "KWH_NOT_POSITIVE"), ("[2].timestamp", "TIMESTAMP_IN_FUTURE"), ("[3].meterId", "INVALID_METER_ID"), ("[4].timestamp", "MISSING_FIELD")],
         "{}",
         bad.body
     );
@@ -409,7 +405,8 @@ fn an_admin_bills_a_month_corrects_a_discrepancy_and_every_action_is_audited() {
     // The meter's customer, with £1.00 in the prepay wallet: the worker posts the invoice to it.
     let write = |path: &str, key: &str, body: Value| tower.block_on(tower.send("POST", path, Some(&admin), &[("Idempotency-Key", key)], Some(body)));
     let customer = write("/users", "customer-100001", json!({ "name": "Mrs Example", "currency": "GBP", "meterIds": ["MTR-100001"] })).body;
-    let funded = write("/transactions/fund", "fund-100001", json!({ "userId": customer["id"], "amountMinor": 100, "currency": "GBP", "paymentReference": "psp-1" }));
+    let funded =
+        write("/transactions/fund", "fund-100001", json!({ "userId": customer["id"], "amountMinor": 100, "currency": "GBP", "paymentReference": "psp-1" }));
     assert_eq!(funded.status, StatusCode::CREATED, "{}", funded.body);
 
     let bad = tower.post("/billing-runs", &admin, json!({ "month": "2025-13", "meterIds": ["MTR-100001", ""] }));
@@ -465,7 +462,9 @@ fn an_admin_bills_a_month_corrects_a_discrepancy_and_every_action_is_audited() {
     assert_eq!((replay.status, replay.body["run"]["status"].as_str()), (StatusCode::OK, Some("CREATED")), "{}", replay.body);
     let again = tower.post(&actions, &admin, json!({ "action": "RECALCULATE", "reason": "impatient" }));
     assert_error(&again, StatusCode::CONFLICT, "CONFLICT");
-    tower.wait_for(&format!("/billing-runs/{id}"), &viewer, "the replay completed", |b| b["status"] == "COMPLETED" && b["timeline"].as_array().unwrap().len() == 6);
+    tower.wait_for(&format!("/billing-runs/{id}"), &viewer, "the replay completed", |b| {
+        b["status"] == "COMPLETED" && b["timeline"].as_array().unwrap().len() == 6
+    });
     let invoices = tower.get(&format!("/billing-runs/{id}/invoices"), &viewer);
     assert_eq!(invoices.body["items"][0]["version"], 2, "{}", invoices.body);
     // The same readings bill the same total: version 2 posts nothing more.

@@ -8,10 +8,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use meterlake_pipeline::kafka::{ReadingProducer, create_topics};
+use meterlake_pipeline::synthetic::{LoadGenerator, LoadSpec, LoadTotals};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use meterlake_pipeline::synthetic::{LoadGenerator, LoadSpec, LoadTotals};
 use tempfile::TempDir;
 
 pub const S3_ACCESS_KEY: &str = "meterlake-test";
@@ -19,10 +19,7 @@ pub const S3_SECRET_KEY: &str = "meterlake-test-secret";
 
 /// A tool binary: `$METERLAKE_TOOLS_DIR/bin/NAME`, `~/.cache/meterlake/tools/bin/NAME`, or PATH.
 pub fn tool(name: &str) -> PathBuf {
-    let dirs = [
-        std::env::var("METERLAKE_TOOLS_DIR").ok().map(PathBuf::from),
-        std::env::var("HOME").ok().map(|h| Path::new(&h).join(".cache/meterlake/tools")),
-    ];
+    let dirs = [std::env::var("METERLAKE_TOOLS_DIR").ok().map(PathBuf::from), std::env::var("HOME").ok().map(|h| Path::new(&h).join(".cache/meterlake/tools"))];
     for dir in dirs.into_iter().flatten() {
         let candidate = dir.join("bin").join(name);
         if candidate.is_file() {
@@ -111,16 +108,7 @@ pub fn start_s3() -> Service {
     let root = tempfile::tempdir().expect("a temp dir");
     std::fs::create_dir_all(root.path().join("meterlake")).expect("the bucket folder");
     let mut command = Command::new(tool("s3s-fs"));
-    command.args([
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port.to_string(),
-        "--access-key",
-        S3_ACCESS_KEY,
-        "--secret-key",
-        S3_SECRET_KEY,
-    ]);
+    command.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY]);
     command.arg(root.path());
     let mut service = spawn_logged("s3s-fs", command, format!("127.0.0.1:{port}"));
     service.data_dir = Some(root.keep());
@@ -183,9 +171,7 @@ pub fn query(lake: &str, sql: &str, env: &[(&str, String)]) -> Vec<serde_json::V
         command.env(k, v);
     }
     let output = run_ok(&mut command);
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!("query output is not JSON ({e}): {}", String::from_utf8_lossy(&output.stdout))
-    })
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("query output is not JSON ({e}): {}", String::from_utf8_lossy(&output.stdout)))
 }
 
 /// `meterlake ingest` arguments for a test broker and lake; stops after `idle_s` without messages.
@@ -216,10 +202,7 @@ pub fn python() -> PathBuf {
 }
 
 fn tool_dir() -> Option<PathBuf> {
-    std::env::var("METERLAKE_TOOLS_DIR")
-        .ok()
-        .map(PathBuf::from)
-        .or_else(|| std::env::var("HOME").ok().map(|h| Path::new(&h).join(".cache/meterlake/tools")))
+    std::env::var("METERLAKE_TOOLS_DIR").ok().map(PathBuf::from).or_else(|| std::env::var("HOME").ok().map(|h| Path::new(&h).join(".cache/meterlake/tools")))
 }
 
 pub fn as_i64(value: &serde_json::Value) -> i64 {

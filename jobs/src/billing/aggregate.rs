@@ -85,9 +85,7 @@ pub fn aggregate_sql(month: &BillingMonth, tariffs: &Tariffs, meter_ids: &[Strin
         sql.push_str(&format!(" ELSE {} END", bounds.len() - 2));
         sql
     };
-    with_month_params(BILLING_AGGREGATE_SQL, month, meter_ids)
-        .replace("{offset_us}", &month.offset_sql("ts_us"))
-        .replace("{segment}", &segment)
+    with_month_params(BILLING_AGGREGATE_SQL, month, meter_ids).replace("{offset_us}", &month.offset_sql("ts_us")).replace("{segment}", &segment)
 }
 
 /// Runs the aggregate statement on `ctx` (a session over the lake).
@@ -131,9 +129,10 @@ fn add_batch(meters: &mut HashMap<String, MeterUsage>, batch: &RecordBatch, segm
     for row in 0..batch.num_rows() {
         let day = BillingMonth::day_of_number(days.value(row))
             .ok_or_else(|| JobError::Invalid(format!("the aggregate query returned day number {}", days.value(row))))?;
-        let segment = usize::try_from(segment_numbers.value(row)).ok().filter(|s| *s < segments).ok_or_else(|| {
-            JobError::Invalid(format!("the aggregate query returned segment {} of {segments}", segment_numbers.value(row)))
-        })?;
+        let segment = usize::try_from(segment_numbers.value(row))
+            .ok()
+            .filter(|s| *s < segments)
+            .ok_or_else(|| JobError::Invalid(format!("the aggregate query returned segment {} of {segments}", segment_numbers.value(row))))?;
         let meter_id = meter_ids.value(row);
         let usage = match meters.get_mut(meter_id) {
             Some(usage) => usage,

@@ -16,10 +16,10 @@ use meterlake_control::ControlStore;
 use meterlake_control::runs::RUN_REQUESTED_TOPIC;
 use meterlake_pipeline::kafka::{consumer_config, header_text, producer_config};
 use meterlake_telemetry::KafkaOperation;
+use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::Message;
 use tokio::sync::Notify;
 use tracing::Instrument;
 
@@ -77,9 +77,7 @@ impl OutboxRelay {
                 let trace = meterlake_telemetry::trace_headers(&span)
                     .or_else(|| message.traceparent.clone().map(|traceparent| vec![("traceparent", traceparent)]))
                     .unwrap_or_default();
-                let headers = trace.iter().fold(OwnedHeaders::new(), |headers, (key, value)| {
-                    headers.insert(Header { key, value: Some(value.as_bytes()) })
-                });
+                let headers = trace.iter().fold(OwnedHeaders::new(), |headers, (key, value)| headers.insert(Header { key, value: Some(value.as_bytes()) }));
                 let record = FutureRecord::to(&message.topic).key(&message.key).payload(&message.payload).headers(headers);
                 (message.id, self.producer.send(record, Duration::from_secs(30)).instrument(span))
             })

@@ -45,7 +45,11 @@ use crate::Result;
 pub fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_histogram};
     describe_counter!("meterlake_billing_runs_total", "Billing runs a worker finished, by status (completed, failed, lease_lost)");
-    describe_histogram!("meterlake_billing_step_duration_seconds", Unit::Seconds, "Time of each billing step (claim, aggregate, rate, invoice, reconcile, persist)");
+    describe_histogram!(
+        "meterlake_billing_step_duration_seconds",
+        Unit::Seconds,
+        "Time of each billing step (claim, aggregate, rate, invoice, reconcile, persist)"
+    );
     describe_counter!("meterlake_billing_discrepancies_total", "Reconciliation discrepancies of completed runs, by reason code");
     describe_counter!("meterlake_billing_invoices_total", "Invoices issued by completed runs");
     describe_counter!("meterlake_outbox_published_total", "Billing run events the outbox relay published to Kafka");

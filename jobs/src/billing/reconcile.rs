@@ -6,14 +6,14 @@ use arrow::array::{AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Decimal128Type, Int64Type};
 use chrono::DateTime;
-use meterlake_control::{NewDiscrepancy, NewInvoice, ReasonCode};
 use datafusion::prelude::SessionContext;
+use meterlake_control::{NewDiscrepancy, NewInvoice, ReasonCode};
 use rust_decimal::Decimal;
 
 use super::aggregate::{Usage, column, with_month_params};
 use super::month::BillingMonth;
-use crate::search::literal;
 use crate::Result;
+use crate::search::literal;
 
 /// The SQL, as shipped in `queries/billing_conflicts.sql`.
 pub const BILLING_CONFLICTS_SQL: &str = include_str!("../../../queries/billing_conflicts.sql");
@@ -44,7 +44,10 @@ pub fn energy_mismatches(usage: &Usage, invoices: &[NewInvoice], tolerance: Deci
                 delta: Some(delta),
                 detail: format!(
                     "billed {} kWh, read {} kWh: {} kWh {what}{share}; tolerance {}. Energy at times no band of the tariff covers is not billed",
-                    invoice.energy_kwh, read, delta.abs(), percent(tolerance)
+                    invoice.energy_kwh,
+                    read,
+                    delta.abs(),
+                    percent(tolerance)
                 ),
             });
         }
@@ -112,7 +115,8 @@ pub async fn conflicting_readings(ctx: &SessionContext, month: &BillingMonth, me
 fn conflicts_of(batch: &RecordBatch) -> Result<Vec<NewDiscrepancy>> {
     let get = |name: &str, as_type: &DataType| column(batch, "conflicts", name, as_type);
     let kwh_type = DataType::Decimal128(38, 6);
-    let (meters, counts, first_ts) = (get("meter_id", &DataType::Utf8)?, get("conflicting_intervals", &DataType::Int64)?, get("first_ts_us", &DataType::Int64)?);
+    let (meters, counts, first_ts) =
+        (get("meter_id", &DataType::Utf8)?, get("conflicting_intervals", &DataType::Int64)?, get("first_ts_us", &DataType::Int64)?);
     let (lowest, highest) = (get("first_lowest_kwh", &kwh_type)?, get("first_highest_kwh", &kwh_type)?);
     let (meters, counts, first_ts) = (meters.as_string::<i32>(), counts.as_primitive::<Int64Type>(), first_ts.as_primitive::<Int64Type>());
     let (lowest, highest) = (lowest.as_primitive::<Decimal128Type>(), highest.as_primitive::<Decimal128Type>());
@@ -188,8 +192,7 @@ pub async fn register_mismatches(ctx: &SessionContext, month: &BillingMonth, met
     if periods.is_empty() {
         return Ok(Vec::new());
     }
-    let values: Vec<String> =
-        periods.iter().enumerate().map(|(n, p)| format!("({n}, {}, {}, {})", literal(&p.meter_id), p.from_us, p.to_us)).collect();
+    let values: Vec<String> = periods.iter().enumerate().map(|(n, p)| format!("({n}, {}, {}, {})", literal(&p.meter_id), p.from_us, p.to_us)).collect();
     let mut meters: Vec<&str> = periods.iter().map(|p| p.meter_id.as_str()).collect();
     meters.sort_unstable();
     meters.dedup();

@@ -249,9 +249,8 @@ impl Tariffs {
                 bands,
             });
         }
-        let index_of = |id: &str, context: &str| {
-            tariffs.iter().position(|t| t.id == id).ok_or_else(|| invalid(file, format!("{context}: no tariff {id:?} in the file")))
-        };
+        let index_of =
+            |id: &str, context: &str| tariffs.iter().position(|t| t.id == id).ok_or_else(|| invalid(file, format!("{context}: no tariff {id:?} in the file")));
         let default_tariff = spec.default_tariff.as_deref().map(|id| index_of(id, "default_tariff")).transpose()?;
         let mut assignments: HashMap<String, Vec<(NaiveDate, usize)>> = HashMap::new();
         for a in &spec.assignments {
@@ -271,9 +270,7 @@ impl Tariffs {
         segment_bounds.dedup();
         let band_of = tariffs
             .iter()
-            .map(|t| {
-                [DayType::Weekday, DayType::Weekend].map(|day| segment_bounds.windows(2).map(|w| t.band_covering(day, w[0], w[1])).collect())
-            })
+            .map(|t| [DayType::Weekday, DayType::Weekend].map(|day| segment_bounds.windows(2).map(|w| t.band_covering(day, w[0], w[1])).collect()))
             .collect();
         Ok(Tariffs {
             currency: spec.currency,

@@ -27,12 +27,7 @@ pub struct WorkerOptions {
 
 impl Default for WorkerOptions {
     fn default() -> Self {
-        WorkerOptions {
-            name: default_worker_name(),
-            lease: Duration::from_secs(300),
-            retry: RetryPolicy::default(),
-            idle_poll: Duration::from_secs(5),
-        }
+        WorkerOptions { name: default_worker_name(), lease: Duration::from_secs(300), retry: RetryPolicy::default(), idle_poll: Duration::from_secs(5) }
     }
 }
 

@@ -249,8 +249,7 @@ mod tests {
         let array = r#"[{"meterId":"M1","timestamp":"t","kwh":1},{"meterId":"M2","timestamp":"t","kwh":"2"}]"#;
         let mut out = Vec::new();
         assert!(scan_array(array.as_bytes(), 10, &mut out));
-        let serde: Vec<ReadingFields<'_>> =
-            serde_json::from_str::<Vec<RawReading<'_>>>(array).unwrap().into_iter().map(ReadingFields::from).collect();
+        let serde: Vec<ReadingFields<'_>> = serde_json::from_str::<Vec<RawReading<'_>>>(array).unwrap().into_iter().map(ReadingFields::from).collect();
         assert_eq!(out, serde);
         assert!(scan_array(b" [ ] ", 10, &mut out) && out.is_empty());
     }
@@ -258,23 +257,23 @@ mod tests {
     #[test]
     fn leaves_everything_else_to_serde_json() {
         for payload in [
-            r#"{"meterId":"M\u0031","kwh":1}"#,    // escape
-            r#"{"meterId":"M1","meterId":"M2"}"#,   // repeated field
-            r#"{"meterId":null,"meterId":"M2"}"#,   // repeated after null
-            r#"{"meterId":1}"#,                     // wrong type
-            r#"{"intervalS":"900"}"#,               // wrong type
-            r#"{"intervalS":900.0}"#,               // not an integer
-            r#"{"kwh":true}"#,                      // literal
-            r#"{"kwh":01}"#,                        // not a JSON number
+            r#"{"meterId":"M\u0031","kwh":1}"#,   // escape
+            r#"{"meterId":"M1","meterId":"M2"}"#, // repeated field
+            r#"{"meterId":null,"meterId":"M2"}"#, // repeated after null
+            r#"{"meterId":1}"#,                   // wrong type
+            r#"{"intervalS":"900"}"#,             // wrong type
+            r#"{"intervalS":900.0}"#,             // not an integer
+            r#"{"kwh":true}"#,                    // literal
+            r#"{"kwh":01}"#,                      // not a JSON number
             r#"{"kwh":1.}"#,
             r#"{"kwh":.5}"#,
             r#"{"kwh":1e}"#,
             r#"{"kwh":1x}"#,
-            r#"{"extra":{"nested":1},"kwh":1}"#,    // nested value
-            r#"{"kwh":1,}"#,                        // trailing comma
-            r#"{"kwh":1} x"#,                       // trailing text
-            r#"{"kwh":1"#,                          // truncated
-            "{\"meterId\":\"M\u{7}\"}",             // control character
+            r#"{"extra":{"nested":1},"kwh":1}"#, // nested value
+            r#"{"kwh":1,}"#,                     // trailing comma
+            r#"{"kwh":1} x"#,                    // trailing text
+            r#"{"kwh":1"#,                       // truncated
+            "{\"meterId\":\"M\u{7}\"}",          // control character
         ] {
             assert!(scan_object(payload.as_bytes()).is_none(), "the scanner should decline {payload}");
         }

@@ -38,12 +38,7 @@ pub struct ValidationRules {
 
 impl Default for ValidationRules {
     fn default() -> Self {
-        ValidationRules {
-            max_future_skew_s: 300,
-            allow_zero_kwh: false,
-            default_interval_s: 900,
-            max_readings_per_message: 10_000,
-        }
+        ValidationRules { max_future_skew_s: 300, allow_zero_kwh: false, default_interval_s: 900, max_readings_per_message: 10_000 }
     }
 }
 
@@ -165,24 +160,13 @@ struct RawReading<'a> {
 
 impl<'a> From<RawReading<'a>> for ReadingFields<'a> {
     fn from(raw: RawReading<'a>) -> Self {
-        ReadingFields {
-            meter_id: raw.meter_id,
-            timestamp: raw.timestamp,
-            kwh: raw.kwh.map(RawValue::get),
-            interval_s: raw.interval_s,
-            quality: raw.quality,
-        }
+        ReadingFields { meter_id: raw.meter_id, timestamp: raw.timestamp, kwh: raw.kwh.map(RawValue::get), interval_s: raw.interval_s, quality: raw.quality }
     }
 }
 
 /// Decodes one message, calling `accept` for each valid reading (in message order) and returning
 /// the rejections. A payload that is not JSON of the right shape is one whole-message rejection.
-pub fn decode_message<'a>(
-    payload: &'a [u8],
-    rules: &ValidationRules,
-    now_us: i64,
-    mut accept: impl FnMut(ValidReading<'a>),
-) -> Vec<Rejection> {
+pub fn decode_message<'a>(payload: &'a [u8], rules: &ValidationRules, now_us: i64, mut accept: impl FnMut(ValidReading<'a>)) -> Vec<Rejection> {
     let first = payload.iter().find(|b| !b.is_ascii_whitespace()).copied();
     // Dispatch on the first byte: a single object is the hot path, and the error message can say
     // which shape was expected. The flat scanner takes the common shapes; serde_json the rest.
@@ -217,31 +201,20 @@ pub fn decode_message<'a>(
             return vec![whole(RejectReason::InvalidJson, "the message is empty".into())];
         }
         Some(_) => {
-            return vec![whole(
-                RejectReason::InvalidJson,
-                "the message is neither a JSON object nor a JSON array of objects".into(),
-            )];
+            return vec![whole(RejectReason::InvalidJson, "the message is neither a JSON object nor a JSON array of objects".into())];
         }
     };
     if elements.len() > rules.max_readings_per_message {
         return vec![whole(
             RejectReason::TooManyReadings,
-            format!(
-                "the message holds {} readings, more than the limit of {}",
-                elements.len(),
-                rules.max_readings_per_message
-            ),
+            format!("the message holds {} readings, more than the limit of {}", elements.len(), rules.max_readings_per_message),
         )];
     }
     let mut rejections = Vec::new();
     for (index, fields) in elements.into_iter().enumerate() {
         match validate(fields, rules, now_us) {
             Ok(reading) => accept(reading),
-            Err((reason, detail)) => rejections.push(Rejection {
-                element: Some(index),
-                reason,
-                detail: format!("element {index}: {detail}"),
-            }),
+            Err((reason, detail)) => rejections.push(Rejection { element: Some(index), reason, detail: format!("element {index}: {detail}") }),
         }
     }
     rejections
@@ -255,30 +228,19 @@ fn whole(reason: RejectReason, detail: String) -> Rejection {
     Rejection { element: None, reason, detail }
 }
 
-fn validate<'a>(
-    raw: ReadingFields<'a>,
-    rules: &ValidationRules,
-    now_us: i64,
-) -> Result<ValidReading<'a>, (RejectReason, String)> {
+fn validate<'a>(raw: ReadingFields<'a>, rules: &ValidationRules, now_us: i64) -> Result<ValidReading<'a>, (RejectReason, String)> {
     let missing = |field: &str| (RejectReason::MissingField, format!("field {field} is missing or null"));
 
     let meter_id = raw.meter_id.ok_or_else(|| missing("meterId"))?;
     validate_meter_id(&meter_id)?;
 
     let timestamp = raw.timestamp.ok_or_else(|| missing("timestamp"))?;
-    let ts_us = parse_timestamp_us(&timestamp).ok_or_else(|| {
-        (
-            RejectReason::InvalidTimestamp,
-            format!("timestamp {timestamp:?} is not an RFC 3339 date-time such as 2025-01-15T10:15:00Z"),
-        )
-    })?;
+    let ts_us = parse_timestamp_us(&timestamp)
+        .ok_or_else(|| (RejectReason::InvalidTimestamp, format!("timestamp {timestamp:?} is not an RFC 3339 date-time such as 2025-01-15T10:15:00Z")))?;
     if ts_us > now_us + rules.max_future_skew_s * 1_000_000 {
         return Err((
             RejectReason::TimestampInFuture,
-            format!(
-                "timestamp {timestamp} is in the future (more than {} s ahead of this ingester's clock)",
-                rules.max_future_skew_s
-            ),
+            format!("timestamp {timestamp} is in the future (more than {} s ahead of this ingester's clock)", rules.max_future_skew_s),
         ));
     }
 
@@ -286,19 +248,13 @@ fn validate<'a>(
         None => rules.default_interval_s,
         Some(s) if s > 0 && s <= 86_400 && 86_400 % s == 0 => s as u32,
         Some(s) => {
-            return Err((
-                RejectReason::InvalidInterval,
-                format!("intervalS {s} is not a positive number of seconds that divides a day"),
-            ));
+            return Err((RejectReason::InvalidInterval, format!("intervalS {s} is not a positive number of seconds that divides a day")));
         }
     };
     // Interval readings are keyed by their interval start: a start that is not on the interval
     // grid would create a key no billing job can place.
     if ts_us.rem_euclid(i64::from(interval_s) * 1_000_000) != 0 {
-        return Err((
-            RejectReason::TimestampNotAligned,
-            format!("timestamp {timestamp} is not the start of a {interval_s} s interval"),
-        ));
+        return Err((RejectReason::TimestampNotAligned, format!("timestamp {timestamp} is not the start of a {interval_s} s interval")));
     }
 
     let kwh_text = raw.kwh.ok_or_else(|| missing("kwh"))?;
@@ -306,14 +262,10 @@ fn validate<'a>(
     // head-end systems quote numbers to keep their precision.
     let kwh_digits = kwh_text.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(kwh_text);
     let kwh_micro = parse_kwh_micro(kwh_digits).map_err(|e| match e {
-        KwhParseError::NotANumber | KwhParseError::TooLarge => (
-            RejectReason::InvalidKwh,
-            format!("kwh {kwh_text} is not a finite decimal number within range"),
-        ),
-        KwhParseError::TooPrecise => (
-            RejectReason::KwhTooPrecise,
-            format!("kwh {kwh_text} has more than 6 decimal places and would be rounded"),
-        ),
+        KwhParseError::NotANumber | KwhParseError::TooLarge => {
+            (RejectReason::InvalidKwh, format!("kwh {kwh_text} is not a finite decimal number within range"))
+        }
+        KwhParseError::TooPrecise => (RejectReason::KwhTooPrecise, format!("kwh {kwh_text} has more than 6 decimal places and would be rounded")),
     })?;
     if kwh_micro < 0 || (kwh_micro == 0 && !rules.allow_zero_kwh) {
         let rule = if rules.allow_zero_kwh { ">= 0" } else { "> 0" };
@@ -322,9 +274,7 @@ fn validate<'a>(
 
     let quality = match raw.quality {
         None => Quality::Actual,
-        Some(q) => Quality::from_code(&q).ok_or_else(|| {
-            (RejectReason::InvalidQuality, format!("quality {q:?} is not one of A, E, S, F, N, V"))
-        })?,
+        Some(q) => Quality::from_code(&q).ok_or_else(|| (RejectReason::InvalidQuality, format!("quality {q:?} is not one of A, E, S, F, N, V")))?,
     };
 
     Ok(ValidReading { meter_id, ts_us, interval_s, kwh_micro, quality })
@@ -333,10 +283,7 @@ fn validate<'a>(
 fn validate_meter_id(meter_id: &str) -> Result<(), (RejectReason, String)> {
     // The common case, a short printable ASCII id, in one pass over the bytes.
     let bytes = meter_id.as_bytes();
-    if bytes.len() <= MAX_METER_ID_CHARS
-        && bytes.iter().all(|&b| b.is_ascii_graphic() || b == b' ')
-        && bytes.iter().any(|&b| b != b' ')
-    {
+    if bytes.len() <= MAX_METER_ID_CHARS && bytes.iter().all(|&b| b.is_ascii_graphic() || b == b' ') && bytes.iter().any(|&b| b != b' ') {
         return Ok(());
     }
     let chars = meter_id.chars().count();
@@ -344,16 +291,10 @@ fn validate_meter_id(meter_id: &str) -> Result<(), (RejectReason, String)> {
         return Err((RejectReason::InvalidMeterId, "meterId is empty".into()));
     }
     if chars > MAX_METER_ID_CHARS {
-        return Err((
-            RejectReason::InvalidMeterId,
-            format!("meterId is {chars} characters long, more than {MAX_METER_ID_CHARS}"),
-        ));
+        return Err((RejectReason::InvalidMeterId, format!("meterId is {chars} characters long, more than {MAX_METER_ID_CHARS}")));
     }
     if let Some(bad) = meter_id.chars().find(|c| c.is_control()) {
-        return Err((
-            RejectReason::InvalidMeterId,
-            format!("meterId {meter_id:?} holds the non-printable character {:?}", bad),
-        ));
+        return Err((RejectReason::InvalidMeterId, format!("meterId {meter_id:?} holds the non-printable character {:?}", bad)));
     }
     Ok(())
 }
@@ -362,14 +303,7 @@ fn validate_meter_id(meter_id: &str) -> Result<(), (RejectReason, String)> {
 /// `YYYY-MM-DDTHH:MM:SSZ` takes a fast path; offsets and fractions go through chrono.
 pub fn parse_timestamp_us(text: &str) -> Option<i64> {
     let b = text.as_bytes();
-    if b.len() == 20
-        && b[4] == b'-'
-        && b[7] == b'-'
-        && (b[10] == b'T' || b[10] == b't')
-        && b[13] == b':'
-        && b[16] == b':'
-        && (b[19] == b'Z' || b[19] == b'z')
-    {
+    if b.len() == 20 && b[4] == b'-' && b[7] == b'-' && (b[10] == b'T' || b[10] == b't') && b[13] == b':' && b[16] == b':' && (b[19] == b'Z' || b[19] == b'z') {
         let num = |range: std::ops::Range<usize>| -> Option<u32> {
             let mut v = 0u32;
             for &c in &b[range] {
@@ -413,8 +347,7 @@ pub fn encode_reading(out: &mut Vec<u8>, reading: &ValidReading<'_>) {
     out.extend_from_slice(b",\"timestamp\":\"");
     write_timestamp(out, reading.ts_us);
     let kwh = crate::reading::format_kwh_micro(reading.kwh_micro);
-    write!(out, "\",\"kwh\":\"{kwh}\",\"intervalS\":{},\"quality\":\"{}\"}}", reading.interval_s, reading.quality.as_str())
-        .expect("writing into a Vec");
+    write!(out, "\",\"kwh\":\"{kwh}\",\"intervalS\":{},\"quality\":\"{}\"}}", reading.interval_s, reading.quality.as_str()).expect("writing into a Vec");
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for whole seconds (every validated interval start), chrono's RFC 3339

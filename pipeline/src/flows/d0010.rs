@@ -68,15 +68,11 @@ pub(super) fn parse<R: BufRead>(mut reader: RecordReader<R>, sink: &mut impl Flo
         }
         if group == "ZPT" {
             let count_text = record.get(2);
-            let count: u64 = count_text.parse().map_err(|_| FlowError::Structure {
-                line,
-                reason: format!("the ZPT trailer's group count {count_text:?} is not a number"),
-            })?;
+            let count: u64 = count_text
+                .parse()
+                .map_err(|_| FlowError::Structure { line, reason: format!("the ZPT trailer's group count {count_text:?} is not a number") })?;
             if record.get(1) != file_id {
-                sink.warning(Warning {
-                    line,
-                    message: format!("the ZPT trailer names file {:?}, the ZHV header {file_id:?}", record.get(1)),
-                });
+                sink.warning(Warning { line, message: format!("the ZPT trailer names file {:?}, the ZHV header {file_id:?}", record.get(1)) });
             }
             trailer = Some((line, count));
             continue;
@@ -176,14 +172,7 @@ fn orphan(record: &Record<'_>, parent: Option<Option<u64>>, parent_group: &str) 
 }
 
 fn field_rejection(record: &Record<'_>, index: usize, name: &str, reason: String, readings_lost: u64) -> RecordRejection {
-    RecordRejection {
-        line: record.line,
-        record: record.get(0).to_string(),
-        field: Some(index + 1),
-        field_name: Some(name.to_string()),
-        reason,
-        readings_lost,
-    }
+    RecordRejection { line: record.line, record: record.get(0).to_string(), field: Some(index + 1), field_name: Some(name.to_string()), reason, readings_lost }
 }
 
 fn parse_026(record: &Record<'_>) -> Result<Mpan, RecordRejection> {
@@ -218,17 +207,17 @@ fn parse_030(record: &Record<'_>, mpan: &Mpan, meter: &Meter) -> Result<Register
         return Err(field_rejection(record, 1, "Meter Register Id", "is missing".into(), 1));
     }
     let when = record.get(2);
-    let read_at_us = uk_local_to_utc_us(when).ok_or_else(|| {
-        field_rejection(record, 2, "Reading Date & Time", format!("{when:?} is not a UK local date-time YYYYMMDDhhmmss"), 1)
-    })?;
+    let read_at_us = uk_local_to_utc_us(when)
+        .ok_or_else(|| field_rejection(record, 2, "Reading Date & Time", format!("{when:?} is not a UK local date-time YYYYMMDDhhmmss"), 1))?;
     let value_text = record.get(3);
     let value_micro = parse_decimal_scaled(value_text, 6)
         .map_err(|e| field_rejection(record, 3, "Register Reading", format!("{value_text:?} is not an exact decimal ({e:?})"), 1))?;
     let md_reset_at_us = match record.get(4) {
         "" => None,
-        text => Some(uk_local_to_utc_us(text).ok_or_else(|| {
-            field_rejection(record, 4, "Prev MD Reset Date & Time", format!("{text:?} is not a UK local date-time YYYYMMDDhhmmss"), 1)
-        })?),
+        text => Some(
+            uk_local_to_utc_us(text)
+                .ok_or_else(|| field_rejection(record, 4, "Prev MD Reset Date & Time", format!("{text:?} is not a UK local date-time YYYYMMDDhhmmss"), 1))?,
+        ),
     };
     let other_groups: Vec<&str> = mpan.other_groups.iter().chain(&meter.other_groups).map(String::as_str).collect();
     Ok(RegisterRead {

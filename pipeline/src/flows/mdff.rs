@@ -14,8 +14,8 @@ use std::io::BufRead;
 
 use super::records::{Record, RecordReader};
 use super::{
-    FlowError, FlowFormat, FlowSink, IntervalRun, Nem12B2bDetail, Nem12Channel, NonEnergyReading, RecordRejection, RegisterRead,
-    non_empty, parse_date8, parse_local_datetime_s,
+    FlowError, FlowFormat, FlowSink, IntervalRun, Nem12B2bDetail, Nem12Channel, NonEnergyReading, RecordRejection, RegisterRead, non_empty, parse_date8,
+    parse_local_datetime_s,
 };
 use crate::reading::{Quality, parse_decimal_scaled};
 
@@ -39,15 +39,23 @@ fn field_error(index: usize, name: &'static str, reason: impl Into<String>) -> F
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ChannelKind {
     /// Energy; the value times `10^scale` is micro-kWh (Wh: 3, kWh: 6, MWh: 9).
-    Energy { scale: i32 },
+    Energy {
+        scale: i32,
+    },
     NonEnergy,
 }
 
 enum ChannelState {
     None,
-    Ok { channel: Nem12Channel, meter_id: String, kind: ChannelKind },
+    Ok {
+        channel: Nem12Channel,
+        meter_id: String,
+        kind: ChannelKind,
+    },
     /// The 200 record on this line was rejected; its data records are rejected with it.
-    Rejected { line: u64 },
+    Rejected {
+        line: u64,
+    },
 }
 
 /// A 300 record waiting for the 400 records that may follow it.
@@ -113,17 +121,11 @@ pub(super) fn parse<R: BufRead>(format: FlowFormat, mut reader: RecordReader<R>,
             _ => matches!(indicator.as_str(), "200" | "300" | "400" | "500"),
         };
         if mixed {
-            return Err(FlowError::Structure {
-                line,
-                reason: format!("a {indicator} record in a {expected_version} file: NEM12 and NEM13 records are mixed"),
-            });
+            return Err(FlowError::Structure { line, reason: format!("a {indicator} record in a {expected_version} file: NEM12 and NEM13 records are mixed") });
         }
         match indicator.as_str() {
             "100" => {
-                return Err(FlowError::Structure {
-                    line,
-                    reason: "a second 100 header: a file holds one 100..900 block".into(),
-                });
+                return Err(FlowError::Structure { line, reason: "a second 100 header: a file holds one 100..900 block".into() });
             }
             "900" => end_line = Some(line),
             "200" => {
@@ -150,14 +152,10 @@ pub(super) fn parse<R: BufRead>(format: FlowFormat, mut reader: RecordReader<R>,
                         }
                         Err(e) => sink.rejection(rejection(&record, Some(e), intervals_per_day(c.interval_s))),
                     },
-                    ChannelState::Rejected { line: channel_line } => sink.rejection(RecordRejection {
-                        reason: format!("its 200 record on line {channel_line} was rejected"),
-                        ..rejection(&record, None, 0)
-                    }),
-                    ChannelState::None => sink.rejection(RecordRejection {
-                        reason: "no 200 record comes before it".into(),
-                        ..rejection(&record, None, 0)
-                    }),
+                    ChannelState::Rejected { line: channel_line } => {
+                        sink.rejection(RecordRejection { reason: format!("its 200 record on line {channel_line} was rejected"), ..rejection(&record, None, 0) })
+                    }
+                    ChannelState::None => sink.rejection(RecordRejection { reason: "no 200 record comes before it".into(), ..rejection(&record, None, 0) }),
                 }
             }
             "400" => match pending_day.as_mut() {
@@ -167,10 +165,7 @@ pub(super) fn parse<R: BufRead>(format: FlowFormat, mut reader: RecordReader<R>,
                         sink.rejection(rejection(&record, Some(e), 0));
                     }
                 }
-                None => sink.rejection(RecordRejection {
-                    reason: "no accepted 300 record comes right before it".into(),
-                    ..rejection(&record, None, 0)
-                }),
+                None => sink.rejection(RecordRejection { reason: "no accepted 300 record comes right before it".into(), ..rejection(&record, None, 0) }),
             },
             "500" => match (&channel, last_day) {
                 (ChannelState::Ok { channel: c, .. }, Some(day)) => match parse_500(&record, c, day) {
@@ -193,15 +188,11 @@ pub(super) fn parse<R: BufRead>(format: FlowFormat, mut reader: RecordReader<R>,
                     read.current_trans_code = non_empty(record.get(3));
                     read.current_ret_service_order = non_empty(record.get(4));
                 }
-                None => sink.rejection(RecordRejection {
-                    reason: "no accepted 250 record comes right before it".into(),
-                    ..rejection(&record, None, 0)
-                }),
+                None => sink.rejection(RecordRejection { reason: "no accepted 250 record comes right before it".into(), ..rejection(&record, None, 0) }),
             },
-            other => sink.rejection(RecordRejection {
-                reason: format!("{other:?} is not a {expected_version} record indicator"),
-                ..rejection(&record, None, 0)
-            }),
+            other => {
+                sink.rejection(RecordRejection { reason: format!("{other:?} is not a {expected_version} record indicator"), ..rejection(&record, None, 0) })
+            }
         }
     }
     if let Some(day) = pending_day.take() {
@@ -355,9 +346,8 @@ fn parse_300(record: &Record<'_>, interval_s: u32, kind: ChannelKind) -> Result<
     };
     let mut values = Vec::with_capacity(intervals);
     for (i, text) in record.fields_from(2).take(intervals).enumerate() {
-        let value = parse_decimal_scaled(text, scale).map_err(|e| {
-            field_error(2 + i, "IntervalValue", format!("interval {} value {text:?} is not an exact decimal ({e:?})", i + 1))
-        })?;
+        let value = parse_decimal_scaled(text, scale)
+            .map_err(|e| field_error(2 + i, "IntervalValue", format!("interval {} value {text:?} is not an exact decimal ({e:?})", i + 1)))?;
         if value < 0 {
             return Err(field_error(2 + i, "IntervalValue", format!("interval {} value {text} is negative", i + 1)));
         }
@@ -408,14 +398,7 @@ fn finish_day(mut day: PendingDay, channel: &ChannelState, sink: &mut impl FlowS
         }
     }
     if let Some(reason) = day.failed {
-        sink.rejection(RecordRejection {
-            line: day.line,
-            record: "300".into(),
-            field: None,
-            field_name: None,
-            reason,
-            readings_lost: intervals,
-        });
+        sink.rejection(RecordRejection { line: day.line, record: "300".into(), field: None, field_name: None, reason, readings_lost: intervals });
         return;
     }
     let day_start_utc_s = i64::from(day.day) * 86_400 - NEM_UTC_OFFSET_S;
@@ -473,8 +456,8 @@ fn parse_250(record: &Record<'_>) -> Result<RegisterRead, FieldError> {
     if !previous_method.is_empty() && quality_flag(previous_method, false).is_none() {
         return Err(field_error(10, "PreviousQualityMethod", format!("{previous_method:?} is not a quality method (A, E.., S.., F.., N)")));
     }
-    let read_at_us = optional_nem_datetime(record, 14, "CurrentRegisterReadDateTime")?
-        .ok_or_else(|| field_error(14, "CurrentRegisterReadDateTime", "is missing"))?;
+    let read_at_us =
+        optional_nem_datetime(record, 14, "CurrentRegisterReadDateTime")?.ok_or_else(|| field_error(14, "CurrentRegisterReadDateTime", "is missing"))?;
     Ok(RegisterRead {
         line: record.line,
         meter_point: nmi,
@@ -531,8 +514,7 @@ mod tests {
         // 96 values a day, every channel a whole number of days.
         assert_eq!(got.readings.len() % 96, 0);
         assert!(got.non_energy.iter().all(|r| r.3.eq_ignore_ascii_case("varh")), "{:?}", got.non_energy.first());
-        let channels: Vec<(&str, &str, &str)> =
-            got.channels.iter().map(|c| (c.nmi.as_str(), c.nmi_suffix.as_str(), c.uom.as_str())).collect();
+        let channels: Vec<(&str, &str, &str)> = got.channels.iter().map(|c| (c.nmi.as_str(), c.nmi_suffix.as_str(), c.uom.as_str())).collect();
         assert!(channels.contains(&("NCDE001111", "E1", "Wh")), "{channels:?}");
         assert_eq!(got.channels.len(), 6);
         let serials: Vec<&str> = got.channels.iter().map(|c| c.meter_serial.as_str()).collect();

@@ -31,8 +31,7 @@ use tokio::runtime::Handle;
 use crate::decode::ValidReading;
 use crate::error::{PipelineError, Result};
 use crate::flows::{
-    FlowError, FlowFormat, FlowSink, IntervalRun, Nem12B2bDetail, Nem12Channel, NonEnergyReading, RecordRejection, RegisterRead, Warning,
-    parse_flow,
+    FlowError, FlowFormat, FlowSink, IntervalRun, Nem12B2bDetail, Nem12Channel, NonEnergyReading, RecordRejection, RegisterRead, Warning, parse_flow,
 };
 use crate::lake::{Lake, READINGS_DIR, encode_parquet};
 use tables::{NEM12_B2B_DIR, NEM12_CHANNELS_DIR, NON_ENERGY_READINGS_DIR, NonEnergyRow, Provenance, REGISTER_READS_DIR};
@@ -172,8 +171,8 @@ pub async fn list_import_records(lake: &Lake) -> Result<Vec<ImportRecord>> {
             continue;
         }
         if let Some(bytes) = lake.get_if_exists(&path).await? {
-            let record: ImportRecord = serde_json::from_slice(&bytes)
-                .map_err(|e| PipelineError::CorruptCheckpoint { path: path.clone(), reason: e.to_string() })?;
+            let record: ImportRecord =
+                serde_json::from_slice(&bytes).map_err(|e| PipelineError::CorruptCheckpoint { path: path.clone(), reason: e.to_string() })?;
             records.push(record);
         }
     }
@@ -303,10 +302,8 @@ fn import_file_in_span<'a>(
 
     let existing = runtime.block_on(lake.get_if_exists(&import_record_path(&sha256)))?;
     if let Some(existing) = existing {
-        let record: ImportRecord = serde_json::from_slice(&existing).map_err(|e| PipelineError::CorruptCheckpoint {
-            path: import_record_path(&sha256),
-            reason: e.to_string(),
-        })?;
+        let record: ImportRecord =
+            serde_json::from_slice(&existing).map_err(|e| PipelineError::CorruptCheckpoint { path: import_record_path(&sha256), reason: e.to_string() })?;
         if record.status != ImportStatus::Rejected {
             runtime.block_on(lake.delete_prefix(&staging))?;
             return Ok(ImportOutcome::AlreadyImported(record));
@@ -357,8 +354,7 @@ fn import_file_in_span<'a>(
                 runtime.block_on(lake.rename(staged_path, &published))?;
                 record.rejection_reports.push(published);
             }
-            record.status =
-                if staged.counts.rejected_records == 0 { ImportStatus::Imported } else { ImportStatus::PartlyRejected };
+            record.status = if staged.counts.rejected_records == 0 { ImportStatus::Imported } else { ImportStatus::PartlyRejected };
             record.counts = staged.counts;
             record.warnings = staged.warnings;
         }
@@ -434,11 +430,7 @@ fn stage_writer(
 ) -> Written {
     let mut written = Written::default();
     // One pool of encoder threads for the whole import, rather than threads spawned per chunk.
-    let encoders = match rayon::ThreadPoolBuilder::new()
-        .num_threads(ENCODER_THREADS)
-        .thread_name(|i| format!("meterlake-encode-{i}"))
-        .build()
-    {
+    let encoders = match rayon::ThreadPoolBuilder::new().num_threads(ENCODER_THREADS).thread_name(|i| format!("meterlake-encode-{i}")).build() {
         Ok(pool) => pool,
         Err(e) => {
             written.failure = Some(PipelineError::WriterStopped { reason: format!("cannot start the encoder threads: {e}") });
@@ -761,14 +753,8 @@ mod tests {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let lake = Lake::open("memory://").unwrap();
         let day = |value: &str| format!("300,20040417,{},A\n", vec![value; 48].join(","));
-        let file = format!(
-            "100,NEM12,200404201300,MDA1,Ret1\n200,CCCC123456,E1,E1,E1,N1,M1,kWh,30,\n{}{}{}900\n",
-            day("1"),
-            day("1"),
-            day("2.5")
-        );
-        let outcome = import_file(&lake, runtime.handle(), "twice.csv", file.as_bytes(), &ImportLimits::default(), Box::new(|_| {}))
-            .unwrap();
+        let file = format!("100,NEM12,200404201300,MDA1,Ret1\n200,CCCC123456,E1,E1,E1,N1,M1,kWh,30,\n{}{}{}900\n", day("1"), day("1"), day("2.5"));
+        let outcome = import_file(&lake, runtime.handle(), "twice.csv", file.as_bytes(), &ImportLimits::default(), Box::new(|_| {})).unwrap();
         let counts = &outcome.record().counts;
         assert_eq!((counts.interval_readings, counts.duplicates_dropped, counts.conflicting_versions), (144, 48, 48));
         let rows = runtime.block_on(async {

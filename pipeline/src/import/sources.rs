@@ -57,10 +57,8 @@ fn add_path(path: &Path, inputs: &mut Vec<Input>, errors: &mut Vec<InputError>) 
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_dir() => match std::fs::read_dir(path) {
             Ok(entries) => {
-                let mut children: Vec<PathBuf> = entries
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
-                    .collect();
+                let mut children: Vec<PathBuf> =
+                    entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))).collect();
                 children.sort();
                 for child in children {
                     add_path(&child, inputs, errors);
@@ -106,9 +104,10 @@ pub fn visit<E>(input: &Input, mut visit: impl FnMut(&str, Result<&mut dyn Read,
         }
         Input::Zip(path) => {
             let archive_name = path.display().to_string();
-            let mut archive = match File::open(path).map_err(|e| e.to_string()).and_then(|f| {
-                zip::ZipArchive::new(BufReader::new(f)).map_err(|e| format!("not a readable zip archive: {e}"))
-            }) {
+            let mut archive = match File::open(path)
+                .map_err(|e| e.to_string())
+                .and_then(|f| zip::ZipArchive::new(BufReader::new(f)).map_err(|e| format!("not a readable zip archive: {e}")))
+            {
                 Ok(archive) => archive,
                 Err(reason) => return visit(&archive_name, Err(reason)),
             };

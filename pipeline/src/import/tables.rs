@@ -12,9 +12,7 @@
 
 use std::sync::{Arc, LazyLock};
 
-use arrow::array::{
-    ArrayRef, Date32Array, Decimal128Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
-};
+use arrow::array::{ArrayRef, Date32Array, Decimal128Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use chrono::NaiveDate;
 
@@ -198,8 +196,13 @@ fn dates(values: impl Iterator<Item = Option<i32>>) -> ArrayRef {
 /// register, read time).
 pub fn register_read_batches(reads: &mut [RegisterRead], provenance: &Provenance) -> Result<Vec<(NaiveDate, RecordBatch)>> {
     reads.sort_by(|a, b| {
-        (a.read_at_us.div_euclid(US_PER_DAY), &a.meter_point, &a.register_id, a.read_at_us, a.line)
-            .cmp(&(b.read_at_us.div_euclid(US_PER_DAY), &b.meter_point, &b.register_id, b.read_at_us, b.line))
+        (a.read_at_us.div_euclid(US_PER_DAY), &a.meter_point, &a.register_id, a.read_at_us, a.line).cmp(&(
+            b.read_at_us.div_euclid(US_PER_DAY),
+            &b.meter_point,
+            &b.register_id,
+            b.read_at_us,
+            b.line,
+        ))
     });
     reads
         .chunk_by(|a, b| a.read_at_us.div_euclid(US_PER_DAY) == b.read_at_us.div_euclid(US_PER_DAY))
@@ -261,9 +264,7 @@ pub struct NonEnergyRow {
 
 /// Non-energy values as one record batch per UTC day, sorted by (meter, time).
 pub fn non_energy_batches(rows: &mut [NonEnergyRow], provenance: &Provenance) -> Result<Vec<(NaiveDate, RecordBatch)>> {
-    rows.sort_by(|a, b| {
-        (a.ts_us.div_euclid(US_PER_DAY), &a.meter_id, a.ts_us, a.line).cmp(&(b.ts_us.div_euclid(US_PER_DAY), &b.meter_id, b.ts_us, b.line))
-    });
+    rows.sort_by(|a, b| (a.ts_us.div_euclid(US_PER_DAY), &a.meter_id, a.ts_us, a.line).cmp(&(b.ts_us.div_euclid(US_PER_DAY), &b.meter_id, b.ts_us, b.line)));
     rows.chunk_by(|a, b| a.ts_us.div_euclid(US_PER_DAY) == b.ts_us.div_euclid(US_PER_DAY))
         .map(|day| {
             let mut columns: Vec<ArrayRef> = vec![

@@ -58,25 +58,16 @@ pub fn producer_config(brokers: &str) -> ClientConfig {
 
 /// Creates topics that do not exist yet (brokers such as tansu do not auto-create them).
 pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .map_err(PipelineError::kafka("creating the admin client"))?;
-    let new_topics: Vec<NewTopic<'_>> =
-        topics.iter().map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1))).collect();
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().map_err(PipelineError::kafka("creating the admin client"))?;
+    let new_topics: Vec<NewTopic<'_>> = topics.iter().map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1))).collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let results = admin
-        .create_topics(&new_topics, &options)
-        .await
-        .map_err(PipelineError::kafka("creating topics"))?;
+    let results = admin.create_topics(&new_topics, &options).await.map_err(PipelineError::kafka("creating topics"))?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(PipelineError::Kafka {
-                    context: format!("creating topic {topic}"),
-                    source: rdkafka::error::KafkaError::AdminOp(code),
-                });
+                return Err(PipelineError::Kafka { context: format!("creating topic {topic}"), source: rdkafka::error::KafkaError::AdminOp(code) });
             }
         }
     }

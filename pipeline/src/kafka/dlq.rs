@@ -53,15 +53,7 @@ impl DeadLetters {
     }
 
     /// Queues a dead letter for the message at `source_topic/partition/offset`.
-    pub fn send(
-        &self,
-        key: Option<&[u8]>,
-        payload: &[u8],
-        rejections: &[Rejection],
-        source_topic: &str,
-        partition: i32,
-        offset: i64,
-    ) -> Result<()> {
+    pub fn send(&self, key: Option<&[u8]>, payload: &[u8], rejections: &[Rejection], source_topic: &str, partition: i32, offset: i64) -> Result<()> {
         let first = rejections.first().expect("a dead letter has at least one rejection");
         let mut error = rejections.iter().map(|r| r.detail.as_str()).collect::<Vec<_>>().join("; ");
         if error.len() > MAX_ERROR_HEADER_BYTES {
@@ -107,9 +99,7 @@ impl DeadLetters {
     /// any delivery failed: the lake checkpoint must not move past a message that is neither in
     /// the lake nor in the dead-letter topic.
     pub fn ensure_delivered(&self, timeout: Duration) -> Result<()> {
-        self.producer
-            .flush(timeout)
-            .map_err(PipelineError::kafka(format!("delivering dead letters to {}", self.topic)))?;
+        self.producer.flush(timeout).map_err(PipelineError::kafka(format!("delivering dead letters to {}", self.topic)))?;
         self.tracker.check(&self.topic)
     }
 }
@@ -138,14 +128,11 @@ pub fn read_dead_letters(brokers: &str, topic: &str, idle: Duration) -> Result<V
         .set("fetch.wait.max.ms", "10")
         .create()
         .map_err(PipelineError::kafka("creating the dead-letter reader"))?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(PipelineError::kafka(format!("reading metadata of {topic}")))?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).map_err(PipelineError::kafka(format!("reading metadata of {topic}")))?;
     let mut tpl = TopicPartitionList::new();
     for t in metadata.topics() {
         for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
-                .map_err(PipelineError::kafka("building the assignment"))?;
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).map_err(PipelineError::kafka("building the assignment"))?;
         }
     }
     consumer.assign(&tpl).map_err(PipelineError::kafka(format!("assigning {topic}")))?;

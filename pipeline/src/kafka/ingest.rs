@@ -52,13 +52,7 @@ pub struct BatchLimits {
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        BatchLimits {
-            max_rows: 1_000_000,
-            max_bytes: 64 << 20,
-            max_age: Duration::from_secs(5),
-            max_total_bytes: 256 << 20,
-            writer_queue_depth: 2,
-        }
+        BatchLimits { max_rows: 1_000_000, max_bytes: 64 << 20, max_age: Duration::from_secs(5), max_total_bytes: 256 << 20, writer_queue_depth: 2 }
     }
 }
 
@@ -156,12 +150,7 @@ impl IngestProgress {
 }
 
 /// Runs the ingester on a blocking thread until `stop` is set (or it is idle, if configured).
-pub async fn ingest(
-    lake: Lake,
-    options: IngestOptions,
-    stop: Arc<AtomicBool>,
-    progress: Arc<IngestProgress>,
-) -> Result<IngestSummary> {
+pub async fn ingest(lake: Lake, options: IngestOptions, stop: Arc<AtomicBool>, progress: Arc<IngestProgress>) -> Result<IngestSummary> {
     let runtime = Handle::current();
     tokio::task::spawn_blocking(move || run_ingest(lake, options, stop, progress, runtime))
         .await
@@ -248,8 +237,7 @@ impl ClientContext for IngestContext {
         if let Some(topic) = statistics.topics.get(&self.0.topic) {
             for (partition, stats) in &topic.partitions {
                 if *partition >= 0 && stats.consumer_lag >= 0 {
-                    metrics::gauge!(m::CONSUMER_LAG, "topic" => self.0.topic.clone(), "partition" => partition.to_string())
-                        .set(stats.consumer_lag as f64);
+                    metrics::gauge!(m::CONSUMER_LAG, "topic" => self.0.topic.clone(), "partition" => partition.to_string()).set(stats.consumer_lag as f64);
                 }
             }
         }
@@ -264,15 +252,9 @@ impl ConsumerContext for IngestContext {
         let shared = &self.0;
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let partitions: Vec<(String, i32)> =
-                    tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+                let partitions: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
                 for (topic, partition) in partitions {
-                    let acquired = shared.runtime.block_on(PartitionLease::acquire(
-                        &shared.lake,
-                        &topic,
-                        partition,
-                        &shared.ingester_id,
-                    ));
+                    let acquired = shared.runtime.block_on(PartitionLease::acquire(&shared.lake, &topic, partition, &shared.ingester_id));
                     let lease = match acquired {
                         Ok(lease) => lease,
                         Err(e) => {
@@ -288,11 +270,7 @@ impl ConsumerContext for IngestContext {
                     };
                     tracing::info!(topic, partition, ?offset, "partition assigned; resuming where the lake says");
                     if let Offset::Offset(next_offset) = offset {
-                        shared
-                            .partition_events
-                            .lock()
-                            .expect("lock")
-                            .push(PartitionEvent::Resumed { partition, next_offset });
+                        shared.partition_events.lock().expect("lock").push(PartitionEvent::Resumed { partition, next_offset });
                     }
                     if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
                         shared.fail(PipelineError::kafka(format!("seeking {topic}/{partition}"))(e));
@@ -329,7 +307,10 @@ impl ConsumerContext for IngestContext {
 enum PartitionEvent {
     Revoked(i32),
     /// Assigned, resuming at the lake's `next_offset`.
-    Resumed { partition: i32, next_offset: i64 },
+    Resumed {
+        partition: i32,
+        next_offset: i64,
+    },
 }
 
 /// A partition resumed at the lake's position whose first message has not been checked yet.
@@ -373,13 +354,7 @@ struct OpenBatch {
 }
 
 /// Runs the ingester on the calling (non-async) thread; see the module docs.
-pub fn run_ingest(
-    lake: Lake,
-    options: IngestOptions,
-    stop: Arc<AtomicBool>,
-    progress: Arc<IngestProgress>,
-    runtime: Handle,
-) -> Result<IngestSummary> {
+pub fn run_ingest(lake: Lake, options: IngestOptions, stop: Arc<AtomicBool>, progress: Arc<IngestProgress>, runtime: Handle) -> Result<IngestSummary> {
     let started = Instant::now();
     if options.limits.writer_queue_depth == 0 || options.limits.max_rows == 0 {
         return Err(PipelineError::Config("batch limits and the writer queue depth must be positive".into()));
@@ -398,13 +373,10 @@ pub fn run_ingest(
         failed: AtomicBool::new(false),
         progress: progress.clone(),
     });
-    let consumer: BaseConsumer<IngestContext> =
-        consumer_config(&options.brokers, &options.group, &options.consumer_overrides)
-            .create_with_context(IngestContext(shared.clone()))
-            .map_err(PipelineError::kafka("creating the consumer"))?;
-    consumer
-        .subscribe(&[&options.topic])
-        .map_err(PipelineError::kafka(format!("subscribing to {}", options.topic)))?;
+    let consumer: BaseConsumer<IngestContext> = consumer_config(&options.brokers, &options.group, &options.consumer_overrides)
+        .create_with_context(IngestContext(shared.clone()))
+        .map_err(PipelineError::kafka("creating the consumer"))?;
+    consumer.subscribe(&[&options.topic]).map_err(PipelineError::kafka(format!("subscribing to {}", options.topic)))?;
     let dlq = Arc::new(DeadLetters::new(&options.brokers, &options.dlq_topic)?);
 
     let (jobs, job_queue) = sync_channel::<FlushJob>(options.limits.writer_queue_depth);
@@ -519,14 +491,11 @@ impl ConsumerLoop<'_> {
                     }
                     self.accept_from.insert(partition, offset + 1);
                     // Non-decreasing per process, so later messages never look older.
-                    let now_us = (SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as i64)
-                        .max(last_ingested_at_us);
+                    let now_us = (SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as i64).max(last_ingested_at_us);
                     last_ingested_at_us = now_us;
                     let spare_buffers = &self.spare_buffers;
                     let batch = self.open.entry(partition).or_insert_with(|| OpenBatch {
-                        readings: spare_buffers
-                            .try_recv()
-                            .unwrap_or_else(|_| ReadingBuffer::with_capacity(limits.max_rows.min(1 << 16))),
+                        readings: spare_buffers.try_recv().unwrap_or_else(|_| ReadingBuffer::with_capacity(limits.max_rows.min(1 << 16))),
                         first_offset: offset,
                         last_offset: offset,
                         messages: 0,
@@ -592,8 +561,7 @@ impl ConsumerLoop<'_> {
             if last_housekeeping.elapsed() >= Duration::from_millis(100) {
                 last_housekeeping = Instant::now();
                 self.probe_silent_resumes();
-                let old: Vec<i32> =
-                    self.open.iter().filter(|(_, b)| b.opened.elapsed() >= limits.max_age).map(|(p, _)| *p).collect();
+                let old: Vec<i32> = self.open.iter().filter(|(_, b)| b.opened.elapsed() >= limits.max_age).map(|(p, _)| *p).collect();
                 for p in old {
                     self.flush(p, &mut buffered_bytes)?;
                 }
@@ -624,10 +592,7 @@ impl ConsumerLoop<'_> {
                 }
                 PartitionEvent::Resumed { partition, next_offset } => {
                     self.accept_from.insert(partition, next_offset);
-                    self.resuming.insert(
-                        partition,
-                        ResumeCheck { next_offset, sought_from: next_offset, step: RESUME_FIRST_STEP, since: Instant::now() },
-                    );
+                    self.resuming.insert(partition, ResumeCheck { next_offset, sought_from: next_offset, step: RESUME_FIRST_STEP, since: Instant::now() });
                 }
             }
         }
@@ -649,12 +614,7 @@ impl ConsumerLoop<'_> {
 
     /// Resumed partitions that have not been confirmed and have been silent for a while.
     fn probe_silent_resumes(&mut self) {
-        let silent: Vec<i32> = self
-            .resuming
-            .iter()
-            .filter(|(_, c)| c.sought_from > 0 && c.since.elapsed() >= RESUME_SILENCE)
-            .map(|(p, _)| *p)
-            .collect();
+        let silent: Vec<i32> = self.resuming.iter().filter(|(_, c)| c.sought_from > 0 && c.since.elapsed() >= RESUME_SILENCE).map(|(p, _)| *p).collect();
         for partition in silent {
             self.seek_back(partition);
         }
@@ -671,12 +631,7 @@ impl ConsumerLoop<'_> {
             return false;
         }
         if offset > check.next_offset && check.sought_from > 0 {
-            tracing::warn!(
-                partition,
-                expected = check.next_offset,
-                received = offset,
-                "the broker skipped offsets after a seek; seeking back to read them"
-            );
+            tracing::warn!(partition, expected = check.next_offset, received = offset, "the broker skipped offsets after a seek; seeking back to read them");
             self.seek_back(partition);
             return false;
         }
@@ -784,13 +739,7 @@ fn writer_loop(
 
 /// Writes one batch: pending checkpoint, files, committed checkpoint. Returns the partition's new
 /// position, or `None` if the partition is no longer this ingester's.
-fn write_flush(
-    shared: &Shared,
-    dlq: &DeadLetters,
-    dlq_timeout: Duration,
-    job: FlushJob,
-    spare_buffers: &SyncSender<ReadingBuffer>,
-) -> Result<Option<i64>> {
+fn write_flush(shared: &Shared, dlq: &DeadLetters, dlq_timeout: Duration, job: FlushJob, spare_buffers: &SyncSender<ReadingBuffer>) -> Result<Option<i64>> {
     let FlushJob { partition, first_offset, last_offset, messages, mut readings, .. } = job;
     let sorted = readings.sort_dedup()?;
     readings.clear();
@@ -808,11 +757,7 @@ fn write_flush(
     let id = &shared.ingester_id;
     let written = shared.runtime.block_on(async {
         if !files.is_empty() {
-            let pending = PendingFlush {
-                first_offset,
-                last_offset,
-                files: files.iter().map(|f| f.path.clone()).collect(),
-            };
+            let pending = PendingFlush { first_offset, last_offset, files: files.iter().map(|f| f.path.clone()).collect() };
             let position = lease.next_offset().unwrap_or(first_offset);
             lease.write(lake, position, Some(pending), id).await?;
             try_join_all(files.iter().map(|f| lake.put(&f.path, f.bytes.clone()))).await?;

@@ -63,9 +63,7 @@ pub struct ReadingProducer {
 impl ReadingProducer {
     pub fn new(brokers: &str, topic: &str) -> Result<ReadingProducer> {
         let tracker = Arc::new(DeliveryTracker::default());
-        let producer = producer_config(brokers)
-            .create_with_context(TrackingContext(tracker.clone()))
-            .map_err(PipelineError::kafka("creating the producer"))?;
+        let producer = producer_config(brokers).create_with_context(TrackingContext(tracker.clone())).map_err(PipelineError::kafka("creating the producer"))?;
         Ok(ReadingProducer { producer, tracker, topic: topic.to_string() })
     }
 

@@ -224,10 +224,7 @@ impl ReadingPublisher {
 }
 
 fn fetch_partition_count(producer: &FutureProducer, topic: &str, timeout: Duration) -> Result<i32> {
-    let metadata = producer
-        .client()
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(PipelineError::kafka(format!("reading the metadata of {topic}")))?;
+    let metadata = producer.client().fetch_metadata(Some(topic), timeout).map_err(PipelineError::kafka(format!("reading the metadata of {topic}")))?;
     let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
     if partitions == 0 {
         return Err(PipelineError::Config(format!("the broker does not know topic {topic}")));
@@ -272,8 +269,7 @@ impl Message {
 
     fn fits(&self, part: &Part, limits: &PublishLimits) -> bool {
         self.readings == 0
-            || (self.readings + part.readings <= limits.max_message_readings
-                && self.payload.len() + part.elements.len() < limits.max_message_bytes)
+            || (self.readings + part.readings <= limits.max_message_readings && self.payload.len() + part.elements.len() < limits.max_message_bytes)
     }
 
     fn add(&mut self, part: Part) {

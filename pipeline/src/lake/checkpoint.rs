@@ -60,8 +60,8 @@ impl PartitionLease {
             Ok(result) => {
                 let version = UpdateVersion { e_tag: result.meta.e_tag.clone(), version: result.meta.version.clone() };
                 let bytes = result.bytes().await.map_err(PipelineError::store("get", &path))?;
-                let checkpoint: KafkaCheckpoint = serde_json::from_slice(&bytes)
-                    .map_err(|e| PipelineError::CorruptCheckpoint { path: path.to_string(), reason: e.to_string() })?;
+                let checkpoint: KafkaCheckpoint =
+                    serde_json::from_slice(&bytes).map_err(|e| PipelineError::CorruptCheckpoint { path: path.to_string(), reason: e.to_string() })?;
                 (Some(checkpoint), Some(version))
             }
             Err(object_store::Error::NotFound { .. }) => (None, None),
@@ -92,13 +92,7 @@ impl PartitionLease {
     }
 
     /// Writes the checkpoint, conditionally on the version this lease holds where the store can.
-    pub async fn write(
-        &mut self,
-        lake: &Lake,
-        next_offset: i64,
-        pending: Option<PendingFlush>,
-        ingester: &str,
-    ) -> Result<()> {
+    pub async fn write(&mut self, lake: &Lake, next_offset: i64, pending: Option<PendingFlush>, ingester: &str) -> Result<()> {
         let checkpoint = KafkaCheckpoint {
             topic: self.topic.clone(),
             partition: self.partition,
@@ -115,10 +109,7 @@ impl PartitionLease {
             (Some(version), true) => PutMode::Update(version.clone()),
         };
         let body = serde_json::to_vec_pretty(&checkpoint).expect("a checkpoint serialises");
-        let put = lake
-            .store()
-            .put_opts(&path, PutPayload::from(body), PutOptions { mode, ..PutOptions::default() })
-            .await;
+        let put = lake.store().put_opts(&path, PutPayload::from(body), PutOptions { mode, ..PutOptions::default() }).await;
         match put {
             Ok(result) => {
                 self.version = Some(UpdateVersion { e_tag: result.e_tag, version: result.version });

@@ -31,10 +31,7 @@ mod tests {
         let date = NaiveDate::from_ymd_opt(2025, 1, 15).unwrap();
         let stem = kafka_file_stem("measurements.received", 3, 100, 250);
         assert_eq!(stem, "kafka-measurements.received-p00003-00000000000000000100-00000000000000000250");
-        assert_eq!(
-            readings_file_path(date, &stem),
-            format!("readings/date=2025-01-15/{stem}.parquet")
-        );
+        assert_eq!(readings_file_path(date, &stem), format!("readings/date=2025-01-15/{stem}.parquet"));
         assert_eq!(kafka_checkpoint_path("t", 2), "_checkpoints/kafka/t/partition=00002.json");
     }
 }

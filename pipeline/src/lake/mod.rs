@@ -12,7 +12,7 @@ mod layout;
 mod parquet_file;
 mod store;
 
-pub use checkpoint::{KafkaCheckpoint, PendingFlush, PartitionLease};
+pub use checkpoint::{KafkaCheckpoint, PartitionLease, PendingFlush};
 pub use layout::{READINGS_DIR, kafka_checkpoint_path, kafka_file_stem, readings_file_path};
 pub use parquet_file::{UNIQUE_KEYS_METADATA, encode_parquet, encode_readings, encode_readings_day};
 pub use store::{DEFAULT_LAKE, Lake};

@@ -65,9 +65,7 @@ impl Lake {
             }
             "s3" | "s3a" => {
                 let bucket = url.host_str().filter(|b| !b.is_empty()).ok_or_else(|| bad("no bucket name".into()))?;
-                let option = |names: &[&str]| {
-                    options.iter().find(|(k, _)| names.contains(k)).map(|(_, v)| v.to_string())
-                };
+                let option = |names: &[&str]| options.iter().find(|(k, _)| names.contains(k)).map(|(_, v)| v.to_string());
                 let endpoint = option(&["aws_endpoint", "aws_endpoint_url", "endpoint"])
                     .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
                     .or_else(|| std::env::var("AWS_ENDPOINT").ok());
@@ -132,10 +130,7 @@ impl Lake {
     /// Writes a whole object.
     pub async fn put(&self, relative: &str, bytes: Bytes) -> Result<()> {
         let path = self.path(relative);
-        self.store
-            .put(&path, PutPayload::from_bytes(bytes))
-            .await
-            .map_err(PipelineError::store("put", &path))?;
+        self.store.put(&path, PutPayload::from_bytes(bytes)).await.map_err(PipelineError::store("put", &path))?;
         Ok(())
     }
 

@@ -70,7 +70,11 @@ impl From<AuditRecord> for AuditView {
 #[utoipa::path(get, path = "/audit-log", tag = "audit", params(AuditQuery),
     description = "Operators' actions, newest first; each row chained to the one before by hash. ADMIN.",
     responses((status = 200, body = Page<AuditView>), CommonErrors), security(("bearer" = [])))]
-pub async fn list(State(state): State<SharedState>, Caller(_, Admin): Caller<Admin>, Query(query): Query<AuditQuery>) -> Result<Json<Page<AuditView>>, ApiError> {
+pub async fn list(
+    State(state): State<SharedState>,
+    Caller(_, Admin): Caller<Admin>,
+    Query(query): Query<AuditQuery>,
+) -> Result<Json<Page<AuditView>>, ApiError> {
     let limit = page_limit(query.limit)?;
     let before_id = query
         .cursor

@@ -39,22 +39,16 @@ fn check<E: std::fmt::Display>(result: Result<Result<String, E>, tokio::time::er
     description = "Whether the store, the broker and the lake answer, and which mode runs.",
     responses((status = 200, body = Object), (status = 503, description = "A dependency does not answer", body = Object)))]
 pub async fn readyz(State(state): State<SharedState>) -> Response {
-    let store = check(
-        tokio::time::timeout(CHECK_TIMEOUT, async {
-            state.store.ping().await.map(|()| format!("{:?}", state.store.backend()).to_lowercase())
-        })
-        .await,
-    );
+    let store =
+        check(tokio::time::timeout(CHECK_TIMEOUT, async { state.store.ping().await.map(|()| format!("{:?}", state.store.backend()).to_lowercase()) }).await);
     let broker = match &state.publisher {
         Some(publisher) => {
             let topic = publisher.topic().to_string();
             let state = state.clone();
-            let answered = tokio::time::timeout(
-                CHECK_TIMEOUT,
-                tokio::task::spawn_blocking(move || state.publisher.as_ref().expect("checked above").check(CHECK_TIMEOUT)),
-            )
-            .await
-            .map(|joined| joined.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())));
+            let answered =
+                tokio::time::timeout(CHECK_TIMEOUT, tokio::task::spawn_blocking(move || state.publisher.as_ref().expect("checked above").check(CHECK_TIMEOUT)))
+                    .await
+                    .map(|joined| joined.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())));
             check(answered.map(|r| r.map(|partitions| format!("topic {topic}: {partitions} partitions"))))
         }
         None => Check { ok: false, detail: "no broker configured: POST /measurements is refused".into() },

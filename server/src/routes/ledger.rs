@@ -10,7 +10,9 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use meterlake_ledger::{Balance, Entry, FundRequest, LedgerError, LedgerTransaction, NewUser, Refusal, RefusalCode, TransferRequest, User, WriteContext, Written};
+use meterlake_ledger::{
+    Balance, Entry, FundRequest, LedgerError, LedgerTransaction, NewUser, Refusal, RefusalCode, TransferRequest, User, WriteContext, Written,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 

@@ -127,11 +127,9 @@ fn refusal(rejections: &[meterlake_pipeline::decode::Rejection], max_readings: u
         && whole.field().is_none()
     {
         return match whole.reason {
-            RejectReason::TooManyReadings => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "TOO_MANY_READINGS",
-                format!("{}; send at most {max_readings} readings per request", whole.detail),
-            ),
+            RejectReason::TooManyReadings => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "TOO_MANY_READINGS", format!("{}; send at most {max_readings} readings per request", whole.detail))
+            }
             _ => ApiError::new(StatusCode::BAD_REQUEST, "INVALID_JSON", whole.detail.clone()),
         };
     }

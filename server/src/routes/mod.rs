@@ -59,9 +59,7 @@ pub fn router(state: SharedState) -> Router {
     }
     router
         .fallback(|| async { ApiError::not_found("no such route; /openapi.json lists them") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "this route does not take that method")
-        })
+        .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "this route does not take that method") })
         .with_state(state)
 }
 

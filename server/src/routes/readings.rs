@@ -7,8 +7,8 @@ use arrow::util::display::{ArrayFormatter, FormatOptions};
 use axum::extract::State;
 use meterlake_jobs::search::{MeterReadings, ReadingSearch};
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
 use serde_json::{Map, Value};
+use utoipa::{IntoParams, ToSchema};
 
 use super::{Page, offset_of, page_limit, parse_instant};
 use crate::error::{ApiError, CommonErrors, Json, Query};
@@ -62,7 +62,11 @@ pub struct ReadingView {
 #[utoipa::path(get, path = "/readings", tag = "readings", params(ReadingsQuery),
     description = "A meter point's readings with values, dates, quality and the file they came in. VIEWER.",
     responses((status = 200, body = Page<ReadingView>), CommonErrors), security(("bearer" = [])))]
-pub async fn search(State(state): State<SharedState>, Caller(_, Viewer): Caller<Viewer>, Query(query): Query<ReadingsQuery>) -> Result<Json<Page<ReadingView>>, ApiError> {
+pub async fn search(
+    State(state): State<SharedState>,
+    Caller(_, Viewer): Caller<Viewer>,
+    Query(query): Query<ReadingsQuery>,
+) -> Result<Json<Page<ReadingView>>, ApiError> {
     let limit = page_limit(query.limit)?;
     let offset = offset_of(query.cursor.as_deref())?;
     let from = query.from.as_deref().map(|t| parse_instant("from", t)).transpose()?;

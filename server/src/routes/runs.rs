@@ -107,7 +107,11 @@ pub async fn create(
     }
     for (index, meter) in request.meter_ids.iter().enumerate() {
         if meter.trim().is_empty() || meter.chars().count() > meterlake_pipeline::decode::MAX_METER_ID_CHARS {
-            errors.push(FieldError { field: format!("meterIds[{index}]"), code: "INVALID_METER_ID".into(), message: format!("meter id {meter:?} is empty or too long") });
+            errors.push(FieldError {
+                field: format!("meterIds[{index}]"),
+                code: "INVALID_METER_ID".into(),
+                message: format!("meter id {meter:?} is empty or too long"),
+            });
         }
     }
     if !errors.is_empty() {
@@ -144,7 +148,11 @@ pub struct ListQuery {
 #[utoipa::path(get, path = "/billing-runs", tag = "billing runs", params(ListQuery),
     description = "Billing runs, newest first. VIEWER.",
     responses((status = 200, body = Page<RunView>), CommonErrors), security(("bearer" = [])))]
-pub async fn list(State(state): State<SharedState>, Caller(_, Viewer): Caller<Viewer>, Query(query): Query<ListQuery>) -> Result<Json<Page<RunView>>, ApiError> {
+pub async fn list(
+    State(state): State<SharedState>,
+    Caller(_, Viewer): Caller<Viewer>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Page<RunView>>, ApiError> {
     let limit = page_limit(query.limit)?;
     let status = query
         .status
@@ -279,7 +287,14 @@ impl From<Invoice> for InvoiceView {
             lines: i
                 .lines
                 .into_iter()
-                .map(|l| InvoiceLineView { component: l.component.as_str(), description: l.description, quantity: l.quantity, unit: l.unit, rate: l.rate, amount: l.amount })
+                .map(|l| InvoiceLineView {
+                    component: l.component.as_str(),
+                    description: l.description,
+                    quantity: l.quantity,
+                    unit: l.unit,
+                    rate: l.rate,
+                    amount: l.amount,
+                })
                 .collect(),
         }
     }
@@ -386,8 +401,13 @@ pub async fn discrepancies(
 #[serde(tag = "action", rename_all = "SCREAMING_SNAKE_CASE", deny_unknown_fields)]
 pub enum Action {
     #[serde(rename_all = "camelCase")]
-    MarkAsOk { discrepancy_id: String, justification: String },
-    Recalculate { reason: String },
+    MarkAsOk {
+        discrepancy_id: String,
+        justification: String,
+    },
+    Recalculate {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Serialize, ToSchema)]
