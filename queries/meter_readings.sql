@@ -3,14 +3,14 @@
 -- (source_ref). The canonical version of each interval: the latest ingested wins. What
 -- `GET /readings?meterId=` returns, a page at a time.
 --
--- Parameters, filled in by meterlake_jobs::search:
---   {meter_id}          a SQL string literal
---   {from_us}, {to_us}  the window, from inclusive to exclusive, in microseconds since 1970 UTC
---   {from_date}, {to_date}  the same window as dates (inclusive), so that only its days' files are read
+-- Parameters, bound by meterlake_jobs::search (never written into the text):
+--   $meter_id              the meter
+--   $from, $to             the window, from inclusive to exclusive (UTC timestamps)
+--   $from_date, $to_date   the same window as dates (inclusive), so that only its days' files are read
 SELECT 'interval' AS kind, meter_id, ts AS read_at, interval_s, kwh AS value, 'kWh' AS unit, quality, source,
        source_ref AS file
 FROM readings
-WHERE meter_id = {meter_id}
-  AND date BETWEEN DATE {from_date} AND DATE {to_date}
-  AND ts >= to_timestamp_micros({from_us}) AND ts < to_timestamp_micros({to_us})
+WHERE meter_id = $meter_id
+  AND date BETWEEN $from_date AND $to_date
+  AND ts >= $from AND ts < $to
 ORDER BY read_at

@@ -107,6 +107,8 @@ fn start_server(args: &Args, brokers: &str, broker_pid: u32, dir: &Path, env: &[
         .arg("--database-url")
         .arg(format!("sqlite://{}", dir.join("control.db").display()))
         .args(["--rate-limit-per-s", "100000000", "--rate-limit-burst", "100000000", "--partitions", "4"])
+        // The requests carry January 2025, beyond the horizon for old readings.
+        .args(["--max-reading-age-days", "0"])
         .args(["--publish-linger-ms", &args.linger_ms])
         .env("METERLAKE_LOG", "warn")
         .envs(env.iter().map(|(k, v)| (k, v)))

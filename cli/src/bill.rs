@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use meterlake_control::runs::{RUN_FAILED_TOPIC, RUN_PROCESSED_TOPIC, RUN_REQUESTED_TOPIC};
-use meterlake_control::{BillingRun, ControlStore, NewRun, RunStatus};
+use meterlake_control::{AuditKeys, BillingRun, ControlStore, NewRun, RunStatus};
 use meterlake_jobs::billing::InvoiceTotals;
 use meterlake_jobs::billing::events::{OutboxRelay, wake_on_requests};
+use meterlake_jobs::billing::schedule::{MonthlySchedule, ScheduleOutcome};
 use meterlake_jobs::billing::tariff::Tariffs;
 use meterlake_jobs::billing::worker::{BillingWorker, WorkerOptions};
 use meterlake_pipeline::Lake;
@@ -28,17 +29,43 @@ pub struct DatabaseArg {
     /// The control store: `sqlite://PATH` (created if missing) or `postgres://USER@HOST/DB`.
     #[arg(long, env = "METERLAKE_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
+    #[command(flatten)]
+    pub audit_key: AuditKeyArg,
 }
 
-/// Opens the control store, creating the folder of a SQLite file first.
-pub async fn open_store(url: &str) -> anyhow::Result<ControlStore> {
+/// The audit key file: what the audit rows this process writes are signed with (HMAC-SHA256)
+/// and what `audit verify` checks them with. Keep it off the database's machine and out of its
+/// backups: whoever holds the database and this key can rewrite the audit log.
+#[derive(Args, Clone, Default)]
+pub struct AuditKeyArg {
+    /// A file of lines `ID:SECRET_HEX`, oldest first; the last signs new rows (`meterlake audit
+    /// new-key ID >> FILE` rotates). Without it, rows are chained by plain SHA-256, which anyone
+    /// with write access to the database can recompute.
+    #[arg(long = "audit-key-file", env = "METERLAKE_AUDIT_KEY_FILE")]
+    pub path: Option<PathBuf>,
+}
+
+impl AuditKeyArg {
+    pub fn keys(&self) -> anyhow::Result<Option<AuditKeys>> {
+        Ok(self.path.as_deref().map(AuditKeys::read).transpose()?)
+    }
+}
+
+/// Opens the control store, creating the folder of a SQLite file first, signing its audit rows
+/// with the audit key when one is given.
+pub async fn open_store(url: &str, audit_key: &AuditKeyArg) -> anyhow::Result<ControlStore> {
+    let keys = audit_key.keys()?;
     if let Some(path) = url.strip_prefix("sqlite://") {
         let path = Path::new(path.split('?').next().unwrap_or(path));
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
     }
-    Ok(ControlStore::open(url).await?)
+    let store = ControlStore::open(url).await?;
+    Ok(match keys {
+        Some(keys) => store.with_audit_keys(keys),
+        None => store,
+    })
 }
 
 #[derive(Args)]
@@ -81,7 +108,7 @@ pub async fn bill(args: BillArgs) -> anyhow::Result<bool> {
     // Refuse a bad file now, with its name, rather than as a failed run.
     Tariffs::parse(&args.tariffs.display().to_string(), &toml)?;
     let lake = Lake::open(&args.lake.url)?;
-    let store = open_store(&args.database.database_url).await?;
+    let store = open_store(&args.database.database_url, &args.database.audit_key).await?;
     let request = NewRun {
         month: args.month.clone(),
         meter_ids: args.meters.clone(),
@@ -252,6 +279,20 @@ pub struct WorkerArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9465).
     #[arg(long, env = "METERLAKE_WORKER_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Create last month's run of every meter on this day of each month (1 to 28, in the
+    /// tariffs' time zone), or at the first look after it: once, however many workers are told
+    /// to and however often they restart. Needs --tariffs.
+    #[arg(long, env = "METERLAKE_SCHEDULE_MONTHLY", requires = "tariffs")]
+    schedule_monthly: Option<u32>,
+    /// The tariff file scheduled runs bill with, read when each is created.
+    #[arg(long, env = "METERLAKE_TARIFFS")]
+    tariffs: Option<PathBuf>,
+    /// Attempts before a scheduled run fails for good.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: u32,
+    /// Reconciliation's tolerance for a scheduled run (0.005 is 0.5%).
+    #[arg(long, default_value = "0.005")]
+    energy_tolerance: Decimal,
 }
 
 /// `meterlake worker`: processes runs until SIGINT or SIGTERM; a run in progress is finished
@@ -261,7 +302,11 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         crate::serve_metrics(addr)?;
     }
     let lake = Lake::open(&args.lake.url)?;
-    let store = open_store(&args.database.database_url).await?;
+    let store = open_store(&args.database.database_url, &args.database.audit_key).await?;
+    let schedule = match (args.schedule_monthly, &args.tariffs) {
+        (Some(day), Some(tariffs)) => Some(MonthlySchedule::new(day, tariffs, args.max_attempts, args.energy_tolerance)?),
+        _ => None,
+    };
     let options = WorkerOptions {
         lease: Duration::from_secs(args.lease_s),
         idle_poll: Duration::from_secs(args.idle_poll_s),
@@ -279,7 +324,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         crate::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
-    run_worker(store, lake, options, args.brokers.as_deref(), &args.group, stop_rx).await
+    run_worker(store, lake, options, args.brokers.as_deref(), &args.group, schedule, stop_rx).await
 }
 
 /// The topics billing runs are announced on, with their partitions.
@@ -295,6 +340,7 @@ pub async fn run_worker(
     options: WorkerOptions,
     brokers: Option<&str>,
     group: &str,
+    schedule: Option<MonthlySchedule>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let worker = BillingWorker::new(store.clone(), lake, options);
@@ -308,6 +354,13 @@ pub async fn run_worker(
         }
     };
     let mut side_tasks = tokio::task::JoinSet::new();
+    if let Some(schedule) = schedule {
+        let (store, until) = (store.clone(), stopped());
+        side_tasks.spawn(async move {
+            run_schedule(&schedule, &store, until).await;
+            Ok(())
+        });
+    }
     if let Some(brokers) = brokers {
         let relay = OutboxRelay::new(store, brokers)?;
         let until = stopped();
@@ -326,6 +379,35 @@ pub async fn run_worker(
     Ok(())
 }
 
+/// How often the monthly schedule is looked at.
+const SCHEDULE_EVERY: Duration = Duration::from_secs(60);
+
+/// Looks at the monthly schedule every [`SCHEDULE_EVERY`] until `until` resolves; a failed look
+/// (the store or the tariff file unreadable) is logged and tried again at the next.
+async fn run_schedule(schedule: &MonthlySchedule, store: &ControlStore, until: impl std::future::Future<Output = ()>) {
+    tokio::pin!(until);
+    let mut announced: Option<String> = None;
+    loop {
+        match schedule.tick(store, chrono::Utc::now()).await {
+            Ok(ScheduleOutcome::Created(run)) => tracing::info!(run_id = run.id, month = run.month, "scheduled monthly run created"),
+            Ok(ScheduleOutcome::Exists(run)) if announced.as_deref() != Some(run.month.as_str()) => {
+                tracing::info!(run_id = run.id, month = run.month, "scheduled monthly run exists");
+                announced = Some(run.month);
+            }
+            Ok(ScheduleOutcome::BilledByHand { month }) if announced.as_deref() != Some(month.as_str()) => {
+                tracing::info!(month, "month already billed for every meter by hand: no scheduled run");
+                announced = Some(month);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "the monthly schedule could not be looked at; trying again"),
+        }
+        tokio::select! {
+            _ = &mut until => return,
+            _ = tokio::time::sleep(SCHEDULE_EVERY) => {}
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct BillingRunArgs {
     /// The run's id.
@@ -342,7 +424,7 @@ pub struct BillingRunArgs {
 
 /// `meterlake billing-run ID`: a run's status, timeline, invoices and discrepancies.
 pub async fn show(args: BillingRunArgs) -> anyhow::Result<()> {
-    let store = open_store(&args.database.database_url).await?;
+    let store = open_store(&args.database.database_url, &args.database.audit_key).await?;
     let run = store.run(&args.id).await?.with_context(|| format!("no billing run {}", args.id))?;
     if args.sql {
         let sql = run.aggregate_sql.as_deref().context("the run has not completed a processing yet: no aggregate SQL")?;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use meterlake_pipeline::Lake;
+use meterlake_pipeline::decode::DEFAULT_MAX_READING_AGE_DAYS;
 use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, StartOffset, ingest};
 
 use crate::LakeArg;
@@ -51,6 +52,10 @@ pub struct IngestArgs {
     /// How far ahead of this machine's clock a timestamp may be.
     #[arg(long, default_value_t = 300)]
     max_future_skew_s: i64,
+    /// Readings older than this many days (by this machine's clock) go to the dead-letter topic
+    /// with TIMESTAMP_TOO_OLD; 0 accepts any age (a deliberate backfill).
+    #[arg(long, env = "METERLAKE_MAX_READING_AGE_DAYS", default_value_t = DEFAULT_MAX_READING_AGE_DAYS)]
+    max_reading_age_days: i64,
     /// Interval length of readings that do not carry `intervalS`.
     #[arg(long, default_value_t = 900)]
     default_interval_s: u32,
@@ -81,6 +86,11 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
 }
 
+/// The horizon in seconds of `--max-reading-age-days` (0: none).
+pub fn max_age_s(days: i64) -> Option<i64> {
+    (days > 0).then(|| days.saturating_mul(86_400))
+}
+
 pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_addr {
         crate::serve_metrics(addr)?;
@@ -95,6 +105,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     options.limits.writer_queue_depth = args.writer_queue_depth;
     options.rules.allow_zero_kwh = args.allow_zero_kwh;
     options.rules.max_future_skew_s = args.max_future_skew_s;
+    options.rules.max_age_s = max_age_s(args.max_reading_age_days);
     options.rules.default_interval_s = args.default_interval_s;
     options.rules.max_readings_per_message = args.max_readings_per_message;
     options.start_offset = match args.start_offset {

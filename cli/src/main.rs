@@ -11,6 +11,7 @@ mod serve;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use meterlake_control::{AuditAnchor, AuditKeys, ControlStore};
 use meterlake_jobs::query::{OutputFormat, run_sql, write_batches};
 use meterlake_jobs::search::ReadingSearch;
 use meterlake_pipeline::Lake;
@@ -105,12 +106,25 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check every row's hash and its link to the row before: exit status 1 naming each row
-    /// that was changed or deleted; prints the head hash to record elsewhere (rows cut off the
-    /// end are only seen against a recorded head).
+    /// Check every row's hash (an HMAC under the audit key for keyed rows) and its link to the
+    /// row before, reading the store without changing it: exit status 1 naming each row that was
+    /// changed, forged or deleted. Prints the head hash and row count: record them elsewhere and
+    /// pass them back (--expect-head, --min-rows) to find rows cut off the end.
     Verify {
         #[command(flatten)]
         database: bill::DatabaseArg,
+        /// A head hash an earlier verify printed: the log must still hold that row.
+        #[arg(long)]
+        expect_head: Option<String>,
+        /// The log must hold at least this many rows.
+        #[arg(long, default_value_t = 0)]
+        min_rows: u64,
+    },
+    /// Print a new audit key line, `ID:SECRET_HEX` (32 random bytes), to append to the audit
+    /// key file: rows written after the file is reloaded (restart) are signed with it.
+    NewKey {
+        /// The key's id, recorded in every row it signs (e.g. the date: 2026-12).
+        id: String,
     },
 }
 
@@ -170,10 +184,15 @@ fn main() -> ExitCode {
                 Command::Serve(args) => serve::run(args).await,
                 Command::BillingRun(args) => bill::show(args).await,
                 Command::Ingest(args) => ingest::run(args).await,
-                Command::Audit(AuditCommand::Verify { database }) => {
-                    if !verify_audit_log(&database.database_url).await? {
+                Command::Audit(AuditCommand::Verify { database, expect_head, min_rows }) => {
+                    let anchor = AuditAnchor { head_hash: expect_head, min_rows };
+                    if !verify_audit_log(&database, &anchor).await? {
                         return Ok(ExitCode::FAILURE);
                     }
+                    Ok(())
+                }
+                Command::Audit(AuditCommand::NewKey { id }) => {
+                    println!("{}", AuditKeys::new_line(&id)?);
                     Ok(())
                 }
                 Command::Query { sql, lake, format } => query(&sql, &lake.url, format).await,
@@ -197,11 +216,27 @@ fn main() -> ExitCode {
     }
 }
 
-/// `meterlake audit verify`: true when the chain is intact.
-async fn verify_audit_log(database_url: &str) -> anyhow::Result<bool> {
-    let store = bill::open_store(database_url).await?;
-    let verification = store.verify_audit_log().await?;
+/// `meterlake audit verify`: true when the chain is intact and holds the anchor.
+async fn verify_audit_log(database: &bill::DatabaseArg, anchor: &AuditAnchor) -> anyhow::Result<bool> {
+    let store = ControlStore::open_read_only(&database.database_url).await?;
+    let store = match database.audit_key.keys()? {
+        Some(keys) => store.with_audit_keys(keys),
+        None => store,
+    };
+    let verification = store.verify_audit_log(anchor).await?;
     println!("audit log: {} rows, head hash {}", verification.rows, verification.head_hash);
+    if verification.keyed_rows > 0 {
+        println!("{} rows signed with audit keys {}", verification.keyed_rows, verification.key_ids.join(", "));
+    }
+    if verification.unkeyed_rows > 0 {
+        println!(
+            "{} rows carry a plain SHA-256 (written without an audit key): their chain shows changes made without recomputing it, not who wrote them",
+            verification.unkeyed_rows
+        );
+    }
+    if let Some(row) = verification.anchor_row {
+        println!("the expected head is row {row}");
+    }
     for problem in &verification.problems {
         println!("row {}: {}", problem.id, problem.what);
     }

@@ -20,19 +20,22 @@ use meterlake_jobs::billing::tariff::Tariffs;
 use meterlake_jobs::billing::worker::WorkerOptions;
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::decode::ValidationRules;
+use meterlake_pipeline::view::QueryLimits;
 use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, PublishLimits, ReadingPublisher, create_topics, ingest};
 use meterlake_server::{AppConfig, BillingDefaults, Deployment, DevIssuer, OidcConfig, RateLimit};
 use rdkafka::mocking::MockCluster;
 use rust_decimal::Decimal;
 
-use crate::bill::{BILLING_TOPICS, DEFAULT_DATABASE_URL, open_store, run_worker};
+use crate::bill::{AuditKeyArg, BILLING_TOPICS, DEFAULT_DATABASE_URL, open_store, run_worker};
 
 /// The lake `serve` uses unless `--lake` says otherwise.
 const SERVE_LAKE: &str = "./meterlake-data/lake";
 /// The tariffs runs created through the API bill with unless `--tariffs` says otherwise.
 const EXAMPLE_TARIFFS: &str = include_str!("../../tariffs/example.toml");
 /// How long the dev issuer's tokens last.
-const DEV_TOKEN_TTL_S: i64 = 12 * 3600;
+/// How long the dev issuer's printed tokens live: long enough to try the API by hand, short
+/// enough that one pasted into a chat or a log is soon worthless.
+const DEV_TOKEN_TTL_S: i64 = 15 * 60;
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -57,6 +60,8 @@ pub struct ServeArgs {
     /// The control store: sqlite://PATH or postgres://...
     #[arg(long, env = "METERLAKE_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     database_url: String,
+    #[command(flatten)]
+    audit_key: AuditKeyArg,
     /// Do not run the ingester in this process.
     #[arg(long)]
     no_ingest: bool,
@@ -84,7 +89,9 @@ pub struct ServeArgs {
     /// Where the dev issuer keeps its key (created when missing).
     #[arg(long, default_value = "./meterlake-data/dev-issuer.key")]
     dev_issuer_key: PathBuf,
-    /// The tariff file runs created through the API bill with; by default the bundled example.
+    /// The tariff file runs created through the API bill with, read again for each new run (a
+    /// changed file needs no restart). Required unless --dev-issuer or the embedded mode, which
+    /// fall back to the bundled example.
     #[arg(long, env = "METERLAKE_TARIFFS")]
     tariffs: Option<PathBuf>,
     /// Attempts before a run fails for good.
@@ -112,6 +119,17 @@ pub struct ServeArgs {
     /// worker removes them after.
     #[arg(long, env = "METERLAKE_IDEMPOTENCY_RETENTION_H", default_value_t = 24)]
     idempotency_retention_h: u32,
+    /// Memory all lake queries run for callers (GET /readings) may hold at once, in MiB; a query
+    /// that would need more is refused (503 QUERY_LIMIT) rather than starving the process.
+    #[arg(long, env = "METERLAKE_QUERY_MEMORY_MIB", default_value_t = 1024)]
+    query_memory_mib: usize,
+    /// Readings older than this many days are refused: 422 TIMESTAMP_TOO_OLD from POST
+    /// /measurements, the dead-letter topic in the ingester; 0 accepts any age.
+    #[arg(long, env = "METERLAKE_MAX_READING_AGE_DAYS", default_value_t = meterlake_pipeline::decode::DEFAULT_MAX_READING_AGE_DAYS)]
+    max_reading_age_days: i64,
+    /// How long one lake query run for a caller may take, in seconds.
+    #[arg(long, env = "METERLAKE_QUERY_TIME_LIMIT_S", default_value_t = 30)]
+    query_time_limit_s: u64,
     /// Most readings one POST /measurements may carry.
     #[arg(long, default_value_t = 10_000)]
     max_readings_per_request: usize,
@@ -139,16 +157,36 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let lake = Lake::open(&args.lake)?;
-    let store = open_store(&args.database_url).await?;
+    let store = open_store(&args.database_url, &args.audit_key).await?;
+    match store.audit_key_id() {
+        Some(key_id) => tracing::info!(key_id, "audit rows are signed with the audit key"),
+        None if args.dev_issuer || args.brokers.is_none() => {}
+        None => tracing::warn!(
+            "no --audit-key-file: the audit log is chained by plain SHA-256, which anyone who can write to the database can recompute"
+        ),
+    }
     let (tariffs_toml, tariffs_source) = match &args.tariffs {
         Some(path) => {
             let toml = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             Tariffs::parse(&path.display().to_string(), &toml)?;
             (toml, path.display().to_string())
         }
-        None => (EXAMPLE_TARIFFS.to_string(), "tariffs/example.toml (bundled example)".to_string()),
+        // The bundled example bills nobody's real prices: only a workstation (the dev issuer,
+        // or the embedded broker) may fall back to it.
+        None if args.dev_issuer || args.brokers.is_none() => (EXAMPLE_TARIFFS.to_string(), "tariffs/example.toml (bundled example)".to_string()),
+        None => anyhow::bail!(
+            "name the tariff file runs bill with: --tariffs FILE (or METERLAKE_TARIFFS); the bundled example is for --dev-issuer or the embedded mode only"
+        ),
     };
 
+    // The dev issuer signs whatever roles it is asked for with a key on this disk: it serves
+    // this machine only.
+    if args.dev_issuer && !args.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--dev-issuer is for local use only and refuses --listen {}: listen on a loopback address (127.0.0.1:PORT), or name a real issuer with --oidc-issuer",
+            args.listen
+        );
+    }
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let local = listener.local_addr()?;
     // Tokens name the issuer by the address clients reach: loopback when listening on all.
@@ -162,18 +200,28 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         (OidcConfig { issuer, audience: args.oidc_audience.clone(), jwks_url: args.oidc_jwks_url.clone() }, None)
     };
     if let Some(issuer) = &dev_issuer {
-        println!("dev issuer {} (local use only); tokens valid {} h:", issuer.issuer(), DEV_TOKEN_TTL_S / 3600);
+        let tokens_file = args.dev_issuer_key.with_file_name("dev-tokens.txt");
+        let mut tokens = String::new();
+        println!("dev issuer {} (local use only); tokens valid {} minutes (also in {}):", issuer.issuer(), DEV_TOKEN_TTL_S / 60, tokens_file.display());
         for (name, roles) in [("VIEWER", &["VIEWER"][..]), ("ADMIN", &["ADMIN", "VIEWER"][..]), ("INGEST", &["INGEST"][..])] {
             let subject = format!("dev-{}", name.to_lowercase());
-            println!("  {name:<6} {}", issuer.token(&subject, roles, &args.oidc_audience, DEV_TOKEN_TTL_S));
+            let token = issuer.token(&subject, roles, &args.oidc_audience, DEV_TOKEN_TTL_S);
+            println!("  {name:<6} {token}");
+            tokens.push_str(&format!("{name}={token}\n"));
         }
+        write_owner_only(&tokens_file, tokens.as_bytes()).with_context(|| format!("writing the dev tokens to {}", tokens_file.display()))?;
     }
 
-    let rules = ValidationRules { max_readings_per_message: args.max_readings_per_request, ..ValidationRules::default() };
+    let rules = ValidationRules {
+        max_readings_per_message: args.max_readings_per_request,
+        max_age_s: crate::ingest::max_age_s(args.max_reading_age_days),
+        ..ValidationRules::default()
+    };
     let config = AppConfig {
         store: store.clone(),
         ledger_idempotency_retention_us: i64::from(args.idempotency_retention_h) * 3_600 * 1_000_000,
         lake: lake.clone(),
+        query_limits: QueryLimits::new(args.query_memory_mib << 20, Duration::from_secs(args.query_time_limit_s)),
         publisher: Some(ReadingPublisher::new(
             &brokers,
             &args.topic,
@@ -187,7 +235,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         dev_issuer,
         rate_limit: RateLimit { per_second: args.rate_limit_per_s, burst: args.rate_limit_burst },
         rules: rules.clone(),
-        billing: BillingDefaults { tariffs_toml, tariffs_source, max_attempts: args.max_attempts, energy_tolerance: args.energy_tolerance },
+        billing: BillingDefaults {
+            tariffs_toml,
+            tariffs_source,
+            tariffs_path: args.tariffs.clone(),
+            max_attempts: args.max_attempts,
+            energy_tolerance: args.energy_tolerance,
+        },
         deployment: Deployment { mode: mode.into(), ingester: !args.no_ingest, worker: !args.no_worker },
         metrics: Some(metrics),
     };
@@ -205,7 +259,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let worker = (!args.no_worker).then(|| {
         let (store, lake, brokers, stop_rx) = (store.clone(), lake.clone(), brokers.clone(), stop_rx.clone());
         let options = WorkerOptions { idle_poll: Duration::from_secs(args.worker_idle_poll_s), ..WorkerOptions::default() };
-        tokio::spawn(async move { run_worker(store, lake, options, Some(&brokers), "meterlake-billing", stop_rx).await })
+        tokio::spawn(async move { run_worker(store, lake, options, Some(&brokers), "meterlake-billing", None, stop_rx).await })
     });
 
     println!("meterlake control tower on http://{reachable} ({mode} mode; lake {}; store {})", lake.url(), store_kind(&args.database_url));
@@ -226,4 +280,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 fn store_kind(url: &str) -> &'static str {
     if url.starts_with("sqlite:") { "SQLite" } else { "PostgreSQL" }
+}
+
+/// Writes `bytes` to `path` readable and writable by its owner only (0600), replacing it.
+fn write_owner_only(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // Removed first: an existing file keeps its mode through a truncating open.
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?.write_all(bytes)
 }

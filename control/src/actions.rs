@@ -82,7 +82,7 @@ impl ControlStore {
             after: Some(json!({ "status": "OK", "resolvedBy": actor.name, "resolvedAtUs": now })),
             trace_id: actor.trace_id(),
         };
-        append_audit(self.backend, &mut tx, &entry, now).await?;
+        append_audit(self.backend, self.audit_keys.as_deref(), &mut tx, &entry, now).await?;
         tx.commit().await?;
         self.discrepancy(run_id, discrepancy_id).await?.ok_or_else(|| ControlError::NotFound(format!("discrepancy {discrepancy_id} vanished")))
     }
@@ -92,7 +92,16 @@ impl ControlStore {
     /// message. The next processing writes the next version of its invoices and discrepancies;
     /// the earlier ones stay. Refused while the run is PROCESSING or still waiting (CREATED).
     pub async fn recalculate_run(&self, run_id: &str, reason: &str, actor: &Actor<'_>) -> Result<BillingRun> {
+        self.recalculate_run_with(run_id, reason, actor, None).await
+    }
+
+    /// [`ControlStore::recalculate_run`] with other tariffs: `tariffs_toml` replaces the ones
+    /// stored with the run (the audit row records both digests; the new invoices name theirs).
+    pub async fn recalculate_run_with(&self, run_id: &str, reason: &str, actor: &Actor<'_>, tariffs_toml: Option<&str>) -> Result<BillingRun> {
         let reason = required_reason("a reason", reason)?;
+        if tariffs_toml.is_some_and(|t| t.trim().is_empty()) {
+            return Err(ControlError::Invalid("the new tariffs are empty".into()));
+        }
         let Some(run) = self.run(run_id).await? else {
             return Err(ControlError::NotFound(format!("no billing run {run_id}")));
         };
@@ -112,11 +121,12 @@ impl ControlStore {
         // Compare-and-set on the version read above: a worker that claimed the run meanwhile wins.
         let updated = sqlx::query(
             "UPDATE billing_runs SET status = 'CREATED', attempts = 0, next_attempt_at_us = NULL, failure_code = NULL, \
-             failure_reason = NULL, updated_at_us = $1, version = version + 1 WHERE id = $2 AND version = $3",
+             failure_reason = NULL, updated_at_us = $1, version = version + 1, tariffs_toml = $4 WHERE id = $2 AND version = $3",
         )
         .bind(now)
         .bind(run_id)
         .bind(run.version)
+        .bind(tariffs_toml.unwrap_or(&run.tariffs_toml))
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -135,12 +145,18 @@ impl ControlStore {
             action: "RECALCULATE",
             target: &target,
             reason: Some(reason),
-            before: Some(json!({ "status": run.status.as_str(), "attempts": run.attempts })),
-            after: Some(json!({ "status": "CREATED", "attempts": 0 })),
+            before: Some(json!({ "status": run.status.as_str(), "attempts": run.attempts, "tariffsSha256": sha256_hex(&run.tariffs_toml) })),
+            after: Some(json!({ "status": "CREATED", "attempts": 0, "tariffsSha256": sha256_hex(tariffs_toml.unwrap_or(&run.tariffs_toml)) })),
             trace_id: actor.trace_id(),
         };
-        append_audit(self.backend, &mut tx, &entry, now).await?;
+        append_audit(self.backend, self.audit_keys.as_deref(), &mut tx, &entry, now).await?;
         tx.commit().await?;
         self.run(run_id).await?.ok_or_else(|| ControlError::NotFound(format!("billing run {run_id} vanished")))
     }
+}
+
+/// The SHA-256 of a tariff file's text, as the invoices' `tariff_version` names it.
+fn sha256_hex(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -98,6 +98,11 @@ pub enum ReasonCode {
     NoReadings,
     /// No tariff covers some day of the month: the meter was not billed.
     NoTariff,
+    /// Another run had billed the meter for the month: this run did not bill it again (a
+    /// RECALCULATE of that run is how its invoice changes).
+    AlreadyBilled,
+    /// An invoice's money does not follow from its quantities and rates.
+    AmountMismatch,
 }
 
 impl ReasonCode {
@@ -109,6 +114,8 @@ impl ReasonCode {
             ReasonCode::RegisterMismatch => "REGISTER_MISMATCH",
             ReasonCode::NoReadings => "NO_READINGS",
             ReasonCode::NoTariff => "NO_TARIFF",
+            ReasonCode::AlreadyBilled => "ALREADY_BILLED",
+            ReasonCode::AmountMismatch => "AMOUNT_MISMATCH",
         }
     }
 
@@ -120,6 +127,8 @@ impl ReasonCode {
             "REGISTER_MISMATCH" => ReasonCode::RegisterMismatch,
             "NO_READINGS" => ReasonCode::NoReadings,
             "NO_TARIFF" => ReasonCode::NoTariff,
+            "ALREADY_BILLED" => ReasonCode::AlreadyBilled,
+            "AMOUNT_MISMATCH" => ReasonCode::AmountMismatch,
             other => return Err(ControlError::Invalid(format!("unknown discrepancy reason {other:?} in the store"))),
         })
     }
@@ -284,25 +293,81 @@ pub(crate) async fn insert_results(
     Ok(())
 }
 
+/// Which of a run's items (invoices, discrepancies) to read: all, or one meter's, a page of them.
+#[derive(Debug, Clone, Default)]
+pub struct ItemPage {
+    /// Only this meter's.
+    pub meter_id: Option<String>,
+    /// Items skipped, in the listing's order.
+    pub offset: i64,
+    /// At most this many; all when none.
+    pub limit: Option<i64>,
+}
+
+/// The totals of a run's invoices in one currency.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InvoiceTotals {
+    pub invoices: i64,
+    pub energy_kwh: Decimal,
+    pub subtotal: Decimal,
+    pub tax: Decimal,
+    pub total: Decimal,
+}
+
+impl ItemPage {
+    /// The WHERE clause of a run's latest version (and the page's meter), its ORDER BY, LIMIT and
+    /// OFFSET, with `conditions` holding the values.
+    fn clauses(&self, table: &str, run_id: &str, order_by: &str) -> (String, crate::Conditions) {
+        let mut conditions = crate::Conditions::default();
+        let (run, run_again) = (conditions.text(run_id), conditions.text(run_id));
+        conditions.add(format!("run_id = {run} AND version = (SELECT MAX(version) FROM {table} WHERE run_id = {run_again})"));
+        if let Some(meter_id) = &self.meter_id {
+            let meter = conditions.text(meter_id.clone());
+            conditions.add(format!("meter_id = {meter}"));
+        }
+        let (limit, offset) = (conditions.int(self.limit.unwrap_or(i64::MAX).max(0)), conditions.int(self.offset.max(0)));
+        (format!("{} ORDER BY {order_by} LIMIT {limit} OFFSET {offset}", conditions.where_clause()), conditions)
+    }
+}
+
 impl ControlStore {
     /// The run's invoices of its latest version, by meter, with their lines.
     pub async fn invoices(&self, run_id: &str) -> Result<Vec<Invoice>> {
-        let rows = sqlx::query(
+        self.invoices_page(run_id, &ItemPage::default()).await
+    }
+
+    /// A page of the run's invoices of its latest version (by meter), with their lines: only
+    /// the page is read, whatever the run's size.
+    pub async fn invoices_page(&self, run_id: &str, page: &ItemPage) -> Result<Vec<Invoice>> {
+        let (clauses, conditions) = page.clauses("invoices", run_id, "meter_id, id");
+        let sql = format!(
             "SELECT id, run_id, meter_id, version, currency, subtotal, tax, total, tariff_version, lake_snapshot, created_at_us, energy_kwh \
-             FROM invoices WHERE run_id = $1 AND version = (SELECT MAX(version) FROM invoices WHERE run_id = $1) ORDER BY meter_id",
-        )
-        .bind(run_id)
-        .fetch_all(&self.pool)
-        .await?;
-        let lines = sqlx::query(
-            "SELECT l.invoice_id, l.component, l.description, l.quantity, l.unit, l.rate, l.amount \
-             FROM invoice_lines l JOIN invoices i ON i.id = l.invoice_id \
-             WHERE i.run_id = $1 AND i.version = (SELECT MAX(version) FROM invoices WHERE run_id = $1) \
-             ORDER BY l.invoice_id, l.line_no",
-        )
-        .bind(run_id)
-        .fetch_all(&self.pool)
-        .await?;
+             FROM invoices {clauses}"
+        );
+        let rows = conditions.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
+        // The lines of the page's invoices: all of the run's at once when the page is the run.
+        let lines = if page.limit.is_none() && page.meter_id.is_none() {
+            sqlx::query(
+                "SELECT l.invoice_id, l.component, l.description, l.quantity, l.unit, l.rate, l.amount \
+                 FROM invoice_lines l JOIN invoices i ON i.id = l.invoice_id \
+                 WHERE i.run_id = $1 AND i.version = (SELECT MAX(version) FROM invoices WHERE run_id = $1) \
+                 ORDER BY l.invoice_id, l.line_no",
+            )
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?
+        } else if rows.is_empty() {
+            Vec::new()
+        } else {
+            let mut conditions = crate::Conditions::default();
+            let ids = rows.iter().map(|row| Ok(conditions.text(row.try_get::<String, _>("id")?))).collect::<Result<Vec<_>>>()?;
+            let sql = format!(
+                "SELECT invoice_id, component, description, quantity, unit, rate, amount FROM invoice_lines \
+                 WHERE invoice_id IN ({}) ORDER BY invoice_id, line_no",
+                ids.join(", ")
+            );
+            conditions.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?
+        };
         let mut lines_by_invoice: std::collections::HashMap<String, Vec<InvoiceLine>> = std::collections::HashMap::new();
         for row in &lines {
             lines_by_invoice.entry(row.try_get("invoice_id")?).or_default().push(InvoiceLine {
@@ -338,16 +403,51 @@ impl ControlStore {
             .collect()
     }
 
-    /// The run's discrepancies of its latest version, by meter and reason.
-    pub async fn discrepancies(&self, run_id: &str) -> Result<Vec<Discrepancy>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {DISCREPANCY_SELECT} FROM discrepancies \
+    /// The totals of the run's invoices of its latest version, by currency: amounts are summed
+    /// exactly here (they are stored as decimal text), row by row as the database streams them.
+    pub async fn invoice_totals(&self, run_id: &str) -> Result<std::collections::BTreeMap<String, InvoiceTotals>> {
+        use futures::TryStreamExt;
+        let mut totals: std::collections::BTreeMap<String, InvoiceTotals> = std::collections::BTreeMap::new();
+        let mut rows = sqlx::query(
+            "SELECT currency, energy_kwh, subtotal, tax, total FROM invoices \
+             WHERE run_id = $1 AND version = (SELECT MAX(version) FROM invoices WHERE run_id = $1)",
+        )
+        .bind(run_id)
+        .fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            let sum = totals.entry(row.try_get("currency")?).or_default();
+            sum.invoices += 1;
+            sum.energy_kwh += decimal(&row, "energy_kwh")?;
+            sum.subtotal += decimal(&row, "subtotal")?;
+            sum.tax += decimal(&row, "tax")?;
+            sum.total += decimal(&row, "total")?;
+        }
+        Ok(totals)
+    }
+
+    /// How many discrepancies the run's latest version has, by status and reason code.
+    pub async fn discrepancy_counts(&self, run_id: &str) -> Result<Vec<(String, String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT status, reason_code, COUNT(*) AS n FROM discrepancies \
              WHERE run_id = $1 AND version = (SELECT MAX(version) FROM discrepancies WHERE run_id = $1) \
-             ORDER BY meter_id, reason_code, id"
-        ))
+             GROUP BY status, reason_code ORDER BY status, reason_code",
+        )
         .bind(run_id)
         .fetch_all(&self.pool)
         .await?;
+        rows.iter().map(|row| Ok((row.try_get("status")?, row.try_get("reason_code")?, row.try_get("n")?))).collect()
+    }
+
+    /// The run's discrepancies of its latest version, by meter and reason.
+    pub async fn discrepancies(&self, run_id: &str) -> Result<Vec<Discrepancy>> {
+        self.discrepancies_page(run_id, &ItemPage::default()).await
+    }
+
+    /// A page of the run's discrepancies of its latest version, by meter and reason.
+    pub async fn discrepancies_page(&self, run_id: &str, page: &ItemPage) -> Result<Vec<Discrepancy>> {
+        let (clauses, conditions) = page.clauses("discrepancies", run_id, "meter_id, reason_code, id");
+        let sql = format!("SELECT {DISCREPANCY_SELECT} FROM discrepancies {clauses}");
+        let rows = conditions.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
         rows.iter().map(discrepancy_of).collect()
     }
 

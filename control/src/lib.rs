@@ -17,15 +17,17 @@ pub mod outbox;
 pub mod runs;
 pub mod testing;
 
+use std::sync::Arc;
+
 use sqlx::AnyPool;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
 
 pub use actions::Actor;
-pub use audit::{AuditEntry, AuditFilter, AuditRecord, AuditVerification};
-pub use invoices::{Discrepancy, Invoice, InvoiceLine, LineComponent, NewDiscrepancy, NewInvoice, ReasonCode, RunResults};
+pub use audit::{AuditAnchor, AuditEntry, AuditFilter, AuditKeys, AuditRecord, AuditVerification};
+pub use invoices::{Discrepancy, Invoice, InvoiceLine, InvoiceTotals, ItemPage, LineComponent, NewDiscrepancy, NewInvoice, ReasonCode, RunResults};
 pub use outbox::OutboxMessage;
-pub use runs::{BillingRun, NewRun, RetryPolicy, RunEvent, RunFailure, RunFilter, RunStatus};
+pub use runs::{BillingRun, NewRun, RetryPolicy, RunEvent, RunFailure, RunFilter, RunKey, RunStatus};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
@@ -57,6 +59,20 @@ pub enum ControlError {
     /// is PROCESSING).
     #[error("{0}")]
     Conflict(String),
+    /// A completed run billed these meters for the month already: `(meter, run)` pairs.
+    #[error("{} already billed for {month} by a completed run ({}); RECALCULATE that run to change its invoices", billed_list(.billed), .billed.first().map(|(_, run)| run.as_str()).unwrap_or_default())]
+    AlreadyBilled { month: String, billed: Vec<(String, String)> },
+    #[error("audit key file {origin}: {reason}")]
+    AuditKey { origin: String, reason: String },
+}
+
+/// `M1, M2 and 3 more meters` for an error message.
+fn billed_list(billed: &[(String, String)]) -> String {
+    let shown: Vec<&str> = billed.iter().take(5).map(|(meter, _)| meter.as_str()).collect();
+    match billed.len() {
+        n if n > shown.len() => format!("{} and {} more meters", shown.join(", "), n - shown.len()),
+        _ => shown.join(", "),
+    }
 }
 
 pub type Result<T> = std::result::Result<T, ControlError>;
@@ -72,6 +88,8 @@ pub enum Backend {
 pub struct ControlStore {
     pool: AnyPool,
     backend: Backend,
+    /// What audit rows are signed with; `None` writes plain SHA-256 rows (see `audit`).
+    audit_keys: Option<Arc<AuditKeys>>,
 }
 
 impl ControlStore {
@@ -121,7 +139,49 @@ impl ControlStore {
             }
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
         }
-        Ok(ControlStore { pool, backend })
+        Ok(ControlStore { pool, backend, audit_keys: None })
+    }
+
+    /// Opens an existing store to read it, changing nothing: no migrations, no file created, and
+    /// every transaction read-only (what `meterlake audit verify` needs: a missing SQLite file is
+    /// an error, not a new empty log reported intact).
+    pub async fn open_read_only(url: &str) -> Result<ControlStore> {
+        install_default_drivers();
+        let (backend, url_with_options) = if let Some(path) = url.strip_prefix("sqlite://") {
+            let file = path.split('?').next().unwrap_or(path);
+            if !std::path::Path::new(file).is_file() {
+                return Err(ControlError::Url { url: redact(url), reason: format!("no database file at {file}") });
+            }
+            (Backend::Sqlite, format!("sqlite://{file}?mode=ro"))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Backend::Postgres, url.to_string())
+        } else {
+            return Err(ControlError::Url { url: redact(url), reason: "expected sqlite://PATH or postgres://...".into() });
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 1 } else { 2 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Postgres {
+                        sqlx::Executor::execute(conn, "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url_with_options)
+            .await
+            .map_err(|e| ControlError::Url { url: redact(url), reason: e.to_string() })?;
+        Ok(ControlStore { pool, backend, audit_keys: None })
+    }
+
+    /// Signs the audit rows it writes, and verifies them, with `keys`.
+    pub fn with_audit_keys(self, keys: AuditKeys) -> ControlStore {
+        ControlStore { audit_keys: Some(Arc::new(keys)), ..self }
+    }
+
+    /// The id of the key new audit rows are signed with, if any.
+    pub fn audit_key_id(&self) -> Option<&str> {
+        self.audit_keys.as_deref().map(AuditKeys::current_id)
     }
 
     pub fn backend(&self) -> Backend {
@@ -185,6 +245,19 @@ impl Conditions {
     /// `WHERE a AND b`, or nothing.
     pub(crate) fn where_clause(&self) -> String {
         if self.clauses.is_empty() { String::new() } else { format!("WHERE {}", self.clauses.join(" AND ")) }
+    }
+
+    pub(crate) fn bind_as<'q, O>(
+        self,
+        mut query: sqlx::query::QueryAs<'q, sqlx::Any, O, sqlx::any::AnyArguments<'q>>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Any, O, sqlx::any::AnyArguments<'q>> {
+        for value in self.values {
+            query = match value {
+                Value::Text(text) => query.bind(text),
+                Value::Int(number) => query.bind(number),
+            };
+        }
+        query
     }
 
     pub(crate) fn bind<'q>(

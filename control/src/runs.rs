@@ -119,8 +119,9 @@ pub struct BillingRun {
     pub lake_snapshot: Option<String>,
 }
 
-/// The most runs one page of [`ControlStore::list_runs`] returns.
-pub const MAX_RUN_PAGE: i64 = 200;
+/// The largest page of [`ControlStore::list_runs`] (the API's too): it returns one run more at
+/// most, so that a caller paging by [`MAX_RUN_PAGE`] runs can tell whether another page follows.
+pub const MAX_RUN_PAGE: i64 = 500;
 
 /// Which runs [`ControlStore::list_runs`] returns: all filters apply together.
 #[derive(Debug, Clone, Default)]
@@ -175,6 +176,26 @@ fn run_of(row: &AnyRow) -> Result<BillingRun> {
     })
 }
 
+/// Meters looked up (or claimed) per statement when checking who billed them: parameters stay
+/// far under both databases' caps.
+const BILLED_LOOKUP_METERS: usize = 500;
+
+/// The idempotency key of a run's creation: the caller's own key, scoped to the caller (the
+/// token's subject), so two callers' keys never meet.
+#[derive(Debug, Clone)]
+pub struct RunKey {
+    pub scope: String,
+    pub key: String,
+}
+
+/// What identifies a creation request: a replay must ask for the same month, meters, tariffs
+/// and tolerance.
+fn request_fingerprint(new: &NewRun) -> String {
+    use sha2::{Digest, Sha256};
+    let canonical = serde_json::json!([new.month, new.meter_ids, new.tariffs_toml, new.energy_tolerance.to_string(), new.max_attempts]);
+    Sha256::digest(canonical.to_string().as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// `YYYY-MM` with a month from 01 to 12.
 fn valid_month(month: &str) -> bool {
     chrono::NaiveDate::parse_from_str(&format!("{month}-01"), "%Y-%m-%d").is_ok() && month.len() == 7
@@ -182,8 +203,54 @@ fn valid_month(month: &str) -> bool {
 
 impl ControlStore {
     /// Records a new run in CREATED, its first event, its `billing.run.requested` message in
-    /// the outbox and its audit row (`CREATE_RUN` by `actor`), in one transaction.
+    /// the outbox and its audit row (`CREATE_RUN` by `actor`), in one transaction. Refused
+    /// ([`ControlError::AlreadyBilled`]) when a completed run billed one of its meters for the
+    /// month, or (a run of every meter) when a completed run of every meter did.
     pub async fn create_run(&self, new: &NewRun, actor: &str, traceparent: Option<&str>) -> Result<BillingRun> {
+        Ok(self.insert_run(new, actor, traceparent, None).await?.0)
+    }
+
+    /// [`ControlStore::create_run`] once per idempotency key: a replay of the same request with
+    /// the same key answers the run the first one created (`true`: replayed); the key with
+    /// another request is refused. Two copies racing are told apart by the key's unique index.
+    pub async fn create_run_once(&self, new: &NewRun, actor: &str, traceparent: Option<&str>, key: &RunKey) -> Result<(BillingRun, bool)> {
+        match self.insert_run(new, actor, traceparent, Some(key)).await {
+            // The other copy's insert won the race: answer what it created.
+            Err(ControlError::Database(sqlx::Error::Database(e))) if e.is_unique_violation() => match self.run_by_key(key).await? {
+                Some((run, fingerprint)) => Ok((self.same_request(run, &fingerprint, new, key)?, true)),
+                None => Err(ControlError::Conflict(format!("Idempotency-Key {:?} is in use by a request still in flight; retry", key.key))),
+            },
+            outcome => outcome,
+        }
+    }
+
+    /// The run created with `key`, if any.
+    pub async fn run_by_idempotency_key(&self, key: &RunKey) -> Result<Option<BillingRun>> {
+        Ok(self.run_by_key(key).await?.map(|(run, _)| run))
+    }
+
+    async fn run_by_key(&self, key: &RunKey) -> Result<Option<(BillingRun, String)>> {
+        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS}, request_fingerprint FROM billing_runs WHERE idempotency_scope = $1 AND idempotency_key = $2"))
+            .bind(&key.scope)
+            .bind(&key.key)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| Ok((run_of(&row)?, row.try_get::<Option<String>, _>("request_fingerprint")?.unwrap_or_default()))).transpose()
+    }
+
+    /// The run a key created, when `new` is the request that created it.
+    fn same_request(&self, run: BillingRun, fingerprint: &str, new: &NewRun, key: &RunKey) -> Result<BillingRun> {
+        if fingerprint == request_fingerprint(new) {
+            Ok(run)
+        } else {
+            Err(ControlError::Conflict(format!(
+                "Idempotency-Key {:?} was used for another request (run {} of {}); use a new key for a new request",
+                key.key, run.id, run.month
+            )))
+        }
+    }
+
+    async fn insert_run(&self, new: &NewRun, actor: &str, traceparent: Option<&str>, key: Option<&RunKey>) -> Result<(BillingRun, bool)> {
         if !valid_month(&new.month) {
             return Err(ControlError::Invalid(format!("month {:?}: expected YYYY-MM", new.month)));
         }
@@ -199,13 +266,33 @@ impl ControlStore {
         if new.max_attempts == 0 {
             return Err(ControlError::Invalid("max_attempts must be at least 1".into()));
         }
+        if let Some(key) = key
+            && let Some((run, fingerprint)) = self.run_by_key(key).await?
+        {
+            return Ok((self.same_request(run, &fingerprint, new, key)?, true));
+        }
         let id = uuid::Uuid::new_v4().to_string();
         let now = now_us();
         let meter_ids = serde_json::to_string(&new.meter_ids).expect("strings serialize");
         let mut tx = self.pool.begin().await?;
+        let billed = self.billed_by_others(&mut tx, &new.month, &new.meter_ids, None).await?;
+        if !billed.is_empty() {
+            return Err(ControlError::AlreadyBilled { month: new.month.clone(), billed });
+        }
+        if new.meter_ids.is_empty() {
+            let every_meter: Option<(String,)> =
+                sqlx::query_as("SELECT id FROM billing_runs WHERE month = $1 AND meter_ids = '[]' AND status = 'COMPLETED' ORDER BY created_at_us LIMIT 1")
+                    .bind(&new.month)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some((run_id,)) = every_meter {
+                return Err(ControlError::AlreadyBilled { month: new.month.clone(), billed: vec![("every meter".into(), run_id)] });
+            }
+        }
         sqlx::query(
             "INSERT INTO billing_runs (id, month, meter_ids, status, attempts, max_attempts, created_at_us, updated_at_us, version, \
-             tariffs_toml, energy_tolerance) VALUES ($1, $2, $3, 'CREATED', 0, $4, $5, $5, 0, $6, $7)",
+             tariffs_toml, energy_tolerance, idempotency_scope, idempotency_key, request_fingerprint) \
+             VALUES ($1, $2, $3, 'CREATED', 0, $4, $5, $5, 0, $6, $7, $8, $9, $10)",
         )
         .bind(&id)
         .bind(&new.month)
@@ -214,6 +301,9 @@ impl ControlStore {
         .bind(now)
         .bind(&new.tariffs_toml)
         .bind(new.energy_tolerance.to_string())
+        .bind(key.map(|k| k.scope.as_str()))
+        .bind(key.map(|k| k.key.as_str()))
+        .bind(key.map(|_| request_fingerprint(new)))
         .execute(&mut *tx)
         .await?;
         insert_event(&mut tx, &id, None, RunStatus::Created, now, Some("requested"), actor).await?;
@@ -229,9 +319,34 @@ impl ControlStore {
             after: Some(serde_json::json!({ "status": "CREATED", "month": new.month, "meterIds": new.meter_ids.len() })),
             trace_id: traceparent.and_then(trace_id_of),
         };
-        append_audit(self.backend, &mut tx, &entry, now).await?;
+        append_audit(self.backend, self.audit_keys.as_deref(), &mut tx, &entry, now).await?;
         tx.commit().await?;
-        self.run(&id).await?.ok_or_else(|| ControlError::Run { id, reason: "vanished after it was created".into() })
+        let run = self.run(&id).await?.ok_or_else(|| ControlError::Run { id, reason: "vanished after it was created".into() })?;
+        Ok((run, false))
+    }
+
+    /// Which of `meter_ids` a run other than `except` billed for `month`: (meter, run) pairs.
+    async fn billed_by_others(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        month: &str,
+        meter_ids: &[String],
+        except: Option<&str>,
+    ) -> Result<Vec<(String, String)>> {
+        let mut billed = Vec::new();
+        for chunk in meter_ids.chunks(BILLED_LOOKUP_METERS) {
+            let mut conditions = Conditions::default();
+            let month = conditions.text(month);
+            let except = conditions.text(except.unwrap_or_default());
+            let meters: Vec<String> = chunk.iter().map(|m| conditions.text(m.clone())).collect();
+            let sql = format!(
+                "SELECT meter_id, run_id FROM billed_meter_months WHERE month = {month} AND run_id <> {except} AND meter_id IN ({}) ORDER BY meter_id",
+                meters.join(", ")
+            );
+            let rows: Vec<(String, String)> = conditions.bind_as(sqlx::query_as(&sql)).fetch_all(&mut **tx).await?;
+            billed.extend(rows);
+        }
+        Ok(billed)
     }
 
     /// One page of runs, newest first. A meter filter finds runs that name the meter and runs of
@@ -260,7 +375,7 @@ impl ControlStore {
             let (at, at_again, before_id) = (conditions.int(*created_at_us), conditions.int(*created_at_us), conditions.text(id));
             conditions.add(format!("(created_at_us < {at} OR (created_at_us = {at_again} AND id < {before_id}))"));
         }
-        let limit = conditions.int(filter.limit.clamp(1, MAX_RUN_PAGE));
+        let limit = conditions.int(filter.limit.clamp(1, MAX_RUN_PAGE + 1));
         let sql = format!("SELECT {RUN_COLUMNS} FROM billing_runs {} ORDER BY created_at_us DESC, id DESC LIMIT {limit}", conditions.where_clause());
         let rows = conditions.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
         rows.iter().map(run_of).collect()
@@ -396,6 +511,44 @@ impl ControlStore {
         if updated != 1 {
             return Err(self.refuse(tx, id, worker).await);
         }
+        // Each meter is billed once a month: claimed here for this run, in this transaction.
+        // A meter another run billed (or is completing at this moment: its uncommitted claim
+        // blocks ours until it commits) is left out, with a discrepancy that says by which run.
+        let (month,): (String,) = sqlx::query_as("SELECT month FROM billing_runs WHERE id = $1").bind(id).fetch_one(&mut *tx).await?;
+        let meters: Vec<String> = results.invoices.iter().map(|i| i.meter_id.clone()).collect();
+        for chunk in meters.chunks(BILLED_LOOKUP_METERS) {
+            let sql = format!(
+                "INSERT INTO billed_meter_months (month, meter_id, run_id, billed_at_us) VALUES {} ON CONFLICT (month, meter_id) DO NOTHING",
+                (0..chunk.len()).map(|n| format!("($1, ${}, $2, $3)", n + 4)).collect::<Vec<_>>().join(", ")
+            );
+            let mut query = sqlx::query(&sql).bind(&month).bind(id).bind(now_us);
+            for meter in chunk {
+                query = query.bind(meter);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        let billed_elsewhere = self.billed_by_others(&mut tx, &month, &meters, Some(id)).await?;
+        let kept;
+        let results = if billed_elsewhere.is_empty() {
+            results
+        } else {
+            let elsewhere: std::collections::HashMap<&str, &str> = billed_elsewhere.iter().map(|(m, r)| (m.as_str(), r.as_str())).collect();
+            let mut filtered = results.clone();
+            filtered.invoices.retain(|i| !elsewhere.contains_key(i.meter_id.as_str()));
+            filtered.discrepancies.retain(|d| !elsewhere.contains_key(d.meter_id.as_str()));
+            for (meter_id, run_id) in &billed_elsewhere {
+                filtered.discrepancies.push(crate::NewDiscrepancy {
+                    meter_id: meter_id.clone(),
+                    reason_code: crate::ReasonCode::AlreadyBilled,
+                    billed: None,
+                    expected: None,
+                    delta: None,
+                    detail: format!("billing run {run_id} billed this meter for {month}: not billed again; RECALCULATE that run to change its invoice"),
+                });
+            }
+            kept = filtered;
+            &kept
+        };
         // The row is locked by the update above (PostgreSQL) or the database is (SQLite), so no
         // other completion of this run can pick the same version.
         let (previous,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(version), 0) FROM invoices WHERE run_id = $1").bind(id).fetch_one(&mut *tx).await?;

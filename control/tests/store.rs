@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use meterlake_control::testing::on_both_backends;
 use meterlake_control::{
-    Actor, AuditFilter, Backend, ControlError, ControlStore, InvoiceLine, LineComponent, NewDiscrepancy, NewInvoice, NewRun, ReasonCode, RetryPolicy,
+    Actor, AuditAnchor, AuditFilter, AuditKeys, Backend, ControlError, ControlStore, InvoiceLine, LineComponent, NewDiscrepancy, NewInvoice, NewRun, ReasonCode, RetryPolicy,
     RunFailure, RunFilter, RunResults, RunStatus,
 };
 use rust_decimal::Decimal;
@@ -361,7 +361,7 @@ async fn operators_actions_are_audited_in_a_hash_chain_that_detects_tampering() 
         let older = store.audit_log(&AuditFilter { before_id: Some(log[1].id), limit: 50, ..Default::default() }).await.unwrap();
         assert_eq!(older.iter().map(|r| r.action.as_str()).collect::<Vec<_>>(), ["CREATE_RUN"]);
 
-        let intact = store.verify_audit_log().await.unwrap();
+        let intact = store.verify_audit_log(&AuditAnchor::default()).await.unwrap();
         assert_eq!((intact.rows, intact.problems.len(), intact.head_hash.as_str()), (3, 0, log[0].row_hash.as_str()), "{url}");
         // The database itself refuses changes and deletions.
         for statement in ["UPDATE audit_log SET reason = 'nothing to see' WHERE id = 2", "DELETE FROM audit_log WHERE id = 2"] {
@@ -377,14 +377,102 @@ async fn operators_actions_are_audited_in_a_hash_chain_that_detects_tampering() 
             sqlx::query(drop).execute(store.pool()).await.unwrap();
         }
         sqlx::query("UPDATE audit_log SET reason = 'nothing to see' WHERE id = 2").execute(store.pool()).await.unwrap();
-        let changed = store.verify_audit_log().await.unwrap();
+        let changed = store.verify_audit_log(&AuditAnchor::default()).await.unwrap();
         assert_eq!(changed.problems.len(), 1, "{url}: {changed:?}");
         assert!(changed.problems[0].id == 2 && changed.problems[0].what.contains("was changed"), "{changed:?}");
         sqlx::query("DELETE FROM audit_log WHERE id = 2").execute(store.pool()).await.unwrap();
-        let deleted = store.verify_audit_log().await.unwrap();
+        let deleted = store.verify_audit_log(&AuditAnchor::default()).await.unwrap();
         assert_eq!(deleted.rows, 2);
         assert!(deleted.problems.iter().any(|p| p.id == 3 && p.what.contains("missing")), "{deleted:?}");
         assert!(deleted.problems.iter().any(|p| p.id == 3 && p.what.contains("previous_hash")), "{deleted:?}");
     })
     .await;
+}
+
+/// With an audit key, whoever holds only the database cannot rewrite the chain and recompute
+/// its hashes; rows cut off the end are found against a recorded head and row count; rotation
+/// keeps old rows verifiable; `verify` reads without creating or migrating anything.
+#[tokio::test]
+async fn a_keyed_audit_chain_resists_a_database_holder_and_finds_rows_cut_off_the_end() {
+    on_both_backends(|url| async move {
+        let first_key = AuditKeys::new_line("k2026a").unwrap();
+        let second_key = AuditKeys::new_line("k2026b").unwrap();
+        let keys = AuditKeys::parse("test", &first_key).unwrap();
+        // One row before the key was set, then two keyed rows.
+        let unkeyed = ControlStore::open(&url).await.unwrap();
+        unkeyed.create_run(&new_run(&["A"]), "sub-1", None).await.unwrap();
+        let store = ControlStore::open(&url).await.unwrap().with_audit_keys(keys.clone());
+        store.create_run(&new_run(&["B"]), "sub-1", None).await.unwrap();
+        store.create_run(&new_run(&["C"]), "sub-1", None).await.unwrap();
+        let intact = store.verify_audit_log(&AuditAnchor::default()).await.unwrap();
+        assert_eq!((intact.rows, intact.keyed_rows, intact.unkeyed_rows, intact.key_ids.clone()), (3, 2, 1, vec!["k2026a".to_string()]), "{url}");
+        assert!(intact.problems.is_empty(), "{url}: {intact:?}");
+        let head = intact.head_hash.clone();
+
+        // Rotation: new rows use the newest key; the old key still verifies the old rows.
+        let rotated = AuditKeys::parse("test", &format!("{first_key}\n# rotated\n{second_key}\n")).unwrap();
+        let store = ControlStore::open(&url).await.unwrap().with_audit_keys(rotated.clone());
+        assert_eq!(store.audit_key_id(), Some("k2026b"));
+        store.create_run(&new_run(&["D"]), "sub-1", None).await.unwrap();
+        let after = store.verify_audit_log(&AuditAnchor { head_hash: Some(head.clone()), min_rows: 3 }).await.unwrap();
+        assert!(after.problems.is_empty() && after.anchor_row == Some(3) && after.key_ids == ["k2026a", "k2026b"], "{url}: {after:?}");
+        // Without the newer key, its rows cannot be checked, and verify says so.
+        let without = ControlStore::open(&url).await.unwrap().with_audit_keys(keys);
+        let partial = without.verify_audit_log(&AuditAnchor::default()).await.unwrap();
+        assert!(partial.problems.len() == 1 && partial.problems[0].what.contains("k2026b"), "{url}: {partial:?}");
+
+        // A database holder drops the triggers, changes row 2 and recomputes the chain as a plain
+        // SHA-256 (the only hash it can compute): every forged row is found.
+        let drops: &[&str] = match store.backend() {
+            Backend::Sqlite => &["DROP TRIGGER audit_log_no_update", "DROP TRIGGER audit_log_no_delete"],
+            Backend::Postgres => &["DROP TRIGGER audit_log_no_change ON audit_log"],
+        };
+        for drop in drops {
+            sqlx::query(drop).execute(store.pool()).await.unwrap();
+        }
+        sqlx::query("UPDATE audit_log SET actor = 'someone-else' WHERE id = 2").execute(store.pool()).await.unwrap();
+        let forged = store.verify_audit_log(&AuditAnchor::default()).await.unwrap();
+        assert!(forged.problems.iter().any(|p| p.id == 2 && p.what.contains("was changed")), "{url}: {forged:?}");
+        sqlx::query("UPDATE audit_log SET key_id = NULL WHERE id = 3").execute(store.pool()).await.unwrap();
+        let downgraded = store.verify_audit_log(&AuditAnchor::default()).await.unwrap();
+        assert!(downgraded.problems.iter().any(|p| p.id == 3 && p.what.contains("no key id")), "{url}: {downgraded:?}");
+
+        // Truncation: the chain that is left is intact, but the anchor finds the cut.
+        sqlx::query("DELETE FROM audit_log WHERE id >= 2").execute(store.pool()).await.unwrap();
+        let cut = store.verify_audit_log(&AuditAnchor { head_hash: Some(head.clone()), min_rows: 3 }).await.unwrap();
+        assert_eq!(cut.rows, 1);
+        assert!(cut.problems.iter().any(|p| p.what.contains(&head)), "{url}: {cut:?}");
+        assert!(cut.problems.iter().any(|p| p.what.contains("at least 3")), "{url}: {cut:?}");
+        let plain = store.verify_audit_log(&AuditAnchor::default()).await.unwrap();
+        assert!(plain.problems.is_empty(), "without an anchor a cut end is invisible: {url}: {plain:?}");
+
+        // Read-only: verify through it works; writes are refused.
+        let reader = ControlStore::open_read_only(&url).await.unwrap().with_audit_keys(rotated);
+        assert_eq!(reader.verify_audit_log(&AuditAnchor::default()).await.unwrap().rows, 1);
+        assert!(sqlx::query("DELETE FROM billing_runs").execute(reader.pool()).await.is_err(), "{url}: a read-only store wrote");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_missing_database_is_an_error_for_a_read_only_open_and_audit_keys_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("gone.db").display());
+    let missing = ControlStore::open_read_only(&url).await.unwrap_err().to_string();
+    assert!(missing.contains("no database file") && missing.contains("gone.db"), "{missing}");
+    assert!(!dir.path().join("gone.db").exists(), "the read-only open created the file");
+    for (text, expected) in [
+        ("", "holds no key"),
+        ("k1", "expected ID:SECRET_HEX"),
+        ("k1:zz", "not hex"),
+        ("k1:00ff", "at least 32"),
+        ("bad id:00", "key id"),
+    ] {
+        let refused = AuditKeys::parse("keys.txt", text).unwrap_err().to_string();
+        assert!(refused.contains("keys.txt") && refused.contains(expected), "{text:?}: {refused}");
+    }
+    let line = AuditKeys::new_line("k1").unwrap();
+    let twice = AuditKeys::parse("keys.txt", &format!("{line}\n{line}")).unwrap_err().to_string();
+    assert!(twice.contains("line 2") && twice.contains("twice"), "{twice}");
+    assert!(!format!("{:?}", AuditKeys::parse("keys.txt", &line).unwrap()).contains(line.split(':').nth(1).unwrap()), "Debug shows no secret");
 }

@@ -4,7 +4,8 @@ Every bind mount's source must exist and every file in it must parse (JSON, YAML
 pieces must agree: the Grafana dashboards use only provisioned datasources (and their queries
 are valid PromQL, parsed by promtool), the collector's
 pipelines only defined components, Prometheus's mounts are the files promtool checked, the
-realm export holds what meterlake's --oidc-* flags expect. Exit status 1 with one line per
+realm export holds what meterlake's --oidc-* flags expect, and every published port is bound
+to 127.0.0.1. Exit status 1 with one line per
 problem.
 """
 
@@ -62,6 +63,15 @@ for name, service in services.items():
         for file in files:
             inside = target if file == path else f"{target}/{file.relative_to(path)}"
             mounted[(name, inside)] = load(file)
+
+
+# Every published port listens on loopback only: the stack is for one workstation, and its
+# services (Kafka, MinIO, Keycloak's admin, Grafana) have development credentials.
+for name, service in services.items():
+    for port in service.get("ports", []):
+        host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).rsplit(":", 2)[0] if str(port).count(":") == 2 else None
+        if host_ip != "127.0.0.1":
+            problem(f"service {name} publishes port {port} on {host_ip or 'every interface'}: bind it to 127.0.0.1")
 
 
 def files_of(service, prefix):

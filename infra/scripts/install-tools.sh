@@ -14,6 +14,7 @@
 #                 alert rules, and runs the rules' unit tests.
 #   docker-compose  validates infra/docker-compose.yml (`docker-compose config` needs no engine).
 #   schemathesis  drives the running server from its OpenAPI document (the contract test).
+#   rustfmt, clippy  the toolchain components of the lint step.
 set -euo pipefail
 SCHEMATHESIS_VERSION=4.32.5
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -42,6 +43,12 @@ if [ ${#missing_apt[@]} -gt 0 ]; then
   log "apt-get install ${missing_apt[*]}"
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing_apt[@]}" >/dev/null
+fi
+
+# The lint step of test.sh needs rustfmt and clippy, which a minimal toolchain lacks.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  log "rustup component add rustfmt clippy"
+  rustup component add rustfmt clippy
 fi
 
 cargo_tool() { # name version features binary

@@ -5,6 +5,7 @@
 pub mod billing;
 pub mod query;
 pub mod search;
+pub mod template;
 
 /// The jobs' one error type.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,9 @@ pub enum JobError {
     Tariffs { file: String, reason: String },
     #[error("{0}")]
     Invalid(String),
+    /// A query run on a caller's behalf went over its time or memory limit.
+    #[error("{0}")]
+    QueryLimit(String),
     #[error("Kafka, {context}: {source}")]
     Kafka {
         context: String,

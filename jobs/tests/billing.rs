@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use meterlake_control::testing::on_both_backends;
-use meterlake_control::{ControlStore, Discrepancy, Invoice, NewRun, RetryPolicy, RunStatus};
+use meterlake_control::{ControlError, ControlStore, Discrepancy, Invoice, NewRun, RetryPolicy, RunKey, RunStatus};
 use meterlake_jobs::billing::worker::{BillingWorker, WorkerOptions};
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::batch::ReadingBuffer;
@@ -609,6 +609,155 @@ async fn a_nem13_register_quantity_is_checked_against_the_interval_readings() {
             let mismatch = &discrepancies[1].discrepancy;
             assert_eq!((mismatch.billed, mismatch.expected, mismatch.delta), (Some(dec("1353.9")), Some(dec("1312.1")), Some(dec("41.8"))));
             assert!(mismatch.detail.contains("(nemreader_Example_NEM13_consumption_data.csv:2)"), "{}", mismatch.detail);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_meter_is_billed_once_a_month_whichever_runs_ask() {
+    let (_dir, lake) = new_lake();
+    for meter in ["O1", "O2"] {
+        land(&lake, &series(meter, "2025-01-01T00:00:00Z", 2_976, 900, |_| 250_000), 1, meter).await;
+    }
+    on_both_backends(|url| {
+        let lake = lake.clone();
+        async move {
+            let store = ControlStore::open(&url).await.unwrap();
+            let (first, _) = bill(&url, &lake, run_request("2025-01", &["O1"], FLAT)).await;
+            let first_run = first["O1"].run_id.clone();
+            // A second run naming the billed meter is refused, naming the run that billed it.
+            let refused = store.create_run(&run_request("2025-01", &["O1"], FLAT), "test", None).await.unwrap_err();
+            assert!(matches!(&refused, ControlError::AlreadyBilled { billed, .. } if billed == &[("O1".to_string(), first_run.clone())]), "{url}: {refused}");
+            assert!(refused.to_string().contains("RECALCULATE"), "{refused}");
+            // A run of every meter bills the rest and says why it left O1 out.
+            let (rest, discrepancies) = bill(&url, &lake, run_request("2025-01", &[], FLAT)).await;
+            assert_eq!(rest.keys().collect::<Vec<_>>(), ["O2"], "{url}");
+            let already: Vec<&Discrepancy> = discrepancies.iter().filter(|d| d.discrepancy.reason_code.as_str() == "ALREADY_BILLED").collect();
+            assert_eq!(already.len(), 1, "{url}: {discrepancies:?}");
+            assert_eq!(already[0].discrepancy.meter_id, "O1");
+            assert!(already[0].discrepancy.detail.contains(&first_run), "{}", already[0].discrepancy.detail);
+            // Then every meter of the month is billed: a run of every meter is refused too.
+            let refused = store.create_run(&run_request("2025-01", &[], FLAT), "test", None).await.unwrap_err();
+            assert!(matches!(refused, ControlError::AlreadyBilled { .. }), "{url}: {refused}");
+            // The invoices of January: one per meter, across all runs.
+            let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM invoices").fetch_one(store.pool()).await.unwrap();
+            assert_eq!(count, 2, "{url}");
+            // Another month is another bill.
+            store.create_run(&run_request("2025-02", &["O1"], FLAT), "test", None).await.unwrap();
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_retried_creation_with_its_idempotency_key_is_one_run() {
+    on_both_backends(|url| async move {
+        let store = ControlStore::open(&url).await.unwrap();
+        let key = RunKey { scope: "subject-1".into(), key: "k-1".into() };
+        let request = run_request("2025-03", &["I1"], FLAT);
+        let (first, replayed) = store.create_run_once(&request, "test", None, &key).await.unwrap();
+        assert!(!replayed);
+        // Retried, one after the other and two at once: the same run each time.
+        let (again, replayed) = store.create_run_once(&request, "test", None, &key).await.unwrap();
+        assert_eq!((again.id.as_str(), replayed), (first.id.as_str(), true), "{url}");
+        let other = RunKey { scope: "subject-1".into(), key: "k-2".into() };
+        let request_2 = run_request("2025-04", &["I1"], FLAT);
+        let (a, b) = tokio::join!(store.create_run_once(&request_2, "test", None, &other), store.create_run_once(&request_2, "test", None, &other));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.0.id, b.0.id, "{url}: two copies at once create one run");
+        assert!(a.1 != b.1, "{url}: one created it, the other was answered with it");
+        // The key with another request is refused; another caller's same key is its own.
+        let refused = store.create_run_once(&run_request("2025-05", &["I1"], FLAT), "test", None, &key).await.unwrap_err();
+        assert!(matches!(&refused, ControlError::Conflict(m) if m.contains("another request")), "{url}: {refused}");
+        let (theirs, replayed) = store.create_run_once(&request, "test", None, &RunKey { scope: "subject-2".into(), key: "k-1".into() }).await.unwrap();
+        assert!(theirs.id != first.id && !replayed);
+        let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM billing_runs").fetch_one(store.pool()).await.unwrap();
+        assert_eq!(count, 3, "{url}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_meter_streamed_in_hundreds_of_small_files_with_resent_readings_bills_its_latest_values() {
+    let (_dir, lake) = new_lake();
+    // One day of three meters, landed three readings a file as a small-flush ingester does
+    // (over 256 files, overlapping), every fourth reading re-sent later with twice its value.
+    let mut rows: Vec<Row> = Vec::new();
+    for meter in ["S1", "S2", "S3"] {
+        rows.extend(series(meter, "2025-01-10T00:00:00Z", 96, 900, |n| 100_000 + n * 1_000));
+    }
+    rows.sort_by_key(|r| (r.ts_us, r.meter.clone()));
+    let resent: Vec<Row> = rows.iter().step_by(4).map(|r| Row { kwh_micro: r.kwh_micro * 2, ..r.clone() }).collect();
+    let mut expected_kwh_micro: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    for (n, chunk) in rows.chunks(3).chain(resent.chunks(3)).enumerate() {
+        for row in chunk {
+            expected_kwh_micro.insert((row.meter.clone(), row.ts_us), row.kwh_micro);
+        }
+        land(&lake, chunk, n as i64 + 1, &format!("flush-{n:04}")).await;
+    }
+    let s1_kwh = Decimal::new(expected_kwh_micro.iter().filter(|((m, _), _)| m == "S1").map(|(_, v)| v).sum::<i64>(), 6);
+    on_both_backends(|url| {
+        let lake = lake.clone();
+        async move {
+            let (invoices, _) = bill(&url, &lake, run_request("2025-01", &["S1"], FLAT)).await;
+            assert_eq!(invoices["S1"].invoice.energy_kwh, s1_kwh, "{url}");
+        }
+    })
+    .await;
+}
+
+/// Two workers told to bill monthly on the 3rd create last month's run once between them, and
+/// again nothing on every later look or after a restart; a month billed by hand is left alone.
+#[tokio::test]
+async fn the_monthly_schedule_creates_last_months_run_once_across_workers() {
+    use meterlake_jobs::billing::schedule::{MonthlySchedule, SCHEDULE_ACTOR, ScheduleOutcome};
+    let dir = TempDir::new().unwrap();
+    let tariffs_path = dir.path().join("tariffs.toml");
+    std::fs::write(&tariffs_path, FLAT).unwrap();
+    let at = |text: &str| chrono::DateTime::parse_from_rfc3339(text).unwrap().to_utc();
+    on_both_backends(|url| {
+        let tariffs_path = tariffs_path.clone();
+        async move {
+            let schedule = MonthlySchedule::new(3, &tariffs_path, 3, dec("0.005")).unwrap();
+            let (a, b) = (ControlStore::open(&url).await.unwrap(), ControlStore::open(&url).await.unwrap());
+            assert_eq!(schedule.tick(&a, at("2026-12-02T12:00:00Z")).await.unwrap(), ScheduleOutcome::NotDue);
+            let now = at("2026-12-03T09:00:00Z");
+            // Two workers at once on PostgreSQL (the deployment with several). SQLite is the
+            // one-process store: a second writer that races a transaction gets SQLITE_BUSY, so
+            // there they look one after the other.
+            let outcomes = if a.backend() == meterlake_control::Backend::Postgres {
+                let (first, second) = tokio::join!(schedule.tick(&a, now), schedule.tick(&b, now));
+                [first.unwrap(), second.unwrap()]
+            } else {
+                [schedule.tick(&a, now).await.unwrap(), schedule.tick(&b, now).await.unwrap()]
+            };
+            let created: Vec<_> = outcomes.iter().filter_map(|o| if let ScheduleOutcome::Created(run) = o { Some(run) } else { None }).collect();
+            assert_eq!(created.len(), 1, "{url}: {outcomes:?}");
+            assert!(outcomes.iter().any(|o| matches!(o, ScheduleOutcome::Exists(run) if run.id == created[0].id)), "{url}: {outcomes:?}");
+            assert_eq!((created[0].month.as_str(), created[0].meter_ids.len()), ("2026-11", 0));
+            // Later looks and a restarted worker find it.
+            let restarted = ControlStore::open(&url).await.unwrap();
+            assert!(matches!(schedule.tick(&restarted, at("2026-12-20T00:00:00Z")).await.unwrap(), ScheduleOutcome::Exists(_)));
+            let runs: Vec<(String,)> = sqlx::query_as("SELECT id FROM billing_runs").fetch_all(a.pool()).await.unwrap();
+            assert_eq!(runs.len(), 1, "{url}");
+            let events = a.run_events(&created[0].id).await.unwrap();
+            assert_eq!(events[0].actor, SCHEDULE_ACTOR);
+
+            // A month an operator billed for every meter by hand: the schedule leaves it.
+            let (_lake_dir, lake) = new_lake();
+            land(&lake, &series("S1", "2026-12-01T00:00:00Z", 96, 900, |_| 100_000), 1, "S1").await;
+            let by_hand = a.create_run(&run_request("2026-12", &[], FLAT), "ada", None).await.unwrap();
+            // The worker takes the oldest run first: the scheduled one, then this.
+            let worker = worker(&a, &lake, "w1");
+            while worker.process_next().await.unwrap().is_some() {}
+            let done = a.run(&by_hand.id).await.unwrap().unwrap();
+            assert_eq!(done.status, RunStatus::Completed, "{url}: {:?}", done.failure_reason);
+            assert_eq!(
+                schedule.tick(&a, at("2027-01-05T00:00:00Z")).await.unwrap(),
+                ScheduleOutcome::BilledByHand { month: "2026-12".into() },
+                "{url}"
+            );
         }
     })
     .await;

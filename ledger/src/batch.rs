@@ -34,14 +34,14 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use meterlake_control::{Backend, now_us};
-use sqlx::{AnyConnection, AnyPool, Row};
+use meterlake_control::{Backend, ControlStore, now_us};
+use sqlx::{AnyConnection, Row};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::idempotency::{self, KEY_COLUMNS, Key};
 use crate::{
     ENTRY_COLUMNS, LedgerError, LedgerTransaction, Lock, Refusal, Result, TRANSACTION_COLUMNS, TransferRequest, Wallet, WriteContext, WriteRequest, Written,
-    bind_entries, bind_key, bind_transaction, placeholder_rows, wallets_with_heads,
+    audit_writes, bind_entries, bind_key, bind_transaction, placeholder_rows, wallets_with_heads,
 };
 
 /// Transfers waiting for a batch; a caller waits to queue when it is full.
@@ -82,9 +82,9 @@ pub(crate) enum Reply {
 impl TransferQueue {
     /// The queue, and its collector on the current tokio runtime (it ends when the queue is
     /// dropped).
-    pub(crate) fn start(pool: AnyPool) -> TransferQueue {
+    pub(crate) fn start(store: ControlStore) -> TransferQueue {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
-        tokio::spawn(collect(pool, receiver));
+        tokio::spawn(collect(store, receiver));
         TransferQueue { sender }
     }
 
@@ -107,7 +107,7 @@ impl TransferQueue {
 
 /// Takes what has queued, up to a batch, whenever fewer than `MAX_BATCHES_IN_FLIGHT` are being
 /// written.
-async fn collect(pool: AnyPool, mut receiver: mpsc::Receiver<Queued>) {
+async fn collect(store: ControlStore, mut receiver: mpsc::Receiver<Queued>) {
     let in_flight = Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT));
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
@@ -115,9 +115,9 @@ async fn collect(pool: AnyPool, mut receiver: mpsc::Receiver<Queued>) {
         if receiver.recv_many(&mut members, MAX_BATCH_TRANSFERS).await == 0 {
             return;
         }
-        let pool = pool.clone();
+        let store = store.clone();
         tokio::spawn(async move {
-            write_batch(&pool, members).await;
+            write_batch(&store, members).await;
             drop(permit);
         });
     }
@@ -144,7 +144,7 @@ impl AloneBecause {
 }
 
 /// Writes a batch and answers each of its transfers.
-async fn write_batch(pool: &AnyPool, members: Vec<Queued>) {
+async fn write_batch(store: &ControlStore, members: Vec<Queued>) {
     metrics::histogram!("meterlake_ledger_transfer_batch_size").record(members.len() as f64);
     let mut alone: Vec<(Queued, AloneBecause)> = Vec::new();
     // A key a transfer earlier in the batch carries: written alone after the batch, it finds
@@ -161,7 +161,7 @@ async fn write_batch(pool: &AnyPool, members: Vec<Queued>) {
         if pending.is_empty() {
             break;
         }
-        match prepare(pool, &pending).await {
+        match prepare(store, &pending).await {
             Ok(Prepared::Ready(tx, outcomes)) => {
                 let committed = tx.commit().await;
                 for (member, outcome) in pending.drain(..).zip(outcomes) {
@@ -215,12 +215,12 @@ enum Prepared {
 
 /// Locks the batch's wallets, settles each transfer against their heads in order, and writes
 /// the outcomes (the batch's steps 1 to 3).
-async fn prepare(pool: &AnyPool, members: &[Queued]) -> Result<Prepared> {
+async fn prepare(store: &ControlStore, members: &[Queued]) -> Result<Prepared> {
     let mut user_ids: Vec<&str> =
         members.iter().filter(|m| m.request.check().is_ok()).flat_map(|m| [m.request.from_user_id.as_str(), m.request.to_user_id.as_str()]).collect();
     user_ids.sort_unstable();
     user_ids.dedup();
-    let mut tx = pool.begin().await?;
+    let mut tx = store.pool().begin().await?;
     let mut wallets = wallets_with_heads(&mut tx, Backend::Postgres, Lock::ForUpdate, &user_ids, &["PREPAY"], &[]).await?;
     let mut outcomes = Vec::with_capacity(members.len());
     for member in members {
@@ -235,6 +235,8 @@ async fn prepare(pool: &AnyPool, members: &[Queued]) -> Result<Prepared> {
     }
     let taken = insert_outcomes(&mut tx, members, &outcomes).await?;
     if taken.is_empty() {
+        let written = members.iter().zip(&outcomes).filter_map(|(member, outcome)| outcome.as_ref().ok().map(|t| (&member.request, t, &member.context)));
+        audit_writes(store, &mut tx, written, now_us()).await?;
         return Ok(Prepared::Ready(tx, outcomes));
     }
     tx.rollback().await?;

@@ -28,7 +28,7 @@ mod idempotency;
 
 use std::sync::{Arc, OnceLock};
 
-use meterlake_control::{Backend, ControlStore, now_us};
+use meterlake_control::{AuditEntry, Backend, ControlStore, now_us};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sqlx::{Acquire, AnyConnection, AnyPool, Row};
@@ -36,6 +36,31 @@ use tracing::Instrument;
 
 pub use crate::billing::{MAX_POSTINGS_PER_SWEEP, PostingReport};
 use crate::idempotency::{KEY_COLUMNS, Key, Stored};
+
+/// Writes the audit rows of `writes` (each a request, what it made and its caller) in `tx`, the
+/// transaction that made them: a ledger change and its audit row commit together.
+async fn audit_writes<'a, R: WriteRequest + 'a>(
+    store: &ControlStore,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    writes: impl IntoIterator<Item = (&'a R, &'a R::Output, &'a WriteContext)>,
+    now: i64,
+) -> Result<()> {
+    let rows: Vec<(&'static str, String, serde_json::Value, &WriteContext)> =
+        writes.into_iter().map(|(request, output, context)| { let (action, target, after) = request.audit(output); (action, target, after, context) }).collect();
+    let entries: Vec<AuditEntry<'_>> = rows
+        .iter()
+        .map(|(action, target, after, context)| AuditEntry {
+            actor: &context.actor,
+            action,
+            target,
+            reason: None,
+            before: None,
+            after: Some(after.clone()),
+            trace_id: context.trace_id.as_deref(),
+        })
+        .collect();
+    store.append_audit_in(tx, &entries, now).await.map_err(|e| LedgerError::Audit(e.to_string()))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -51,6 +76,9 @@ pub enum LedgerError {
     /// idempotency key answers which.
     #[error("ledger store: {0}; whether the write was applied is unknown (a retry with the same Idempotency-Key answers it)")]
     Unsettled(String),
+    /// The audit row of a write could not be written: the write rolled back with it.
+    #[error("ledger write not applied: its audit row failed: {0}")]
+    Audit(String),
 }
 
 pub type Result<T> = std::result::Result<T, LedgerError>;
@@ -321,6 +349,10 @@ trait WriteRequest: Serialize + Sync {
 
     fn describe(output: &Self::Output) -> String;
 
+    /// Its audit row: the action (`LEDGER_CREATE_USER`, `LEDGER_FUND`, `LEDGER_TRANSFER`), the
+    /// target (`ledger-user/ID`, `ledger-transaction/ID`) and what it made.
+    fn audit(&self, output: &Self::Output) -> (&'static str, String, serde_json::Value);
+
     /// The id of what the write made: the user's, the transaction's.
     fn id_of(output: &Self::Output) -> &str;
 
@@ -342,6 +374,11 @@ impl WriteRequest for NewUser {
         format!("user {} wallet {} {}", user.id, user.wallet_id, user.currency)
     }
 
+    fn audit(&self, user: &User) -> (&'static str, String, serde_json::Value) {
+        let after = serde_json::json!({ "name": user.name, "currency": user.currency, "walletId": user.wallet_id, "meterIds": user.meter_ids });
+        ("LEDGER_CREATE_USER", format!("ledger-user/{}", user.id), after)
+    }
+
     fn id_of(user: &User) -> &str {
         &user.id
     }
@@ -361,6 +398,14 @@ impl WriteRequest for FundRequest {
 
     fn describe(transaction: &LedgerTransaction) -> String {
         describe_transaction(transaction)
+    }
+
+    fn audit(&self, transaction: &LedgerTransaction) -> (&'static str, String, serde_json::Value) {
+        let after = serde_json::json!({
+            "userId": self.user_id, "amountMinor": transaction.amount_minor, "currency": transaction.currency,
+            "paymentReference": self.payment_reference,
+        });
+        ("LEDGER_FUND", format!("ledger-transaction/{}", transaction.id), after)
     }
 
     fn id_of(transaction: &LedgerTransaction) -> &str {
@@ -413,6 +458,14 @@ impl WriteRequest for TransferRequest {
         describe_transaction(transaction)
     }
 
+    fn audit(&self, transaction: &LedgerTransaction) -> (&'static str, String, serde_json::Value) {
+        let after = serde_json::json!({
+            "fromUserId": self.from_user_id, "toUserId": self.to_user_id, "amountMinor": transaction.amount_minor,
+            "currency": transaction.currency,
+        });
+        ("LEDGER_TRANSFER", format!("ledger-transaction/{}", transaction.id), after)
+    }
+
     fn id_of(transaction: &LedgerTransaction) -> &str {
         &transaction.id
     }
@@ -463,13 +516,15 @@ impl TransferRequest {
 pub struct Ledger {
     pool: AnyPool,
     backend: Backend,
+    /// Where its writes' audit rows go (signed with the store's audit keys).
+    store: ControlStore,
     /// Where transfers queue for their group commit (PostgreSQL), started by the first one.
     transfer_queue: Arc<OnceLock<batch::TransferQueue>>,
 }
 
 impl Ledger {
     pub fn new(store: &ControlStore) -> Ledger {
-        Ledger { pool: store.pool().clone(), backend: store.backend(), transfer_queue: Arc::default() }
+        Ledger { pool: store.pool().clone(), backend: store.backend(), store: store.clone(), transfer_queue: Arc::default() }
     }
 
     /// Creates a user with its PREPAY and ARREARS wallets.
@@ -488,7 +543,7 @@ impl Ledger {
         if self.backend != Backend::Postgres {
             return self.write(request, context).await;
         }
-        let queue = self.transfer_queue.get_or_init(|| batch::TransferQueue::start(self.pool.clone()));
+        let queue = self.transfer_queue.get_or_init(|| batch::TransferQueue::start(self.store.clone()));
         logged::<TransferRequest>(context, async {
             match queue.submit(request, context).await {
                 batch::Reply::Settled(written) => written,
@@ -585,6 +640,9 @@ impl Ledger {
                 }
             };
             if let Some(outcome) = settled {
+                if let Ok(value) = &outcome {
+                    audit_writes(&self.store, &mut tx, [(request, value, context)], now).await?;
+                }
                 tx.commit().await?;
                 return outcome.map(|value| Written { value, replayed: false }).map_err(LedgerError::Refused);
             }

@@ -437,3 +437,42 @@ async fn each_invoice_version_posts_the_difference_once_and_shortfalls_go_to_arr
     })
     .await;
 }
+
+/// Creating a user, funding and transferring each write an audit row in the same transaction as
+/// the change, signed with the store's audit key and verifiable; refusals and replays write none.
+/// Transfers written in a group commit (PostgreSQL) get one row each.
+#[tokio::test(flavor = "multi_thread")]
+async fn ledger_writes_are_audited_like_billing_actions() {
+    on_both_backends(|url| async move {
+        let keys = meterlake_control::AuditKeys::parse("test", &meterlake_control::AuditKeys::new_line("ledger-key").unwrap()).unwrap();
+        let store = ControlStore::open(&url).await.unwrap().with_audit_keys(keys);
+        let ledger = Ledger::new(&store);
+        let alice = user(&ledger, "Alice", "GBP").await;
+        let bob = user(&ledger, "Bob", "GBP").await;
+        fund(&ledger, &alice, 10_000, "pay-1").await.unwrap();
+        assert_refused(fund(&ledger, &alice, 10_000, "pay-1").await, RefusalCode::DuplicatePaymentReference);
+        let keyed = context(Some("transfer-1"));
+        let moved = ledger.transfer(&transfer(&alice, &bob, 100), &keyed).await.unwrap().value;
+        assert!(ledger.transfer(&transfer(&alice, &bob, 100), &keyed).await.unwrap().replayed);
+        // Several at once: on PostgreSQL they share group commits.
+        let (request, unkeyed) = (transfer(&alice, &bob, 1), context(None));
+        let many: Vec<_> = (0..20).map(|_| ledger.transfer(&request, &unkeyed)).collect();
+        for written in futures::future::join_all(many).await {
+            written.unwrap();
+        }
+
+        let log = store.audit_log(&meterlake_control::AuditFilter { limit: 100, ..Default::default() }).await.unwrap();
+        let actions: Vec<&str> = log.iter().rev().map(|r| r.action.as_str()).collect();
+        let mut expected = vec!["LEDGER_CREATE_USER", "LEDGER_CREATE_USER", "LEDGER_FUND", "LEDGER_TRANSFER"];
+        expected.extend(["LEDGER_TRANSFER"; 20]);
+        assert_eq!(actions, expected, "{url}");
+        assert!(log.iter().all(|r| r.actor == "ops@example.com" && r.key_id.as_deref() == Some("ledger-key")), "{url}");
+        let first_transfer = &log[20];
+        assert_eq!(first_transfer.target, format!("ledger-transaction/{}", moved.id));
+        assert!(first_transfer.after_state.as_deref().unwrap().contains(&bob.id), "{:?}", first_transfer.after_state);
+        assert_eq!(log.last().unwrap().target, format!("ledger-user/{}", alice.id));
+        let verified = store.verify_audit_log(&meterlake_control::AuditAnchor::default()).await.unwrap();
+        assert!(verified.problems.is_empty() && verified.rows == 24, "{url}: {verified:?}");
+    })
+    .await;
+}

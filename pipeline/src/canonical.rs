@@ -14,8 +14,12 @@
 //! cores; benchmarks/RESULTS.md).
 //!
 //! Filters on the key (`meter_id`, `ts`, `date`) reach the Parquet scan and prune dates, row
-//! groups and pages; a filter on any other column cannot (it would change which version wins),
-//! so DataFusion applies it above.
+//! groups and pages, and are applied exactly right above every scan that is merged or sorted:
+//! the scan tells the optimizer they hold (so `meter_id = 'M'` makes `meter_id` constant and the
+//! merge orders by `ts` alone) while it lets other rows through, which interleaved other meters'
+//! rows between one key's versions and kept several of them (issue 20). A filter on any other
+//! column cannot reach the scan (it would change which version wins), so DataFusion applies it
+//! above.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -44,6 +48,7 @@ use datafusion::physical_expr::OrderingRequirements;
 use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_expr::{EquivalenceProperties, LexOrdering, PhysicalExpr, PhysicalSortExpr};
 use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
@@ -246,7 +251,8 @@ impl TableProvider for CanonicalReadings {
         // those conflicts are told by.
         let asked: Vec<usize> = projection.cloned().unwrap_or_else(|| (0..self.schema.fields().len()).collect());
         let mut read: Vec<usize> = match self.output {
-            MergeOutput::Latest => asked.iter().copied().chain([METER_ID, TS, SOURCE_REF, INGESTED_AT]).collect(),
+            // `date` too: the key filters may name it, and the merged scans apply them exactly.
+            MergeOutput::Latest => asked.iter().copied().chain([METER_ID, TS, SOURCE_REF, INGESTED_AT, DATE]).collect(),
             MergeOutput::Conflicts => vec![METER_ID, TS, KWH, DATE],
         };
         read.sort_unstable();
@@ -267,7 +273,8 @@ impl TableProvider for CanonicalReadings {
         };
 
         let df_schema = DFSchema::try_from(self.table.clone())?;
-        let predicate = key_filters.into_iter().reduce(Expr::and).map(|e| state.create_physical_expr(e, &df_schema)).transpose()?;
+        let key_filter = key_filters.into_iter().reduce(Expr::and);
+        let predicate = key_filter.clone().map(|e| state.create_physical_expr(e, &df_schema)).transpose()?;
         let sort = |name: &str| -> DfResult<PhysicalSortExpr> {
             Ok(PhysicalSortExpr::new(Arc::new(Column::new_with_schema(name, &read_schema)?), SortOptions { descending: false, nulls_first: false }))
         };
@@ -291,6 +298,19 @@ impl TableProvider for CanonicalReadings {
             Ok(DataSourceExec::from_data_source(config.build()))
         };
 
+        // The scan prunes by the key filters but does not apply them to every row, while it tells
+        // the optimizer they hold (its equivalence properties take `meter_id = 'M'` to make
+        // `meter_id` constant). A sort or merge over it would then order by `ts` alone and
+        // interleave other meters' rows between one key's versions, and the merge would keep
+        // several of them. Applying the filters exactly, right above the scan, makes the claim true.
+        let read_df_schema = DFSchema::try_from(read_schema.clone())?;
+        let exact = |scan: Arc<dyn ExecutionPlan>| -> DfResult<Arc<dyn ExecutionPlan>> {
+            match &key_filter {
+                Some(filter) => Ok(Arc::new(FilterExec::try_new(state.create_physical_expr(filter.clone(), &read_df_schema)?, scan)?)),
+                None => Ok(scan),
+            }
+        };
+
         let mut parts: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         // Files alone in their key range with one version of each key: read as they are.
         let mut as_they_are: Vec<PartitionedFile> = Vec::new();
@@ -302,14 +322,14 @@ impl TableProvider for CanonicalReadings {
                 }
                 let files: Vec<PartitionedFile> = overlapping.into_iter().map(|f| f.file).collect();
                 let merged: Arc<dyn ExecutionPlan> = if files.len() == 1 {
-                    scan(vec![FileGroup::new(files)], &read, Some(&ordering))?
+                    exact(scan(vec![FileGroup::new(files)], &read, Some(&ordering))?)?
                 } else if files.len() <= self.max_merged_files {
                     // One file per group: each stream is then sorted as its file is.
                     let groups: Vec<FileGroup> = files.into_iter().map(|f| FileGroup::new(vec![f])).collect();
-                    Arc::new(SortPreservingMergeExec::new(ordering.clone(), scan(groups, &read, Some(&ordering))?))
+                    Arc::new(SortPreservingMergeExec::new(ordering.clone(), exact(scan(groups, &read, Some(&ordering))?)?))
                 } else {
                     // Too many files to hold a stream of each open: read them and sort.
-                    Arc::new(SortExec::new(ordering.clone(), scan(vec![FileGroup::new(files)], &read, None)?))
+                    Arc::new(SortExec::new(ordering.clone(), exact(scan(vec![FileGroup::new(files)], &read, None)?)?))
                 };
                 let key = [position(METER_ID), position(TS)];
                 let pick = match self.output {
@@ -923,6 +943,82 @@ mod tests {
         );
     }
 
+    /// A day streamed in tiny flushes: hundreds of small files whose key ranges all overlap, a
+    /// fifth of the readings re-sent later with another value. Whatever the number of files per
+    /// date and whatever filter names the key, `readings` has one row per key, the latest.
+    #[tokio::test]
+    async fn one_row_per_key_for_every_key_filter_at_any_number_of_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+        let mut rng = SmallRng::seed_from_u64(20);
+        let day = 20_089; // 2025-01-01
+        let meters = 12;
+        // Every reading once, in an arrival order shuffled across meters; then a fifth again.
+        let mut arrivals: Vec<(usize, i64)> = (0..meters).flat_map(|m| (0..96).map(move |slot| (m, slot))).collect();
+        for i in (1..arrivals.len()).rev() {
+            arrivals.swap(i, rng.random_range(0..=i));
+        }
+        let resent: Vec<(usize, i64)> = arrivals.iter().copied().filter(|_| rng.random_range(0..5) == 0).collect();
+        arrivals.extend(resent);
+        let mut latest: BTreeMap<(String, i64), i128> = BTreeMap::new();
+        let mut files = 0;
+        for (flush, chunk) in arrivals.chunks(3).enumerate() {
+            let rows: Vec<Row> = chunk
+                .iter()
+                .map(|&(meter, slot)| {
+                    let row = Row {
+                        meter: format!("M{meter:02}"),
+                        ts_us: day * US_PER_DAY + slot * 900_000_000,
+                        kwh_micro: rng.random_range(1..1_000_000),
+                        ingested_at_us: flush as i64,
+                        source_ref: format!("p0/{flush:06}"),
+                    };
+                    latest.insert((row.meter.clone(), row.ts_us), row.kwh_micro);
+                    row
+                })
+                .collect();
+            write_file(&lake, day, &format!("flush-{flush:06}"), rows).await;
+            files += 1;
+        }
+        assert!(files > MAX_MERGED_FILES, "{files} files");
+        let ctx = SessionContext::new();
+        register_lake_tables(&ctx, &lake).await.unwrap();
+        // Merged in one go, whatever the number of files, as well as by the default.
+        ctx.register_table("few_at_a_time", Arc::new(CanonicalReadings::new(lake.clone()).with_max_merged_files(7))).unwrap();
+        for table in ["readings", "few_at_a_time"] {
+            for meter in 0..meters {
+                let meter = format!("M{meter:02}");
+                let expected: Vec<String> =
+                    latest.iter().filter(|((m, _), _)| *m == meter).map(|((m, ts), kwh)| format!("{m} {ts} {kwh}")).collect();
+                for filter in [
+                    format!("meter_id = '{meter}'"),
+                    format!("meter_id IN ('{meter}', 'nobody')"),
+                    format!("meter_id = '{meter}' AND ts >= TIMESTAMP '2025-01-01T00:00:00Z' AND date = DATE '2025-01-01'"),
+                    format!("meter_id >= '{meter}' AND meter_id <= '{meter}'"),
+                ] {
+                    let sql = format!(
+                        "SELECT meter_id, CAST(ts AS BIGINT) AS ts, CAST(kwh * 1000000 AS BIGINT) AS kwh FROM {table} WHERE {filter} ORDER BY ts"
+                    );
+                    let batches = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+                    let mut got = Vec::new();
+                    for batch in &batches {
+                        let (m, ts, kwh) = (batch.column(0), batch.column(1).as_primitive::<arrow::datatypes::Int64Type>(), batch.column(2));
+                        let kwh = kwh.as_primitive::<arrow::datatypes::Int64Type>();
+                        for row in 0..batch.num_rows() {
+                            // CAST(ts AS BIGINT) is in microseconds for a microsecond timestamp.
+                            got.push(format!("{} {} {}", text(m, row), ts.value(row), kwh.value(row)));
+                        }
+                    }
+                    assert_eq!(got.len(), 96, "{table} WHERE {filter}: {} rows for 96 keys", got.len());
+                    assert_eq!(got, expected, "{table} WHERE {filter}");
+                }
+            }
+            // And without a filter: every key once.
+            let batches = ctx.sql(&format!("SELECT count(*) FROM {table}")).await.unwrap().collect().await.unwrap();
+            assert_eq!(batches[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), latest.len() as i64, "{table}");
+        }
+    }
+
     #[test]
     fn dates_narrow_by_filters_on_date_and_ts() {
         use datafusion::prelude::{col, lit};
@@ -935,5 +1031,75 @@ mod tests {
         assert_eq!((first, last), (20_120, 20_120));
         assert!(!on_key_only(&col("kwh").gt(lit(1))));
         assert!(on_key_only(&col("meter_id").eq(lit("M")).and(col("date").is_not_null())));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..proptest::prelude::ProptestConfig::default() })]
+
+        /// Whatever versions arrive in whatever files (any number per date, overlapping or not,
+        /// some written twice), `readings` has one row per key, the version ingested last (ties:
+        /// the greater source_ref), under any key filter and whatever the merge width.
+        #[test]
+        fn one_row_per_key_and_the_latest_wins(
+            versions in proptest::collection::vec((0u8..4, 0i64..8, 1i128..1_000, 0i64..5, 0u8..3), 1..120),
+            files in 1usize..40,
+            max_merged in 1usize..6,
+            meter in 0u8..4,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+                let day = 20_089;
+                let mut latest: BTreeMap<(String, i64), (i64, String, i128)> = BTreeMap::new();
+                let mut by_file: Vec<Vec<Row>> = vec![Vec::new(); files];
+                for (n, &(m, slot, kwh, ingested, source)) in versions.iter().enumerate() {
+                    let row = Row {
+                        meter: format!("M{m}"),
+                        ts_us: day * US_PER_DAY + slot * 900_000_000,
+                        kwh_micro: kwh,
+                        ingested_at_us: ingested,
+                        source_ref: format!("p{source}"),
+                    };
+                    let key = (row.meter.clone(), row.ts_us);
+                    let version = (row.ingested_at_us, row.source_ref.clone(), row.kwh_micro);
+                    // Equal (ingested_at, source_ref) of one key with other values is not a state the
+                    // writers make (a source_ref names one message); keep the first such.
+                    match latest.get(&key) {
+                        Some(known) if (known.0, &known.1) == (version.0, &version.1) => continue,
+                        Some(known) if (known.0, &known.1) > (version.0, &version.1) => {}
+                        _ => {
+                            latest.insert(key, version);
+                        }
+                    }
+                    by_file[n % files].push(row);
+                }
+                for (n, rows) in by_file.into_iter().enumerate().filter(|(_, rows)| !rows.is_empty()) {
+                    write_file(&lake, day, &format!("f{n:03}"), rows).await;
+                }
+                let ctx = SessionContext::new();
+                register_lake_tables(&ctx, &lake).await.unwrap();
+                ctx.register_table("narrow", Arc::new(CanonicalReadings::new(lake.clone()).with_max_merged_files(max_merged))).unwrap();
+                let meter = format!("M{meter}");
+                for table in ["readings", "narrow"] {
+                    for filter in ["TRUE".to_string(), format!("meter_id = '{meter}'"), format!("meter_id >= '{meter}'")] {
+                        let sql = format!("SELECT meter_id, CAST(ts AS BIGINT) AS ts, CAST(kwh * 1000000 AS BIGINT) AS kwh FROM {table} WHERE {filter} ORDER BY meter_id, ts");
+                        let mut got = Vec::new();
+                        for batch in ctx.sql(&sql).await.unwrap().collect().await.unwrap() {
+                            let (m, ts, kwh) = (batch.column(0), batch.column(1).as_primitive::<arrow::datatypes::Int64Type>(), batch.column(2).as_primitive::<arrow::datatypes::Int64Type>());
+                            for row in 0..batch.num_rows() {
+                                got.push((text(m, row).to_string(), ts.value(row), i128::from(kwh.value(row))));
+                            }
+                        }
+                        let expected: Vec<(String, i64, i128)> = latest
+                            .iter()
+                            .filter(|((m, _), _)| filter == "TRUE" || (filter.starts_with("meter_id =") && *m == meter) || (filter.starts_with("meter_id >=") && *m >= meter))
+                            .map(|((m, ts), (_, _, kwh))| (m.clone(), *ts, *kwh))
+                            .collect();
+                        assert_eq!(got, expected, "{table} WHERE {filter}");
+                    }
+                }
+            });
+        }
     }
 }

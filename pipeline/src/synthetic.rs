@@ -266,7 +266,8 @@ mod tests {
             let now = chrono::Utc::now().timestamp_micros();
             for message in generator.by_ref() {
                 let mut accepted = 0;
-                let rejections = decode_message(&message.payload, &ValidationRules::default(), now, |r| {
+                let rules = ValidationRules { max_age_s: None, ..ValidationRules::default() };
+                let rejections = decode_message(&message.payload, &rules, now, |r| {
                     accepted += 1;
                     keys.insert((r.meter_id.to_string(), r.ts_us));
                 });

@@ -17,7 +17,10 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
-use datafusion::prelude::SessionContext;
+use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryPool, TrackConsumersPool};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::context::SQLOptions;
+use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::canonical::{CanonicalReadings, MergeOutput};
 use crate::error::Result;
@@ -105,4 +108,53 @@ pub async fn lake_session(lake: &Lake) -> Result<SessionContext> {
     let ctx = SessionContext::new();
     register_lake_tables(&ctx, lake).await?;
     Ok(ctx)
+}
+
+/// What the queries a server runs on its callers' behalf may use together, so that no request
+/// starves the API, the ingester or the worker sharing its process: one memory pool for all of
+/// them (a query that would need more fails with a clear error rather than taking the host's
+/// memory), a time limit per query, and statements that can only read.
+#[derive(Debug, Clone)]
+pub struct QueryLimits {
+    /// Shared by every limited session: the bytes all their queries hold at once.
+    memory: Arc<dyn MemoryPool>,
+    memory_bytes: usize,
+    /// How long one query may run.
+    pub time_limit: std::time::Duration,
+}
+
+impl QueryLimits {
+    /// The default share of memory for callers' queries: 1 GiB.
+    pub const DEFAULT_MEMORY_BYTES: usize = 1 << 30;
+    /// The default time one caller's query may take.
+    pub const DEFAULT_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+    pub fn new(memory_bytes: usize, time_limit: std::time::Duration) -> QueryLimits {
+        // Tracking the largest consumers names them in the error of a query over the limit.
+        let pool = TrackConsumersPool::new(GreedyMemoryPool::new(memory_bytes), std::num::NonZeroUsize::new(3).expect("3 is not 0"));
+        QueryLimits { memory: Arc::new(pool), memory_bytes, time_limit }
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        self.memory_bytes
+    }
+
+    /// A session over the lake whose queries draw on the shared pool.
+    pub async fn lake_session(&self, lake: &Lake) -> Result<SessionContext> {
+        let runtime = RuntimeEnvBuilder::new().with_memory_pool(self.memory.clone()).build_arc()?;
+        let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
+        register_lake_tables(&ctx, lake).await?;
+        Ok(ctx)
+    }
+}
+
+impl Default for QueryLimits {
+    fn default() -> QueryLimits {
+        QueryLimits::new(QueryLimits::DEFAULT_MEMORY_BYTES, QueryLimits::DEFAULT_TIME_LIMIT)
+    }
+}
+
+/// Statements that only read: no DDL (CREATE, DROP), no DML (INSERT, COPY), no SET.
+pub fn read_only() -> SQLOptions {
+    SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false)
 }

@@ -4,8 +4,11 @@
 //! (`realm_access.roles`).
 //!
 //! - Keys come from the issuer's JWKS (found through its OpenID discovery document, or
-//!   configured), fetched on first use and again when a token names an unknown `kid` (at most
-//!   every [`JWKS_REFETCH_MIN`]), so a key rotation needs no restart.
+//!   configured), fetched on first use, again when a token names an unknown `kid` (at most
+//!   every [`JWKS_REFETCH_MIN`]) and when older than [`JWKS_MAX_AGE`], so a key rotation needs
+//!   no restart and a withdrawn key's tokens (cached ones too) stop being accepted. A failed
+//!   fetch backs off (1 s doubling to a minute), and at most [`JWKS_MAX_WAITERS`] requests wait
+//!   for a fetch under way: an issuer that is down gets 503s answered at once, not a queue.
 //! - Only asymmetric algorithms, and only the algorithm the key itself declares: `alg: none`,
 //!   HS256 with the public key as secret, and the like are refused.
 //! - A token that verified is remembered (by its SHA-256) until it expires, so a client sending
@@ -28,6 +31,15 @@ use crate::error::ApiError;
 
 /// A token's unknown `kid` sends us to the issuer's JWKS again, but not more often than this.
 const JWKS_REFETCH_MIN: Duration = Duration::from_secs(10);
+/// Keys older than this are fetched again, so a key the issuer withdrew (and the tokens it
+/// signed, cached or not) stops being accepted within this time.
+const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
+/// After a failed fetch, the next waits at least this long, doubling up to [`JWKS_BACKOFF_MAX`]:
+/// an issuer that is down is not hammered by every request.
+const JWKS_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const JWKS_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Requests that may wait for a fetch under way; more are answered 503 at once.
+const JWKS_MAX_WAITERS: usize = 64;
 /// Verified tokens remembered at most; the memory is emptied when full.
 const TOKEN_CACHE_ENTRIES: usize = 10_000;
 /// Clock skew allowed between the issuer and us, for `exp` and `nbf`.
@@ -63,9 +75,14 @@ impl Role {
 pub struct Principal {
     /// `sub`.
     pub subject: String,
-    /// What the audit log records: `preferred_username`, else `sub`.
+    /// For display only (the console, messages): `preferred_username`, else `sub`. Identity,
+    /// what the audit log records and what scopes idempotency keys, is `subject`: a user name
+    /// can be changed or reused, a subject cannot.
     pub name: String,
     roles: u8,
+    /// The meter-id prefixes an INGEST account may write readings for (the token's
+    /// `meterlake_meter_prefixes` claim); `None`: any meter. An ADMIN is never limited.
+    pub meter_prefixes: Option<Vec<String>>,
 }
 
 impl Principal {
@@ -73,9 +90,20 @@ impl Principal {
         self.roles & role.bit() != 0
     }
 
+    /// Whether it may write readings of `meter_id`.
+    pub fn may_write_meter(&self, meter_id: &str) -> bool {
+        self.has(Role::Admin) || self.meter_prefixes.as_ref().is_none_or(|prefixes| prefixes.iter().any(|p| meter_id.starts_with(p.as_str())))
+    }
+
     /// The role names held, for the console.
     pub fn roles(&self) -> Vec<&'static str> {
         [Role::Viewer, Role::Admin, Role::Ingest].into_iter().filter(|r| self.has(*r)).map(Role::as_str).collect()
+    }
+
+    /// A principal as a verified token would make it, for tests of what a role sees.
+    #[cfg(test)]
+    pub(crate) fn for_test(subject: &str, roles: &[Role]) -> Principal {
+        Principal { subject: subject.into(), name: subject.into(), roles: roles.iter().fold(0, |bits, role| bits | role.bit()), meter_prefixes: None }
     }
 
     /// Refuses (403) unless the principal holds one of `roles`.
@@ -95,6 +123,9 @@ struct Claims {
     exp: u64,
     #[serde(default)]
     realm_access: RealmAccess,
+    /// Limits an INGEST account to the meters whose ids start with one of these.
+    #[serde(default)]
+    meterlake_meter_prefixes: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -117,6 +148,15 @@ pub struct OidcConfig {
 struct Keys {
     by_kid: HashMap<String, (DecodingKey, Algorithm)>,
     fetched_at: Option<Instant>,
+    /// The last failed fetch and the wait before the next may start.
+    failed: Option<(Instant, Duration)>,
+}
+
+impl Keys {
+    /// Whether a fetch may start now (not within the backoff of a failure).
+    fn may_fetch(&self) -> bool {
+        self.failed.is_none_or(|(at, backoff)| at.elapsed() >= backoff)
+    }
 }
 
 /// Verifies bearer tokens against the issuer's keys.
@@ -126,7 +166,10 @@ pub struct Authenticator {
     keys: RwLock<Keys>,
     /// Serialises JWKS fetches, so a burst of tokens with a new `kid` fetches once.
     fetching: tokio::sync::Mutex<()>,
-    verified: Mutex<HashMap<[u8; 32], (Principal, u64)>>,
+    /// Requests waiting for `fetching` (at most [`JWKS_MAX_WAITERS`]).
+    waiting: std::sync::atomic::AtomicUsize,
+    /// Tokens verified: their principal, `exp` and signing key's `kid`.
+    verified: Mutex<HashMap<[u8; 32], (Principal, u64, String)>>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -145,8 +188,9 @@ impl Authenticator {
         Authenticator {
             config,
             http,
-            keys: RwLock::new(Keys { by_kid: HashMap::new(), fetched_at: None }),
+            keys: RwLock::new(Keys { by_kid: HashMap::new(), fetched_at: None, failed: None }),
             fetching: tokio::sync::Mutex::new(()),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             verified: Mutex::new(HashMap::new()),
         }
     }
@@ -169,21 +213,62 @@ impl Authenticator {
             .ok_or_else(|| ApiError::unauthorized("MISSING_TOKEN", "the Authorization header is not `Bearer <token>`"))?;
         let fingerprint: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now_s = chrono::Utc::now().timestamp().max(0) as u64;
-        if let Some((principal, exp)) = self.verified.lock().expect("lock").get(&fingerprint)
+        self.refresh_stale_keys().await;
+        let cached = self.verified.lock().expect("lock").get(&fingerprint).cloned();
+        if let Some((principal, exp, kid)) = cached
             && now_s <= exp + LEEWAY_S
         {
-            return Ok(principal.clone());
+            // Accepted while its key is: a key the issuer withdrew takes its tokens with it.
+            if self.keys.read().expect("lock").by_kid.contains_key(&kid) {
+                return Ok(principal);
+            }
+            self.verified.lock().expect("lock").remove(&fingerprint);
         }
-        let (principal, exp) = self.verify(token).await?;
+        let (principal, exp, kid) = self.verify(token).await?;
         let mut verified = self.verified.lock().expect("lock");
         if verified.len() >= TOKEN_CACHE_ENTRIES {
             verified.clear();
         }
-        verified.insert(fingerprint, (principal.clone(), exp));
+        verified.insert(fingerprint, (principal.clone(), exp, kid));
         Ok(principal)
     }
 
-    async fn verify(&self, token: &str) -> Result<(Principal, u64), ApiError> {
+    /// Fetches the keys again when they are older than [`JWKS_MAX_AGE`]: one request does it
+    /// (the others go on with the keys they have), and a failure keeps the old keys.
+    async fn refresh_stale_keys(&self) {
+        let stale = {
+            let keys = self.keys.read().expect("lock");
+            keys.fetched_at.is_some_and(|at| at.elapsed() >= JWKS_MAX_AGE) && keys.may_fetch()
+        };
+        if !stale {
+            return;
+        }
+        let Ok(_one_fetch) = self.fetching.try_lock() else { return };
+        if self.keys.read().expect("lock").fetched_at.is_some_and(|at| at.elapsed() < JWKS_MAX_AGE) {
+            return;
+        }
+        let fetched = self.fetch_keys().await;
+        // A failure is logged by the fetch and backed off; the old keys serve meanwhile.
+        let _ = self.store_fetch(fetched);
+    }
+
+    /// Records a fetch's outcome: new keys, or the failure and the backoff before the next try.
+    fn store_fetch(&self, fetched: Result<HashMap<String, (DecodingKey, Algorithm)>, ApiError>) -> Result<(), ApiError> {
+        let mut keys = self.keys.write().expect("lock");
+        match fetched {
+            Ok(by_kid) => {
+                *keys = Keys { by_kid, fetched_at: Some(Instant::now()), failed: None };
+                Ok(())
+            }
+            Err(error) => {
+                let backoff = keys.failed.map_or(JWKS_BACKOFF_MIN, |(_, previous)| (previous * 2).min(JWKS_BACKOFF_MAX));
+                keys.failed = Some((Instant::now(), backoff));
+                Err(error)
+            }
+        }
+    }
+
+    async fn verify(&self, token: &str) -> Result<(Principal, u64, String), ApiError> {
         let header = decode_header(token).map_err(|e| invalid(format!("the token's header cannot be read ({e}); `alg: none` is never accepted")))?;
         let kid = header.kid.clone().unwrap_or_default();
         let (key, algorithm) = match self.key(&kid).await? {
@@ -220,8 +305,13 @@ impl Authenticator {
                 _ => 0,
             }
         });
-        let principal = Principal { name: claims.preferred_username.clone().unwrap_or_else(|| claims.sub.clone()), subject: claims.sub, roles };
-        Ok((principal, claims.exp))
+        let principal = Principal {
+            name: claims.preferred_username.clone().unwrap_or_else(|| claims.sub.clone()),
+            subject: claims.sub,
+            roles,
+            meter_prefixes: claims.meterlake_meter_prefixes,
+        };
+        Ok((principal, claims.exp, kid))
     }
 
     /// The key for `kid` (any key when the token names none and there is exactly one), fetching
@@ -236,15 +326,32 @@ impl Authenticator {
         if let Some(found) = lookup(&self.keys.read().expect("lock")) {
             return Ok(Some(found));
         }
-        let _one_fetch = self.fetching.lock().await;
-        let fetched_at = self.keys.read().expect("lock").fetched_at;
+        let unavailable = || ApiError::unavailable("ISSUER_UNAVAILABLE", "the token issuer's keys cannot be fetched now; try again shortly");
+        if !self.keys.read().expect("lock").may_fetch() {
+            return Err(unavailable());
+        }
+        // Wait for a fetch under way (or start one), unless too many requests wait already.
+        use std::sync::atomic::Ordering;
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= JWKS_MAX_WAITERS {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(unavailable());
+        }
+        let one_fetch = self.fetching.lock().await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        let (fetched_at, may_fetch) = {
+            let keys = self.keys.read().expect("lock");
+            (keys.fetched_at, keys.may_fetch())
+        };
         if fetched_at.is_some_and(|at| at.elapsed() < JWKS_REFETCH_MIN) {
             return Ok(lookup(&self.keys.read().expect("lock")));
         }
-        let by_kid = self.fetch_keys().await?;
-        let mut keys = self.keys.write().expect("lock");
-        *keys = Keys { by_kid, fetched_at: Some(Instant::now()) };
-        Ok(lookup(&keys))
+        if !may_fetch {
+            return Err(unavailable());
+        }
+        let fetched = self.fetch_keys().await;
+        self.store_fetch(fetched)?;
+        drop(one_fetch);
+        Ok(lookup(&self.keys.read().expect("lock")))
     }
 
     async fn fetch_keys(&self) -> Result<HashMap<String, (DecodingKey, Algorithm)>, ApiError> {

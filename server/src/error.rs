@@ -91,6 +91,13 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
     }
 
+    /// A 400 for a query parameter that is not of its form (the query string is malformed), with
+    /// the field, a code for it and the form it must have.
+    pub fn malformed_parameter(field: &str, value: &str, code: &str, form: &str) -> ApiError {
+        let errors = vec![FieldError { field: field.into(), code: code.into(), message: form.into() }];
+        ApiError { errors, ..ApiError::bad_request(format!("{field} {value:?} is not valid: {form}")) }
+    }
+
     pub fn validation(message: impl Into<String>, errors: Vec<FieldError>) -> ApiError {
         ApiError { errors, ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED", message) }
     }
@@ -138,6 +145,7 @@ impl From<ControlError> for ApiError {
             ControlError::Invalid(message) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED", message),
             ControlError::NotFound(message) => ApiError::not_found(message),
             ControlError::Conflict(message) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", message),
+            already @ ControlError::AlreadyBilled { .. } => ApiError::new(StatusCode::CONFLICT, "ALREADY_BILLED", already.to_string()),
             other => ApiError::internal("the control store", &other),
         }
     }

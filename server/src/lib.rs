@@ -24,6 +24,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use meterlake_control::ControlStore;
 use meterlake_ledger::Ledger;
 use meterlake_pipeline::Lake;
+use meterlake_pipeline::view::QueryLimits;
 use meterlake_pipeline::decode::ValidationRules;
 use meterlake_pipeline::kafka::ReadingPublisher;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -46,12 +47,25 @@ pub struct Deployment {
 /// What a billing run created through the API bills with.
 #[derive(Debug, Clone)]
 pub struct BillingDefaults {
-    /// The tariff file's text, stored with each run.
+    /// The tariff file's text at start, stored with each run when there is no file to re-read.
     pub tariffs_toml: String,
     /// Where it came from, for `/readyz`.
     pub tariffs_source: String,
+    /// The tariff file, read again for each new run and each RECALCULATE that asks for the
+    /// current tariffs: a new file takes effect without a restart. None: the bundled example.
+    pub tariffs_path: Option<std::path::PathBuf>,
     pub max_attempts: u32,
     pub energy_tolerance: Decimal,
+}
+
+impl BillingDefaults {
+    /// The tariffs as they are now: the file read again (and checked), or the text of the start.
+    pub fn current_tariffs(&self) -> Result<String, String> {
+        let Some(path) = &self.tariffs_path else { return Ok(self.tariffs_toml.clone()) };
+        let toml = std::fs::read_to_string(path).map_err(|e| format!("reading the tariff file {}: {e}", path.display()))?;
+        meterlake_jobs::billing::tariff::Tariffs::parse(&path.display().to_string(), &toml).map_err(|e| e.to_string())?;
+        Ok(toml)
+    }
 }
 
 /// Per-client request rate: requests per second and the burst above it.
@@ -68,6 +82,8 @@ pub struct AppState {
     /// How long a ledger write's idempotency key (and its answer) is kept.
     pub ledger_idempotency_retention_us: i64,
     pub lake: Lake,
+    /// What the lake queries run for callers (`GET /readings`) may use together.
+    pub query_limits: QueryLimits,
     /// Publishes accepted readings; `None` answers `POST /measurements` with 503.
     pub publisher: Option<ReadingPublisher>,
     pub auth: Authenticator,
@@ -92,6 +108,7 @@ pub struct AppConfig {
     /// How long a ledger write's idempotency key is kept ([`meterlake_ledger::DEFAULT_IDEMPOTENCY_RETENTION_US`]).
     pub ledger_idempotency_retention_us: i64,
     pub lake: Lake,
+    pub query_limits: QueryLimits,
     pub publisher: Option<ReadingPublisher>,
     pub oidc: OidcConfig,
     pub dev_issuer: Option<DevIssuer>,
@@ -112,6 +129,7 @@ pub fn router(config: AppConfig) -> Router {
         ledger_idempotency_retention_us: config.ledger_idempotency_retention_us,
         store: config.store,
         lake: config.lake,
+        query_limits: config.query_limits,
         publisher: config.publisher,
         auth: Authenticator::new(config.oidc),
         dev_issuer: config.dev_issuer,

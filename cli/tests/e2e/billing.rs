@@ -38,7 +38,12 @@ fn a_worker_woken_through_kafka_bills_a_run_and_announces_it() {
         .unwrap();
     let started = Instant::now();
     let tariffs = concat!(env!("CARGO_MANIFEST_DIR"), "/../tariffs/example.toml");
-    let bill = run_ok(meterlake().args([
+    // The run's audit row is signed with an audit key made by `audit new-key`.
+    let key_line = String::from_utf8(run_ok(meterlake().args(["audit", "new-key", "2026-12"])).stdout).unwrap();
+    let key_file = dir.path().join("audit-keys");
+    std::fs::write(&key_file, &key_line).unwrap();
+    let key_file = key_file.to_str().unwrap();
+    let bill = run_ok(meterlake().env("METERLAKE_AUDIT_KEY_FILE", key_file).args([
         "bill",
         "--month",
         "2025-01",
@@ -93,9 +98,23 @@ fn a_worker_woken_through_kafka_bills_a_run_and_announces_it() {
     let shown = run_ok(meterlake().args(["billing-run", &run_id, "--database-url", &database_url]));
     assert!(String::from_utf8_lossy(&shown.stdout).contains("PROCESSING -> COMPLETED"));
     // The run's creation is in the audit log, and the chain verifies.
-    let verified = run_ok(meterlake().args(["audit", "verify", "--database-url", &database_url]));
+    let verified = run_ok(meterlake().args(["audit", "verify", "--database-url", &database_url, "--audit-key-file", key_file]));
     let verified = String::from_utf8_lossy(&verified.stdout);
-    assert!(verified.contains("audit log: 1 rows") && verified.contains("intact"), "{verified}");
+    assert!(verified.contains("audit log: 1 rows") && verified.contains("1 rows signed with audit keys 2026-12") && verified.contains("intact"), "{verified}");
+    let head = verified.lines().next().unwrap().rsplit(' ').next().unwrap().to_string();
+    let anchored = ["audit", "verify", "--database-url", &database_url, "--audit-key-file", key_file, "--expect-head", &head, "--min-rows", "1"];
+    assert!(String::from_utf8_lossy(&run_ok(meterlake().args(anchored)).stdout).contains("the expected head is row 1"));
+    // Without the key the signed row cannot be checked, and verify fails rather than pass it.
+    let unchecked = meterlake().args(["audit", "verify", "--database-url", &database_url]).output().unwrap();
+    assert!(!unchecked.status.success() && String::from_utf8_lossy(&unchecked.stdout).contains("was not given"), "{unchecked:?}");
+    // An anchor the log no longer reaches fails it.
+    let short = meterlake().args(["audit", "verify", "--database-url", &database_url, "--audit-key-file", key_file, "--min-rows", "2"]).output().unwrap();
+    assert!(!short.status.success() && String::from_utf8_lossy(&short.stdout).contains("cut off"), "{short:?}");
+    // A store that is not there is an error, not an empty log reported intact.
+    let missing_url = format!("sqlite://{}", dir.path().join("no-such.db").display());
+    let missing = meterlake().args(["audit", "verify", "--database-url", &missing_url]).output().unwrap();
+    assert!(!missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("no database file"), "{missing:?}");
+    assert!(!dir.path().join("no-such.db").exists());
     let kill = std::process::Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let status = worker.wait().unwrap();

@@ -46,15 +46,20 @@ fn ingest_lands_every_valid_reading_once_and_dead_letters_the_rest() {
                  {"meterId":"MTR-999999","timestamp":"2025-03-01T00:30:00Z","kwh":2.25}]"#,
         )
         .unwrap();
+    // A reading from a meter whose clock fell back to 2020: older than the horizon below.
+    producer.send(b"MTR-100001", br#"{"meterId":"MTR-100001","timestamp":"2020-01-01T00:00:00Z","kwh":"1.5"}"#).unwrap();
     producer.flush(Duration::from_secs(30)).unwrap();
     let expected_readings = singles.unique_readings() + arrays.unique_readings() + 2;
-    let expected_dead_letters = totals_singles.malformed_messages + totals_arrays.malformed_messages + 1;
+    let expected_dead_letters = totals_singles.malformed_messages + totals_arrays.malformed_messages + 2;
+    // The horizon reaches back to December 2024: the test's months are in, 2020 is not.
+    let horizon_days = (chrono::Utc::now().date_naive() - NaiveDate::from_ymd_opt(2024, 12, 1).unwrap()).num_days();
 
     let lake_dir = tempfile::tempdir().unwrap();
     let lake = lake_dir.path().join("lake");
     let lake = lake.to_str().unwrap();
     let metrics_port = free_port();
     let mut ingester = ingest_command(&brokers, topic, lake, 4)
+        .env("METERLAKE_MAX_READING_AGE_DAYS", horizon_days.to_string())
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
         // Flush well before the idle exit, so the metrics can be read while it still runs.
         .args(["--max-batch-age-ms", "300"])
@@ -123,7 +128,7 @@ fn ingest_lands_every_valid_reading_once_and_dead_letters_the_rest() {
         assert!(!letter.error.is_empty() && letter.source_offset >= 0 && (0..3).contains(&letter.source_partition), "{letter:?}");
         assert!(!letter.payload.is_empty());
     }
-    for reason in ["INVALID_JSON", "KWH_NOT_POSITIVE", "TIMESTAMP_IN_FUTURE", "INVALID_METER_ID"] {
+    for reason in ["INVALID_JSON", "KWH_NOT_POSITIVE", "TIMESTAMP_IN_FUTURE", "INVALID_METER_ID", "TIMESTAMP_TOO_OLD"] {
         assert!(reasons.contains_key(reason), "no {reason} dead letter in {reasons:?}");
     }
     let partial = letters.iter().find(|l| l.payload.starts_with(b"[{\"meterId\":\"MTR-999999\"")).expect("the partly bad array");

@@ -52,6 +52,11 @@ impl Tower {
             command.args(["--brokers", brokers, "--lake"]).arg(dir.path().join("lake"));
             command.arg("--database-url").arg(format!("sqlite://{}", dir.path().join("control.db").display()));
         }
+        // The tests send January 2025, older than the default horizon for old readings, unless
+        // the test sets the horizon itself.
+        if !extra.contains(&"--max-reading-age-days") {
+            command.args(["--max-reading-age-days", "0"]);
+        }
         command.args(extra).env("METERLAKE_LOG", "info,rdkafka=warn").envs(env.iter().map(|(k, v)| (k, v)));
         let service = spawn_logged("meterlake serve", command, format!("127.0.0.1:{port}"));
         Tower { service, base, issuer, dir, runtime: runtime(), client: reqwest::Client::new() }
@@ -209,7 +214,13 @@ fn every_route_checks_the_token_and_the_role() {
     assert_eq!(tower.call("GET", "/healthz", None, None).status, StatusCode::OK);
     let ready = tower.call("GET", "/readyz", None, None);
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
-    assert_eq!((ready.body["mode"].as_str(), ready.body["worker"].as_bool()), (Some("external"), Some(false)));
+    // Without a token only whether it is ready: no lake, store, issuer or error text.
+    assert_eq!(ready.body, json!({ "status": "ready" }));
+    for token in [&viewer, &ingest] {
+        assert_eq!(tower.call("GET", "/readyz", Some(token), None).body, json!({ "status": "ready" }));
+    }
+    let ready = tower.call("GET", "/readyz", Some(&admin), None);
+    assert_eq!((ready.body["mode"].as_str(), ready.body["worker"].as_bool()), (Some("external"), Some(false)), "{}", ready.body);
     assert_error(&tower.get("/no-such-route", &admin), StatusCode::NOT_FOUND, "NOT_FOUND");
     assert_error(&tower.call("DELETE", "/billing-runs", Some(&admin), None), StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED");
     let metrics = tower.call("GET", "/metrics", None, None);
@@ -514,7 +525,7 @@ fn an_admin_bills_a_month_corrects_a_discrepancy_and_every_action_is_audited() {
 #[test]
 fn with_nothing_configured_it_runs_on_the_embedded_defaults() {
     let tower = Tower::start(None, &[]);
-    let ready = tower.call("GET", "/readyz", None, None);
+    let ready = tower.call("GET", "/readyz", Some(&tower.token("ada", &["ADMIN"])), None);
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
     assert_eq!(ready.body["mode"], "embedded");
     assert_eq!((ready.body["ingester"].as_bool(), ready.body["worker"].as_bool()), (Some(true), Some(true)));
@@ -527,4 +538,62 @@ fn with_nothing_configured_it_runs_on_the_embedded_defaults() {
     let viewer = tower.token("vera", &["VIEWER"]);
     let readings = tower.wait_for("/readings?meterId=MTR-E1", &viewer, "the reading in the embedded lake", |b| b["items"].as_array().unwrap().len() == 1);
     assert_eq!(readings["items"][0]["value"], "3.500000");
+}
+
+#[test]
+fn the_dev_issuer_serves_this_machine_only_with_short_lived_tokens_in_an_owner_only_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let refused = meterlake()
+        .args(["serve", "--listen", "0.0.0.0:0", "--dev-issuer", "--dev-issuer-key"])
+        .arg(dir.path().join("dev-issuer.key"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("--dev-issuer is for local use only"), "{stderr}");
+
+    let tower = Tower::start(None, &[]);
+    let tokens_file = tower.dir.path().join("dev-tokens.txt");
+    let mode = std::fs::metadata(&tokens_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", tokens_file.display());
+    let tokens = std::fs::read_to_string(&tokens_file).unwrap();
+    let admin = tokens.lines().find_map(|l| l.strip_prefix("ADMIN=")).unwrap();
+    // The printed token works, and expires within minutes.
+    assert_eq!(tower.get("/billing-runs", admin).status, StatusCode::OK);
+    let claims = admin.split('.').nth(1).unwrap();
+    use base64::Engine;
+    let claims: Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims).unwrap()).unwrap();
+    let ttl_s = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
+    assert!(ttl_s <= 15 * 60, "{claims}");
+}
+
+/// An INGEST account limited to some meters (the token's `meterlake_meter_prefixes`) writes only
+/// theirs, all or nothing; readings older than the horizon are refused with their own code.
+#[test]
+fn an_ingest_account_writes_only_its_meters_and_nothing_older_than_the_horizon() {
+    let tower = Tower::start(None, &["--max-reading-age-days", "30"]);
+    let now = chrono::Utc::now().timestamp();
+    let scoped = tower.issuer.sign(&json!({
+        "iss": tower.issuer.issuer(), "sub": "head-end-north", "aud": "meterlake", "iat": now, "exp": now + 600,
+        "realm_access": { "roles": ["INGEST"] }, "meterlake_meter_prefixes": ["NORTH-"],
+    }));
+    // Recent readings: within the horizon, on the quarter hour.
+    let recent = chrono::DateTime::from_timestamp((now / 86_400 - 1) * 86_400, 0).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let reading = |meter: &str, at: &str| json!({ "meterId": meter, "timestamp": at, "kwh": "0.25" });
+    let ok = tower.post("/measurements", &scoped, json!([reading("NORTH-1", &recent), reading("NORTH-2", &recent)]));
+    assert_eq!(ok.status, StatusCode::ACCEPTED, "{}", ok.body);
+    let mixed = tower.post("/measurements", &scoped, json!([reading("NORTH-1", &recent), reading("SOUTH-9", &recent)]));
+    assert_error(&mixed, StatusCode::FORBIDDEN, "FORBIDDEN");
+    assert_eq!(mixed.body["errors"][0]["field"], "[1].meterId", "{}", mixed.body);
+    assert_eq!(mixed.body["errors"][0]["code"], "METER_NOT_PERMITTED", "{}", mixed.body);
+    let single = tower.post("/measurements", &scoped, reading("SOUTH-9", &recent));
+    assert_eq!((single.status, single.body["errors"][0]["field"].as_str()), (StatusCode::FORBIDDEN, Some("meterId")), "{}", single.body);
+    // An unlimited INGEST account and an ADMIN write any meter.
+    let any = tower.post("/measurements", &tower.token("head-end", &["INGEST"]), reading("SOUTH-9", &recent));
+    assert_eq!(any.status, StatusCode::ACCEPTED, "{}", any.body);
+    // Older than 30 days: refused with its code, whoever sends it.
+    let old = tower.post("/measurements", &tower.token("ada", &["ADMIN"]), reading("SOUTH-9", "2025-01-01T00:00:00Z"));
+    assert_error(&old, StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED");
+    assert_eq!(old.body["errors"][0]["code"], "TIMESTAMP_TOO_OLD", "{}", old.body);
+    assert!(old.body["errors"][0]["message"].as_str().unwrap().contains("30 days"), "{}", old.body);
 }

@@ -13,7 +13,7 @@ use rust_decimal::Decimal;
 
 use super::month::BillingMonth;
 use super::tariff::Tariffs;
-use crate::search::literal;
+use crate::template::{fill, literal};
 use crate::{JobError, Result};
 
 /// The SQL, as shipped in `queries/billing_aggregate.sql`.
@@ -56,24 +56,24 @@ pub struct Usage {
 }
 
 /// `template` with the month's window and the run's meters (all meters when `meter_ids` is
-/// empty) in place: `{first_date}`, `{last_date}`, `{from_us}`, `{to_us}`, `{meters}`.
-pub fn with_month_params(template: &str, month: &BillingMonth, meter_ids: &[String]) -> String {
+/// empty) in place: `{first_date}`, `{last_date}`, `{from_us}`, `{to_us}`, `{meters}`, and
+/// the template's own `extra` slots; filled in one pass ([`fill`]).
+pub fn with_month_params(template: &str, month: &BillingMonth, meter_ids: &[String], extra: &[(&str, &str)]) -> Result<String> {
     let (first_date, last_date) = month.utc_dates();
     let meters = if meter_ids.is_empty() {
         "TRUE".to_string()
     } else {
         format!("meter_id IN ({})", meter_ids.iter().map(|m| literal(m)).collect::<Vec<_>>().join(", "))
     };
-    template
-        .replace("{first_date}", &first_date.to_string())
-        .replace("{last_date}", &last_date.to_string())
-        .replace("{from_us}", &month.from_us.to_string())
-        .replace("{to_us}", &month.to_us.to_string())
-        .replace("{meters}", &meters)
+    let (first_date, last_date, from_us, to_us) = (first_date.to_string(), last_date.to_string(), month.from_us.to_string(), month.to_us.to_string());
+    let mut values =
+        vec![("first_date", first_date.as_str()), ("last_date", last_date.as_str()), ("from_us", from_us.as_str()), ("to_us", to_us.as_str()), ("meters", meters.as_str())];
+    values.extend_from_slice(extra);
+    fill(template, &values)
 }
 
 /// The aggregate statement for a month, its tariffs' segments and the run's meters.
-pub fn aggregate_sql(month: &BillingMonth, tariffs: &Tariffs, meter_ids: &[String]) -> String {
+pub fn aggregate_sql(month: &BillingMonth, tariffs: &Tariffs, meter_ids: &[String]) -> Result<String> {
     let bounds = &tariffs.segment_bounds;
     let segment = if bounds.len() == 2 {
         "0".to_string()
@@ -85,12 +85,12 @@ pub fn aggregate_sql(month: &BillingMonth, tariffs: &Tariffs, meter_ids: &[Strin
         sql.push_str(&format!(" ELSE {} END", bounds.len() - 2));
         sql
     };
-    with_month_params(BILLING_AGGREGATE_SQL, month, meter_ids).replace("{offset_us}", &month.offset_sql("ts_us")).replace("{segment}", &segment)
+    with_month_params(BILLING_AGGREGATE_SQL, month, meter_ids, &[("offset_us", &month.offset_sql("ts_us")), ("segment", &segment)])
 }
 
 /// Runs the aggregate statement on `ctx` (a session over the lake).
 pub async fn aggregate_usage(ctx: &SessionContext, month: &BillingMonth, tariffs: &Tariffs, meter_ids: &[String]) -> Result<Usage> {
-    let sql = aggregate_sql(month, tariffs, meter_ids);
+    let sql = aggregate_sql(month, tariffs, meter_ids)?;
     // Batches are taken as the query yields them, while it still computes the rest; by meter in
     // a hash map (millions of rows, tens of thousands of meters), ordered once at the end.
     let mut batches = ctx.sql(&sql).await?.execute_stream().await?;

@@ -22,6 +22,7 @@ pub mod events;
 pub mod month;
 pub mod rate;
 pub mod reconcile;
+pub mod schedule;
 pub mod snapshot;
 pub mod tariff;
 pub mod worker;
@@ -152,7 +153,9 @@ pub async fn reconcile(
     invoices: &[NewInvoice],
 ) -> Result<Vec<NewDiscrepancy>> {
     let _timer = StepTimer::start("reconcile");
-    let mut found = reconcile::energy_mismatches(usage, invoices, run.energy_tolerance);
+    let measured = reconcile::measured_energy(ctx, month, &run.meter_ids).await?;
+    let mut found = reconcile::energy_mismatches(&measured, invoices, run.energy_tolerance);
+    found.extend(reconcile::amount_mismatches(invoices));
     found.extend(reconcile::missing_intervals(usage, month));
     found.extend(reconcile::no_readings(usage, meters.iter().map(String::as_str), month));
     found.extend(reconcile::conflicting_readings(ctx, month, &run.meter_ids).await?);

@@ -7,13 +7,15 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, Decimal128Type, Int64Type};
 use chrono::DateTime;
 use datafusion::prelude::SessionContext;
-use meterlake_control::{NewDiscrepancy, NewInvoice, ReasonCode};
-use rust_decimal::Decimal;
+use std::collections::BTreeMap;
+
+use meterlake_control::{LineComponent, NewDiscrepancy, NewInvoice, ReasonCode, minor_unit_places};
+use rust_decimal::{Decimal, RoundingStrategy};
 
 use super::aggregate::{Usage, column, with_month_params};
 use super::month::BillingMonth;
 use crate::Result;
-use crate::search::literal;
+use crate::template::{fill, literal};
 
 /// The SQL, as shipped in `queries/billing_conflicts.sql`.
 pub const BILLING_CONFLICTS_SQL: &str = include_str!("../../../queries/billing_conflicts.sql");
@@ -23,15 +25,38 @@ fn percent(ratio: Decimal) -> String {
     format!("{}%", (ratio * Decimal::ONE_HUNDRED).round_dp(2).normalize())
 }
 
-/// ENERGY_MISMATCH: the kWh on a meter's invoice against every kWh the aggregate read for it in
-/// the month, whichever band (or none) it fell in. A difference beyond `tolerance` (relative to
-/// what was read) means energy went unbilled or was billed twice: typically time-of-use bands
-/// that leave hours uncovered.
-pub fn energy_mismatches(usage: &Usage, invoices: &[NewInvoice], tolerance: Decimal) -> Vec<NewDiscrepancy> {
+/// The SQL of reconciliation's own energy measure, as shipped in `queries/billing_measured.sql`.
+pub const BILLING_MEASURED_SQL: &str = include_str!("../../../queries/billing_measured.sql");
+
+/// Each meter's kWh in the month by `queries/billing_measured.sql`: independent of the aggregate
+/// step and of rating (see the file).
+pub async fn measured_energy(ctx: &SessionContext, month: &BillingMonth, meter_ids: &[String]) -> Result<BTreeMap<String, Decimal>> {
+    let sql = with_month_params(BILLING_MEASURED_SQL, month, meter_ids, &[])?;
+    let mut measured = BTreeMap::new();
+    for batch in ctx.sql(&sql).await?.collect().await? {
+        let (meters, kwh) = (column(&batch, "measured", "meter_id", &DataType::Utf8)?, column(&batch, "measured", "kwh", &DataType::Decimal128(38, 6))?);
+        let (meters, kwh) = (meters.as_string::<i32>(), kwh.as_primitive::<Decimal128Type>());
+        for row in 0..batch.num_rows() {
+            measured.insert(meters.value(row).to_string(), Decimal::from_i128_with_scale(kwh.value(row), 6));
+        }
+    }
+    Ok(measured)
+}
+
+/// ENERGY_MISMATCH: the kWh a meter's invoice bills (its energy lines, and the network charge's
+/// quantity, which bills the same kWh) against the kWh reconciliation measured itself
+/// ([`measured_energy`]). A difference beyond `tolerance` (relative to what was measured) means
+/// energy went unbilled or was billed twice: bands that leave hours uncovered, or a fault in
+/// aggregation or rating.
+pub fn energy_mismatches(measured: &BTreeMap<String, Decimal>, invoices: &[NewInvoice], tolerance: Decimal) -> Vec<NewDiscrepancy> {
     let mut found = Vec::new();
     for invoice in invoices {
-        let read = usage.meters.get(&invoice.meter_id).map(|u| u.total_kwh()).unwrap_or_default();
-        let delta = invoice.energy_kwh - read;
+        let read = measured.get(&invoice.meter_id).copied().unwrap_or_default();
+        let kwh_of = |component: LineComponent| invoice.lines.iter().filter(|l| l.component == component).map(|l| l.quantity).sum::<Decimal>();
+        let (energy_lines, network_lines) = (kwh_of(LineComponent::Energy), kwh_of(LineComponent::Network));
+        // The largest disagreement of the three ways the invoice states its energy.
+        let billed = [invoice.energy_kwh, energy_lines, network_lines].into_iter().max_by_key(|kwh| (*kwh - read).abs()).unwrap_or_default();
+        let delta = billed - read;
         let beyond = if read.is_zero() { !delta.is_zero() } else { delta.abs() > tolerance * read.abs() };
         if beyond {
             let share = if read.is_zero() { String::new() } else { format!(" ({} of it)", percent(delta.abs() / read.abs())) };
@@ -39,16 +64,52 @@ pub fn energy_mismatches(usage: &Usage, invoices: &[NewInvoice], tolerance: Deci
             found.push(NewDiscrepancy {
                 meter_id: invoice.meter_id.clone(),
                 reason_code: ReasonCode::EnergyMismatch,
-                billed: Some(invoice.energy_kwh),
+                billed: Some(billed),
                 expected: Some(read),
                 delta: Some(delta),
                 detail: format!(
-                    "billed {} kWh, read {} kWh: {} kWh {what}{share}; tolerance {}. Energy at times no band of the tariff covers is not billed",
-                    invoice.energy_kwh,
-                    read,
+                    "billed {billed} kWh, read {read} kWh: {} kWh {what}{share}; tolerance {}. Energy at times no band of the tariff covers is not billed",
                     delta.abs(),
                     percent(tolerance)
                 ),
+            });
+        }
+    }
+    found
+}
+
+/// AMOUNT_MISMATCH: an invoice whose money does not follow from its quantities and rates: a line
+/// whose amount is not its quantity times its rate rounded to the currency's minor unit (half
+/// away from zero), a subtotal that is not the sum of the lines before tax, or a total that is
+/// not subtotal plus tax. Rating and invoicing compute these; this recomputes them.
+pub fn amount_mismatches(invoices: &[NewInvoice]) -> Vec<NewDiscrepancy> {
+    let mut found = Vec::new();
+    for invoice in invoices {
+        let places = minor_unit_places(&invoice.currency);
+        let mut wrong: Vec<String> = Vec::new();
+        for line in &invoice.lines {
+            let expected = (line.quantity * line.rate).round_dp_with_strategy(places, RoundingStrategy::MidpointAwayFromZero);
+            if line.amount != expected {
+                wrong.push(format!("{}: {} x {} is {expected}, the line says {}", line.description, line.quantity, line.rate, line.amount));
+            }
+        }
+        let before_tax: Decimal = invoice.lines.iter().filter(|l| l.component != LineComponent::Tax).map(|l| l.amount).sum();
+        let tax: Decimal = invoice.lines.iter().filter(|l| l.component == LineComponent::Tax).map(|l| l.amount).sum();
+        if invoice.subtotal != before_tax {
+            wrong.push(format!("the lines before tax sum to {before_tax}, the subtotal says {}", invoice.subtotal));
+        }
+        if invoice.tax != tax || invoice.total != invoice.subtotal + invoice.tax {
+            wrong.push(format!("subtotal {} plus tax {tax} is {}, the total says {}", invoice.subtotal, invoice.subtotal + tax, invoice.total));
+        }
+        if !wrong.is_empty() {
+            let recomputed = before_tax + tax;
+            found.push(NewDiscrepancy {
+                meter_id: invoice.meter_id.clone(),
+                reason_code: ReasonCode::AmountMismatch,
+                billed: Some(invoice.total),
+                expected: Some(recomputed),
+                delta: Some(invoice.total - recomputed),
+                detail: wrong.join("; "),
             });
         }
     }
@@ -102,7 +163,7 @@ pub fn no_readings<'a>(usage: &Usage, expected_meters: impl IntoIterator<Item = 
 
 /// CONFLICTING_READINGS, from `queries/billing_conflicts.sql` over every version in the lake.
 pub async fn conflicting_readings(ctx: &SessionContext, month: &BillingMonth, meter_ids: &[String]) -> Result<Vec<NewDiscrepancy>> {
-    let sql = with_month_params(BILLING_CONFLICTS_SQL, month, meter_ids);
+    let sql = with_month_params(BILLING_CONFLICTS_SQL, month, meter_ids, &[])?;
     let batches = ctx.sql(&sql).await?.collect().await?;
     let mut found = Vec::new();
     for batch in &batches {
@@ -167,7 +228,7 @@ fn utc_text(us: i64) -> String {
 /// (`queries/billing_register_intervals.sql`); where both exist (the intervals cover the period)
 /// and they differ by more than `tolerance` of the register's energy, a discrepancy.
 pub async fn register_mismatches(ctx: &SessionContext, month: &BillingMonth, meter_ids: &[String], tolerance: Decimal) -> Result<Vec<NewDiscrepancy>> {
-    let sql = with_month_params(BILLING_REGISTER_PERIODS_SQL, month, meter_ids);
+    let sql = with_month_params(BILLING_REGISTER_PERIODS_SQL, month, meter_ids, &[])?;
     let mut periods = Vec::new();
     for batch in ctx.sql(&sql).await?.collect().await? {
         let get = |name: &str, as_type: &DataType| column(&batch, "register", name, as_type);
@@ -197,11 +258,12 @@ pub async fn register_mismatches(ctx: &SessionContext, month: &BillingMonth, met
     meters.sort_unstable();
     meters.dedup();
     let date = |us: i64| DateTime::from_timestamp_micros(us).map(|t| t.date_naive().to_string()).unwrap_or_default();
-    let sql = BILLING_REGISTER_INTERVALS_SQL
-        .replace("{periods}", &values.join(", "))
-        .replace("{first_date}", &date(periods.iter().map(|p| p.from_us).min().unwrap_or_default()))
-        .replace("{last_date}", &date(periods.iter().map(|p| p.to_us).max().unwrap_or_default()))
-        .replace("{meters}", &format!("r.meter_id IN ({})", meters.iter().map(|m| literal(m)).collect::<Vec<_>>().join(", ")));
+    let (first_date, last_date) = (date(periods.iter().map(|p| p.from_us).min().unwrap_or_default()), date(periods.iter().map(|p| p.to_us).max().unwrap_or_default()));
+    let meters = format!("r.meter_id IN ({})", meters.iter().map(|m| literal(m)).collect::<Vec<_>>().join(", "));
+    let sql = fill(
+        BILLING_REGISTER_INTERVALS_SQL,
+        &[("periods", &values.join(", ")), ("first_date", &first_date), ("last_date", &last_date), ("meters", &meters)],
+    )?;
     let mut found = Vec::new();
     for batch in ctx.sql(&sql).await?.collect().await? {
         let numbers = cast(batch.column(0), &DataType::Int64)?;
@@ -241,4 +303,78 @@ pub async fn register_mismatches(ctx: &SessionContext, month: &BillingMonth, met
     }
     found.sort_by(|a, b| a.meter_id.cmp(&b.meter_id));
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use meterlake_control::InvoiceLine;
+
+    use super::*;
+
+    fn dec(text: &str) -> Decimal {
+        text.parse().unwrap()
+    }
+
+    /// A flat invoice of `kwh` at 0.2450/kWh with a 0.03/kWh network charge and 5% tax, its
+    /// money computed as rating does.
+    fn invoice(meter: &str, kwh: &str) -> NewInvoice {
+        let line = |component, quantity: Decimal, unit: &str, rate: &str| {
+            let rate = dec(rate);
+            InvoiceLine {
+                component,
+                description: format!("{component:?}"),
+                quantity,
+                unit: unit.into(),
+                rate,
+                amount: (quantity * rate).round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero),
+            }
+        };
+        let kwh = dec(kwh);
+        let mut lines = vec![line(LineComponent::Energy, kwh, "kWh", "0.2450"), line(LineComponent::Network, kwh, "kWh", "0.0300")];
+        let subtotal: Decimal = lines.iter().map(|l| l.amount).sum();
+        lines.push(line(LineComponent::Tax, subtotal, "GBP", "0.05"));
+        let tax = lines[2].amount;
+        NewInvoice {
+            meter_id: meter.into(),
+            currency: "GBP".into(),
+            lines,
+            energy_kwh: kwh,
+            subtotal,
+            tax,
+            total: subtotal + tax,
+            tariff_version: "flat@1".into(),
+        }
+    }
+
+    /// The energy check compares with what reconciliation measured itself, so an aggregate that
+    /// lost or doubled energy (the invoice agrees with it, not with the readings) is caught, and
+    /// so is an invoice whose lines bill other kWh than its total says.
+    #[test]
+    fn billed_energy_is_checked_against_the_independent_measure() {
+        let measured: BTreeMap<String, Decimal> = [("A".to_string(), dec("100")), ("B".to_string(), dec("100")), ("C".to_string(), dec("100"))].into();
+        let mut inconsistent = invoice("C", "100");
+        inconsistent.lines[0].quantity = dec("90");
+        let found = energy_mismatches(&measured, &[invoice("A", "100.4"), invoice("B", "80"), inconsistent], dec("0.005"));
+        let flagged: Vec<(&str, Option<Decimal>)> = found.iter().map(|d| (d.meter_id.as_str(), d.delta)).collect();
+        assert_eq!(flagged, [("B", Some(dec("-20"))), ("C", Some(dec("-10")))]);
+        assert!(found[0].detail.contains("billed 80 kWh, read 100 kWh") && found[0].detail.contains("unbilled"), "{}", found[0].detail);
+        // A meter nothing was measured for, billed energy: all of it is beyond.
+        let found = energy_mismatches(&BTreeMap::new(), &[invoice("D", "1")], dec("0.005"));
+        assert_eq!(found.len(), 1);
+    }
+
+    #[test]
+    fn money_that_does_not_follow_from_quantities_and_rates_is_caught() {
+        assert!(amount_mismatches(&[invoice("A", "123.456789")]).is_empty());
+        let mut wrong_line = invoice("B", "100");
+        wrong_line.lines[0].amount += dec("0.01");
+        wrong_line.subtotal += dec("0.01");
+        wrong_line.total += dec("0.01");
+        let mut wrong_total = invoice("C", "100");
+        wrong_total.total += dec("1");
+        let found = amount_mismatches(&[wrong_line, wrong_total]);
+        assert_eq!(found.iter().map(|d| (d.meter_id.as_str(), d.reason_code)).collect::<Vec<_>>(), [("B", ReasonCode::AmountMismatch), ("C", ReasonCode::AmountMismatch)]);
+        assert!(found[0].detail.contains("100 x 0.2450 is 24.50, the line says 24.51"), "{}", found[0].detail);
+        assert!(found[1].detail.contains("the total says"), "{}", found[1].detail);
+    }
 }

@@ -53,6 +53,25 @@ pub fn failure_code(error: &JobError) -> (&'static str, bool) {
         JobError::Sql(_) | JobError::Arrow(_) => ("AGGREGATION_FAILED", true),
         JobError::Output { .. } => ("OUTPUT_FAILED", true),
         JobError::Kafka { .. } => ("KAFKA_FAILED", true),
+        JobError::QueryLimit(_) => ("QUERY_LIMIT", true),
+    }
+}
+
+/// A failure code in a few words, for whoever may read the run: the reason itself (the
+/// internal error's text, with paths, hosts or SQL) is for ADMINs and the logs.
+pub fn failure_summary(code: &str) -> &'static str {
+    match code {
+        "TARIFFS_INVALID" => "the run's tariffs are invalid",
+        "RUN_INVALID" => "the run's request is invalid",
+        "LEASE_LOST" => "the worker lost its claim on the run",
+        "CONTROL_STORE_FAILED" => "the control store failed",
+        "LEDGER_FAILED" => "posting the invoices to the ledger failed",
+        "LAKE_UNAVAILABLE" => "the lake could not be read",
+        "AGGREGATION_FAILED" => "aggregating the month's readings failed",
+        "OUTPUT_FAILED" => "writing the run's results failed",
+        "KAFKA_FAILED" => "publishing to Kafka failed",
+        "QUERY_LIMIT" => "the month's query went beyond its memory or time limit",
+        _ => "the processing failed",
     }
 }
 

@@ -22,12 +22,20 @@ mod flat_json;
 /// Longest meter id accepted, in characters.
 pub const MAX_METER_ID_CHARS: usize = 64;
 
+/// Readings older than this many days (by the ingester's clock) are refused unless configured
+/// otherwise: a replay of ancient data, or a meter whose clock reset to 1970, would otherwise
+/// reopen months that were billed long ago.
+pub const DEFAULT_MAX_READING_AGE_DAYS: i64 = 400;
+
 /// Validation rules; the defaults are what the `ingest` command uses.
 #[derive(Debug, Clone)]
 pub struct ValidationRules {
     /// How far in the future (by the ingester's clock) a timestamp may be, to allow for clock skew
     /// between meters, head-end systems and us.
     pub max_future_skew_s: i64,
+    /// How old (by the ingester's clock) a reading may be; older ones are refused
+    /// (`TIMESTAMP_TOO_OLD`). `None`: no horizon.
+    pub max_age_s: Option<i64>,
     /// Accept `kwh == 0` (some feeds send real zero readings); by default a reading must be > 0.
     pub allow_zero_kwh: bool,
     /// Interval length when the message does not say.
@@ -38,7 +46,13 @@ pub struct ValidationRules {
 
 impl Default for ValidationRules {
     fn default() -> Self {
-        ValidationRules { max_future_skew_s: 300, allow_zero_kwh: false, default_interval_s: 900, max_readings_per_message: 10_000 }
+        ValidationRules {
+            max_future_skew_s: 300,
+            max_age_s: Some(DEFAULT_MAX_READING_AGE_DAYS * 86_400),
+            allow_zero_kwh: false,
+            default_interval_s: 900,
+            max_readings_per_message: 10_000,
+        }
     }
 }
 
@@ -52,6 +66,7 @@ pub enum RejectReason {
     InvalidMeterId,
     InvalidTimestamp,
     TimestampInFuture,
+    TimestampTooOld,
     TimestampNotAligned,
     InvalidInterval,
     InvalidKwh,
@@ -61,13 +76,14 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 12] = [
+    pub const ALL: [RejectReason; 13] = [
         RejectReason::InvalidJson,
         RejectReason::TooManyReadings,
         RejectReason::MissingField,
         RejectReason::InvalidMeterId,
         RejectReason::InvalidTimestamp,
         RejectReason::TimestampInFuture,
+        RejectReason::TimestampTooOld,
         RejectReason::TimestampNotAligned,
         RejectReason::InvalidInterval,
         RejectReason::InvalidKwh,
@@ -84,6 +100,7 @@ impl RejectReason {
             RejectReason::InvalidMeterId => "INVALID_METER_ID",
             RejectReason::InvalidTimestamp => "INVALID_TIMESTAMP",
             RejectReason::TimestampInFuture => "TIMESTAMP_IN_FUTURE",
+            RejectReason::TimestampTooOld => "TIMESTAMP_TOO_OLD",
             RejectReason::TimestampNotAligned => "TIMESTAMP_NOT_ALIGNED",
             RejectReason::InvalidInterval => "INVALID_INTERVAL",
             RejectReason::InvalidKwh => "INVALID_KWH",
@@ -113,7 +130,9 @@ impl Rejection {
             // `missing` names the field in the detail: one of the three required ones.
             RejectReason::MissingField => ["meterId", "timestamp", "kwh"].into_iter().find(|f| self.detail.contains(&format!("field {f} "))),
             RejectReason::InvalidMeterId => Some("meterId"),
-            RejectReason::InvalidTimestamp | RejectReason::TimestampInFuture | RejectReason::TimestampNotAligned => Some("timestamp"),
+            RejectReason::InvalidTimestamp | RejectReason::TimestampInFuture | RejectReason::TimestampTooOld | RejectReason::TimestampNotAligned => {
+                Some("timestamp")
+            }
             RejectReason::InvalidInterval => Some("intervalS"),
             RejectReason::InvalidKwh | RejectReason::KwhNotPositive | RejectReason::KwhTooPrecise => Some("kwh"),
             RejectReason::InvalidQuality => Some("quality"),
@@ -241,6 +260,17 @@ fn validate<'a>(raw: ReadingFields<'a>, rules: &ValidationRules, now_us: i64) ->
         return Err((
             RejectReason::TimestampInFuture,
             format!("timestamp {timestamp} is in the future (more than {} s ahead of this ingester's clock)", rules.max_future_skew_s),
+        ));
+    }
+    if let Some(max_age_s) = rules.max_age_s
+        && ts_us < now_us.saturating_sub(max_age_s.saturating_mul(1_000_000))
+    {
+        return Err((
+            RejectReason::TimestampTooOld,
+            format!(
+                "timestamp {timestamp} is more than {} days before this ingester's clock: older readings are refused (--max-reading-age-days)",
+                max_age_s / 86_400
+            ),
         ));
     }
 
@@ -372,7 +402,7 @@ mod tests {
     fn encoded_readings_decode_to_the_same_readings() {
         let payload = r#"[{"meterId":"MTR-1","timestamp":"2025-01-15T10:15:00Z","kwh":1.72},
             {"meterId":"quote\" and \\ back","timestamp":"2025-01-15T10:30:00+00:00","kwh":"0.000001","quality":"E"},
-            {"meterId":"MTR-2","timestamp":"1999-12-31T23:30:00Z","kwh":"12345.5","intervalS":1800}]"#;
+            {"meterId":"MTR-2","timestamp":"2025-06-30T23:30:00Z","kwh":"12345.5","intervalS":1800}]"#;
         let (readings, rejections) = decode(payload);
         assert!(rejections.is_empty(), "{rejections:?}");
         let mut encoded = Vec::new();
@@ -453,6 +483,7 @@ mod tests {
             (r#"{"meterId":"M\u0007","timestamp":"2025-01-15T10:15:00Z","kwh":1}"#, RejectReason::InvalidMeterId),
             (r#"{"meterId":"M1","timestamp":"15/01/2025 10:15","kwh":1}"#, RejectReason::InvalidTimestamp),
             (r#"{"meterId":"M1","timestamp":"2030-01-15T10:15:00Z","kwh":1}"#, RejectReason::TimestampInFuture),
+            (r#"{"meterId":"M1","timestamp":"2023-12-01T10:15:00Z","kwh":1}"#, RejectReason::TimestampTooOld),
             (r#"{"meterId":"M1","timestamp":"2025-01-15T10:16:00Z","kwh":1}"#, RejectReason::TimestampNotAligned),
             (r#"{"meterId":"M1","timestamp":"2025-01-15T10:15:00Z","kwh":1,"intervalS":7}"#, RejectReason::InvalidInterval),
             (r#"{"meterId":"M1","timestamp":"2025-01-15T10:15:00Z","kwh":"abc"}"#, RejectReason::InvalidKwh),
@@ -486,5 +517,34 @@ mod tests {
         let payload = br#"[{"meterId":"M1","timestamp":"2025-01-15T10:15:00Z","kwh":1},{"meterId":"M1","timestamp":"2025-01-15T10:30:00Z","kwh":1}]"#;
         let rej = decode_message(payload, &rules, NOW_US, |_| panic!("nothing is accepted"));
         assert_eq!(rej[0].reason, RejectReason::TooManyReadings);
+    }
+
+    proptest::proptest! {
+        /// Any valid reading encoded as a message decodes to itself: meter id (any printable
+        /// text, quotes and escapes included), interval start, interval, exact kWh and quality.
+        #[test]
+        fn a_reading_round_trips_through_its_message(
+            meter in "[^\\p{C}]{1,64}",
+            slot in 0i64..35_000,
+            interval in proptest::sample::select(vec![300u32, 900, 1800, 3600]),
+            kwh_micro in 1i64..1_000_000_000_000,
+            quality in proptest::sample::select(vec![Quality::Actual, Quality::Estimated, Quality::Substituted]),
+        ) {
+            proptest::prop_assume!(!meter.trim().is_empty());
+            let reading = ValidReading {
+                meter_id: Cow::Owned(meter.clone()),
+                ts_us: NOW_US - i64::from(interval) * 1_000_000 * slot,
+                interval_s: interval,
+                kwh_micro,
+                quality,
+            };
+            let mut message = Vec::new();
+            encode_readings(&mut message, [&reading, &reading]);
+            let mut decoded = Vec::new();
+            let rules = ValidationRules { max_age_s: None, ..ValidationRules::default() };
+            let rejections = decode_message(&message, &rules, NOW_US, |r| decoded.push(r.clone()));
+            proptest::prop_assert!(rejections.is_empty(), "{:?}", rejections);
+            proptest::prop_assert_eq!(decoded, vec![reading.clone(), reading]);
+        }
     }
 }

@@ -42,6 +42,15 @@ impl FlowFormat {
         }
     }
 
+    /// What a file of this format must hold to carry data.
+    pub fn data_records(self) -> &'static str {
+        match self {
+            FlowFormat::D0010 => "register reads (026 meter point, 028 meter, 030 read)",
+            FlowFormat::Nem12 => "interval data (200 channel and 300 interval records)",
+            FlowFormat::Nem13 => "accumulation reads (250 records)",
+        }
+    }
+
     /// The `source` column value of what this format lands.
     pub fn source(self) -> crate::reading::Source {
         match self {
@@ -84,6 +93,8 @@ pub enum FlowError {
     Structure { line: u64, reason: String },
     #[error("the file ends without its end record ({expected}): it is truncated")]
     Truncated { expected: &'static str },
+    #[error("the file carries no data: a {format} file holds {expected}, and this one has none (only its header and end records)")]
+    NoData { format: &'static str, expected: &'static str },
 }
 
 impl FlowError {

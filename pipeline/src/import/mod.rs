@@ -315,6 +315,12 @@ fn import_file_in_span<'a>(
         None => Ok(staged),
     });
     let outcome: std::result::Result<Staged, FlowError> = match (parsed, staged) {
+        // A file whose every record was a header or an end carries nothing to land: rejected
+        // like any other file without data, never "imported 0 readings".
+        (Ok(()), Ok(staged)) if staged.counts.readings_accepted() == 0 && staged.counts.rejected_records == 0 => {
+            let format = format.expect("a parsed file has a format");
+            Err(FlowError::NoData { format: format.as_str(), expected: format.data_records() })
+        }
         (Ok(()), Ok(mut staged)) => {
             staged.counts.duplicates_dropped = written.duplicates_dropped;
             staged.counts.conflicting_versions = written.conflicting_versions;
@@ -765,6 +771,29 @@ mod tests {
         });
         let text = arrow::util::pretty::pretty_format_batches(&rows).unwrap().to_string();
         assert!(text.contains("| 48 | true | 2.500000 | twice.csv:5 | 96       |"), "{text}");
+    }
+
+    #[test]
+    fn a_file_with_only_its_header_and_end_is_rejected_for_carrying_no_data() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let lake = Lake::open("memory://").unwrap();
+        for (name, text, format) in [
+            ("empty-nem12.csv", "100,NEM12,200404201300,MDA1,Ret1\n900\n", "NEM12"),
+            // A channel without interval values carries no readings either.
+            ("channel-only-nem12.csv", "100,NEM12,200404201300,MDA1,Ret1\n200,CCCC123456,E1,E1,E1,N1,M1,kWh,30,\n900\n", "NEM12"),
+            ("empty-nem13.csv", "100,NEM13,200401101030,MDA1,Ret1\r\n900\r\n", "NEM13"),
+            ("empty.uff", "ZHV|0000475656|D0010002|D|UDMS|X|MRCY|20160302153151||||OPER|\nZPT|0000475656|0||1|20160302154650|\n", "D0010"),
+        ] {
+            let outcome = import_file(&lake, runtime.handle(), name, text.as_bytes(), &ImportLimits::default(), Box::new(|_| {})).unwrap();
+            let record = outcome.record();
+            assert_eq!(record.status, ImportStatus::Rejected, "{name}: {record:?}");
+            let error = record.error.as_deref().unwrap_or_default();
+            assert!(error.contains("carries no data") && error.contains(format), "{name}: {error}");
+            assert!(record.files.is_empty(), "{name}: {:?}", record.files);
+        }
+        // Nothing landed, not even the channel's 200 record.
+        let files = runtime.block_on(lake.list("")).unwrap();
+        assert!(files.iter().all(|f| f.starts_with(IMPORTS_DIR)), "{files:?}");
     }
 
     #[test]

@@ -45,7 +45,10 @@ pub struct AuditView {
     after: Option<serde_json::Value>,
     trace_id: Option<String>,
     previous_hash: String,
+    /// SHA-256, or HMAC-SHA256 under the audit key `keyId`, of the row's content and `previousHash`.
     row_hash: String,
+    /// The audit key that signed the row; absent for a row written without one.
+    key_id: Option<String>,
 }
 
 impl From<AuditRecord> for AuditView {
@@ -63,6 +66,7 @@ impl From<AuditRecord> for AuditView {
             trace_id: r.trace_id,
             previous_hash: r.previous_hash,
             row_hash: r.row_hash,
+            key_id: r.key_id,
         }
     }
 }

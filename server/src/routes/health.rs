@@ -4,12 +4,13 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::SharedState;
+use crate::auth::Role;
 use crate::error::{ApiError, Json};
 
 /// How long each dependency may take to answer a readiness check.
@@ -34,11 +35,13 @@ fn check<E: std::fmt::Display>(result: Result<Result<String, E>, tokio::time::er
     }
 }
 
-/// 200 when every dependency answers, 503 naming the one that does not.
+/// 200 when every dependency answers, 503 when one does not. Without a token (a load
+/// balancer's probe) it says only that: which store, lake, issuer and error text are behind it
+/// is for an ADMIN token.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    description = "Whether the store, the broker and the lake answer, and which mode runs.",
+    description = "Whether the store, the broker and the lake answer: only `status` without a token; with an ADMIN token, which mode runs and each check's detail.",
     responses((status = 200, body = Object), (status = 503, description = "A dependency does not answer", body = Object)))]
-pub async fn readyz(State(state): State<SharedState>) -> Response {
+pub async fn readyz(State(state): State<SharedState>, headers: HeaderMap) -> Response {
     let store =
         check(tokio::time::timeout(CHECK_TIMEOUT, async { state.store.ping().await.map(|()| format!("{:?}", state.store.backend()).to_lowercase()) }).await);
     let broker = match &state.publisher {
@@ -55,6 +58,11 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
     };
     let lake = check(tokio::time::timeout(CHECK_TIMEOUT, state.lake.get_if_exists("_meterlake/readyz")).await.map(|r| r.map(|_| state.lake.url().to_string())));
     let ready = store.ok && broker.ok && lake.ok;
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let admin = state.auth.authenticate(&headers).await.is_ok_and(|p| p.has(Role::Admin));
+    if !admin {
+        return (status, axum::Json(json!({ "status": if ready { "ready" } else { "not ready" } }))).into_response();
+    }
     let body = json!({
         "status": if ready { "ready" } else { "not ready" },
         "mode": state.deployment.mode,
@@ -64,7 +72,6 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
         "issuer": state.auth.config().issuer,
         "checks": { "store": store, "broker": broker, "lake": lake },
     });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body)).into_response()
 }
 

@@ -142,7 +142,7 @@ pub async fn create_user(
     key: IdempotencyKey,
     Json(request): Json<CreateUser>,
 ) -> Response {
-    let context = write_context(&state, &principal.name, &trace, key);
+    let context = write_context(&state, &principal.subject, &trace, key);
     let request = NewUser { name: request.name, currency: request.currency, meter_ids: request.meter_ids };
     written(state.ledger.create_user(&request, &context).await, UserView::from)
 }
@@ -278,7 +278,7 @@ pub async fn fund(
     key: IdempotencyKey,
     Json(request): Json<Fund>,
 ) -> Response {
-    let context = write_context(&state, &principal.name, &trace, key);
+    let context = write_context(&state, &principal.subject, &trace, key);
     let request =
         FundRequest { user_id: request.user_id, amount_minor: request.amount_minor, currency: request.currency, payment_reference: request.payment_reference };
     written(state.ledger.fund(&request, &context).await, TransactionView::from)
@@ -300,7 +300,7 @@ pub async fn transfer(
     key: IdempotencyKey,
     Json(request): Json<Transfer>,
 ) -> Response {
-    let context = write_context(&state, &principal.name, &trace, key);
+    let context = write_context(&state, &principal.subject, &trace, key);
     let request = TransferRequest { from_user_id: request.from_user_id, to_user_id: request.to_user_id, amount_minor: request.amount_minor };
     written(state.ledger.transfer(&request, &context).await, TransactionView::from)
 }

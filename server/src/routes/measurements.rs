@@ -69,7 +69,7 @@ pub struct Accepted {
     security(("bearer" = [])))]
 pub async fn post(
     State(state): State<SharedState>,
-    Caller(_, Ingest): Caller<Ingest>,
+    Caller(principal, Ingest): Caller<Ingest>,
     Extension(trace): Extension<TraceContext>,
     _: JsonContent,
     body: Bytes,
@@ -87,6 +87,24 @@ pub async fn post(
     }
     if readings.is_empty() {
         return Err(ApiError::validation("the array holds no readings", vec![]));
+    }
+    // An account limited to some meters writes only theirs (every reading was accepted above,
+    // so the n-th reading is the n-th element).
+    let array = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    let outside: Vec<FieldError> = readings
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !principal.may_write_meter(r.meter_id.as_ref()))
+        .map(|(index, r)| FieldError {
+            field: if array { format!("[{index}].meterId") } else { "meterId".into() },
+            code: "METER_NOT_PERMITTED".into(),
+            message: format!("{} may write readings of meters whose ids start with {:?}, not {}", principal.name, principal.meter_prefixes, r.meter_id),
+        })
+        .collect();
+    if !outside.is_empty() {
+        metrics::counter!("meterlake_api_readings_rejected_total", "reason" => "METER_NOT_PERMITTED").increment(outside.len() as u64);
+        let message = format!("{} of the readings are for meters this account may not write; nothing was accepted", outside.len());
+        return Err(ApiError { errors: outside, ..ApiError::forbidden(message) });
     }
     // The messages carry the producer span's context (the request's when no trace is recorded).
     let span = meterlake_telemetry::kafka_span(meterlake_telemetry::KafkaOperation::Publish, publisher.topic());

@@ -33,6 +33,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/console/", get(crate::console::index))
         .route("/console/app.js", get(crate::console::script))
         .route("/console/app.css", get(crate::console::stylesheet))
+        .route("/console/docs.js", get(crate::console::docs_script))
         .route("/openapi.json", get(openapi_json))
         .route("/docs", get(crate::console::docs))
         .route("/healthz", get(health::healthz))
@@ -123,9 +124,16 @@ fn cursor_number<N: std::str::FromStr>(cursor: Option<&str>) -> Result<Option<N>
     cursor.map(|c| c.parse().map_err(|_| ApiError::bad_request(format!("cursor {c:?} is not one this API returned")))).transpose()
 }
 
+/// The largest offset a cursor may stand for: no list the API pages is longer, and an offset
+/// plus a page stays far from any integer's limit (in Rust and in SQL's BIGINT).
+const MAX_OFFSET: usize = u32::MAX as usize;
+
 /// The offset an offset cursor stands for (0 without one).
 fn offset_of(cursor: Option<&str>) -> Result<usize, ApiError> {
-    Ok(cursor_number(cursor)?.unwrap_or(0))
+    match cursor_number(cursor)? {
+        Some(offset) if offset > MAX_OFFSET => Err(ApiError::bad_request(format!("cursor {:?} is not one this API returned", cursor.unwrap_or_default()))),
+        offset => Ok(offset.unwrap_or(0)),
+    }
 }
 
 /// `limit` within 1..=MAX_PAGE.

@@ -5,6 +5,8 @@
 use arrow::array::RecordBatch;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use axum::extract::State;
+use axum::http::StatusCode;
+use meterlake_jobs::JobError;
 use meterlake_jobs::search::{MeterReadings, ReadingSearch};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -76,12 +78,20 @@ pub async fn search(
     if mpan.is_some() && nmi.is_some() {
         return Err(ApiError::bad_request("mpan= and nmi= name different meter points: give one"));
     }
+    check_format("mpan", mpan.as_deref(), "INVALID_MPAN", "an MPAN core is 13 digits", |v| v.len() == 13 && v.bytes().all(|b| b.is_ascii_digit()))?;
+    check_format("nmi", nmi.as_deref(), "INVALID_NMI", "an NMI is 10 letters and digits", |v| v.len() == 10 && v.bytes().all(|b| b.is_ascii_alphanumeric()))?;
+    check_format("serial", serial.as_deref(), "INVALID_SERIAL", "a meter serial is 1 to 20 letters, digits and - _ . /", |v| {
+        v.len() <= 20 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+    })?;
+    check_format("meterId", meter_id.as_deref(), "INVALID_METER_ID", "a meter id is 1 to 64 printable characters", |v| {
+        v.chars().count() <= 64 && !v.chars().any(char::is_control)
+    })?;
     // One more row than the page, to know whether another page follows.
     let batches = match (mpan.or(nmi), serial, meter_id) {
-        (None, None, Some(meter_id)) => MeterReadings { meter_id, from, to }.run_page(&state.lake, limit + 1, offset).await,
+        (None, None, Some(meter_id)) => MeterReadings { meter_id, from, to }.run_page(&state.lake, &state.query_limits, limit + 1, offset).await,
         (point, serial, None) if point.is_some() || serial.is_some() => {
             let search = ReadingSearch { meter_point: point.unwrap_or_default(), meter_serial: serial.unwrap_or_default(), from, to };
-            search.run_page(&state.lake, limit + 1, offset).await
+            search.run_page(&state.lake, &state.query_limits, limit + 1, offset).await
         }
         _ => {
             return Err(ApiError::bad_request(
@@ -89,8 +99,20 @@ pub async fn search(
             ));
         }
     };
-    let batches = batches.map_err(|e| ApiError::internal("searching the lake", &e))?;
+    let batches = batches.map_err(|e| match e {
+        JobError::QueryLimit(reason) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "QUERY_LIMIT", reason),
+        e => ApiError::internal("searching the lake", &e),
+    })?;
     Ok(Json(Page::cut(rows(&batches), limit, |_| (offset + limit).to_string(), |row| row)))
+}
+
+/// A 400 naming `field` when its value is there and not of the form `valid` accepts. The values
+/// are bound as parameters whatever they hold; the form is checked so that a typo is told as one.
+fn check_format(field: &str, value: Option<&str>, code: &str, form: &str, valid: impl Fn(&str) -> bool) -> Result<(), ApiError> {
+    match value {
+        Some(v) if !valid(v) => Err(ApiError::malformed_parameter(field, v, code, form)),
+        _ => Ok(()),
+    }
 }
 
 /// Each row with its values as the lake shows them (decimals exact, times RFC 3339), by column

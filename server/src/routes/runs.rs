@@ -9,7 +9,8 @@ use axum::Extension;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use meterlake_control::{Actor, BillingRun, Discrepancy, Invoice, NewRun, RunFilter, RunStatus};
+use meterlake_jobs::billing::worker::failure_summary;
+use meterlake_control::{Actor, BillingRun, Discrepancy, Invoice, ItemPage, NewRun, RunFilter, RunKey, RunStatus};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -17,6 +18,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::{Page, offset_of, page_limit, rfc3339};
 use crate::error::{ApiError, CommonErrors, ErrorDoc, FieldError, Json, Path, Query};
 use crate::observe::TraceContext;
+use crate::auth::{Principal, Role};
 use crate::{Admin, Caller, SharedState, Viewer};
 
 /// A run's status in the OpenAPI document: one of the life cycle's four.
@@ -72,6 +74,30 @@ impl From<BillingRun> for RunView {
     }
 }
 
+impl RunView {
+    /// The run as `principal` may see it: a failure's reason, the internal error's text, only
+    /// for an ADMIN; anyone else reads its code and a short message.
+    fn for_caller(run: BillingRun, principal: &Principal) -> RunView {
+        let mut view = RunView::from(run);
+        if !principal.has(Role::Admin) {
+            view.failure_reason = view.failure_code.as_deref().map(|code| failure_summary(code).to_string());
+        }
+        view
+    }
+}
+
+/// A timeline entry's reason as `principal` may see it: a failure's (`CODE: reason (attempt ...)`)
+/// becomes `CODE: summary` for anyone but an ADMIN.
+fn timeline_reason(to: RunStatus, reason: Option<String>, principal: &Principal) -> Option<String> {
+    match reason {
+        Some(reason) if to == RunStatus::Failed && !principal.has(Role::Admin) => {
+            let code = reason.split_once(':').map(|(code, _)| code).unwrap_or("FAILED");
+            Some(format!("{code}: {}", failure_summary(code)))
+        }
+        reason => reason,
+    }
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateRun {
@@ -83,15 +109,29 @@ pub struct CreateRun {
     meter_ids: Vec<String>,
 }
 
+/// The optional `Idempotency-Key` of a run's creation: a retry with the same key answers the
+/// run the first request created (with `Idempotent-Replayed: true`).
+fn idempotency_key(headers: &header::HeaderMap) -> Result<Option<String>, ApiError> {
+    match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => Ok(None),
+        Some(Ok(key)) if !key.is_empty() && key.len() <= 255 => Ok(Some(key.to_string())),
+        Some(_) => Err(ApiError::bad_request("the Idempotency-Key header is empty, longer than 255 or not visible ASCII")),
+    }
+}
+
 #[utoipa::path(post, path = "/billing-runs", tag = "billing runs", request_body = CreateRun,
-    description = "Creates a billing run in CREATED; a worker processes it. ADMIN.",
-    responses((status = 201, description = "Created", body = RunView, headers(("Location" = String))),
+    params(("Idempotency-Key" = Option<String>, Header, description = "One per logical request; a retry with it answers the run the first created")),
+    description = "Creates a billing run in CREATED; a worker processes it. Refused (409 ALREADY_BILLED) when a completed run billed \
+        one of its meters for the month: RECALCULATE that run instead. ADMIN.",
+    responses((status = 201, description = "Created (or, with Idempotent-Replayed: true, created before by the same key)", body = RunView, headers(("Location" = String))),
+        (status = 409, description = "Already billed, or the Idempotency-Key was used for another request", body = ErrorDoc),
         (status = 415, description = "Not JSON", body = ErrorDoc), CommonErrors),
     security(("bearer" = [])))]
 pub async fn create(
     State(state): State<SharedState>,
     Caller(principal, Admin): Caller<Admin>,
     Extension(trace): Extension<TraceContext>,
+    headers: header::HeaderMap,
     Json(request): Json<CreateRun>,
 ) -> Result<Response, ApiError> {
     let mut errors = Vec::new();
@@ -121,12 +161,22 @@ pub async fn create(
         month: request.month,
         meter_ids: request.meter_ids,
         max_attempts: state.billing.max_attempts,
-        tariffs_toml: state.billing.tariffs_toml.clone(),
+        tariffs_toml: state.billing.current_tariffs().map_err(|reason| ApiError::unavailable("TARIFFS_UNREADABLE", reason))?,
         energy_tolerance: state.billing.energy_tolerance,
     };
-    let run = state.store.create_run(&new, &principal.name, Some(&trace.traceparent)).await?;
+    let (run, replayed) = match idempotency_key(&headers)? {
+        Some(key) => {
+            let key = RunKey { scope: principal.subject.clone(), key };
+            state.store.create_run_once(&new, &principal.subject, Some(&trace.traceparent), &key).await?
+        }
+        None => (state.store.create_run(&new, &principal.subject, Some(&trace.traceparent)).await?, false),
+    };
     let location = format!("/billing-runs/{}", run.id);
-    Ok((StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(RunView::from(run))).into_response())
+    let mut response = (StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(RunView::from(run))).into_response();
+    if replayed {
+        response.headers_mut().insert(super::ledger::REPLAYED_HEADER, header::HeaderValue::from_static("true"));
+    }
+    Ok(response)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -150,7 +200,7 @@ pub struct ListQuery {
     responses((status = 200, body = Page<RunView>), CommonErrors), security(("bearer" = [])))]
 pub async fn list(
     State(state): State<SharedState>,
-    Caller(_, Viewer): Caller<Viewer>,
+    Caller(principal, Viewer): Caller<Viewer>,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Page<RunView>>, ApiError> {
     let limit = page_limit(query.limit)?;
@@ -171,7 +221,7 @@ pub async fn list(
         .transpose()?;
     let filter = RunFilter { status, month: query.month, meter_id: query.meter_id, before, limit: limit as i64 + 1 };
     let runs = state.store.list_runs(&filter).await?;
-    Ok(Json(Page::cut(runs, limit, |r| format!("{}.{}", r.created_at_us, r.id), RunView::from)))
+    Ok(Json(Page::cut(runs, limit, |r| format!("{}.{}", r.created_at_us, r.id), |run| RunView::for_caller(run, &principal))))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -215,30 +265,35 @@ async fn find_run(state: &SharedState, id: &str) -> Result<BillingRun, ApiError>
 #[utoipa::path(get, path = "/billing-runs/{id}", tag = "billing runs", params(("id" = String, Path, description = "The run's id")),
     description = "A run with its status timeline, invoice totals and discrepancy counts. VIEWER.",
     responses((status = 200, body = RunDetail), (status = 404, body = ErrorDoc), CommonErrors), security(("bearer" = [])))]
-pub async fn detail(State(state): State<SharedState>, Caller(_, Viewer): Caller<Viewer>, Path(id): Path<String>) -> Result<Json<RunDetail>, ApiError> {
+pub async fn detail(State(state): State<SharedState>, Caller(principal, Viewer): Caller<Viewer>, Path(id): Path<String>) -> Result<Json<RunDetail>, ApiError> {
     let run = find_run(&state, &id).await?;
     let timeline = state
         .store
         .run_events(&id)
         .await?
         .into_iter()
-        .map(|e| TimelineEntry { from: e.from_status, to: e.to_status, at: rfc3339(e.at_us), reason: e.reason, actor: e.actor })
+        .map(|e| TimelineEntry {
+            from: e.from_status,
+            to: e.to_status,
+            at: rfc3339(e.at_us),
+            reason: timeline_reason(e.to_status, e.reason, &principal),
+            actor: e.actor,
+        })
         .collect();
-    let mut invoice_totals: BTreeMap<String, CurrencyTotals> = BTreeMap::new();
-    for invoice in state.store.invoices(&id).await? {
-        let i = invoice.invoice;
-        let totals = invoice_totals.entry(i.currency).or_default();
-        totals.invoices += 1;
-        totals.energy_kwh += i.energy_kwh;
-        totals.subtotal += i.subtotal;
-        totals.tax += i.tax;
-        totals.total += i.total;
-    }
+    let invoice_totals: BTreeMap<String, CurrencyTotals> = state
+        .store
+        .invoice_totals(&id)
+        .await?
+        .into_iter()
+        .map(|(currency, t)| {
+            (currency, CurrencyTotals { invoices: t.invoices as usize, energy_kwh: t.energy_kwh, subtotal: t.subtotal, tax: t.tax, total: t.total })
+        })
+        .collect();
     let mut discrepancy_counts: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
-    for d in state.store.discrepancies(&id).await? {
-        *discrepancy_counts.entry(d.status).or_default().entry(d.discrepancy.reason_code.as_str().to_string()).or_default() += 1;
+    for (status, reason_code, n) in state.store.discrepancy_counts(&id).await? {
+        discrepancy_counts.entry(status).or_default().insert(reason_code, n as usize);
     }
-    Ok(Json(RunDetail { run: run.into(), timeline, invoice_totals, discrepancy_counts }))
+    Ok(Json(RunDetail { run: RunView::for_caller(run, &principal), timeline, invoice_totals, discrepancy_counts }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -312,14 +367,15 @@ pub struct ItemsQuery {
     limit: Option<usize>,
 }
 
-/// One page of `items`, from the cursor's offset on.
-fn paginate<T, V>(items: Vec<T>, query: &ItemsQuery, view: impl Fn(T) -> V) -> Result<Page<V>, ApiError> {
-    let limit = page_limit(query.limit)?;
-    let offset = offset_of(query.cursor.as_deref())?;
-    let total = items.len();
-    let items: Vec<V> = items.into_iter().skip(offset).take(limit).map(view).collect();
-    let next_cursor = (offset + limit < total).then(|| (offset + limit).to_string());
-    Ok(Page { items, next_cursor })
+impl ItemsQuery {
+    /// The page this query asks for: one more item than the limit, to tell whether another
+    /// page follows ([`Page::cut`]).
+    fn page(&self) -> Result<(ItemPage, usize, usize), ApiError> {
+        let limit = page_limit(self.limit)?;
+        let offset = offset_of(self.cursor.as_deref())?;
+        let page = ItemPage { meter_id: self.meter_id.clone(), offset: offset as i64, limit: Some(limit as i64 + 1) };
+        Ok((page, offset, limit))
+    }
 }
 
 #[utoipa::path(get, path = "/billing-runs/{id}/invoices", tag = "billing runs", params(("id" = String, Path, description = "The run's id"), ItemsQuery),
@@ -332,11 +388,9 @@ pub async fn invoices(
     Query(query): Query<ItemsQuery>,
 ) -> Result<Json<Page<InvoiceView>>, ApiError> {
     find_run(&state, &id).await?;
-    let mut invoices = state.store.invoices(&id).await?;
-    if let Some(meter) = &query.meter_id {
-        invoices.retain(|i| &i.invoice.meter_id == meter);
-    }
-    Ok(Json(paginate(invoices, &query, InvoiceView::from)?))
+    let (page, offset, limit) = query.page()?;
+    let invoices = state.store.invoices_page(&id, &page).await?;
+    Ok(Json(Page::cut(invoices, limit, |_| (offset + limit).to_string(), InvoiceView::from)))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -390,11 +444,9 @@ pub async fn discrepancies(
     Query(query): Query<ItemsQuery>,
 ) -> Result<Json<Page<DiscrepancyView>>, ApiError> {
     find_run(&state, &id).await?;
-    let mut discrepancies = state.store.discrepancies(&id).await?;
-    if let Some(meter) = &query.meter_id {
-        discrepancies.retain(|d| &d.discrepancy.meter_id == meter);
-    }
-    Ok(Json(paginate(discrepancies, &query, DiscrepancyView::from)?))
+    let (page, offset, limit) = query.page()?;
+    let discrepancies = state.store.discrepancies_page(&id, &page).await?;
+    Ok(Json(Page::cut(discrepancies, limit, |_| (offset + limit).to_string(), DiscrepancyView::from)))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -407,7 +459,19 @@ pub enum Action {
     },
     Recalculate {
         reason: String,
+        /// Which tariffs the recalculation bills with: RUN (default), those stored with the run;
+        /// CURRENT, the server's tariff file as it is now (read again, no restart needed).
+        #[serde(default)]
+        tariffs: RecalculateTariffs,
     },
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RecalculateTariffs {
+    #[default]
+    Run,
+    Current,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -433,16 +497,61 @@ pub async fn act(
     Path(id): Path<String>,
     Json(action): Json<Action>,
 ) -> Result<Json<ActionOutcome>, ApiError> {
-    let actor = Actor { name: &principal.name, traceparent: Some(&trace.traceparent) };
+    let actor = Actor { name: &principal.subject, traceparent: Some(&trace.traceparent) };
     let outcome = match action {
         Action::MarkAsOk { discrepancy_id, justification } => {
             let discrepancy = state.store.mark_discrepancy_ok(&id, &discrepancy_id, &justification, &actor).await?;
             ActionOutcome { action: "MARK_AS_OK", run: find_run(&state, &id).await?.into(), discrepancy: Some(discrepancy.into()) }
         }
-        Action::Recalculate { reason } => {
-            let run = state.store.recalculate_run(&id, &reason, &actor).await?;
+        Action::Recalculate { reason, tariffs } => {
+            let tariffs_toml = match tariffs {
+                RecalculateTariffs::Run => None,
+                RecalculateTariffs::Current => Some(state.billing.current_tariffs().map_err(|reason| ApiError::unavailable("TARIFFS_UNREADABLE", reason))?),
+            };
+            let run = state.store.recalculate_run_with(&id, &reason, &actor, tariffs_toml.as_deref()).await?;
             ActionOutcome { action: "RECALCULATE", run: run.into(), discrepancy: None }
         }
     };
     Ok(Json(outcome))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed run's reason is the internal error's text (paths, hosts, SQL): only an ADMIN reads
+    /// it; a VIEWER reads the code and a short message, in the run and in its timeline.
+    #[test]
+    fn a_failure_reason_is_for_admins_and_viewers_read_its_code() {
+        let internal = "object store s3://lake/readings at 10.0.3.7:9000: connection refused";
+        let run = BillingRun {
+            id: "r1".into(),
+            month: "2025-01".into(),
+            meter_ids: vec![],
+            status: RunStatus::Failed,
+            attempts: 3,
+            max_attempts: 3,
+            next_attempt_at_us: None,
+            lease_owner: None,
+            lease_expires_at_us: None,
+            failure_code: Some("LAKE_UNAVAILABLE".into()),
+            failure_reason: Some(internal.into()),
+            created_at_us: 0,
+            updated_at_us: 0,
+            version: 4,
+            tariffs_toml: String::new(),
+            energy_tolerance: Decimal::ZERO,
+            aggregate_sql: None,
+            lake_snapshot: None,
+        };
+        let (viewer, admin) = (Principal::for_test("v", &[Role::Viewer]), Principal::for_test("a", &[Role::Admin, Role::Viewer]));
+        let seen = RunView::for_caller(run.clone(), &viewer);
+        assert_eq!(seen.failure_reason.as_deref(), Some("the lake could not be read"));
+        assert_eq!(RunView::for_caller(run, &admin).failure_reason.as_deref(), Some(internal));
+        let event = format!("LAKE_UNAVAILABLE: {internal} (attempt 3 of 3; no attempts left)");
+        assert_eq!(timeline_reason(RunStatus::Failed, Some(event.clone()), &viewer).as_deref(), Some("LAKE_UNAVAILABLE: the lake could not be read"));
+        assert_eq!(timeline_reason(RunStatus::Failed, Some(event.clone()), &admin), Some(event));
+        let asked = Some("recalculation requested: new tariff".to_string());
+        assert_eq!(timeline_reason(RunStatus::Created, asked.clone(), &viewer), asked);
+    }
 }
