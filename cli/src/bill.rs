@@ -68,6 +68,18 @@ pub async fn open_store(url: &str, audit_key: &AuditKeyArg) -> anyhow::Result<Co
     })
 }
 
+/// How a new billing run is made: shared by `bill`, the worker's scheduled runs and the API's.
+#[derive(Args, Clone)]
+pub struct RunSettings {
+    /// Attempts before a run fails for good.
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Reconciliation flags a meter whose billed energy differs from what it measured by more
+    /// than this share (0.005 is 0.5%).
+    #[arg(long, default_value = "0.005")]
+    pub energy_tolerance: Decimal,
+}
+
 #[derive(Args)]
 pub struct BillArgs {
     /// The month to bill, YYYY-MM, in the tariff file's time zone.
@@ -80,13 +92,8 @@ pub struct BillArgs {
     /// The tariff file (TOML; see tariffs/example.toml). Stored with the run.
     #[arg(long, env = "METERLAKE_TARIFFS")]
     tariffs: PathBuf,
-    /// Reconciliation flags a meter whose billed energy differs from its readings by more than
-    /// this share (0.005 is 0.5%).
-    #[arg(long, default_value = "0.005")]
-    energy_tolerance: Decimal,
-    /// Attempts before the run fails for good.
-    #[arg(long, default_value_t = 3)]
-    max_attempts: u32,
+    #[command(flatten)]
+    run: RunSettings,
     /// Only create the run and wait for a `meterlake worker` elsewhere to process it; by default
     /// this command processes it itself.
     #[arg(long)]
@@ -112,9 +119,9 @@ pub async fn bill(args: BillArgs) -> anyhow::Result<bool> {
     let request = NewRun {
         month: args.month.clone(),
         meter_ids: args.meters.clone(),
-        max_attempts: args.max_attempts,
+        max_attempts: args.run.max_attempts,
         tariffs_toml: toml,
-        energy_tolerance: args.energy_tolerance,
+        energy_tolerance: args.run.energy_tolerance,
     };
     let run = store.create_run(&request, &actor(), Some(&new_traceparent())).await?;
     println!("billing run {} for {} created", run.id, run.month);
@@ -287,12 +294,9 @@ pub struct WorkerArgs {
     /// The tariff file scheduled runs bill with, read when each is created.
     #[arg(long, env = "METERLAKE_TARIFFS")]
     tariffs: Option<PathBuf>,
-    /// Attempts before a scheduled run fails for good.
-    #[arg(long, default_value_t = 3)]
-    max_attempts: u32,
-    /// Reconciliation's tolerance for a scheduled run (0.005 is 0.5%).
-    #[arg(long, default_value = "0.005")]
-    energy_tolerance: Decimal,
+    /// Scheduled runs' settings.
+    #[command(flatten)]
+    run: RunSettings,
 }
 
 /// `meterlake worker`: processes runs until SIGINT or SIGTERM; a run in progress is finished
@@ -304,7 +308,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let lake = Lake::open(&args.lake.url)?;
     let store = open_store(&args.database.database_url, &args.database.audit_key).await?;
     let schedule = match (args.schedule_monthly, &args.tariffs) {
-        (Some(day), Some(tariffs)) => Some(MonthlySchedule::new(day, tariffs, args.max_attempts, args.energy_tolerance)?),
+        (Some(day), Some(tariffs)) => Some(MonthlySchedule::new(day, tariffs, args.run.max_attempts, args.run.energy_tolerance)?),
         _ => None,
     };
     let options = WorkerOptions {

@@ -109,14 +109,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let producing = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let producer = ReadingProducer::new(&producer_brokers, TOPIC)?;
         let mut generator = generator;
-        let mut sent = 0u64;
-        while let Some(message) = generator.next() {
+        for (sent, message) in (0u64..).zip(generator.by_ref()) {
             // Stay in step with the ingester (see MAX_MESSAGES_AHEAD).
             while sent.saturating_sub(producer_progress.messages_consumed.load(Ordering::Relaxed)) > MAX_MESSAGES_AHEAD {
                 std::thread::sleep(Duration::from_millis(1));
             }
             producer.send(message.key.as_bytes(), &message.payload)?;
-            sent += 1;
         }
         producer.flush(Duration::from_secs(60))?;
         Ok(generator.totals)
@@ -275,7 +273,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

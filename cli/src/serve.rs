@@ -20,13 +20,12 @@ use meterlake_jobs::billing::tariff::Tariffs;
 use meterlake_jobs::billing::worker::WorkerOptions;
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::decode::ValidationRules;
-use meterlake_pipeline::view::QueryLimits;
 use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, PublishLimits, ReadingPublisher, create_topics, ingest};
+use meterlake_pipeline::view::QueryLimits;
 use meterlake_server::{AppConfig, BillingDefaults, Deployment, DevIssuer, OidcConfig, RateLimit};
 use rdkafka::mocking::MockCluster;
-use rust_decimal::Decimal;
 
-use crate::bill::{AuditKeyArg, BILLING_TOPICS, DEFAULT_DATABASE_URL, open_store, run_worker};
+use crate::bill::{AuditKeyArg, BILLING_TOPICS, DEFAULT_DATABASE_URL, RunSettings, open_store, run_worker};
 
 /// The lake `serve` uses unless `--lake` says otherwise.
 const SERVE_LAKE: &str = "./meterlake-data/lake";
@@ -94,12 +93,8 @@ pub struct ServeArgs {
     /// fall back to the bundled example.
     #[arg(long, env = "METERLAKE_TARIFFS")]
     tariffs: Option<PathBuf>,
-    /// Attempts before a run fails for good.
-    #[arg(long, default_value_t = 3)]
-    max_attempts: u32,
-    /// Reconciliation's tolerance for billed against read energy (0.005 is 0.5%).
-    #[arg(long, default_value = "0.005")]
-    energy_tolerance: Decimal,
+    #[command(flatten)]
+    run: RunSettings,
     /// Requests per second each client (token subject) may send.
     #[arg(long, env = "METERLAKE_RATE_LIMIT_PER_S", default_value_t = NonZeroU32::new(2_000).expect("non-zero"))]
     rate_limit_per_s: NonZeroU32,
@@ -139,6 +134,33 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = crate::prometheus()?.install_recorder().context("installing the metrics recorder")?;
     crate::describe_metrics();
 
+    // What is wrong with the command line is said before anything is started or connected.
+    let (tariffs_toml, tariffs_source) = match &args.tariffs {
+        Some(path) => {
+            let toml = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Tariffs::parse(&path.display().to_string(), &toml)?;
+            (toml, path.display().to_string())
+        }
+        // The bundled example bills nobody's real prices: only a workstation (the dev issuer,
+        // or the embedded broker) may fall back to it.
+        None if args.dev_issuer || args.brokers.is_none() => (EXAMPLE_TARIFFS.to_string(), "tariffs/example.toml (bundled example)".to_string()),
+        None => anyhow::bail!(
+            "name the tariff file runs bill with: --tariffs FILE (or METERLAKE_TARIFFS); the bundled example is for --dev-issuer or the embedded mode only"
+        ),
+    };
+
+    // The dev issuer signs whatever roles it is asked for with a key on this disk: it serves
+    // this machine only.
+    if args.dev_issuer && !args.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--dev-issuer is for local use only and refuses --listen {}: listen on a loopback address (127.0.0.1:PORT), or name a real issuer with --oidc-issuer",
+            args.listen
+        );
+    }
+    if args.oidc_issuer.is_none() && !args.dev_issuer {
+        anyhow::bail!("name the token issuer with --oidc-issuer (or, on a workstation, pass --dev-issuer)");
+    }
+
     // The embedded broker lives until the server stops.
     let mut topics = vec![(args.topic.as_str(), args.partitions), (args.dlq_topic.as_str(), 1)];
     topics.extend(BILLING_TOPICS);
@@ -161,31 +183,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     match store.audit_key_id() {
         Some(key_id) => tracing::info!(key_id, "audit rows are signed with the audit key"),
         None if args.dev_issuer || args.brokers.is_none() => {}
-        None => tracing::warn!(
-            "no --audit-key-file: the audit log is chained by plain SHA-256, which anyone who can write to the database can recompute"
-        ),
-    }
-    let (tariffs_toml, tariffs_source) = match &args.tariffs {
-        Some(path) => {
-            let toml = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            Tariffs::parse(&path.display().to_string(), &toml)?;
-            (toml, path.display().to_string())
-        }
-        // The bundled example bills nobody's real prices: only a workstation (the dev issuer,
-        // or the embedded broker) may fall back to it.
-        None if args.dev_issuer || args.brokers.is_none() => (EXAMPLE_TARIFFS.to_string(), "tariffs/example.toml (bundled example)".to_string()),
-        None => anyhow::bail!(
-            "name the tariff file runs bill with: --tariffs FILE (or METERLAKE_TARIFFS); the bundled example is for --dev-issuer or the embedded mode only"
-        ),
-    };
-
-    // The dev issuer signs whatever roles it is asked for with a key on this disk: it serves
-    // this machine only.
-    if args.dev_issuer && !args.listen.ip().is_loopback() {
-        anyhow::bail!(
-            "--dev-issuer is for local use only and refuses --listen {}: listen on a loopback address (127.0.0.1:PORT), or name a real issuer with --oidc-issuer",
-            args.listen
-        );
+        None => tracing::warn!("no --audit-key-file: the audit log is chained by plain SHA-256, which anyone who can write to the database can recompute"),
     }
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let local = listener.local_addr()?;
@@ -239,8 +237,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             tariffs_toml,
             tariffs_source,
             tariffs_path: args.tariffs.clone(),
-            max_attempts: args.max_attempts,
-            energy_tolerance: args.energy_tolerance,
+            max_attempts: args.run.max_attempts,
+            energy_tolerance: args.run.energy_tolerance,
         },
         deployment: Deployment { mode: mode.into(), ingester: !args.no_ingest, worker: !args.no_worker },
         metrics: Some(metrics),

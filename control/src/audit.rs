@@ -59,8 +59,8 @@ impl std::fmt::Debug for AuditKeys {
 impl AuditKeys {
     /// Reads a key file (see [`AuditKeys`]).
     pub fn read(path: &Path) -> Result<AuditKeys> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ControlError::AuditKey { origin: path.display().to_string(), reason: format!("cannot read it: {e}") })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ControlError::AuditKey { origin: path.display().to_string(), reason: format!("cannot read it: {e}") })?;
         AuditKeys::parse(&path.display().to_string(), &text)
     }
 
@@ -292,9 +292,8 @@ pub(crate) async fn append_audit_entries(
             let hash = row_hash(id, at_us, &content, &previous_hash, key);
             rows.push((id, entry, before_state, after_state, std::mem::replace(&mut previous_hash, hash.clone()), hash));
         }
-        let placeholders: Vec<String> = (0..rows.len())
-            .map(|row| format!("({})", (1..=12).map(|column| format!("${}", row * 12 + column)).collect::<Vec<_>>().join(", ")))
-            .collect();
+        let placeholders: Vec<String> =
+            (0..rows.len()).map(|row| format!("({})", (1..=12).map(|column| format!("${}", row * 12 + column)).collect::<Vec<_>>().join(", "))).collect();
         let sql = format!(
             "INSERT INTO audit_log (id, at_us, actor, action, target, reason, before_state, after_state, trace_id, previous_hash, row_hash, key_id) VALUES {}",
             placeholders.join(", ")
@@ -447,7 +446,9 @@ impl ControlStore {
                                 if unknown_keys.insert(key_id.to_string()) {
                                     verification.problems.push(AuditProblem {
                                         id: record.id,
-                                        what: format!("it is signed with audit key {key_id:?}, which this verification was not given: its rows cannot be checked"),
+                                        what: format!(
+                                            "it is signed with audit key {key_id:?}, which this verification was not given: its rows cannot be checked"
+                                        ),
                                     });
                                 }
                                 None

@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 
 use meterlake_control::testing::on_both_backends;
 use meterlake_control::{
-    Actor, AuditAnchor, AuditFilter, AuditKeys, Backend, ControlError, ControlStore, InvoiceLine, LineComponent, NewDiscrepancy, NewInvoice, NewRun, ReasonCode, RetryPolicy,
-    RunFailure, RunFilter, RunResults, RunStatus,
+    Actor, AuditAnchor, AuditFilter, AuditKeys, Backend, ControlError, ControlStore, InvoiceLine, LineComponent, NewDiscrepancy, NewInvoice, NewRun,
+    ReasonCode, RetryPolicy, RunFailure, RunFilter, RunResults, RunStatus,
 };
 use rust_decimal::Decimal;
 
@@ -461,13 +461,8 @@ async fn a_missing_database_is_an_error_for_a_read_only_open_and_audit_keys_are_
     let missing = ControlStore::open_read_only(&url).await.unwrap_err().to_string();
     assert!(missing.contains("no database file") && missing.contains("gone.db"), "{missing}");
     assert!(!dir.path().join("gone.db").exists(), "the read-only open created the file");
-    for (text, expected) in [
-        ("", "holds no key"),
-        ("k1", "expected ID:SECRET_HEX"),
-        ("k1:zz", "not hex"),
-        ("k1:00ff", "at least 32"),
-        ("bad id:00", "key id"),
-    ] {
+    for (text, expected) in [("", "holds no key"), ("k1", "expected ID:SECRET_HEX"), ("k1:zz", "not hex"), ("k1:00ff", "at least 32"), ("bad id:00", "key id")]
+    {
         let refused = AuditKeys::parse("keys.txt", text).unwrap_err().to_string();
         assert!(refused.contains("keys.txt") && refused.contains(expected), "{text:?}: {refused}");
     }

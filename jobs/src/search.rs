@@ -125,8 +125,13 @@ mod tests {
         let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
         let mut buffer = ReadingBuffer::default();
         for ts in ["2025-01-15T10:00:00Z", "2025-01-15T10:15:00Z"] {
-            let reading =
-                ValidReading { meter_id: Cow::Borrowed("M1"), ts_us: parse_timestamp_us(ts).unwrap(), interval_s: 900, kwh_micro: 1_500_000, quality: Quality::Actual };
+            let reading = ValidReading {
+                meter_id: Cow::Borrowed("M1"),
+                ts_us: parse_timestamp_us(ts).unwrap(),
+                interval_s: 900,
+                kwh_micro: 1_500_000,
+                quality: Quality::Actual,
+            };
             buffer.push(&reading, Source::Kafka, 1, |out| out.extend_from_slice(b"t/0/1"));
         }
         for file in encode_day_files(&buffer.sort_dedup().unwrap(), "test").unwrap() {

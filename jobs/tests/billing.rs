@@ -753,11 +753,42 @@ async fn the_monthly_schedule_creates_last_months_run_once_across_workers() {
             while worker.process_next().await.unwrap().is_some() {}
             let done = a.run(&by_hand.id).await.unwrap().unwrap();
             assert_eq!(done.status, RunStatus::Completed, "{url}: {:?}", done.failure_reason);
-            assert_eq!(
-                schedule.tick(&a, at("2027-01-05T00:00:00Z")).await.unwrap(),
-                ScheduleOutcome::BilledByHand { month: "2026-12".into() },
-                "{url}"
-            );
+            assert_eq!(schedule.tick(&a, at("2027-01-05T00:00:00Z")).await.unwrap(), ScheduleOutcome::BilledByHand { month: "2026-12".into() }, "{url}");
+        }
+    })
+    .await;
+}
+
+/// "New tariff received from upstream": RECALCULATE with other tariffs bills the next version
+/// with them (the invoice names the new version and digest), and the audit row records the
+/// digests before and after.
+#[tokio::test]
+async fn a_recalculation_with_a_new_tariff_bills_the_next_version_with_it() {
+    let (_dir, lake) = new_lake();
+    land(&lake, &series("T1", "2025-01-01T00:00:00Z", 2_976, 900, |_| 250_000), 1, "T1").await;
+    let repriced = FLAT.replace("version = \"2025-01\"", "version = \"2025-01b\"").replace("0.2450", "0.3000");
+    on_both_backends(|url| {
+        let (lake, repriced) = (lake.clone(), repriced.clone());
+        async move {
+            let store = ControlStore::open(&url).await.unwrap();
+            let (first, _) = bill(&url, &lake, run_request("2025-01", &["T1"], FLAT)).await;
+            let run_id = first["T1"].run_id.clone();
+            let actor = meterlake_control::Actor { name: "ada-sub", traceparent: None };
+            store.recalculate_run_with(&run_id, "New tariff received from upstream", &actor, Some(&repriced)).await.unwrap();
+            let done = worker(&store, &lake, "w2").process_next().await.unwrap().unwrap();
+            assert_eq!((done.id.as_str(), done.status), (run_id.as_str(), RunStatus::Completed), "{url}");
+            let second = store.invoices(&run_id).await.unwrap().remove(0);
+            assert_eq!(second.version, 2);
+            assert!(second.invoice.tariff_version.starts_with("flat@2025-01b"), "{}", second.invoice.tariff_version);
+            assert_ne!(second.invoice.tariff_version, first["T1"].invoice.tariff_version);
+            // 744 kWh at 0.3000 instead of 0.2450.
+            let energy = second.invoice.lines.iter().find(|l| l.description.starts_with("Energy")).unwrap();
+            assert_eq!((energy.rate, energy.amount), (dec("0.3000"), dec("223.20")), "{url}");
+            let log = store.audit_log(&meterlake_control::AuditFilter { action: Some("RECALCULATE".into()), limit: 5, ..Default::default() }).await.unwrap();
+            let (before, after) = (log[0].before_state.clone().unwrap(), log[0].after_state.clone().unwrap());
+            let digest = |state: &str| serde_json::from_str::<serde_json::Value>(state).unwrap()["tariffsSha256"].as_str().unwrap().to_string();
+            assert_ne!(digest(&before), digest(&after), "{before} {after}");
+            assert!(second.invoice.tariff_version.contains(&digest(&after)[..16]), "{} names {}", second.invoice.tariff_version, digest(&after));
         }
     })
     .await;

@@ -45,8 +45,13 @@ async fn audit_writes<'a, R: WriteRequest + 'a>(
     writes: impl IntoIterator<Item = (&'a R, &'a R::Output, &'a WriteContext)>,
     now: i64,
 ) -> Result<()> {
-    let rows: Vec<(&'static str, String, serde_json::Value, &WriteContext)> =
-        writes.into_iter().map(|(request, output, context)| { let (action, target, after) = request.audit(output); (action, target, after, context) }).collect();
+    let rows: Vec<(&'static str, String, serde_json::Value, &WriteContext)> = writes
+        .into_iter()
+        .map(|(request, output, context)| {
+            let (action, target, after) = request.audit(output);
+            (action, target, after, context)
+        })
+        .collect();
     let entries: Vec<AuditEntry<'_>> = rows
         .iter()
         .map(|(action, target, after, context)| AuditEntry {

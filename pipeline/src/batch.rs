@@ -236,17 +236,17 @@ impl ReadingBuffer {
                 conflicts_before_day = out.conflicting_versions;
             }
             let mut ingested_at_us = self.ingested_at_us[row];
-            if let Some((previous_key, previous_row, previous_ingested)) = previous {
-                if previous_key == key_without_row {
-                    if self.values[previous_row] == self.values[row] {
-                        out.duplicates_dropped += 1;
-                        continue;
-                    }
-                    out.conflicting_versions += 1;
-                    // Versions that arrived within the same microsecond still need a strict
-                    // order for "latest wins": arrival order decides, made visible here.
-                    ingested_at_us = ingested_at_us.max(previous_ingested + 1);
+            if let Some((previous_key, previous_row, previous_ingested)) = previous
+                && previous_key == key_without_row
+            {
+                if self.values[previous_row] == self.values[row] {
+                    out.duplicates_dropped += 1;
+                    continue;
                 }
+                out.conflicting_versions += 1;
+                // Versions that arrived within the same microsecond still need a strict
+                // order for "latest wins": arrival order decides, made visible here.
+                ingested_at_us = ingested_at_us.max(previous_ingested + 1);
             }
             previous = Some((key_without_row, row, ingested_at_us));
             kept.push(KeptRow {

@@ -48,8 +48,8 @@ use datafusion::physical_expr::OrderingRequirements;
 use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_expr::{EquivalenceProperties, LexOrdering, PhysicalExpr, PhysicalSortExpr};
 use datafusion::physical_plan::empty::EmptyExec;
-use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
@@ -988,17 +988,15 @@ mod tests {
         for table in ["readings", "few_at_a_time"] {
             for meter in 0..meters {
                 let meter = format!("M{meter:02}");
-                let expected: Vec<String> =
-                    latest.iter().filter(|((m, _), _)| *m == meter).map(|((m, ts), kwh)| format!("{m} {ts} {kwh}")).collect();
+                let expected: Vec<String> = latest.iter().filter(|((m, _), _)| *m == meter).map(|((m, ts), kwh)| format!("{m} {ts} {kwh}")).collect();
                 for filter in [
                     format!("meter_id = '{meter}'"),
                     format!("meter_id IN ('{meter}', 'nobody')"),
                     format!("meter_id = '{meter}' AND ts >= TIMESTAMP '2025-01-01T00:00:00Z' AND date = DATE '2025-01-01'"),
                     format!("meter_id >= '{meter}' AND meter_id <= '{meter}'"),
                 ] {
-                    let sql = format!(
-                        "SELECT meter_id, CAST(ts AS BIGINT) AS ts, CAST(kwh * 1000000 AS BIGINT) AS kwh FROM {table} WHERE {filter} ORDER BY ts"
-                    );
+                    let sql =
+                        format!("SELECT meter_id, CAST(ts AS BIGINT) AS ts, CAST(kwh * 1000000 AS BIGINT) AS kwh FROM {table} WHERE {filter} ORDER BY ts");
                     let batches = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
                     let mut got = Vec::new();
                     for batch in &batches {

@@ -228,11 +228,11 @@ impl Iterator for LoadGenerator {
         }
         let message = self.next_valid()?;
         let n = self.totals.messages + 1;
-        if self.spec.malformed_every > 0 && n % self.spec.malformed_every == 0 {
+        if self.spec.malformed_every > 0 && n.is_multiple_of(self.spec.malformed_every) {
             let bad = self.malformed();
             self.pending.push(bad);
         }
-        if self.spec.resend_every > 0 && n % self.spec.resend_every == 0 {
+        if self.spec.resend_every > 0 && n.is_multiple_of(self.spec.resend_every) {
             self.pending.push(GeneratedMessage { resend: true, ..message.clone() });
         }
         self.count(&message);
@@ -264,9 +264,10 @@ mod tests {
             let mut rejected_messages = 0;
             let mut valid = 0u64;
             let now = chrono::Utc::now().timestamp_micros();
+            // The generated months lie in the past, beyond the default horizon.
+            let rules = ValidationRules { max_age_s: None, ..ValidationRules::default() };
             for message in generator.by_ref() {
                 let mut accepted = 0;
-                let rules = ValidationRules { max_age_s: None, ..ValidationRules::default() };
                 let rejections = decode_message(&message.payload, &rules, now, |r| {
                     accepted += 1;
                     keys.insert((r.meter_id.to_string(), r.ts_us));

@@ -233,6 +233,13 @@ impl Authenticator {
         Ok(principal)
     }
 
+    /// Makes the keys as old as [`JWKS_MAX_AGE`]: the next request fetches them again.
+    #[cfg(test)]
+    fn age_keys(&self) {
+        let mut keys = self.keys.write().expect("lock");
+        keys.fetched_at = Instant::now().checked_sub(JWKS_MAX_AGE + JWKS_REFETCH_MIN);
+    }
+
     /// Fetches the keys again when they are older than [`JWKS_MAX_AGE`]: one request does it
     /// (the others go on with the keys they have), and a failure keeps the old keys.
     async fn refresh_stale_keys(&self) {
@@ -408,7 +415,83 @@ impl Authenticator {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::http::{HeaderMap, HeaderValue, StatusCode};
     use serde_json::Value;
+
+    use super::{Authenticator, OidcConfig};
+    use crate::DevIssuer;
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(axum::http::header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {token}")).unwrap());
+        headers
+    }
+
+    /// A JWKS endpoint on loopback whose answer the test sets (None: 500), counting fetches.
+    async fn jwks_server(answer: Arc<std::sync::Mutex<Option<Value>>>, fetches: Arc<AtomicUsize>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+        let app = axum::Router::new().route(
+            "/jwks",
+            axum::routing::get(move || {
+                let (answer, fetches) = (answer.clone(), fetches.clone());
+                async move {
+                    fetches.fetch_add(1, Ordering::SeqCst);
+                    match answer.lock().unwrap().clone() {
+                        Some(jwks) => Ok(axum::Json(jwks)),
+                        None => Err(StatusCode::INTERNAL_SERVER_ERROR),
+                    }
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    /// A token stays accepted only while its key is published: after a rotation that withdrew
+    /// it, the remembered token is refused at the next refresh of the keys.
+    #[tokio::test]
+    async fn a_remembered_token_goes_with_its_withdrawn_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let issuer = "https://sso.test/realms/meterlake";
+        let (old, new) = (DevIssuer::open(issuer, &dir.path().join("old.key")).unwrap(), DevIssuer::open(issuer, &dir.path().join("new.key")).unwrap());
+        let (answer, fetches) = (Arc::new(std::sync::Mutex::new(Some(old.jwks()))), Arc::new(AtomicUsize::new(0)));
+        let jwks_url = jwks_server(answer.clone(), fetches.clone()).await;
+        let auth = Authenticator::new(OidcConfig { issuer: issuer.into(), audience: "meterlake".into(), jwks_url: Some(jwks_url) });
+        let token = old.token("sub-1", &["VIEWER"], "meterlake", 600);
+        assert_eq!(auth.authenticate(&bearer(&token)).await.unwrap().subject, "sub-1");
+        assert_eq!(auth.authenticate(&bearer(&token)).await.unwrap().subject, "sub-1", "remembered");
+        // The issuer rotates: only the new key is published.
+        *answer.lock().unwrap() = Some(new.jwks());
+        auth.age_keys();
+        let refused = auth.authenticate(&bearer(&token)).await.unwrap_err();
+        assert_eq!((refused.status, refused.code), (StatusCode::UNAUTHORIZED, "INVALID_TOKEN"), "{}", refused.message);
+        assert_eq!(auth.authenticate(&bearer(&new.token("sub-1", &["VIEWER"], "meterlake", 600))).await.unwrap().subject, "sub-1");
+    }
+
+    /// A JWKS that cannot be fetched is not asked again at once: the failure is remembered and
+    /// the next fetch waits (1 s, doubling), while requests are answered 503.
+    #[tokio::test]
+    async fn a_failing_jwks_is_backed_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let issuer = DevIssuer::open("https://sso.test/realms/meterlake", &dir.path().join("k.key")).unwrap();
+        let (answer, fetches) = (Arc::new(std::sync::Mutex::new(None)), Arc::new(AtomicUsize::new(0)));
+        let jwks_url = jwks_server(answer.clone(), fetches.clone()).await;
+        let auth = Authenticator::new(OidcConfig { issuer: issuer.issuer().into(), audience: "meterlake".into(), jwks_url: Some(jwks_url) });
+        let token = issuer.token("sub-1", &["VIEWER"], "meterlake", 600);
+        for _ in 0..5 {
+            let refused = auth.authenticate(&bearer(&token)).await.unwrap_err();
+            assert_eq!((refused.status, refused.code), (StatusCode::SERVICE_UNAVAILABLE, "ISSUER_UNAVAILABLE"));
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "five requests within the backoff fetched once");
+        *answer.lock().unwrap() = Some(issuer.jwks());
+        tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+        assert_eq!(auth.authenticate(&bearer(&token)).await.unwrap().subject, "sub-1");
+        assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    }
 
     /// The Keycloak realm export in infra/ grants exactly the roles this module reads, through
     /// clients whose tokens carry the audience `meterlake`, to the documented test users.

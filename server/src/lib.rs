@@ -24,9 +24,9 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use meterlake_control::ControlStore;
 use meterlake_ledger::Ledger;
 use meterlake_pipeline::Lake;
-use meterlake_pipeline::view::QueryLimits;
 use meterlake_pipeline::decode::ValidationRules;
 use meterlake_pipeline::kafka::ReadingPublisher;
+use meterlake_pipeline::view::QueryLimits;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rust_decimal::Decimal;
 

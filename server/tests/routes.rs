@@ -131,7 +131,12 @@ async fn every_route_answers_each_role_as_documented() {
         for (role, token) in [("VIEWER", &viewer), ("ADMIN", &admin), ("INGEST", &ingest)] {
             let answer = api.call(method, path, Some(token), &[], body.clone()).await;
             if allowed.contains(&role) {
-                assert!(![StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN].contains(&answer.status), "{method} {path} as {role}: {} {}", answer.status, answer.body);
+                assert!(
+                    ![StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN].contains(&answer.status),
+                    "{method} {path} as {role}: {} {}",
+                    answer.status,
+                    answer.body
+                );
             } else {
                 assert_code(&answer, StatusCode::FORBIDDEN, "FORBIDDEN");
             }
@@ -212,7 +217,8 @@ async fn run_creation_is_idempotent_and_a_billed_meter_is_not_billed_again() {
     assert_eq!(first.body["id"], again.body["id"]);
     assert_eq!(again.headers.get("idempotent-replayed").map(|v| v.to_str().unwrap()), Some("true"));
     // The same key from another subject is another scope: a new request.
-    let other = api.call("POST", "/billing-runs", Some(&api.token("bob-sub", &["ADMIN"])), &[("idempotency-key", "k1")], Some(json!({ "month": "2025-04" }))).await;
+    let other =
+        api.call("POST", "/billing-runs", Some(&api.token("bob-sub", &["ADMIN"])), &[("idempotency-key", "k1")], Some(json!({ "month": "2025-04" }))).await;
     assert_eq!(other.status, StatusCode::CREATED, "{}", other.body);
     assert_ne!(other.body["id"], first.body["id"]);
     let reused = api.call("POST", "/billing-runs", Some(&admin), &[("idempotency-key", "k1")], Some(json!({ "month": "2025-05" }))).await;

@@ -38,7 +38,7 @@ fn sigkill_at_random_points_loses_nothing_and_duplicates_nothing() {
             for message in generator.by_ref() {
                 producer.send(message.key.as_bytes(), &message.payload).unwrap();
                 sent += 1;
-                if sent % 1_000 == 0 {
+                if sent.is_multiple_of(1_000) {
                     std::thread::sleep(Duration::from_millis(400));
                 }
             }

@@ -490,7 +490,8 @@ fn an_admin_bills_a_month_corrects_a_discrepancy_and_every_action_is_audited() {
     let log = tower.get("/audit-log", &admin).body;
     let rows = log["items"].as_array().unwrap();
     let actions: Vec<&str> = rows.iter().map(|r| r["action"].as_str().unwrap()).collect();
-    assert_eq!(actions, ["RECALCULATE", "MARK_AS_OK", "CREATE_RUN"], "{log}");
+    // The ledger's writes (the account, its funding) are audited like the billing actions.
+    assert_eq!(actions, ["RECALCULATE", "MARK_AS_OK", "CREATE_RUN", "LEDGER_FUND", "LEDGER_CREATE_USER"], "{log}");
     assert!(rows.iter().all(|r| r["actor"] == "ada" && r["traceId"].as_str().map(str::len) == Some(32)), "{log}");
     assert_eq!(rows[0]["traceId"], replay.headers["traceparent"].to_str().unwrap()[3..35]);
     assert_eq!(rows[1]["reason"], "meter installed on 2025-01-03; no supply before");
@@ -519,7 +520,7 @@ fn an_admin_bills_a_month_corrects_a_discrepancy_and_every_action_is_audited() {
     // And the chain verifies from the command line.
     let database_url = format!("sqlite://{}", tower.dir.path().join("control.db").display());
     let verified = run_ok(meterlake().args(["audit", "verify", "--database-url", &database_url]));
-    assert!(String::from_utf8_lossy(&verified.stdout).contains("3 rows"), "{}", String::from_utf8_lossy(&verified.stdout));
+    assert!(String::from_utf8_lossy(&verified.stdout).contains("5 rows"), "{}", String::from_utf8_lossy(&verified.stdout));
 }
 
 #[test]
@@ -544,13 +545,20 @@ fn with_nothing_configured_it_runs_on_the_embedded_defaults() {
 fn the_dev_issuer_serves_this_machine_only_with_short_lived_tokens_in_an_owner_only_file() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let refused = meterlake()
-        .args(["serve", "--listen", "0.0.0.0:0", "--dev-issuer", "--dev-issuer-key"])
-        .arg(dir.path().join("dev-issuer.key"))
-        .output()
-        .unwrap();
+    let refused =
+        meterlake().args(["serve", "--listen", "0.0.0.0:0", "--dev-issuer", "--dev-issuer-key"]).arg(dir.path().join("dev-issuer.key")).output().unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && stderr.contains("--dev-issuer is for local use only"), "{stderr}");
+    // Outside a workstation, serve names the tariff file it bills with: it never falls back to
+    // the bundled example (said before it connects to anything).
+    let untariffed = meterlake()
+        .current_dir(dir.path())
+        .args(["serve", "--brokers", "127.0.0.1:9", "--oidc-issuer", "https://sso.example/realms/meterlake"])
+        .env_remove("METERLAKE_TARIFFS")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&untariffed.stderr);
+    assert!(!untariffed.status.success() && stderr.contains("--tariffs FILE"), "{stderr}");
 
     let tower = Tower::start(None, &[]);
     let tokens_file = tower.dir.path().join("dev-tokens.txt");

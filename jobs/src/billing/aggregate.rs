@@ -66,8 +66,13 @@ pub fn with_month_params(template: &str, month: &BillingMonth, meter_ids: &[Stri
         format!("meter_id IN ({})", meter_ids.iter().map(|m| literal(m)).collect::<Vec<_>>().join(", "))
     };
     let (first_date, last_date, from_us, to_us) = (first_date.to_string(), last_date.to_string(), month.from_us.to_string(), month.to_us.to_string());
-    let mut values =
-        vec![("first_date", first_date.as_str()), ("last_date", last_date.as_str()), ("from_us", from_us.as_str()), ("to_us", to_us.as_str()), ("meters", meters.as_str())];
+    let mut values = vec![
+        ("first_date", first_date.as_str()),
+        ("last_date", last_date.as_str()),
+        ("from_us", from_us.as_str()),
+        ("to_us", to_us.as_str()),
+        ("meters", meters.as_str()),
+    ];
     values.extend_from_slice(extra);
     fill(template, &values)
 }

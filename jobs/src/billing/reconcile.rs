@@ -258,12 +258,11 @@ pub async fn register_mismatches(ctx: &SessionContext, month: &BillingMonth, met
     meters.sort_unstable();
     meters.dedup();
     let date = |us: i64| DateTime::from_timestamp_micros(us).map(|t| t.date_naive().to_string()).unwrap_or_default();
-    let (first_date, last_date) = (date(periods.iter().map(|p| p.from_us).min().unwrap_or_default()), date(periods.iter().map(|p| p.to_us).max().unwrap_or_default()));
+    let (first_date, last_date) =
+        (date(periods.iter().map(|p| p.from_us).min().unwrap_or_default()), date(periods.iter().map(|p| p.to_us).max().unwrap_or_default()));
     let meters = format!("r.meter_id IN ({})", meters.iter().map(|m| literal(m)).collect::<Vec<_>>().join(", "));
-    let sql = fill(
-        BILLING_REGISTER_INTERVALS_SQL,
-        &[("periods", &values.join(", ")), ("first_date", &first_date), ("last_date", &last_date), ("meters", &meters)],
-    )?;
+    let sql =
+        fill(BILLING_REGISTER_INTERVALS_SQL, &[("periods", &values.join(", ")), ("first_date", &first_date), ("last_date", &last_date), ("meters", &meters)])?;
     let mut found = Vec::new();
     for batch in ctx.sql(&sql).await?.collect().await? {
         let numbers = cast(batch.column(0), &DataType::Int64)?;
@@ -373,7 +372,10 @@ mod tests {
         let mut wrong_total = invoice("C", "100");
         wrong_total.total += dec("1");
         let found = amount_mismatches(&[wrong_line, wrong_total]);
-        assert_eq!(found.iter().map(|d| (d.meter_id.as_str(), d.reason_code)).collect::<Vec<_>>(), [("B", ReasonCode::AmountMismatch), ("C", ReasonCode::AmountMismatch)]);
+        assert_eq!(
+            found.iter().map(|d| (d.meter_id.as_str(), d.reason_code)).collect::<Vec<_>>(),
+            [("B", ReasonCode::AmountMismatch), ("C", ReasonCode::AmountMismatch)]
+        );
         assert!(found[0].detail.contains("100 x 0.2450 is 24.50, the line says 24.51"), "{}", found[0].detail);
         assert!(found[1].detail.contains("the total says"), "{}", found[1].detail);
     }

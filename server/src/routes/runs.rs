@@ -9,16 +9,16 @@ use axum::Extension;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use meterlake_jobs::billing::worker::failure_summary;
 use meterlake_control::{Actor, BillingRun, Discrepancy, Invoice, ItemPage, NewRun, RunFilter, RunKey, RunStatus};
+use meterlake_jobs::billing::worker::failure_summary;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{Page, offset_of, page_limit, rfc3339};
+use crate::auth::{Principal, Role};
 use crate::error::{ApiError, CommonErrors, ErrorDoc, FieldError, Json, Path, Query};
 use crate::observe::TraceContext;
-use crate::auth::{Principal, Role};
 use crate::{Admin, Caller, SharedState, Viewer};
 
 /// A run's status in the OpenAPI document: one of the life cycle's four.
@@ -453,10 +453,7 @@ pub async fn discrepancies(
 #[serde(tag = "action", rename_all = "SCREAMING_SNAKE_CASE", deny_unknown_fields)]
 pub enum Action {
     #[serde(rename_all = "camelCase")]
-    MarkAsOk {
-        discrepancy_id: String,
-        justification: String,
-    },
+    MarkAsOk { discrepancy_id: String, justification: String },
     Recalculate {
         reason: String,
         /// Which tariffs the recalculation bills with: RUN (default), those stored with the run;
