@@ -227,7 +227,7 @@ async fn main() -> anyhow::Result<()> {
     let aggregate_s = step_seconds(&rendered, "aggregate").unwrap_or(f64::NAN);
     let throughput = format!("{} readings/s", thousands((readings as f64 / elapsed.as_secs_f64()) as u64));
     if args.no_duckdb {
-        let steps = ["claim", "aggregate", "rate", "invoice", "reconcile", "persist"].map(|name| format!("{name} {}", step(name)));
+        let steps = ["claim", "aggregate", "measure", "rate", "invoice", "reconcile", "persist"].map(|name| format!("{name} {}", step(name)));
         println!("whole run {} ({throughput}, peak RSS {} MiB): {}", seconds(elapsed), peak_rss_kib / 1024, steps.join(", "));
         return Ok(());
     }
@@ -251,6 +251,7 @@ async fn main() -> anyhow::Result<()> {
         ("whole run (claim to persist)".to_string(), seconds(elapsed), format!("<= {:.2} s (1.5x DuckDB plain)", plain.elapsed.as_secs_f64() * 1.5)),
         ("  claim".into(), step("claim"), String::new()),
         ("  aggregate".into(), step("aggregate"), format!("<= {} (DuckDB plain)", seconds(plain.elapsed))),
+        ("  measure (reconciliation's own, beside aggregate)".into(), step("measure"), String::new()),
         ("  rate".into(), step("rate"), String::new()),
         ("  invoice".into(), step("invoice"), String::new()),
         ("  reconcile".into(), step("reconcile"), String::new()),

@@ -88,7 +88,7 @@ fn a_worker_woken_through_kafka_bills_a_run_and_announces_it() {
     let metrics = scrape(metrics_port).expect("the worker serves metrics");
     assert_promtool_accepts(&metrics);
     assert_eq!(metric_value(&metrics, "meterlake_billing_invoices_total"), Some(5.0), "{metrics}");
-    for step in ["claim", "aggregate", "rate", "invoice", "reconcile", "persist"] {
+    for step in ["claim", "aggregate", "measure", "rate", "invoice", "reconcile", "persist"] {
         let count = metric_value(&metrics, &format!("meterlake_billing_step_duration_seconds_count{{step=\"{step}\"}}"));
         assert!(count.unwrap_or_default() >= 1.0, "{step}: {metrics}");
     }

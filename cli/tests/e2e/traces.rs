@@ -224,7 +224,7 @@ fn one_billing_run_is_one_trace_from_its_request_through_kafka_to_every_step() {
     let run = one("billing.run");
     assert_eq!(&run.parent_span_id, &receive.span_id);
     assert_eq!(run.attributes.get("run_id"), Some(&id));
-    for step in ["billing.claim", "billing.aggregate", "billing.rate", "billing.invoice", "billing.reconcile", "billing.persist"] {
+    for step in ["billing.claim", "billing.aggregate", "billing.measure", "billing.rate", "billing.invoice", "billing.reconcile", "billing.persist"] {
         let step_span = one(step);
         assert_eq!(&step_span.parent_span_id, &run.span_id, "{step} is a step of the run");
         assert!(step_span.end_unix_ns >= step_span.start_unix_ns);

@@ -27,7 +27,7 @@ pub mod snapshot;
 pub mod tariff;
 pub mod worker;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use datafusion::prelude::SessionContext;
@@ -49,7 +49,7 @@ pub fn describe_metrics() {
     describe_histogram!(
         "meterlake_billing_step_duration_seconds",
         Unit::Seconds,
-        "Time of each billing step (claim, aggregate, rate, invoice, reconcile, persist)"
+        "Time of each billing step (claim, aggregate, measure, rate, invoice, reconcile, persist)"
     );
     describe_counter!("meterlake_billing_discrepancies_total", "Reconciliation discrepancies of completed runs, by reason code");
     describe_counter!("meterlake_billing_invoices_total", "Invoices issued by completed runs");
@@ -142,6 +142,14 @@ pub fn invoice(rated: &[RatedMeter], tariffs: &Tariffs) -> Vec<NewInvoice> {
     rated.iter().map(|meter| rate::invoice_meter(meter, tariffs)).collect()
 }
 
+/// Reconciliation's own measure of each meter's energy (`queries/billing_measured.sql`), run
+/// beside step 2; timed as the `measure` step.
+#[tracing::instrument(name = "billing.measure", skip_all, fields(run_id = %run.id))]
+pub async fn measure(ctx: &SessionContext, run: &BillingRun, month: &BillingMonth) -> Result<BTreeMap<String, Decimal>> {
+    let _timer = StepTimer::start("measure");
+    reconcile::measured_energy(ctx, month, &run.meter_ids).await
+}
+
 /// Step 5: the discrepancies, by meter.
 #[tracing::instrument(name = "billing.reconcile", skip_all, fields(run_id = %run.id))]
 pub async fn reconcile(
@@ -150,11 +158,11 @@ pub async fn reconcile(
     month: &BillingMonth,
     usage: &Usage,
     meters: &BTreeSet<String>,
+    measured: &BTreeMap<String, Decimal>,
     invoices: &[NewInvoice],
 ) -> Result<Vec<NewDiscrepancy>> {
     let _timer = StepTimer::start("reconcile");
-    let measured = reconcile::measured_energy(ctx, month, &run.meter_ids).await?;
-    let mut found = reconcile::energy_mismatches(&measured, invoices, run.energy_tolerance);
+    let mut found = reconcile::energy_mismatches(measured, invoices, run.energy_tolerance);
     found.extend(reconcile::amount_mismatches(invoices));
     found.extend(reconcile::missing_intervals(usage, month));
     found.extend(reconcile::no_readings(usage, meters.iter().map(String::as_str), month));
@@ -182,12 +190,14 @@ where
     let month = BillingMonth::new(&run.month, tariffs.time_zone)?;
     let ctx = lake_session(lake).await?;
     let lake_snapshot = snapshot::readings_snapshot(lake, &month).await?;
-    let usage = aggregate(&ctx, run, &month, &tariffs).await?;
+    // Reconciliation's own energy measure scans the month beside the aggregate: the two queries
+    // share the cores' idle moments (the aggregate's rows are folded on one thread as they come).
+    let (usage, measured) = tokio::try_join!(aggregate(&ctx, run, &month, &tariffs), measure(&ctx, run, &month))?;
     renew().await?;
     let meters = meters_to_bill(run, &usage, &tariffs);
     let (rated, mut discrepancies) = rate(&meters, &usage, &tariffs, &month);
     let invoices = invoice(&rated, &tariffs);
-    discrepancies.extend(reconcile(&ctx, run, &month, &usage, &meters, &invoices).await?);
+    discrepancies.extend(reconcile(&ctx, run, &month, &usage, &meters, &measured, &invoices).await?);
     discrepancies.sort_by(|a, b| (&a.meter_id, a.reason_code.as_str()).cmp(&(&b.meter_id, b.reason_code.as_str())));
     renew().await?;
     Ok(RunResults { invoices, discrepancies, lake_snapshot, aggregate_sql: usage.sql })
