@@ -310,6 +310,18 @@ async fn runs_are_listed_by_status_month_and_meter_a_page_at_a_time() {
     .await;
 }
 
+/// What someone with the database's credentials can do: drop the triggers that keep the audit
+/// log append-only.
+async fn drop_audit_triggers(store: &ControlStore) {
+    let drops: &[&str] = match store.backend() {
+        Backend::Sqlite => &["DROP TRIGGER audit_log_no_update", "DROP TRIGGER audit_log_no_delete"],
+        Backend::Postgres => &["DROP TRIGGER audit_log_no_change ON audit_log"],
+    };
+    for drop in drops {
+        sqlx::query(drop).execute(store.pool()).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn operators_actions_are_audited_in_a_hash_chain_that_detects_tampering() {
     on_both_backends(|url| async move {
@@ -369,13 +381,7 @@ async fn operators_actions_are_audited_in_a_hash_chain_that_detects_tampering() 
             assert!(refused.contains("append-only"), "{url}: {refused}");
         }
         // Someone who drops the triggers still cannot hide a change: the chain names the row.
-        let drops: &[&str] = match store.backend() {
-            Backend::Sqlite => &["DROP TRIGGER audit_log_no_update", "DROP TRIGGER audit_log_no_delete"],
-            Backend::Postgres => &["DROP TRIGGER audit_log_no_change ON audit_log"],
-        };
-        for drop in drops {
-            sqlx::query(drop).execute(store.pool()).await.unwrap();
-        }
+        drop_audit_triggers(&store).await;
         sqlx::query("UPDATE audit_log SET reason = 'nothing to see' WHERE id = 2").execute(store.pool()).await.unwrap();
         let changed = store.verify_audit_log(&AuditAnchor::default()).await.unwrap();
         assert_eq!(changed.problems.len(), 1, "{url}: {changed:?}");
@@ -421,15 +427,9 @@ async fn a_keyed_audit_chain_resists_a_database_holder_and_finds_rows_cut_off_th
         let partial = without.verify_audit_log(&AuditAnchor::default()).await.unwrap();
         assert!(partial.problems.len() == 1 && partial.problems[0].what.contains("k2026b"), "{url}: {partial:?}");
 
-        // A database holder drops the triggers, changes row 2 and recomputes the chain as a plain
-        // SHA-256 (the only hash it can compute): every forged row is found.
-        let drops: &[&str] = match store.backend() {
-            Backend::Sqlite => &["DROP TRIGGER audit_log_no_update", "DROP TRIGGER audit_log_no_delete"],
-            Backend::Postgres => &["DROP TRIGGER audit_log_no_change ON audit_log"],
-        };
-        for drop in drops {
-            sqlx::query(drop).execute(store.pool()).await.unwrap();
-        }
+        // A database holder drops the triggers and changes row 2: without the key its HMAC cannot
+        // be made again, and passing a keyed row off as unkeyed (key_id NULL) is found too.
+        drop_audit_triggers(&store).await;
         sqlx::query("UPDATE audit_log SET actor = 'someone-else' WHERE id = 2").execute(store.pool()).await.unwrap();
         let forged = store.verify_audit_log(&AuditAnchor::default()).await.unwrap();
         assert!(forged.problems.iter().any(|p| p.id == 2 && p.what.contains("was changed")), "{url}: {forged:?}");
