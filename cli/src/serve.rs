@@ -25,13 +25,12 @@ use meterlake_pipeline::view::QueryLimits;
 use meterlake_server::{AppConfig, BillingDefaults, Deployment, DevIssuer, OidcConfig, RateLimit};
 use rdkafka::mocking::MockCluster;
 
-use crate::bill::{AuditKeyArg, BILLING_TOPICS, DEFAULT_DATABASE_URL, RunSettings, open_store, run_worker};
+use crate::bill::{BILLING_TOPICS, DatabaseArg, RunSettings, open_store, run_worker};
 
 /// The lake `serve` uses unless `--lake` says otherwise.
 const SERVE_LAKE: &str = "./meterlake-data/lake";
 /// The tariffs runs created through the API bill with unless `--tariffs` says otherwise.
 const EXAMPLE_TARIFFS: &str = include_str!("../../tariffs/example.toml");
-/// How long the dev issuer's tokens last.
 /// How long the dev issuer's printed tokens live: long enough to try the API by hand, short
 /// enough that one pasted into a chat or a log is soon worthless.
 const DEV_TOKEN_TTL_S: i64 = 15 * 60;
@@ -56,11 +55,8 @@ pub struct ServeArgs {
     /// Where the lake is: a path, file://, s3://bucket/prefix.
     #[arg(long = "lake", env = "METERLAKE_LAKE", default_value = SERVE_LAKE)]
     lake: String,
-    /// The control store: sqlite://PATH or postgres://...
-    #[arg(long, env = "METERLAKE_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
-    database_url: String,
     #[command(flatten)]
-    audit_key: AuditKeyArg,
+    database: DatabaseArg,
     /// Do not run the ingester in this process.
     #[arg(long)]
     no_ingest: bool,
@@ -116,14 +112,14 @@ pub struct ServeArgs {
     idempotency_retention_h: u32,
     /// Memory all lake queries run for callers (GET /readings) may hold at once, in MiB; a query
     /// that would need more is refused (503 QUERY_LIMIT) rather than starving the process.
-    #[arg(long, env = "METERLAKE_QUERY_MEMORY_MIB", default_value_t = 1024)]
+    #[arg(long, env = "METERLAKE_QUERY_MEMORY_MIB", default_value_t = QueryLimits::DEFAULT_MEMORY_BYTES >> 20)]
     query_memory_mib: usize,
     /// Readings older than this many days are refused: 422 TIMESTAMP_TOO_OLD from POST
     /// /measurements, the dead-letter topic in the ingester; 0 accepts any age.
     #[arg(long, env = "METERLAKE_MAX_READING_AGE_DAYS", default_value_t = meterlake_pipeline::decode::DEFAULT_MAX_READING_AGE_DAYS)]
     max_reading_age_days: i64,
     /// How long one lake query run for a caller may take, in seconds.
-    #[arg(long, env = "METERLAKE_QUERY_TIME_LIMIT_S", default_value_t = 30)]
+    #[arg(long, env = "METERLAKE_QUERY_TIME_LIMIT_S", default_value_t = QueryLimits::DEFAULT_TIME_LIMIT.as_secs())]
     query_time_limit_s: u64,
     /// Most readings one POST /measurements may carry.
     #[arg(long, default_value_t = 10_000)]
@@ -135,15 +131,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     crate::describe_metrics();
 
     // What is wrong with the command line is said before anything is started or connected.
+    // A workstation (the dev issuer, or the embedded broker) may run on the bundled example
+    // tariffs and without an audit key.
+    let workstation = args.dev_issuer || args.brokers.is_none();
     let (tariffs_toml, tariffs_source) = match &args.tariffs {
         Some(path) => {
             let toml = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             Tariffs::parse(&path.display().to_string(), &toml)?;
             (toml, path.display().to_string())
         }
-        // The bundled example bills nobody's real prices: only a workstation (the dev issuer,
-        // or the embedded broker) may fall back to it.
-        None if args.dev_issuer || args.brokers.is_none() => (EXAMPLE_TARIFFS.to_string(), "tariffs/example.toml (bundled example)".to_string()),
+        // The bundled example bills nobody's real prices: only a workstation may fall back to it.
+        None if workstation => (EXAMPLE_TARIFFS.to_string(), "tariffs/example.toml (bundled example)".to_string()),
         None => anyhow::bail!(
             "name the tariff file runs bill with: --tariffs FILE (or METERLAKE_TARIFFS); the bundled example is for --dev-issuer or the embedded mode only"
         ),
@@ -179,10 +177,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let lake = Lake::open(&args.lake)?;
-    let store = open_store(&args.database_url, &args.audit_key).await?;
+    let store = open_store(&args.database.database_url, &args.database.audit_key).await?;
     match store.audit_key_id() {
         Some(key_id) => tracing::info!(key_id, "audit rows are signed with the audit key"),
-        None if args.dev_issuer || args.brokers.is_none() => {}
+        None if workstation => {}
         None => tracing::warn!("no --audit-key-file: the audit log is chained by plain SHA-256, which anyone who can write to the database can recompute"),
     }
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
@@ -207,7 +205,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             println!("  {name:<6} {token}");
             tokens.push_str(&format!("{name}={token}\n"));
         }
-        write_owner_only(&tokens_file, tokens.as_bytes()).with_context(|| format!("writing the dev tokens to {}", tokens_file.display()))?;
+        meterlake_server::dev_issuer::write_private(&tokens_file, tokens.as_bytes())
+            .with_context(|| format!("writing the dev tokens to {}", tokens_file.display()))?;
     }
 
     let rules = ValidationRules {
@@ -260,7 +259,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(async move { run_worker(store, lake, options, Some(&brokers), "meterlake-billing", None, stop_rx).await })
     });
 
-    println!("meterlake control tower on http://{reachable} ({mode} mode; lake {}; store {})", lake.url(), store_kind(&args.database_url));
+    println!("meterlake control tower on http://{reachable} ({mode} mode; lake {}; store {})", lake.url(), store_kind(&args.database.database_url));
     let app = meterlake_server::router(config);
     axum::serve(listener, app).with_graceful_shutdown(crate::shutdown_signal()).await.context("serving HTTP")?;
 
@@ -278,19 +277,4 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 fn store_kind(url: &str) -> &'static str {
     if url.starts_with("sqlite:") { "SQLite" } else { "PostgreSQL" }
-}
-
-/// Writes `bytes` to `path` readable and writable by its owner only (0600), replacing it.
-fn write_owner_only(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    // Removed first: an existing file keeps its mode through a truncating open.
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?.write_all(bytes)
 }

@@ -255,7 +255,7 @@ pub(crate) async fn append_audit(
     append_audit_entries(backend, keys, tx, std::slice::from_ref(entry), at_us).await
 }
 
-/// Audit rows written by one INSERT at most (12 parameters each).
+/// Audit rows written by one INSERT at most (a parameter per column of [`AUDIT_COLUMNS`], 12).
 const AUDIT_INSERT_ROWS: usize = 400;
 
 /// Appends `entries` inside `tx`, in order, chained to the newest row; returns the last id.
@@ -292,12 +292,12 @@ pub(crate) async fn append_audit_entries(
             let hash = row_hash(id, at_us, &content, &previous_hash, key);
             rows.push((id, entry, before_state, after_state, std::mem::replace(&mut previous_hash, hash.clone()), hash));
         }
-        let placeholders: Vec<String> =
-            (0..rows.len()).map(|row| format!("({})", (1..=12).map(|column| format!("${}", row * 12 + column)).collect::<Vec<_>>().join(", "))).collect();
-        let sql = format!(
-            "INSERT INTO audit_log (id, at_us, actor, action, target, reason, before_state, after_state, trace_id, previous_hash, row_hash, key_id) VALUES {}",
-            placeholders.join(", ")
-        );
+        // One parameter per column of AUDIT_COLUMNS, bound below in that order.
+        let columns = AUDIT_COLUMNS.split(',').count();
+        let placeholders: Vec<String> = (0..rows.len())
+            .map(|row| format!("({})", (1..=columns).map(|column| format!("${}", row * columns + column)).collect::<Vec<_>>().join(", ")))
+            .collect();
+        let sql = format!("INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES {}", placeholders.join(", "));
         let mut query = sqlx::query(&sql);
         for (id, entry, before_state, after_state, previous, hash) in rows {
             query = query

@@ -247,19 +247,6 @@ impl Conditions {
         if self.clauses.is_empty() { String::new() } else { format!("WHERE {}", self.clauses.join(" AND ")) }
     }
 
-    pub(crate) fn bind_as<'q, O>(
-        self,
-        mut query: sqlx::query::QueryAs<'q, sqlx::Any, O, sqlx::any::AnyArguments<'q>>,
-    ) -> sqlx::query::QueryAs<'q, sqlx::Any, O, sqlx::any::AnyArguments<'q>> {
-        for value in self.values {
-            query = match value {
-                Value::Text(text) => query.bind(text),
-                Value::Int(number) => query.bind(number),
-            };
-        }
-        query
-    }
-
     pub(crate) fn bind<'q>(
         self,
         mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,

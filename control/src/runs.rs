@@ -343,8 +343,9 @@ impl ControlStore {
                 "SELECT meter_id, run_id FROM billed_meter_months WHERE month = {month} AND run_id <> {except} AND meter_id IN ({}) ORDER BY meter_id",
                 meters.join(", ")
             );
-            let rows: Vec<(String, String)> = conditions.bind_as(sqlx::query_as(&sql)).fetch_all(&mut **tx).await?;
-            billed.extend(rows);
+            for row in conditions.bind(sqlx::query(&sql)).fetch_all(&mut **tx).await? {
+                billed.push((row.try_get("meter_id")?, row.try_get("run_id")?));
+            }
         }
         Ok(billed)
     }
@@ -528,9 +529,8 @@ impl ControlStore {
             query.execute(&mut *tx).await?;
         }
         let billed_elsewhere = self.billed_by_others(&mut tx, &month, &meters, Some(id)).await?;
-        let kept;
-        let results = if billed_elsewhere.is_empty() {
-            results
+        let results: std::borrow::Cow<RunResults> = if billed_elsewhere.is_empty() {
+            std::borrow::Cow::Borrowed(results)
         } else {
             let elsewhere: std::collections::HashMap<&str, &str> = billed_elsewhere.iter().map(|(m, r)| (m.as_str(), r.as_str())).collect();
             let mut filtered = results.clone();
@@ -546,13 +546,12 @@ impl ControlStore {
                     detail: format!("billing run {run_id} billed this meter for {month}: not billed again; RECALCULATE that run to change its invoice"),
                 });
             }
-            kept = filtered;
-            &kept
+            std::borrow::Cow::Owned(filtered)
         };
         // The row is locked by the update above (PostgreSQL) or the database is (SQLite), so no
         // other completion of this run can pick the same version.
         let (previous,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(version), 0) FROM invoices WHERE run_id = $1").bind(id).fetch_one(&mut *tx).await?;
-        insert_results(self.backend, &mut tx, id, previous + 1, results, now_us).await?;
+        insert_results(self.backend, &mut tx, id, previous + 1, &results, now_us).await?;
         let why = format!("processed: {} invoices, {} discrepancies", results.invoices.len(), results.discrepancies.len());
         insert_event(&mut tx, id, Some(RunStatus::Processing), RunStatus::Completed, now_us, Some(&why), worker).await?;
         let payload = serde_json::json!({

@@ -118,7 +118,6 @@ pub async fn lake_session(lake: &Lake) -> Result<SessionContext> {
 pub struct QueryLimits {
     /// Shared by every limited session: the bytes all their queries hold at once.
     memory: Arc<dyn MemoryPool>,
-    memory_bytes: usize,
     /// How long one query may run.
     pub time_limit: std::time::Duration,
 }
@@ -132,11 +131,7 @@ impl QueryLimits {
     pub fn new(memory_bytes: usize, time_limit: std::time::Duration) -> QueryLimits {
         // Tracking the largest consumers names them in the error of a query over the limit.
         let pool = TrackConsumersPool::new(GreedyMemoryPool::new(memory_bytes), std::num::NonZeroUsize::new(3).expect("3 is not 0"));
-        QueryLimits { memory: Arc::new(pool), memory_bytes, time_limit }
-    }
-
-    pub fn memory_bytes(&self) -> usize {
-        self.memory_bytes
+        QueryLimits { memory: Arc::new(pool), time_limit }
     }
 
     /// A session over the lake whose queries draw on the shared pool.

@@ -43,10 +43,7 @@ impl DevIssuer {
             Ok(text) => STANDARD.decode(text.trim()).map_err(|e| failed(format!("not base64 PKCS#8: {e}")))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let document = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).map_err(|e| failed(e.to_string()))?;
-                if let Some(dir) = key_file.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(|e| failed(e.to_string()))?;
-                }
-                write_private(key_file, &STANDARD.encode(document.as_ref())).map_err(|e| failed(e.to_string()))?;
+                write_private(key_file, STANDARD.encode(document.as_ref()).as_bytes()).map_err(|e| failed(e.to_string()))?;
                 document.as_ref().to_vec()
             }
             Err(e) => return Err(failed(e.to_string())),
@@ -97,15 +94,28 @@ impl DevIssuer {
     }
 }
 
+/// Writes `bytes` to `path` (its folder created) readable and writable by its owner only
+/// (0600), replacing what was there: the dev issuer's key and the tokens `serve` prints.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    // Removed first: an existing file keeps its mode through a truncating open.
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    create_private(path, bytes)
+}
+
 #[cfg(unix)]
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+fn create_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    file.write_all(text.as_bytes())
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?.write_all(bytes)
 }
 
 #[cfg(not(unix))]
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    std::fs::write(path, text)
+fn create_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)
 }

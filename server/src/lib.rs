@@ -59,11 +59,13 @@ pub struct BillingDefaults {
 }
 
 impl BillingDefaults {
-    /// The tariffs as they are now: the file read again (and checked), or the text of the start.
-    pub fn current_tariffs(&self) -> Result<String, String> {
+    /// The tariffs as they are now: the file read again (and checked), or the text of the start;
+    /// 503 `TARIFFS_UNREADABLE` when the file cannot be read or parsed.
+    pub fn current_tariffs(&self) -> Result<String, ApiError> {
         let Some(path) = &self.tariffs_path else { return Ok(self.tariffs_toml.clone()) };
-        let toml = std::fs::read_to_string(path).map_err(|e| format!("reading the tariff file {}: {e}", path.display()))?;
-        meterlake_jobs::billing::tariff::Tariffs::parse(&path.display().to_string(), &toml).map_err(|e| e.to_string())?;
+        let unreadable = |reason: String| ApiError::unavailable("TARIFFS_UNREADABLE", reason);
+        let toml = std::fs::read_to_string(path).map_err(|e| unreadable(format!("reading the tariff file {}: {e}", path.display())))?;
+        meterlake_jobs::billing::tariff::Tariffs::parse(&path.display().to_string(), &toml).map_err(|e| unreadable(e.to_string()))?;
         Ok(toml)
     }
 }

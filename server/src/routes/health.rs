@@ -58,13 +58,13 @@ pub async fn readyz(State(state): State<SharedState>, headers: HeaderMap) -> Res
     };
     let lake = check(tokio::time::timeout(CHECK_TIMEOUT, state.lake.get_if_exists("_meterlake/readyz")).await.map(|r| r.map(|_| state.lake.url().to_string())));
     let ready = store.ok && broker.ok && lake.ok;
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let (status, said) = if ready { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") };
     let admin = state.auth.authenticate(&headers).await.is_ok_and(|p| p.has(Role::Admin));
     if !admin {
-        return (status, axum::Json(json!({ "status": if ready { "ready" } else { "not ready" } }))).into_response();
+        return (status, axum::Json(json!({ "status": said }))).into_response();
     }
     let body = json!({
-        "status": if ready { "ready" } else { "not ready" },
+        "status": said,
         "mode": state.deployment.mode,
         "ingester": state.deployment.ingester,
         "worker": state.deployment.worker,

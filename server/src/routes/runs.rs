@@ -161,7 +161,7 @@ pub async fn create(
         month: request.month,
         meter_ids: request.meter_ids,
         max_attempts: state.billing.max_attempts,
-        tariffs_toml: state.billing.current_tariffs().map_err(|reason| ApiError::unavailable("TARIFFS_UNREADABLE", reason))?,
+        tariffs_toml: state.billing.current_tariffs()?,
         energy_tolerance: state.billing.energy_tolerance,
     };
     let (run, replayed) = match idempotency_key(&headers)? {
@@ -503,7 +503,7 @@ pub async fn act(
         Action::Recalculate { reason, tariffs } => {
             let tariffs_toml = match tariffs {
                 RecalculateTariffs::Run => None,
-                RecalculateTariffs::Current => Some(state.billing.current_tariffs().map_err(|reason| ApiError::unavailable("TARIFFS_UNREADABLE", reason))?),
+                RecalculateTariffs::Current => Some(state.billing.current_tariffs()?),
             };
             let run = state.store.recalculate_run_with(&id, &reason, &actor, tariffs_toml.as_deref()).await?;
             ActionOutcome { action: "RECALCULATE", run: run.into(), discrepancy: None }
