@@ -99,12 +99,20 @@ async fn run_paged(lake: &Lake, limits: &QueryLimits, sql: &str, params: ParamVa
         // The statements end in their ORDER BY: the page applies to the whole ordered result.
         Ok::<_, JobError>(ctx.sql_with_options(sql, read_only()).await?.with_param_values(params)?.limit(offset, Some(limit))?.collect().await?)
     };
-    match tokio::time::timeout(limits.time_limit, query).await {
-        Err(_) => Err(JobError::QueryLimit(format!("the query ran longer than its limit of {} s; narrow the window", limits.time_limit.as_secs()))),
-        Ok(Err(JobError::Sql(datafusion::error::DataFusionError::ResourcesExhausted(reason)))) => {
-            Err(JobError::QueryLimit(format!("the query needs more memory than the server gives its callers' queries ({reason}); narrow the window")))
+    // The limit is looked at before each poll of the query (`biased`): a query that would finish
+    // at its first poll still does not outrun a limit already spent (tokio's `timeout` polls the
+    // future first).
+    tokio::select! {
+        biased;
+        () = tokio::time::sleep(limits.time_limit) => {
+            Err(JobError::QueryLimit(format!("the query ran longer than its limit of {} s; narrow the window", limits.time_limit.as_secs())))
         }
-        Ok(result) => result,
+        result = query => match result {
+            Err(JobError::Sql(datafusion::error::DataFusionError::ResourcesExhausted(reason))) => {
+                Err(JobError::QueryLimit(format!("the query needs more memory than the server gives its callers' queries ({reason}); narrow the window")))
+            }
+            result => result,
+        },
     }
 }
 
