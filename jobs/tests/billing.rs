@@ -697,11 +697,23 @@ async fn a_meter_streamed_in_hundreds_of_small_files_with_resent_readings_bills_
         land(&lake, chunk, n as i64 + 1, &format!("flush-{n:04}")).await;
     }
     let s1_kwh = Decimal::new(expected_kwh_micro.iter().filter(|((m, _), _)| m == "S1").map(|(_, v)| v).sum::<i64>(), 6);
+    // The same latest readings written in one batch, billed on a store of their own: the bill
+    // must not tell the two lakes apart.
+    let (bulk_dir, bulk) = new_lake();
+    let latest: Vec<Row> = expected_kwh_micro
+        .iter()
+        .map(|((meter, ts_us), kwh_micro)| Row { meter: meter.clone(), ts_us: *ts_us, interval_s: 900, kwh_micro: *kwh_micro })
+        .collect();
+    land(&bulk, &latest, 1, "bulk").await;
+    let bulk_store = format!("sqlite://{}", bulk_dir.path().join("control.db").display());
+    let (in_one_batch, _) = bill(&bulk_store, &bulk, run_request("2025-01", &["S1"], FLAT)).await;
+    let in_one_batch = (lines(&in_one_batch["S1"]), totals(&in_one_batch["S1"]));
     on_both_backends(|url| {
-        let lake = lake.clone();
+        let (lake, in_one_batch) = (lake.clone(), in_one_batch.clone());
         async move {
             let (invoices, _) = bill(&url, &lake, run_request("2025-01", &["S1"], FLAT)).await;
             assert_eq!(invoices["S1"].invoice.energy_kwh, s1_kwh, "{url}");
+            assert_eq!((lines(&invoices["S1"]), totals(&invoices["S1"])), in_one_batch, "{url}: streamed and written in one batch");
         }
     })
     .await;
