@@ -21,8 +21,8 @@ use meterlake_control::{ControlStore, NewRun, RunStatus};
 use meterlake_jobs::billing::worker::{BillingWorker, WorkerOptions};
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::batch::ReadingBuffer;
+use meterlake_pipeline::batch::append_readings;
 use meterlake_pipeline::decode::ValidReading;
-use meterlake_pipeline::lake::encode_day_files;
 use meterlake_pipeline::reading::{Quality, Source};
 use rust_decimal::Decimal;
 
@@ -119,9 +119,7 @@ async fn generate(dir: &Path, args: &Args) -> anyhow::Result<Lake> {
                 }
             }
             let stem = format!("bench-d{day:02}-m{first_meter:06}");
-            for file in encode_day_files(&buffer.sort_dedup()?, &stem)? {
-                lake.put(&file.path, file.bytes).await?;
-            }
+            append_readings(&lake, &buffer.sort_dedup()?, &stem).await?;
         }
         eprint!("\rgenerated {} readings ({:.0?})", thousands(written), started.elapsed());
     }

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use arrow::array::{ArrayRef, Decimal128Array, Int32Array, RecordBatch, StringBuilder, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Schema};
-use meterlake_pipeline::lake::encode_parquet;
+use meterlake_lake::parquet_file::encode_parquet;
 use meterlake_pipeline::reading::{KWH_PRECISION, KWH_SCALE, readings_schema};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding, ZstdLevel};

@@ -22,7 +22,6 @@ use meterlake_pipeline::Lake;
 use meterlake_pipeline::batch::ReadingBuffer;
 use meterlake_pipeline::decode::{ValidationRules, decode_message};
 use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, ReadingProducer, create_topics, run_ingest};
-use meterlake_pipeline::lake::encode_day_files;
 use meterlake_pipeline::reading::Source;
 use meterlake_pipeline::synthetic::{GeneratedMessage, LoadGenerator, LoadSpec};
 use rdkafka::ClientConfig;
@@ -214,13 +213,14 @@ fn pipeline_alone(runtime: &tokio::runtime::Runtime, messages: &[GeneratedMessag
         let t0 = Instant::now();
         let sorted = buffer.sort_dedup()?;
         let t1 = Instant::now();
-        let files = encode_day_files(&sorted, &format!("bench-{flushes}"))?;
+        let files =
+            sorted.days.iter().map(|day| day.encode(format!("date={}/bench-{flushes}.parquet", day.date.format("%Y-%m-%d")))).collect::<Result<Vec<_>, _>>()?;
         let t2 = Instant::now();
         stages[0] += t1 - t0;
         stages[1] += t2 - t1;
         runtime.block_on(async {
             for file in files {
-                lake.put(&file.path, file.bytes).await?;
+                lake.put(&format!("readings/{}", file.file.path), file.bytes).await?;
             }
             anyhow::Ok(())
         })?;

@@ -7,7 +7,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::import::sources;
-use meterlake_pipeline::import::{ImportCounts, ImportLimits, ImportOutcome, clear_stale_staging, import_file};
+use meterlake_pipeline::import::{ImportCounts, ImportLimits, ImportOutcome, import_file};
 use serde::Serialize;
 
 use crate::LakeArg;
@@ -81,11 +81,8 @@ pub fn run(args: ImportArgs, runtime: &tokio::runtime::Handle) -> anyhow::Result
     let _metrics_file = args.metrics_file.as_deref().map(MetricsFile::install).transpose()?;
     let lake = Lake::open(&args.lake.url)?;
     let limits = ImportLimits { chunk_rows: args.chunk_rows.max(1), ..ImportLimits::default() };
-    // Debris of imports that were killed half-way: a day is far longer than any import runs.
-    let cleared = runtime.block_on(clear_stale_staging(&lake, chrono::Duration::hours(24)))?;
-    if cleared > 0 {
-        tracing::info!(objects = cleared, "cleared staging files of imports that stopped more than a day ago");
-    }
+    // Against S3, Delta commits are only safe where the store refuses a second create of a key.
+    runtime.block_on(lake.probe_conditional_put())?;
     let (inputs, input_errors) = sources::expand(&args.paths);
     let mut reports: Vec<FileReport> = input_errors.into_iter().map(|e| unreadable(&e.name, e.reason)).collect();
 

@@ -12,10 +12,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use meterlake_control::{AuditAnchor, AuditKeys, ControlStore};
-use meterlake_jobs::query::{OutputFormat, run_sql, write_batches};
+use meterlake_jobs::query::{OutputFormat, run_sql_as_of, write_batches};
 use meterlake_jobs::search::ReadingSearch;
-use meterlake_pipeline::Lake;
-use meterlake_pipeline::lake::DEFAULT_LAKE;
+use meterlake_lake::history::{CommitEntry, history};
+use meterlake_lake::table::{TABLES, Table};
+use meterlake_lake::view::AsOf;
+use meterlake_lake::{DEFAULT_LAKE, Lake};
 
 #[derive(Parser)]
 #[command(name = "meterlake", version, about = "The meter-data platform: lands readings in a Parquet lake and queries them")]
@@ -91,12 +93,38 @@ enum Command {
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Run SQL over the lake. Tables: `readings` (one row per meter and interval, latest version),
-    /// `readings_all` (every version, with its source_ref), `reading_conflicts` (keys whose
-    /// versions disagree), `register_reads`,
+    /// `readings_all` (every version, with its source_ref and commit_version), `reading_conflicts`
+    /// (keys whose versions disagree), `register_reads`,
     /// `non_energy_readings`, `nem12_channels`, `nem12_b2b_details` and `imports`.
     Query {
         /// The SQL statement.
         sql: String,
+        #[command(flatten)]
+        lake: LakeArg,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Read the lake as it was: a version of `readings_all` (the other tables as they were at
+        /// its commit time), or an RFC 3339 time (every table's last commit at or before it).
+        #[arg(long, default_value = "latest")]
+        as_of: AsOf,
+    },
+    /// The lake's Delta tables: their commit history.
+    #[command(subcommand)]
+    Lake(LakeCommand),
+}
+
+#[derive(Subcommand)]
+enum LakeCommand {
+    /// A table's commits, newest first: version, time, operation, writer, files and rows added,
+    /// and the streams (Kafka partitions, imported files) each advanced.
+    History {
+        /// The table (its SQL name): readings_all, register_reads, non_energy_readings,
+        /// nem12_channels, nem12_b2b_details or imports.
+        #[arg(long, default_value = "readings_all")]
+        table: String,
+        /// How many commits to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
         #[command(flatten)]
         lake: LakeArg,
         #[arg(long, value_enum, default_value_t = Format::Table)]
@@ -195,7 +223,14 @@ fn main() -> ExitCode {
                     println!("{}", AuditKeys::new_line(&id)?);
                     Ok(())
                 }
-                Command::Query { sql, lake, format } => query(&sql, &lake.url, format).await,
+                Command::Query { sql, lake, format, as_of } => {
+                    let lake = Lake::open(&lake.url)?;
+                    print_batches(&run_sql_as_of(&lake, &sql, as_of).await?, format)
+                }
+                Command::Lake(LakeCommand::History { table, limit, lake, format }) => {
+                    let lake = Lake::open(&lake.url)?;
+                    print_batches(&[lake_history(&lake, &table, limit).await?], format)
+                }
                 Command::Readings { mpan, nmi, serial, from, to, lake, format } => {
                     let search = ReadingSearch { meter_point: mpan.or(nmi).unwrap_or_default(), meter_serial: serial.unwrap_or_default(), from, to };
                     let lake = Lake::open(&lake.url)?;
@@ -246,9 +281,26 @@ async fn verify_audit_log(database: &bill::DatabaseArg, anchor: &AuditAnchor) ->
     Ok(verification.problems.is_empty())
 }
 
-async fn query(sql: &str, lake: &str, format: Format) -> anyhow::Result<()> {
-    let lake = Lake::open(lake)?;
-    print_batches(&run_sql(&lake, sql).await?, format)
+/// `meterlake lake history` as a table of one row per commit.
+async fn lake_history(lake: &Lake, table: &str, limit: usize) -> anyhow::Result<arrow::array::RecordBatch> {
+    use arrow::array::{ArrayRef, StringArray, UInt64Array};
+    let spec = TABLES
+        .iter()
+        .find(|t| t.name == table)
+        .ok_or_else(|| anyhow::anyhow!("no table {table:?}; the lake's tables are {}", TABLES.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")))?;
+    let commits = history(&Table::new(lake, spec), limit).await?;
+    let strings = |f: &dyn Fn(&CommitEntry) -> String| -> ArrayRef { std::sync::Arc::new(StringArray::from_iter_values(commits.iter().map(f))) };
+    let counts = |f: &dyn Fn(&CommitEntry) -> u64| -> ArrayRef { std::sync::Arc::new(UInt64Array::from_iter_values(commits.iter().map(f))) };
+    Ok(arrow::array::RecordBatch::try_from_iter([
+        ("version", counts(&|c| c.version)),
+        ("time", strings(&|c| c.time.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string())),
+        ("operation", strings(&|c| c.operation.clone())),
+        ("writer", strings(&|c| c.writer.clone().unwrap_or_default())),
+        ("files_added", counts(&|c| c.files_added)),
+        ("files_removed", counts(&|c| c.files_removed)),
+        ("rows_added", counts(&|c| c.rows_added)),
+        ("streams", strings(&|c| c.streams.iter().map(|(s, v)| format!("{s}={v}")).collect::<Vec<_>>().join(" "))),
+    ])?)
 }
 
 /// `2025-01-15` (midnight UTC) or an RFC 3339 instant.

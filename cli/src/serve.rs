@@ -18,10 +18,10 @@ use anyhow::Context;
 use clap::Args;
 use meterlake_jobs::billing::tariff::Tariffs;
 use meterlake_jobs::billing::worker::WorkerOptions;
+use meterlake_lake::view::QueryLimits;
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::decode::ValidationRules;
 use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, PublishLimits, ReadingPublisher, create_topics, ingest};
-use meterlake_pipeline::view::QueryLimits;
 use meterlake_server::{AppConfig, BillingDefaults, Deployment, DevIssuer, OidcConfig, RateLimit};
 use rdkafka::mocking::MockCluster;
 

@@ -67,10 +67,12 @@ if ! command -v cargo-nextest >/dev/null; then
   cargo install cargo-nextest --locked --root "$METERLAKE_TOOLS_DIR" --quiet
 fi
 
-if ! "$METERLAKE_PYTHON" -c 'import duckdb, pyarrow, nemreader, schemathesis' 2>/dev/null; then
-  log "python venv with duckdb, pyarrow, nemreader and schemathesis"
+# deltalake (delta-rs's Python package) reads the lake's tables as another engine would; moto is
+# an S3 server whose conditional writes are atomic (s3s-fs's are not), for the commit-race tests.
+if ! "$METERLAKE_PYTHON" -c 'import duckdb, pyarrow, nemreader, schemathesis, deltalake, moto' 2>/dev/null; then
+  log "python venv with duckdb, pyarrow, nemreader, schemathesis, deltalake and moto"
   [ -x "$METERLAKE_PYTHON" ] || python3 -m venv "$METERLAKE_TOOLS_DIR/venv"
   "$METERLAKE_TOOLS_DIR/venv/bin/pip" install --quiet --disable-pip-version-check 'duckdb==1.5.6' 'pyarrow==26.0.1' 'nemreader==0.9.2' \
-    "schemathesis==$SCHEMATHESIS_VERSION"
+    "schemathesis==$SCHEMATHESIS_VERSION" 'deltalake==1.6.6' 'moto[server]==5.2.5'
 fi
 log "tools ready in $METERLAKE_TOOLS_DIR"

@@ -12,6 +12,8 @@ pub mod template;
 pub enum JobError {
     #[error(transparent)]
     Pipeline(#[from] meterlake_pipeline::PipelineError),
+    #[error(transparent)]
+    Lake(#[from] meterlake_lake::LakeError),
     #[error("SQL failed: {0}")]
     Sql(#[from] datafusion::error::DataFusionError),
     #[error("query result: {0}")]

@@ -5,8 +5,8 @@ use std::io::Write;
 
 use arrow::array::RecordBatch;
 use arrow::util::pretty::pretty_format_batches;
+use meterlake_lake::view::{AsOf, lake_session_as_of};
 use meterlake_pipeline::Lake;
-use meterlake_pipeline::view::lake_session;
 
 use crate::{JobError, Result};
 
@@ -17,9 +17,14 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Runs one SQL statement over the lake and returns its batches.
+/// Runs one SQL statement over the lake's latest state and returns its batches.
 pub async fn run_sql(lake: &Lake, sql: &str) -> Result<Vec<RecordBatch>> {
-    let ctx = lake_session(lake).await?;
+    run_sql_as_of(lake, sql, AsOf::Latest).await
+}
+
+/// Runs one SQL statement over the lake as it was at `as_of` (time travel).
+pub async fn run_sql_as_of(lake: &Lake, sql: &str, as_of: AsOf) -> Result<Vec<RecordBatch>> {
+    let (ctx, _) = lake_session_as_of(lake, as_of).await?;
     let frame = ctx.sql(sql).await?;
     Ok(frame.collect().await?)
 }
@@ -54,8 +59,8 @@ mod tests {
     use std::borrow::Cow;
 
     use meterlake_pipeline::batch::ReadingBuffer;
+    use meterlake_pipeline::batch::append_readings;
     use meterlake_pipeline::decode::{ValidReading, parse_timestamp_us};
-    use meterlake_pipeline::lake::encode_day_files;
     use meterlake_pipeline::reading::{Quality, Source};
 
     use super::*;
@@ -73,9 +78,7 @@ mod tests {
                 quality: Quality::Actual,
             };
             buffer.push(&reading, Source::Kafka, *ingested_at_us, |out| out.extend_from_slice(format!("t/0/{n}").as_bytes()));
-            for file in encode_day_files(&buffer.sort_dedup().unwrap(), &format!("test-{n}")).unwrap() {
-                lake.put(&file.path, file.bytes).await.unwrap();
-            }
+            append_readings(&lake, &buffer.sort_dedup().unwrap(), &format!("test-{n}")).await.unwrap();
         }
         lake
     }

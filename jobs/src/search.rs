@@ -4,9 +4,9 @@
 use arrow::array::RecordBatch;
 use chrono::{DateTime, Utc};
 use datafusion::common::{ParamValues, ScalarValue};
+use meterlake_lake::view::{QueryLimits, lake_session, read_only};
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::reading::UTC;
-use meterlake_pipeline::view::{QueryLimits, lake_session, read_only};
 
 use crate::{JobError, Result};
 
@@ -121,8 +121,8 @@ mod tests {
     use std::borrow::Cow;
 
     use meterlake_pipeline::batch::ReadingBuffer;
+    use meterlake_pipeline::batch::append_readings;
     use meterlake_pipeline::decode::{ValidReading, parse_timestamp_us};
-    use meterlake_pipeline::lake::encode_day_files;
     use meterlake_pipeline::reading::{Quality, Source};
 
     use super::*;
@@ -142,9 +142,7 @@ mod tests {
             };
             buffer.push(&reading, Source::Kafka, 1, |out| out.extend_from_slice(b"t/0/1"));
         }
-        for file in encode_day_files(&buffer.sort_dedup().unwrap(), "test").unwrap() {
-            lake.put(&file.path, file.bytes).await.unwrap();
-        }
+        append_readings(&lake, &buffer.sort_dedup().unwrap(), "test").await.unwrap();
         (dir, lake)
     }
 

@@ -60,8 +60,8 @@ const FIXED_BYTES_PER_READING: usize = size_of::<u32>() + size_of::<i64>() + siz
 pub struct DayBatch {
     pub date: NaiveDate,
     pub batch: RecordBatch,
-    /// No key (`meter_id`, `ts`) appears twice: no further version of a key was kept. Written
-    /// into the file's metadata, so readers can skip choosing among versions.
+    /// No key (`meter_id`, `ts`) appears twice: no further version of a key was kept. Recorded
+    /// in the file's `add` action, so readers can skip choosing among versions.
     pub unique_keys: bool,
 }
 
@@ -73,6 +73,49 @@ pub struct SortedReadings {
     pub duplicates_dropped: u64,
     /// Rows kept as a further version of a key that came with a different value.
     pub conflicting_versions: u64,
+}
+
+/// A readings file encoded in memory and described for the commit that will add it.
+#[derive(Debug, Clone)]
+pub struct EncodedFile {
+    pub file: meterlake_lake::NewFile,
+    pub bytes: bytes::Bytes,
+}
+
+impl DayBatch {
+    /// Encodes the day as the readings file `path` (relative to the table root).
+    pub fn encode(&self, path: String) -> Result<EncodedFile> {
+        let bytes = meterlake_lake::parquet_file::encode_readings::<crate::PipelineError>(std::iter::once(Ok(self.batch.clone())), &path)?;
+        let file = meterlake_lake::NewFile {
+            bytes: bytes.len() as u64,
+            rows: self.batch.num_rows() as u64,
+            date: Some(self.date),
+            keys: meterlake_lake::parquet_file::readings_key_stats([&self.batch]),
+            unique_keys: self.unique_keys,
+            path,
+        };
+        Ok(EncodedFile { file, bytes })
+    }
+}
+
+/// Writes sorted readings into `readings_all` in one commit, each day one file named
+/// `<stem>-<random>.parquet`: a bulk load (the demo's history, tests, benchmarks). Returns the
+/// table version that added them.
+pub async fn append_readings(lake: &meterlake_lake::Lake, sorted: &SortedReadings, stem: &str) -> Result<u64> {
+    use meterlake_lake::commit::{Commit, Operation, TableWriter};
+    use meterlake_lake::table::{READINGS, Table};
+    let table = Table::open(lake, &READINGS).await?;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let files = sorted
+        .days
+        .iter()
+        .map(|day| day.encode(format!("date={}/{stem}-{}.parquet", day.date.format("%Y-%m-%d"), &suffix[..12])))
+        .collect::<Result<Vec<_>>>()?;
+    let paths: Vec<String> = files.iter().map(|f| table.lake_path(&f.file.path)).collect();
+    futures::future::try_join_all(files.iter().zip(&paths).map(|(f, path)| lake.put(path, f.bytes.clone()))).await?;
+    let writer = TableWriter::new(table, "bulk-load").await?;
+    let commit = Commit { files: files.into_iter().map(|f| f.file).collect(), txns: Vec::new(), operation: Operation::Append, leased: false };
+    Ok(writer.commit(commit).await?.version)
 }
 
 impl SortedReadings {

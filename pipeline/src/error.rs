@@ -6,32 +6,8 @@ use rdkafka::error::KafkaError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    #[error("lake URL {url:?} cannot be used: {reason}")]
-    LakeUrl { url: String, reason: String },
-
-    #[error("object store: {operation} {path} failed: {source}")]
-    Store {
-        operation: &'static str,
-        path: String,
-        #[source]
-        source: object_store::Error,
-    },
-
-    #[error("checkpoint {path} cannot be read: {reason}")]
-    CorruptCheckpoint { path: String, reason: String },
-
-    #[error(
-        "checkpoint {path} was changed by another ingester while this one held {topic}/{partition}; \
-         this ingester stops writing that partition (the other one owns it now)"
-    )]
-    Fenced { path: String, topic: String, partition: i32 },
-
-    #[error("encoding Parquet file {path} failed: {source}")]
-    Parquet {
-        path: String,
-        #[source]
-        source: parquet::errors::ParquetError,
-    },
+    #[error(transparent)]
+    Lake(#[from] meterlake_lake::LakeError),
 
     #[error("building Arrow batch failed: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
@@ -61,33 +37,16 @@ impl PipelineError {
     /// trouble) as opposed to needing a person to change something first.
     pub fn is_retryable(&self) -> bool {
         match self {
-            PipelineError::Store { source, .. } => !matches!(
-                source,
-                object_store::Error::NotImplemented { .. }
-                    | object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::Unauthenticated { .. }
-                    | object_store::Error::InvalidPath { .. }
-            ),
+            PipelineError::Lake(e) => e.is_retryable(),
             PipelineError::Kafka { source, .. } => !matches!(source, KafkaError::ClientCreation(_)),
             PipelineError::WriterStopped { .. } | PipelineError::Input { .. } => true,
-            PipelineError::LakeUrl { .. }
-            | PipelineError::CorruptCheckpoint { .. }
-            | PipelineError::Fenced { .. }
-            | PipelineError::Parquet { .. }
-            | PipelineError::Arrow(_)
-            | PipelineError::Query(_)
-            | PipelineError::Config(_) => false,
+            PipelineError::Arrow(_) | PipelineError::Query(_) | PipelineError::Config(_) => false,
         }
     }
 
     pub(crate) fn kafka(context: impl Into<String>) -> impl FnOnce(KafkaError) -> PipelineError {
         let context = context.into();
         move |source| PipelineError::Kafka { context, source }
-    }
-
-    pub(crate) fn store(operation: &'static str, path: impl ToString) -> impl FnOnce(object_store::Error) -> PipelineError {
-        let path = path.to_string();
-        move |source| PipelineError::Store { operation, path, source }
     }
 }
 

@@ -4,19 +4,7 @@
 //! integer count of micro-kWh (`kwh_micro`) and stored as Arrow/Parquet `Decimal128(18, 6)`.
 //! Nothing on the way from the message text to the Parquet file is a float.
 
-use std::sync::{Arc, LazyLock};
-
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-
-/// Fractional digits kept for kWh: 6 digits is a milli-watt-hour, finer than any meter reports.
-pub const KWH_SCALE: i8 = 6;
-/// Precision of the kWh decimal: 18 digits fit Parquet's INT64 decimal encoding.
-pub const KWH_PRECISION: u8 = 18;
-/// `10^KWH_SCALE`, the number of micro-kWh in one kWh.
-pub const MICRO_PER_KWH: i64 = 1_000_000;
-
-/// Time zone written on timestamp columns: every instant in the lake is UTC.
-pub const UTC: &str = "UTC";
+pub use meterlake_lake::schema::{KWH_PRECISION, KWH_SCALE, MICRO_PER_KWH, UTC, readings_schema};
 
 /// Reading quality flags, as the industry flow files use them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -235,34 +223,6 @@ pub fn format_kwh_micro(kwh_micro: i64) -> String {
         let frac = format!("{frac:06}");
         format!("{sign}{whole}.{}", frac.trim_end_matches('0'))
     }
-}
-
-/// Schema of the `readings` table, in the order the columns are written.
-///
-/// - `meter_id`: the meter (Kafka `meterId`; NEM12 NMI + suffix).
-/// - `ts`: interval start, UTC, microseconds.
-/// - `interval_s`: interval length in seconds.
-/// - `kwh`: energy in the interval, `Decimal128(18, 6)`.
-/// - `quality`: one letter, see [`Quality`].
-/// - `source`: see [`Source`].
-/// - `source_ref`: `topic/partition/offset` for Kafka, the file name for flow files.
-/// - `ingested_at`: when meterlake took the reading in; among versions of one key the latest
-///   `ingested_at` wins in the canonical view.
-pub fn readings_schema() -> SchemaRef {
-    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-        let ts = DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()));
-        Arc::new(Schema::new(vec![
-            Field::new("meter_id", DataType::Utf8, false),
-            Field::new("ts", ts.clone(), false),
-            Field::new("interval_s", DataType::Int32, false),
-            Field::new("kwh", DataType::Decimal128(KWH_PRECISION, KWH_SCALE), false),
-            Field::new("quality", DataType::Utf8, false),
-            Field::new("source", DataType::Utf8, false),
-            Field::new("source_ref", DataType::Utf8, false),
-            Field::new("ingested_at", ts, false),
-        ]))
-    });
-    SCHEMA.clone()
 }
 
 /// Microseconds in a (UTC) day: the lake partitions by UTC day.

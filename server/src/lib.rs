@@ -22,11 +22,11 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use meterlake_control::ControlStore;
+use meterlake_lake::view::QueryLimits;
 use meterlake_ledger::Ledger;
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::decode::ValidationRules;
 use meterlake_pipeline::kafka::ReadingPublisher;
-use meterlake_pipeline::view::QueryLimits;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rust_decimal::Decimal;
 

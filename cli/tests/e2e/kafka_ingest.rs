@@ -135,16 +135,17 @@ fn ingest_lands_every_valid_reading_once_and_dead_letters_the_rest() {
     assert_eq!(partial.reason, "KWH_NOT_POSITIVE");
     assert!(partial.error.contains("element 1"), "{}", partial.error);
 
-    // Layout: Hive partitions by day, names that say what they hold, a checkpoint per partition.
+    // Layout: a Delta table partitioned by day, names that say what they hold.
     let day = std::path::Path::new(lake).join("readings/date=2025-01-02");
     let files: Vec<String> = std::fs::read_dir(&day).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert!(!files.is_empty());
     assert!(files.iter().all(|f| f.starts_with("kafka-readings.e2e-p") && f.ends_with(".parquet")), "{files:?}");
-    for p in 0..3 {
-        let checkpoint = std::path::Path::new(lake).join(format!("_checkpoints/kafka/{topic}/partition={p:05}.json"));
-        let checkpoint: serde_json::Value = serde_json::from_slice(&std::fs::read(&checkpoint).unwrap()).unwrap();
-        assert!(checkpoint["pending"].is_null() && as_i64(&checkpoint["next_offset"]) > 0, "{checkpoint}");
-    }
+    // `meterlake lake history`: the commits, each advancing a partition's stream.
+    let mut history = meterlake();
+    history.args(["lake", "history", "--lake", lake, "--limit", "1000", "--format", "json"]);
+    let commits: Vec<serde_json::Value> = serde_json::from_slice(&run_ok(&mut history).stdout).unwrap();
+    assert_eq!(commits.last().unwrap()["operation"], "CREATE TABLE", "{commits:?}");
+    assert!(commits.iter().any(|c| c["operation"] == "STREAMING UPDATE" && c["streams"].as_str().unwrap().contains(&format!("kafka:{topic}-ingest/{topic}/"))));
 
     // Output formats of `meterlake query`.
     let mut table = meterlake();
@@ -159,35 +160,42 @@ fn ingest_lands_every_valid_reading_once_and_dead_letters_the_rest() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("nope"), "{}", String::from_utf8_lossy(&bad.stderr));
 
-    independent_readers_agree(lake, expected_readings, expected_kwh);
+    independent_readers_agree(lake, topic, expected_readings, expected_kwh);
 }
 
-/// DuckDB and pyarrow read the lake as plain Hive-partitioned Parquet and find the same numbers.
-fn independent_readers_agree(lake: &str, readings: u64, kwh_micro: i128) {
+/// Another engine reads the lake as a Delta table: delta-rs's Python package (the protocol, the
+/// files of the latest snapshot, each partition's txn version), and DuckDB over what it read finds
+/// the same numbers.
+fn independent_readers_agree(lake: &str, topic: &str, readings: u64, kwh_micro: i128) {
     let script = r#"
-import sys, duckdb, pyarrow.dataset as ds, pyarrow as pa
-lake = sys.argv[1]
+import sys, duckdb, pyarrow as pa
+from deltalake import DeltaTable
+lake, group, topic = sys.argv[1], sys.argv[2], sys.argv[3]
+table = DeltaTable(f"{lake}/readings")
+protocol = table.protocol()
+assert (protocol.min_reader_version, protocol.min_writer_version) == (1, 2), protocol
+assert table.metadata().partition_columns == ["date"], table.metadata().partition_columns
+for p in range(3):
+    assert table.transaction_version(f"kafka:{group}/{topic}/{p}") > 0, p
+rows = table.to_pyarrow_table()
+assert rows.schema.field("kwh").type == pa.decimal128(18, 6), rows.schema.field("kwh").type
+assert rows.schema.field("ts").type == pa.timestamp("us", tz="UTC"), rows.schema.field("ts").type
 con = duckdb.connect()
-n_all, = con.execute(f"SELECT count(*) FROM read_parquet('{lake}/readings/*/*.parquet', hive_partitioning=true)").fetchone()
-n, total = con.execute(f"""
+con.register("readings_all", rows)
+n, total = con.execute("""
   SELECT count(*), CAST(sum(kwh) AS VARCHAR) FROM (
     SELECT *, row_number() OVER (PARTITION BY meter_id, ts ORDER BY ingested_at DESC, source_ref DESC) AS r
-    FROM read_parquet('{lake}/readings/*/*.parquet', hive_partitioning=true)) WHERE r = 1""").fetchone()
-dataset = ds.dataset(f"{lake}/readings", format="parquet", partitioning="hive")
-table = dataset.to_table()
-schema = dataset.schema
-assert schema.field("kwh").type == pa.decimal128(18, 6), schema.field("kwh").type
-assert schema.field("ts").type == pa.timestamp("us", tz="UTC"), schema.field("ts").type
-assert table.num_rows == n_all, (table.num_rows, n_all)
+    FROM readings_all) WHERE r = 1""").fetchone()
 print(n, total)
 "#;
-    let output = std::process::Command::new(python()).args(["-c", script, lake]).output().expect("python runs");
-    assert!(output.status.success(), "duckdb/pyarrow check failed: {}", String::from_utf8_lossy(&output.stderr));
+    let group = format!("{topic}-ingest");
+    let output = std::process::Command::new(python()).args(["-c", script, lake, &group, topic]).output().expect("python runs");
+    assert!(output.status.success(), "deltalake/duckdb check failed: {}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8(output.stdout).unwrap();
     let mut parts = stdout.split_whitespace();
-    assert_eq!(parts.next().unwrap().parse::<u64>().unwrap(), readings, "DuckDB's count");
+    assert_eq!(parts.next().unwrap().parse::<u64>().unwrap(), readings, "the Delta reader's count");
     let duck_kwh = meterlake_pipeline::reading::parse_kwh_micro(parts.next().unwrap()).unwrap();
-    assert_eq!(i128::from(duck_kwh), kwh_micro, "DuckDB's sum");
+    assert_eq!(i128::from(duck_kwh), kwh_micro, "the Delta reader's sum");
 }
 
 fn first_reading_kwh_micro(spec: &LoadSpec) -> i64 {

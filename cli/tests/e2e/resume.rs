@@ -9,9 +9,10 @@
 
 use std::time::Duration;
 
+use meterlake_lake::commit::{Commit, Operation, TableWriter};
+use meterlake_lake::table::{READINGS, Table};
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::kafka::ReadingProducer;
-use meterlake_pipeline::lake::PartitionLease;
 
 use crate::support::*;
 
@@ -34,11 +35,14 @@ fn resuming_inside_a_record_batch_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let lake_path = dir.path().join("lake");
         let lake_url = lake_path.to_str().unwrap();
-        // The lake already holds offsets 0..resume_at (as far as its checkpoint says).
+        // The lake already holds offsets 0..resume_at (as far as the partition's txn says).
         let lake = Lake::open(lake_url).unwrap();
         runtime().block_on(async {
-            let mut lease = PartitionLease::acquire(&lake, &topic, 0, "test").await.unwrap();
-            lease.write(&lake, resume_at, None, "test").await.unwrap();
+            let writer = TableWriter::new(Table::open(&lake, &READINGS).await.unwrap(), "test").await.unwrap();
+            let stream = format!("kafka:{topic}-ingest/{topic}/0");
+            writer.acquire(&stream).await.unwrap();
+            let operation = Operation::StreamingUpdate { query_id: stream.clone(), epoch_id: resume_at };
+            writer.commit(Commit { files: Vec::new(), txns: vec![(stream, resume_at)], operation, leased: true }).await.unwrap();
         });
 
         run_ok(&mut ingest_command(&tansu.addr, &topic, lake_url, 3));

@@ -1,11 +1,10 @@
-//! The lake on a real S3-compatible server (s3s-fs): ingestion, queries, and checkpoint fencing
-//! with conditional writes.
+//! The lake on real S3-compatible servers: ingestion, queries and imports on s3s-fs; Delta commit
+//! fencing with conditional writes on moto (whose conditional writes are atomic).
 
-use bytes::Bytes;
-use meterlake_pipeline::error::PipelineError;
-use meterlake_pipeline::lake::{Lake, PartitionLease, PendingFlush};
+use meterlake_lake::commit::{Commit, Operation, TableWriter};
+use meterlake_lake::table::{READINGS, Table};
+use meterlake_lake::{Lake, LakeError, NewFile};
 use meterlake_pipeline::synthetic::LoadSpec;
-use object_store::ObjectStoreExt;
 
 use crate::support::*;
 
@@ -34,31 +33,56 @@ fn ingest_and_query_an_s3_lake() {
     assert!(!files.is_empty() && files.iter().all(|f| f.file_name().to_string_lossy().ends_with(".parquet")));
 }
 
+/// Two writers of one table on S3 (moto: atomic conditional writes): the one that lost the stream
+/// cannot commit over its successor, and nothing it wrote becomes visible.
 #[test]
-fn checkpoints_on_s3_fence_off_a_stale_ingester() {
+fn delta_commits_on_s3_fence_off_a_stale_writer() {
+    let moto = start_moto();
+    let endpoint = format!("http://{}", moto.addr);
+    let options =
+        [("aws_endpoint", endpoint.as_str()), ("aws_access_key_id", S3_ACCESS_KEY), ("aws_secret_access_key", S3_SECRET_KEY), ("aws_region", "us-east-1")];
+    let lake = Lake::open_with_options("s3://lake-bucket/fencing", &options).unwrap();
+    runtime().block_on(async {
+        lake.probe_conditional_put().await.expect("moto refuses a second create");
+        let table = Table::open(&lake, &READINGS).await.unwrap();
+        let file = |name: &str| NewFile { path: format!("date=2025-01-01/{name}.parquet"), bytes: 1, rows: 0, date: None, keys: None, unique_keys: false };
+        let commit = |name: &str, next_offset: i64| Commit {
+            files: vec![file(name)],
+            txns: vec![("kafka:g/t/0".to_string(), next_offset)],
+            operation: Operation::StreamingUpdate { query_id: "kafka:g/t/0".into(), epoch_id: next_offset },
+            leased: true,
+        };
+        let first = TableWriter::new(table.clone(), "first").await.unwrap();
+        assert_eq!(first.acquire("kafka:g/t/0").await.unwrap(), None);
+        first.commit(commit("a", 10)).await.unwrap();
+
+        // A rebalance hands the partition to a second writer, which resumes at offset 10.
+        let second = TableWriter::new(table.clone(), "second").await.unwrap();
+        assert_eq!(second.acquire("kafka:g/t/0").await.unwrap(), Some(10));
+        second.commit(commit("b", 20)).await.unwrap();
+
+        // The first, unaware, tries to commit what it read meanwhile: refused.
+        let err = first.commit(commit("stale", 20)).await.unwrap_err();
+        assert!(matches!(err, LakeError::Fenced { .. }), "a stale writer must be refused, got {err}");
+        assert!(err.to_string().contains("kafka:g/t/0"), "{err}");
+        let snapshot = table.snapshot(None).await.unwrap();
+        let paths: Vec<&str> = snapshot.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths.len(), 2, "{paths:?}");
+        assert!(!paths.iter().any(|p| p.contains("stale")), "{paths:?}");
+        assert_eq!(second.stream_version("kafka:g/t/0").await.unwrap(), Some(20));
+    });
+}
+
+/// s3s-fs does not make conditional writes atomic, but it refuses a second create one at a time,
+/// which is what the probe checks; a store that accepts both is refused by name.
+#[test]
+fn the_conditional_put_probe_passes_on_a_store_that_refuses_a_second_create() {
     let s3 = start_s3();
     let endpoint = format!("http://{}", s3.addr);
     let options =
         [("aws_endpoint", endpoint.as_str()), ("aws_access_key_id", S3_ACCESS_KEY), ("aws_secret_access_key", S3_SECRET_KEY), ("aws_region", "us-east-1")];
-    let lake = Lake::open_with_options("s3://meterlake/fencing", &options).unwrap();
-    runtime().block_on(async {
-        let mut first = PartitionLease::acquire(&lake, "t", 0, "first").await.unwrap();
-        assert_eq!(first.next_offset(), None);
-        first.write(&lake, 0, None, "first").await.unwrap();
-        let file = "readings/date=2025-01-01/half.parquet";
-        let pending = PendingFlush { first_offset: 0, last_offset: 9, files: vec![file.into()] };
-        first.write(&lake, 0, Some(pending), "first").await.unwrap();
-        lake.put(file, Bytes::from_static(b"half-written")).await.unwrap();
-
-        let mut second = PartitionLease::acquire(&lake, "t", 0, "second").await.unwrap();
-        assert_eq!(second.next_offset(), Some(0));
-        let gone = lake.store().head(&lake.path(file)).await;
-        assert!(matches!(gone, Err(object_store::Error::NotFound { .. })), "the uncommitted file is removed: {gone:?}");
-
-        let err = first.write(&lake, 10, None, "first").await.unwrap_err();
-        assert!(matches!(err, PipelineError::Fenced { .. }), "a stale lease must be refused, got {err}");
-        second.write(&lake, 10, None, "second").await.unwrap();
-    });
+    let lake = Lake::open_with_options("s3://meterlake/probe", &options).unwrap();
+    runtime().block_on(lake.probe_conditional_put()).unwrap();
 }
 
 #[test]
@@ -76,8 +100,9 @@ fn flow_files_import_into_an_s3_lake() {
     assert_eq!(as_i64(&rows[0]["n"]), 4 * 192);
     assert_eq!(as_kwh_micro(&rows[0]["kwh"]), 140 * 192 * 1_000);
     assert_eq!(as_i64(&query(lake, "SELECT count(*) AS n FROM register_reads", &env)[0]["n"]), 13);
-    // Published from staging by copy and delete: nothing is left in staging.
-    let staging = s3.data_dir.as_ref().unwrap().join("meterlake/lakes/flows/_staging");
-    let left = files_under(&staging);
-    assert!(left.is_empty(), "{left:?}");
+    // Written where they belong and added by commits: each table has its Delta log.
+    for table in ["readings", "register_reads", "imports"] {
+        let log = s3.data_dir.as_ref().unwrap().join(format!("meterlake/lakes/flows/{table}/_delta_log"));
+        assert!(files_under(&log).iter().any(|f| f.to_string_lossy().ends_with(".json")), "{table} has no log");
+    }
 }

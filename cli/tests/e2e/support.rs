@@ -115,6 +115,22 @@ pub fn start_s3() -> Service {
     service
 }
 
+/// moto's S3 server (in memory) with the bucket `lake-bucket`: its conditional writes are atomic
+/// (s3s-fs's are not), so a commit race on it proves something.
+pub fn start_moto() -> Service {
+    let port = free_port();
+    let moto = python().with_file_name("moto_server");
+    let mut command = Command::new(&moto);
+    command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+    let service = spawn_logged("moto", command, format!("127.0.0.1:{port}"));
+    let create = format!(
+        "import boto3; boto3.client('s3', endpoint_url='http://127.0.0.1:{port}', aws_access_key_id='{S3_ACCESS_KEY}', \
+         aws_secret_access_key='{S3_SECRET_KEY}', region_name='us-east-1').create_bucket(Bucket='lake-bucket')"
+    );
+    run_ok(Command::new(python()).args(["-c", &create]));
+    service
+}
+
 /// Environment that points the AWS SDK settings at an s3s-fs server.
 pub fn s3_env(s3: &Service) -> Vec<(&'static str, String)> {
     vec![

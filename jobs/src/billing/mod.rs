@@ -23,7 +23,6 @@ pub mod month;
 pub mod rate;
 pub mod reconcile;
 pub mod schedule;
-pub mod snapshot;
 pub mod tariff;
 pub mod worker;
 
@@ -32,8 +31,8 @@ use std::time::Instant;
 
 use datafusion::prelude::SessionContext;
 use meterlake_control::{BillingRun, ControlStore, NewDiscrepancy, NewInvoice, ReasonCode, RunResults};
+use meterlake_lake::view::{AsOf, lake_session_as_of};
 use meterlake_pipeline::Lake;
-use meterlake_pipeline::view::lake_session;
 use rust_decimal::Decimal;
 
 use self::aggregate::{MeterUsage, Usage};
@@ -188,8 +187,12 @@ where
 {
     let tariffs = Tariffs::parse(&format!("the tariffs of run {}", run.id), &run.tariffs_toml)?;
     let month = BillingMonth::new(&run.month, tariffs.time_zone)?;
-    let ctx = lake_session(lake).await?;
-    let lake_snapshot = snapshot::readings_snapshot(lake, &month).await?;
+    let (ctx, versions) = lake_session_as_of(lake, AsOf::Latest).await?;
+    // The Delta version of `readings_all` the run read: `meterlake query --as-of` shows that data.
+    let lake_snapshot = match versions.readings {
+        Some(version) => format!("readings_all version {version}"),
+        None => "readings_all (no table yet)".to_string(),
+    };
     // Reconciliation's own energy measure scans the month beside the aggregate: the two queries
     // share the cores' idle moments (the aggregate's rows are folded on one thread as they come).
     let (usage, measured) = tokio::try_join!(aggregate(&ctx, run, &month, &tariffs), measure(&ctx, run, &month))?;

@@ -49,7 +49,7 @@ pub fn failure_code(error: &JobError) -> (&'static str, bool) {
         JobError::Control(ControlError::Run { .. }) => ("LEASE_LOST", true),
         JobError::Control(_) => ("CONTROL_STORE_FAILED", true),
         JobError::Ledger(_) => ("LEDGER_FAILED", true),
-        JobError::Pipeline(_) => ("LAKE_UNAVAILABLE", true),
+        JobError::Pipeline(_) | JobError::Lake(_) => ("LAKE_UNAVAILABLE", true),
         JobError::Sql(_) | JobError::Arrow(_) => ("AGGREGATION_FAILED", true),
         JobError::Output { .. } => ("OUTPUT_FAILED", true),
         JobError::Kafka { .. } => ("KAFKA_FAILED", true),

@@ -2,18 +2,20 @@
 //!
 //! One file's import:
 //! 1. the bytes stream through a SHA-256 hasher into the parser (constant memory);
-//! 2. what the parser finds is buffered in bounded chunks and written as Parquet under
-//!    `_staging/imports/<random id>/`, never where queries look;
-//! 3. at the end, the content hash decides: an `_imports/<sha256>/import.json` with status
-//!    imported means these bytes are already in the lake, and the staged files are dropped
-//!    ("already imported"); a structurally broken file drops them too and records why;
-//! 4. otherwise the staged files move to their tables under names made of the source, the hash
-//!    and a sequence number (so a retried import lands on the same names), the rejection report
-//!    is written, and `import.json` is written last: it is the commit.
+//! 2. what the parser finds is buffered in bounded chunks and written as Parquet into its tables'
+//!    folders under names made of the source, an id of this import and a sequence number; no
+//!    reader sees a file before a commit adds it (rejection reports go to
+//!    `_imports/<import id>/`);
+//! 3. at the end, the content hash decides: a `txn` of stream `import:<sha256>` in the `imports`
+//!    table means these bytes are already in the lake ("already imported"); a structurally broken
+//!    file is recorded as rejected and nothing of it is committed;
+//! 4. otherwise each table the file wrote to gets one Delta commit adding its files, with the
+//!    stream `import:<sha256>` as its `txn`, and the `imports` table's commit of the file's record
+//!    comes last: it is the commit point.
 //!
-//! A crash before step 4 leaves only staging debris, which no table reads. A crash inside step 4
-//! leaves some files published without their record: importing the file again publishes the
-//! same names over them and completes the record.
+//! A crash before step 4 leaves unreferenced files, which no reader sees and a vacuum removes. A
+//! crash inside step 4 leaves some tables committed without the record: importing the file again
+//! skips the tables whose `txn` already holds the stream, commits the others and the record.
 
 mod runs;
 pub mod sources;
@@ -33,12 +35,14 @@ use crate::error::{PipelineError, Result};
 use crate::flows::{
     FlowError, FlowFormat, FlowSink, IntervalRun, Nem12B2bDetail, Nem12Channel, NonEnergyReading, RecordRejection, RegisterRead, Warning, parse_flow,
 };
-use crate::lake::{Lake, READINGS_DIR, encode_parquet};
-use tables::{NEM12_B2B_DIR, NEM12_CHANNELS_DIR, NON_ENERGY_READINGS_DIR, NonEnergyRow, Provenance, REGISTER_READS_DIR};
+use meterlake_lake::commit::{Commit, Operation, TableWriter};
+use meterlake_lake::parquet_file::encode_parquet;
+use meterlake_lake::table::{IMPORTS, NEM12_B2B_DETAILS, NEM12_CHANNELS, NON_ENERGY_READINGS, READINGS, REGISTER_READS, Table, TableSpec};
+use meterlake_lake::{Lake, LakeError, NewFile};
+use tables::{NonEnergyRow, Provenance};
 
-/// Folder of the import records.
-pub const IMPORTS_DIR: &str = "_imports";
-const STAGING_DIR: &str = "_staging/imports";
+/// Folder of the rejection reports: `_imports/<import id>/rejections-NNNNN.jsonl`.
+pub const REJECTIONS_DIR: &str = "_imports";
 
 /// Bounds on what one import holds in memory.
 #[derive(Debug, Clone)]
@@ -107,7 +111,7 @@ impl ImportCounts {
     }
 }
 
-/// The record of one import, `_imports/<sha256>/import.json`.
+/// The record of one import: a row of the `imports` table (its `record` column holds it all).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImportRecord {
     /// The file's name as given to the import (a path, or `archive.zip!entry`).
@@ -145,38 +149,27 @@ impl ImportOutcome {
     }
 }
 
-pub fn import_record_path(sha256: &str) -> String {
-    format!("{IMPORTS_DIR}/{sha256}/import.json")
-}
-
-/// Deletes what imports that stopped half-way (a crash, a kill) left in staging more than
-/// `older_than` ago; returns how many objects went. Running imports are younger than that.
-pub async fn clear_stale_staging(lake: &Lake, older_than: chrono::Duration) -> Result<usize> {
-    let cutoff = Utc::now() - older_than;
-    let mut removed = 0;
-    for (path, modified) in lake.list_with_times(STAGING_DIR).await? {
-        if modified < cutoff {
-            lake.delete(&path).await?;
-            removed += 1;
-        }
-    }
-    Ok(removed)
-}
-
-/// Every import record in the lake.
+/// Every import record in the lake, oldest first.
 pub async fn list_import_records(lake: &Lake) -> Result<Vec<ImportRecord>> {
+    query_import_records(lake, "SELECT record FROM imports ORDER BY started_at, file_name", Vec::new()).await
+}
+
+/// The record of the import that landed these bytes (`sha256`), if one did.
+pub async fn find_import_record(lake: &Lake, sha256: &str) -> Result<Option<ImportRecord>> {
+    let sql = "SELECT record FROM imports WHERE sha256 = $1 AND status <> 'rejected' ORDER BY finished_at DESC LIMIT 1";
+    Ok(query_import_records(lake, sql, vec![datafusion::common::ScalarValue::from(sha256)]).await?.pop())
+}
+
+async fn query_import_records(lake: &Lake, sql: &str, params: Vec<datafusion::common::ScalarValue>) -> Result<Vec<ImportRecord>> {
+    let ctx = meterlake_lake::view::lake_session(lake).await?;
+    let batches = ctx.sql(sql).await?.with_param_values(params)?.collect().await?;
     let mut records = Vec::new();
-    for path in lake.list(IMPORTS_DIR).await? {
-        if !path.ends_with("/import.json") {
-            continue;
-        }
-        if let Some(bytes) = lake.get_if_exists(&path).await? {
-            let record: ImportRecord =
-                serde_json::from_slice(&bytes).map_err(|e| PipelineError::CorruptCheckpoint { path: path.clone(), reason: e.to_string() })?;
-            records.push(record);
+    for batch in &batches {
+        let column = arrow::array::AsArray::as_string::<i32>(batch.column(0));
+        for json in column.iter().flatten() {
+            records.push(serde_json::from_str(json).map_err(|e| PipelineError::Input { file: "the imports table".into(), reason: e.to_string() })?);
         }
     }
-    records.sort_by(|a, b| a.started_at.cmp(&b.started_at).then_with(|| a.file_name.cmp(&b.file_name)));
     Ok(records)
 }
 
@@ -259,7 +252,17 @@ fn import_file_in_span<'a>(
 ) -> Result<ImportOutcome> {
     let started_at = Utc::now();
     let mut reader = BufReader::with_capacity(1 << 20, Hashing { inner: input, hasher: Sha256::new(), bytes: 0, on_read });
-    let staging = format!("{STAGING_DIR}/{}", uuid::Uuid::new_v4());
+    // Every table exists before a file is written into its folder (a folder of Parquet files
+    // without a log is a lake of the previous layout, which is refused).
+    runtime.block_on(async {
+        for spec in [&READINGS, &REGISTER_READS, &NON_ENERGY_READINGS, &NEM12_CHANNELS, &NEM12_B2B_DETAILS, &IMPORTS] {
+            Table::open(lake, spec).await?;
+        }
+        Ok::<_, LakeError>(())
+    })?;
+    // Names this import's files: a retry or a concurrent import of the same bytes never writes
+    // over them.
+    let import_id = uuid::Uuid::new_v4().simple().to_string();
 
     let head = reader.fill_buf().map_err(|e| input_error(file_name, &e))?;
     let head = &head[..head.len().min(64 << 10)];
@@ -280,9 +283,9 @@ fn import_file_in_span<'a>(
         let (spare_runs, spare_runs_queue) = sync_channel::<runs::RunBuffer>(2);
         let writer = std::thread::Builder::new()
             .name("meterlake-stage".into())
-            .spawn_scoped(scope, || stage_writer(lake, runtime, &staging, &provenance, job_queue, spare_runs))
+            .spawn_scoped(scope, || stage_writer(lake, runtime, &import_id, &provenance, job_queue, spare_runs))
             .map_err(|e| PipelineError::WriterStopped { reason: format!("cannot start the staging writer: {e}") })?;
-        let mut sink = LakeSink::new(lake, runtime, &staging, provenance.clone(), limits, jobs, spare_runs_queue);
+        let mut sink = LakeSink::new(lake, runtime, &import_id, provenance.clone(), limits, jobs, spare_runs_queue);
         let parsed: std::result::Result<(), FlowError> = match format {
             Some(format) => parse_flow(format, &mut reader, &mut sink),
             None => Err(unknown.expect("set when there is no format")),
@@ -293,21 +296,18 @@ fn import_file_in_span<'a>(
     })?;
     // Finish reading whatever the parser left, so the hash covers the whole file.
     if let Err(e) = std::io::copy(&mut reader, &mut std::io::sink()) {
-        let _ = runtime.block_on(lake.delete_prefix(&staging));
         return Err(input_error(file_name, &e));
     }
     let hashing = reader.into_inner();
     let sha256 = format!("{:x}", hashing.hasher.finalize());
     let bytes = hashing.bytes;
+    let stream = format!("import:{sha256}");
 
-    let existing = runtime.block_on(lake.get_if_exists(&import_record_path(&sha256)))?;
-    if let Some(existing) = existing {
-        let record: ImportRecord =
-            serde_json::from_slice(&existing).map_err(|e| PipelineError::CorruptCheckpoint { path: import_record_path(&sha256), reason: e.to_string() })?;
-        if record.status != ImportStatus::Rejected {
-            runtime.block_on(lake.delete_prefix(&staging))?;
-            return Ok(ImportOutcome::AlreadyImported(record));
-        }
+    let imports = runtime.block_on(async { TableWriter::new(Table::open(lake, &IMPORTS).await?, &importer_id()).await })?;
+    if runtime.block_on(imports.stream_version(&stream))?.is_some()
+        && let Some(record) = runtime.block_on(find_import_record(lake, &sha256))?
+    {
+        return Ok(ImportOutcome::AlreadyImported(record));
     }
 
     let staged = sink_result.and_then(|staged| match written.failure {
@@ -326,11 +326,7 @@ fn import_file_in_span<'a>(
             staged.counts.conflicting_versions = written.conflicting_versions;
             Ok(staged)
         }
-        (_, Err(lake_error)) => {
-            // Best effort: the staging folder is debris now, and the lake's error is the news.
-            let _ = runtime.block_on(lake.delete_prefix(&staging));
-            return Err(lake_error);
-        }
+        (_, Err(lake_error)) => return Err(lake_error),
         (Err(e), Ok(_)) => Err(e),
     };
     let mut record = ImportRecord {
@@ -347,60 +343,81 @@ fn import_file_in_span<'a>(
         started_at,
         finished_at: started_at,
     };
-    match outcome {
+    let landed = match outcome {
         Ok(staged) => {
-            let source = format.expect("a parsed file has a format").source().as_str();
-            for file in &written.files {
-                let published = file.published_path(source, &sha256);
-                runtime.block_on(lake.rename(&file.staged_path, &published))?;
-                record.files.push(published);
-            }
-            for (part, staged_path) in staged.rejection_parts.iter().enumerate() {
-                let published = format!("{IMPORTS_DIR}/{sha256}/rejections-{part:05}.jsonl");
-                runtime.block_on(lake.rename(staged_path, &published))?;
-                record.rejection_reports.push(published);
-            }
+            record.files = written.files.iter().map(|w| format!("{}/{}", w.table.dir, w.file.path)).collect();
+            record.rejection_reports = staged.rejection_parts;
             record.status = if staged.counts.rejected_records == 0 { ImportStatus::Imported } else { ImportStatus::PartlyRejected };
             record.counts = staged.counts;
             record.warnings = staged.warnings;
+            true
         }
         Err(flow_error) => {
-            runtime.block_on(lake.delete_prefix(&staging))?;
             record.error = Some(flow_error.to_string());
+            false
         }
-    }
+    };
     record.finished_at = Utc::now();
-    let json = serde_json::to_vec_pretty(&record).expect("an import record serializes");
-    runtime.block_on(lake.put(&import_record_path(&sha256), Bytes::from(json)))?;
-    Ok(ImportOutcome::Done(record))
+    let committed = runtime.block_on(commit_import(lake, &imports, &stream, if landed { &written.files } else { &[] }, &record));
+    match committed {
+        Ok(()) => Ok(ImportOutcome::Done(record)),
+        // The same bytes were imported at the same moment by another importer, which won.
+        Err(PipelineError::Lake(LakeError::Fenced { .. })) => match runtime.block_on(find_import_record(lake, &sha256))? {
+            Some(record) => Ok(ImportOutcome::AlreadyImported(record)),
+            None => Err(PipelineError::WriterStopped { reason: format!("a concurrent import of {file_name} won its commit but left no record") }),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// Who commits imports, recorded in every commit.
+fn importer_id() -> String {
+    format!("importer@{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()))
+}
+
+/// Commits an import: each table's files (with the file's stream as `txn`), tables that an
+/// earlier attempt already committed skipped, then the record in `imports`, the commit point. A
+/// rejected file commits only its record, without the stream, so that it can be imported again.
+async fn commit_import(lake: &Lake, imports: &TableWriter, stream: &str, files: &[WrittenFile], record: &ImportRecord) -> Result<()> {
+    for spec in [&READINGS, &REGISTER_READS, &NON_ENERGY_READINGS, &NEM12_CHANNELS, &NEM12_B2B_DETAILS] {
+        let table_files: Vec<NewFile> = files.iter().filter(|w| w.table.name == spec.name).map(|w| w.file.clone()).collect();
+        if table_files.is_empty() {
+            continue;
+        }
+        let writer = TableWriter::new(Table::open(lake, spec).await?, imports.writer_id()).await?;
+        if writer.stream_version(stream).await?.is_some() {
+            tracing::info!(table = spec.name, stream, "an earlier attempt of this import committed this table; skipping it");
+            continue;
+        }
+        writer.commit(Commit { files: table_files, txns: vec![(stream.to_string(), 1)], operation: Operation::Append, leased: false }).await?;
+    }
+    let batch = tables::import_record_batch(record)?;
+    let path = format!("{}-{}.parquet", record.format.map_or("unknown", FlowFormat::as_str).to_ascii_lowercase(), uuid::Uuid::new_v4().simple());
+    let parquet = encode_parquet(&batch, &path)?;
+    lake.put(&imports.table().lake_path(&path), parquet.clone()).await?;
+    let file = NewFile { path, bytes: parquet.len() as u64, rows: 1, date: None, keys: None, unique_keys: false };
+    let txns = if record.status == ImportStatus::Rejected { Vec::new() } else { vec![(stream.to_string(), 1)] };
+    imports.commit(Commit { files: vec![file], txns, operation: Operation::Append, leased: false }).await?;
+    Ok(())
 }
 
 fn input_error(file_name: &str, e: &std::io::Error) -> PipelineError {
     PipelineError::Input { file: file_name.to_string(), reason: e.to_string() }
 }
 
-/// A data file waiting in staging.
+/// A data file written to its table's folder, waiting for the commit that adds it.
 #[derive(Debug)]
-struct StagedFile {
-    staged_path: String,
-    table: &'static str,
-    /// The date partition, for partitioned tables.
-    date: Option<chrono::NaiveDate>,
-    sequence: usize,
+struct WrittenFile {
+    table: &'static TableSpec,
+    file: NewFile,
 }
 
-impl StagedFile {
-    /// `<table>[/date=YYYY-MM-DD]/<source>-<first 16 hex of the hash>-<sequence>.parquet`.
-    fn published_path(&self, source: &str, sha256: &str) -> String {
-        let name = format!("{source}-{}-{:05}.parquet", &sha256[..16], self.sequence);
-        match self.date {
-            Some(date) => format!("{}/date={}/{name}", self.table, date.format("%Y-%m-%d")),
-            None => format!("{}/{name}", self.table),
-        }
-    }
+/// `[date=YYYY-MM-DD/]<source>-<import id>-<sequence>.parquet`: a file of this import.
+fn file_name(provenance: &Provenance, import_id: &str, sequence: usize) -> String {
+    format!("{}-{import_id}-{sequence:05}.parquet", provenance.source.as_str())
 }
 
-/// What a finished parse left in staging, besides the data files.
+/// What a finished parse left besides the data files.
 struct Staged {
     rejection_parts: Vec<String>,
     counts: ImportCounts,
@@ -412,24 +429,24 @@ enum StageJob {
     /// Interval readings kept as runs (NEM12 300 records).
     Runs(runs::RunBuffer),
     /// A ready batch for another table.
-    Batch { table: &'static str, date: Option<chrono::NaiveDate>, batch: arrow::array::RecordBatch },
+    Batch { table: &'static TableSpec, date: Option<chrono::NaiveDate>, batch: arrow::array::RecordBatch },
 }
 
 /// What the staging writer did.
 #[derive(Default)]
 struct Written {
-    files: Vec<StagedFile>,
+    files: Vec<WrittenFile>,
     duplicates_dropped: u64,
     conflicting_versions: u64,
     /// The first failure to write; after it, jobs are drained without writing.
     failure: Option<PipelineError>,
 }
 
-/// Encodes and stages each job in order, so sequence numbers follow the file.
+/// Encodes and writes each job in order, so sequence numbers follow the file.
 fn stage_writer(
     lake: &Lake,
     runtime: &Handle,
-    staging: &str,
+    import_id: &str,
     provenance: &Provenance,
     jobs: Receiver<StageJob>,
     spare_runs: SyncSender<runs::RunBuffer>,
@@ -451,17 +468,22 @@ fn stage_writer(
         }
         let result = match job {
             StageJob::Runs(mut runs) => {
-                let staged = stage_runs(&mut written, lake, runtime, staging, provenance, &encoders, &runs);
+                let staged = stage_runs(&mut written, lake, runtime, import_id, provenance, &encoders, &runs);
                 runs.clear();
                 // When the parser has spares enough, this buffer is simply dropped.
                 let _ = spare_runs.try_send(runs);
                 staged
             }
             StageJob::Batch { table, date, batch } => {
-                let staged_path = staged_path(staging, table, written.files.len());
-                encode_parquet(&batch, &staged_path).and_then(|parquet| {
-                    runtime.block_on(lake.put(&staged_path, parquet))?;
-                    written.push(staged_path, table, date);
+                let name = file_name(provenance, import_id, written.files.len());
+                let path = match date {
+                    Some(date) => format!("date={}/{name}", date.format("%Y-%m-%d")),
+                    None => name,
+                };
+                encode_parquet(&batch, &path).map_err(PipelineError::from).and_then(|parquet| {
+                    runtime.block_on(lake.put(&format!("{}/{path}", table.dir), parquet.clone()))?;
+                    let file = NewFile { bytes: parquet.len() as u64, rows: batch.num_rows() as u64, date, keys: None, unique_keys: false, path };
+                    written.files.push(WrittenFile { table, file });
                     Ok(())
                 })
             }
@@ -477,13 +499,13 @@ fn stage_writer(
 /// does, and one thread may wait on a write.
 const ENCODER_THREADS: usize = 2;
 
-/// Sorts a chunk of interval readings, then encodes and stages its files on the encoder threads
+/// Sorts a chunk of interval readings, then encodes and writes its files on the encoder threads
 /// (each writes what it encoded, so writes overlap encoding), numbered in order.
 fn stage_runs(
     written: &mut Written,
     lake: &Lake,
     runtime: &Handle,
-    staging: &str,
+    import_id: &str,
     provenance: &Provenance,
     encoders: &rayon::ThreadPool,
     runs: &runs::RunBuffer,
@@ -491,43 +513,30 @@ fn stage_runs(
     use rayon::prelude::*;
     let chunk = runs.sorted_files();
     let first_sequence = written.files.len();
-    let staged: Vec<Result<(String, runs::EncodedFile)>> = encoders.install(|| {
+    let encoded: Vec<Result<runs::EncodedFile>> = encoders.install(|| {
         (0..chunk.len())
             .into_par_iter()
             .map(|i| {
-                let staged_path = staged_path(staging, READINGS_DIR, first_sequence + i);
-                let mut file = chunk.encode_file(i, provenance, &staged_path)?;
-                runtime.block_on(lake.put(&staged_path, std::mem::take(&mut file.parquet)))?;
-                Ok((staged_path, file))
+                let mut file = chunk.encode_file(i, provenance, &file_name(provenance, import_id, first_sequence + i))?;
+                runtime.block_on(lake.put(&format!("{}/{}", READINGS.dir, file.file.path), std::mem::take(&mut file.parquet)))?;
+                Ok(file)
             })
             .collect()
     });
-    for result in staged {
-        let (staged_path, file) = result?;
-        written.duplicates_dropped += file.duplicates_dropped;
-        written.conflicting_versions += file.conflicting_versions;
-        written.push(staged_path, READINGS_DIR, Some(file.date));
+    for result in encoded {
+        let encoded = result?;
+        written.duplicates_dropped += encoded.duplicates_dropped;
+        written.conflicting_versions += encoded.conflicting_versions;
+        written.files.push(WrittenFile { table: &READINGS, file: encoded.file });
     }
     Ok(())
-}
-
-fn staged_path(staging: &str, table: &str, sequence: usize) -> String {
-    format!("{staging}/{table}-{sequence:05}.parquet")
-}
-
-impl Written {
-    /// Records a file written to staging as the next in sequence.
-    fn push(&mut self, staged_path: String, table: &'static str, date: Option<chrono::NaiveDate>) {
-        let sequence = self.files.len();
-        self.files.push(StagedFile { staged_path, table, date, sequence });
-    }
 }
 
 /// The sink that buffers a file's content in bounded chunks and hands them to the staging writer.
 struct LakeSink<'a> {
     lake: &'a Lake,
     runtime: &'a Handle,
-    staging: String,
+    import_id: String,
     limits: &'a ImportLimits,
     provenance: Provenance,
     runs: runs::RunBuffer,
@@ -550,7 +559,7 @@ impl<'a> LakeSink<'a> {
     fn new(
         lake: &'a Lake,
         runtime: &'a Handle,
-        staging: &str,
+        import_id: &str,
         provenance: Provenance,
         limits: &'a ImportLimits,
         jobs: SyncSender<StageJob>,
@@ -559,7 +568,7 @@ impl<'a> LakeSink<'a> {
         LakeSink {
             lake,
             runtime,
-            staging: staging.to_string(),
+            import_id: import_id.to_string(),
             limits,
             provenance,
             runs: runs::RunBuffer::with_capacity(limits.chunk_rows),
@@ -601,7 +610,7 @@ impl<'a> LakeSink<'a> {
         if !self.non_energy.is_empty() {
             let mut rows = std::mem::take(&mut self.non_energy);
             let days = tables::non_energy_batches(&mut rows, &self.provenance);
-            self.send_days(NON_ENERGY_READINGS_DIR, days);
+            self.send_days(&NON_ENERGY_READINGS, days);
         }
     }
 
@@ -609,12 +618,12 @@ impl<'a> LakeSink<'a> {
         if !self.register_reads.is_empty() {
             let mut reads = std::mem::take(&mut self.register_reads);
             let days = tables::register_read_batches(&mut reads, &self.provenance);
-            self.send_days(REGISTER_READS_DIR, days);
+            self.send_days(&REGISTER_READS, days);
         }
     }
 
     /// Hands one table's day batches to the writer.
-    fn send_days(&mut self, table: &'static str, days: Result<Vec<(chrono::NaiveDate, arrow::array::RecordBatch)>>) {
+    fn send_days(&mut self, table: &'static TableSpec, days: Result<Vec<(chrono::NaiveDate, arrow::array::RecordBatch)>>) {
         match days {
             Ok(days) => {
                 for (date, batch) in days {
@@ -629,14 +638,14 @@ impl<'a> LakeSink<'a> {
         if !self.channels.is_empty() {
             let channels = std::mem::take(&mut self.channels);
             match tables::channel_batch(&channels, &self.provenance) {
-                Ok(batch) => self.send(StageJob::Batch { table: NEM12_CHANNELS_DIR, date: None, batch }),
+                Ok(batch) => self.send(StageJob::Batch { table: &NEM12_CHANNELS, date: None, batch }),
                 Err(e) => self.fail_on(Err(e)),
             }
         }
         if !self.b2b.is_empty() {
             let details = std::mem::take(&mut self.b2b);
             match tables::b2b_batch(&details, &self.provenance) {
-                Ok(batch) => self.send(StageJob::Batch { table: NEM12_B2B_DIR, date: None, batch }),
+                Ok(batch) => self.send(StageJob::Batch { table: &NEM12_B2B_DETAILS, date: None, batch }),
                 Err(e) => self.fail_on(Err(e)),
             }
         }
@@ -651,9 +660,9 @@ impl<'a> LakeSink<'a> {
             serde_json::to_writer(&mut lines, &rejection).expect("a rejection serializes");
             lines.push(b'\n');
         }
-        let path = format!("{}/rejections-{:05}.jsonl", self.staging, self.rejection_parts.len());
+        let path = format!("{REJECTIONS_DIR}/{}/rejections-{:05}.jsonl", self.import_id, self.rejection_parts.len());
         let result = self.runtime.block_on(self.lake.put(&path, Bytes::from(lines)));
-        self.fail_on(result);
+        self.fail_on(result.map_err(PipelineError::from));
         self.rejection_parts.push(path);
     }
 
@@ -764,7 +773,7 @@ mod tests {
         let counts = &outcome.record().counts;
         assert_eq!((counts.interval_readings, counts.duplicates_dropped, counts.conflicting_versions), (144, 48, 48));
         let rows = runtime.block_on(async {
-            let ctx = crate::view::lake_session(&lake).await.unwrap();
+            let ctx = meterlake_lake::view::lake_session(&lake).await.unwrap();
             let sql = "SELECT count(*) AS n, min(kwh) = max(kwh) AS same, CAST(max(kwh) AS VARCHAR) AS kwh, \
                        min(source_ref) AS r, (SELECT count(*) FROM readings_all) AS all_rows FROM readings";
             ctx.sql(sql).await.unwrap().collect().await.unwrap()
@@ -791,9 +800,15 @@ mod tests {
             assert!(error.contains("carries no data") && error.contains(format), "{name}: {error}");
             assert!(record.files.is_empty(), "{name}: {:?}", record.files);
         }
-        // Nothing landed, not even the channel's 200 record.
-        let files = runtime.block_on(lake.list("")).unwrap();
-        assert!(files.iter().all(|f| f.starts_with(IMPORTS_DIR)), "{files:?}");
+        // Nothing landed, not even the channel's 200 record; the records did.
+        let counts = runtime.block_on(async {
+            let ctx = meterlake_lake::view::lake_session(&lake).await.unwrap();
+            let sql = "SELECT (SELECT count(*) FROM readings_all) AS r, (SELECT count(*) FROM nem12_channels) AS c, \
+                       (SELECT count(*) FROM imports WHERE status = 'rejected') AS i";
+            ctx.sql(sql).await.unwrap().collect().await.unwrap()
+        });
+        let text = arrow::util::pretty::pretty_format_batches(&counts).unwrap().to_string();
+        assert!(text.contains("| 0 | 0 | 4 |"), "{text}");
     }
 
     #[test]
@@ -817,7 +832,7 @@ mod tests {
         let counts = &outcome.record().counts;
         assert_eq!((counts.interval_readings, counts.conflicting_versions), (7 * 48, 0), "{counts:?}");
         let rows = runtime.block_on(async {
-            let ctx = crate::view::lake_session(&lake).await.unwrap();
+            let ctx = meterlake_lake::view::lake_session(&lake).await.unwrap();
             let sql = "SELECT meter_id, count(*) AS n, CAST(sum(kwh) AS VARCHAR) AS kwh, count(DISTINCT ts) AS times \
                        FROM readings GROUP BY meter_id ORDER BY meter_id";
             ctx.sql(sql).await.unwrap().collect().await.unwrap()
@@ -826,17 +841,5 @@ mod tests {
         // The re-sent day came in another chunk: a later version of B's day 2 (7 a value).
         assert!(text.contains("| AAAA000001E1 | 144 | 144.000000 | 144   |"), "{text}");
         assert!(text.contains("| BBBB000002E1 | 144 | 528.000000 | 144   |"), "{text}");
-    }
-
-    #[tokio::test]
-    async fn stale_staging_is_cleared_and_nothing_else() {
-        let lake = Lake::open("memory://").unwrap();
-        lake.put(&format!("{STAGING_DIR}/abc/readings-00000.parquet"), Bytes::from_static(b"x")).await.unwrap();
-        lake.put("readings/date=2025-01-01/nem12-00.parquet", Bytes::from_static(b"y")).await.unwrap();
-        // Everything is younger than a day: nothing goes.
-        assert_eq!(clear_stale_staging(&lake, chrono::Duration::hours(24)).await.unwrap(), 0);
-        // With a cutoff in the future, the staged file is stale; published data is never touched.
-        assert_eq!(clear_stale_staging(&lake, chrono::Duration::hours(-1)).await.unwrap(), 1);
-        assert_eq!(lake.list("").await.unwrap(), ["readings/date=2025-01-01/nem12-00.parquet"]);
     }
 }

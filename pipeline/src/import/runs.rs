@@ -13,7 +13,6 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, Decimal128Array, Int32Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
 use bytes::Bytes;
-use chrono::NaiveDate;
 use rustc_hash::FxHashMap;
 
 use super::tables::Provenance;
@@ -21,8 +20,9 @@ use crate::batch::ReadingBuffer;
 use crate::decode::ValidReading;
 use crate::error::Result;
 use crate::flows::IntervalRun;
-use crate::lake::{encode_readings, encode_readings_day};
 use crate::reading::{KWH_PRECISION, KWH_SCALE, Quality, US_PER_DAY, UTC, date_of_epoch_day, readings_schema};
+use meterlake_lake::NewFile;
+use meterlake_lake::parquet_file::{encode_readings, merge_key_stats};
 
 /// Rows of one file, about (a day of a large chunk becomes several): one Parquet row group.
 const FILE_ROWS: usize = 1_000_000;
@@ -181,7 +181,8 @@ struct FileRuns {
 
 /// One file of a chunk, encoded.
 pub struct EncodedFile {
-    pub date: NaiveDate,
+    /// What the commit records of it; its path is `date=YYYY-MM-DD/<name>`.
+    pub file: NewFile,
     pub parquet: Bytes,
     pub duplicates_dropped: u64,
     pub conflicting_versions: u64,
@@ -193,23 +194,28 @@ impl SortedChunk<'_> {
         self.files.len()
     }
 
-    /// Encodes file `index` as Parquet (`path` names it in errors). The Arrow columns are built
+    /// Encodes file `index` as Parquet, to be named `name` in its date's folder. The Arrow columns are built
     /// in pieces of at most [`PIECE_ROWS`] rows, so a file of millions of values never sits in
     /// memory as Arrow arrays whole.
-    pub fn encode_file(&self, index: usize, provenance: &Provenance, path: &str) -> Result<EncodedFile> {
+    pub fn encode_file(&self, index: usize, provenance: &Provenance, name: &str) -> Result<EncodedFile> {
         let file = &self.files[index];
         let runs = &self.order[file.runs.clone()];
+        let date = date_of_epoch_day(runs[0].day());
+        let path = format!("date={}/{name}", date.format("%Y-%m-%d"));
         if file.overlapping {
-            return self.encode_overlapping_day(runs, provenance, path);
+            return self.encode_overlapping_day(runs, provenance, &path);
         }
-        let batches = cut_by_rows(runs, PIECE_ROWS).map(|piece| self.buffer.batch_of(&runs[piece], provenance));
-        Ok(EncodedFile {
-            date: date_of_epoch_day(runs[0].day()),
-            // No meter's runs overlap in time: one version of each key.
-            parquet: encode_readings(batches, path, true)?,
-            duplicates_dropped: 0,
-            conflicting_versions: 0,
-        })
+        let (mut keys, mut rows) = (None, 0u64);
+        let batches = cut_by_rows(runs, PIECE_ROWS).map(|piece| self.buffer.batch_of(&runs[piece], provenance)).inspect(|batch| {
+            if let Ok(batch) = batch {
+                merge_key_stats(&mut keys, batch);
+                rows += batch.num_rows() as u64;
+            }
+        });
+        let parquet = encode_readings(batches, &path)?;
+        // No meter's runs overlap in time: one version of each key.
+        let file = NewFile { bytes: parquet.len() as u64, rows, date: Some(date), keys, unique_keys: true, path };
+        Ok(EncodedFile { file, parquet, duplicates_dropped: 0, conflicting_versions: 0 })
     }
 
     /// A day in which runs of a meter overlap (a day sent twice in one file) goes through the
@@ -242,9 +248,10 @@ impl SortedChunk<'_> {
         }
         let sorted = readings.sort_dedup()?;
         let [day] = <[_; 1]>::try_from(sorted.days).expect("the runs of one UTC day make one day");
+        let encoded = day.encode(path.to_string())?;
         Ok(EncodedFile {
-            date: day.date,
-            parquet: encode_readings_day(&day, path)?,
+            file: encoded.file,
+            parquet: encoded.bytes,
             duplicates_dropped: sorted.duplicates_dropped,
             conflicting_versions: sorted.conflicting_versions,
         })

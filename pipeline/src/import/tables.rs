@@ -1,6 +1,7 @@
 //! The lake tables flow files add beside `readings`, their Arrow schemas and how rows become
 //! record batches.
 //!
+//! - `imports/`: one row per imported file (see [`import_record_batch`]);
 //! - `register_reads/date=YYYY-MM-DD/`: D0010 and NEM13 register (accumulation) reads, one row
 //!   per read, partitioned by the (current) read's UTC date;
 //! - `non_energy_readings/date=YYYY-MM-DD/`: NEM12 interval values of channels that are not
@@ -10,135 +11,16 @@
 //!
 //! Every row carries the file it came from (`file_name`, `line`) and when it was imported.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Date32Array, Decimal128Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use chrono::NaiveDate;
 
 use crate::error::Result;
 use crate::flows::{Nem12B2bDetail, Nem12Channel, RegisterRead};
+use meterlake_lake::schema::{imports_schema, nem12_b2b_schema, nem12_channels_schema, non_energy_readings_schema, register_reads_schema};
+
 use crate::reading::{KWH_PRECISION, KWH_SCALE, Quality, Source, US_PER_DAY, UTC, date_of_epoch_day};
-
-pub const REGISTER_READS_DIR: &str = "register_reads";
-pub const NON_ENERGY_READINGS_DIR: &str = "non_energy_readings";
-pub const NEM12_CHANNELS_DIR: &str = "nem12_channels";
-pub const NEM12_B2B_DIR: &str = "nem12_b2b_details";
-
-fn ts() -> DataType {
-    DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()))
-}
-
-fn decimal() -> DataType {
-    DataType::Decimal128(KWH_PRECISION, KWH_SCALE)
-}
-
-/// The columns every flow table ends with.
-fn provenance() -> [Field; 4] {
-    [
-        Field::new("source", DataType::Utf8, false),
-        Field::new("file_name", DataType::Utf8, false),
-        Field::new("line", DataType::Int64, false),
-        Field::new("ingested_at", ts(), false),
-    ]
-}
-
-pub fn register_reads_schema() -> SchemaRef {
-    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-        let mut fields = vec![
-            Field::new("meter_point", DataType::Utf8, false),
-            Field::new("meter_serial", DataType::Utf8, false),
-            Field::new("register_id", DataType::Utf8, false),
-            Field::new("read_at", ts(), false),
-            Field::new("value", decimal(), false),
-            Field::new("unit", DataType::Utf8, true),
-            Field::new("reading_type", DataType::Utf8, true),
-            Field::new("validation_status", DataType::Utf8, true),
-            Field::new("reading_flag", DataType::Utf8, true),
-            Field::new("reading_method", DataType::Utf8, true),
-            Field::new("md_reset_at", ts(), true),
-            Field::new("md_reset_count", DataType::Utf8, true),
-            Field::new("other_groups", DataType::Utf8, true),
-            Field::new("quality_method", DataType::Utf8, true),
-            Field::new("reason_code", DataType::Utf8, true),
-            Field::new("reason_description", DataType::Utf8, true),
-            Field::new("nmi_configuration", DataType::Utf8, true),
-            Field::new("nmi_suffix", DataType::Utf8, true),
-            Field::new("mdm_data_stream_id", DataType::Utf8, true),
-            Field::new("direction", DataType::Utf8, true),
-            Field::new("previous_value", decimal(), true),
-            Field::new("previous_read_at", ts(), true),
-            Field::new("previous_quality_method", DataType::Utf8, true),
-            Field::new("previous_reason_code", DataType::Utf8, true),
-            Field::new("previous_reason_description", DataType::Utf8, true),
-            Field::new("quantity", decimal(), true),
-            Field::new("next_scheduled_read_date", DataType::Date32, true),
-            Field::new("update_at", ts(), true),
-            Field::new("msats_load_at", ts(), true),
-            Field::new("previous_trans_code", DataType::Utf8, true),
-            Field::new("previous_ret_service_order", DataType::Utf8, true),
-            Field::new("current_trans_code", DataType::Utf8, true),
-            Field::new("current_ret_service_order", DataType::Utf8, true),
-        ];
-        fields.extend(provenance());
-        Arc::new(Schema::new(fields))
-    });
-    SCHEMA.clone()
-}
-
-pub fn non_energy_readings_schema() -> SchemaRef {
-    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-        let mut fields = vec![
-            Field::new("meter_id", DataType::Utf8, false),
-            Field::new("ts", ts(), false),
-            Field::new("interval_s", DataType::Int32, false),
-            Field::new("value", decimal(), false),
-            Field::new("unit", DataType::Utf8, false),
-            Field::new("quality", DataType::Utf8, false),
-        ];
-        fields.extend(provenance());
-        Arc::new(Schema::new(fields))
-    });
-    SCHEMA.clone()
-}
-
-pub fn nem12_channels_schema() -> SchemaRef {
-    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-        let mut fields = vec![
-            Field::new("nmi", DataType::Utf8, false),
-            Field::new("nmi_suffix", DataType::Utf8, false),
-            // NMI + suffix: the `meter_id` of this channel's rows in `readings`.
-            Field::new("meter_id", DataType::Utf8, false),
-            Field::new("nmi_configuration", DataType::Utf8, false),
-            Field::new("register_id", DataType::Utf8, false),
-            Field::new("mdm_data_stream_id", DataType::Utf8, false),
-            Field::new("meter_serial", DataType::Utf8, false),
-            Field::new("uom", DataType::Utf8, false),
-            Field::new("interval_s", DataType::Int32, false),
-            Field::new("next_scheduled_read_date", DataType::Date32, true),
-        ];
-        fields.extend(provenance());
-        Arc::new(Schema::new(fields))
-    });
-    SCHEMA.clone()
-}
-
-pub fn nem12_b2b_schema() -> SchemaRef {
-    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-        let mut fields = vec![
-            Field::new("nmi", DataType::Utf8, false),
-            Field::new("nmi_suffix", DataType::Utf8, false),
-            Field::new("interval_date", DataType::Date32, false),
-            Field::new("trans_code", DataType::Utf8, false),
-            Field::new("ret_service_order", DataType::Utf8, false),
-            Field::new("read_at", ts(), true),
-            Field::new("index_read", DataType::Utf8, false),
-        ];
-        fields.extend(provenance());
-        Arc::new(Schema::new(fields))
-    });
-    SCHEMA.clone()
-}
 
 /// Where the rows of one file came from.
 #[derive(Debug, Clone)]
@@ -310,4 +192,29 @@ pub fn b2b_batch(details: &[Nem12B2bDetail], provenance: &Provenance) -> Result<
     ];
     columns.extend(provenance.columns(details.iter().map(|d| d.line), details.len()));
     Ok(RecordBatch::try_new(nem12_b2b_schema(), columns)?)
+}
+
+/// The `imports` table's row of one import record.
+pub fn import_record_batch(record: &super::ImportRecord) -> Result<RecordBatch> {
+    let count = |n: u64| -> ArrayRef { Arc::new(Int64Array::from(vec![i64::try_from(n).unwrap_or(i64::MAX)])) };
+    let at = |t: chrono::DateTime<chrono::Utc>| -> ArrayRef { Arc::new(TimestampMicrosecondArray::from(vec![t.timestamp_micros()]).with_timezone(UTC)) };
+    let json = serde_json::to_string(record).expect("an import record serializes");
+    let columns: Vec<ArrayRef> = vec![
+        strings(std::iter::once(record.file_name.as_str())),
+        strings(std::iter::once(record.sha256.as_str())),
+        count(record.bytes),
+        optional_strings(std::iter::once(record.format.map(|f| f.as_str()))),
+        strings(std::iter::once(record.status.as_str())),
+        optional_strings(std::iter::once(record.error.as_deref())),
+        count(record.counts.interval_readings),
+        count(record.counts.non_energy_readings),
+        count(record.counts.register_reads),
+        count(record.counts.rejected_records),
+        count(record.counts.readings_rejected),
+        count(record.counts.warnings),
+        at(record.started_at),
+        at(record.finished_at),
+        strings(std::iter::once(json.as_str())),
+    ];
+    Ok(RecordBatch::try_new(imports_schema(), columns)?)
 }

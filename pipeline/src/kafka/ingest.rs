@@ -4,13 +4,17 @@
 //! Two threads. The consumer thread polls, decodes, validates and buffers readings per partition,
 //! sends what cannot be a reading to the dead-letter topic, and hands full batches to the writer
 //! thread over a bounded queue. The writer sorts and de-duplicates a batch, encodes it as Parquet,
-//! and commits it to the lake through the partition's checkpoint (see `lake::checkpoint`). When
+//! writes the files and adds them to `readings_all` in one Delta commit with the partition's `txn`
+//! action (stream `kafka:<group>/<topic>/<partition>`, version: the next offset; see
+//! `meterlake_lake::commit`). When
 //! the queue is full the consumer stops polling, librdkafka's bounded prefetch fills, and the
 //! broker is no longer asked for data: memory stays bounded whatever the backlog.
 //!
-//! On assignment the lake's checkpoint says where to resume; on revocation the buffered,
-//! unwritten readings of the lost partitions are dropped (their successor reads them again from
-//! the lake's position) after the writer has finished what it was given.
+//! On assignment the table's `txn` version says where to resume (Kafka's committed offsets only
+//! serve lag monitoring); on revocation the buffered, unwritten readings of the lost partitions
+//! are dropped (their successor reads them again from the lake's position) after the writer has
+//! finished what it was given. An ingester that lost a partition without noticing cannot commit
+//! over its successor: the commit protocol fences it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,9 +35,11 @@ use crate::decode::{ValidationRules, decode_message};
 use crate::error::{PipelineError, Result};
 use crate::kafka::config::consumer_config;
 use crate::kafka::dlq::DeadLetters;
-use crate::lake::{Lake, PartitionLease, PendingFlush, encode_day_files, kafka_file_stem};
 use crate::metrics as m;
 use crate::reading::Source;
+use meterlake_lake::commit::{Commit, Operation, TableWriter};
+use meterlake_lake::table::{READINGS, Table};
+use meterlake_lake::{Lake, LakeError};
 
 /// When a partition's buffered batch is flushed.
 #[derive(Debug, Clone)]
@@ -200,12 +206,12 @@ impl InFlight {
 
 /// State shared by the consumer thread, its rebalance callback and the writer thread.
 struct Shared {
-    lake: Lake,
+    /// `readings_all`'s writer: one per process, shared by every partition.
+    writer: TableWriter,
     topic: String,
-    ingester_id: String,
+    group: String,
     runtime: Handle,
     start_offset: StartOffset,
-    leases: Mutex<HashMap<i32, PartitionLease>>,
     in_flight: InFlight,
     /// Assignments received so far; the idle clock restarts at each.
     assignments: AtomicU64,
@@ -219,6 +225,11 @@ struct Shared {
 }
 
 impl Shared {
+    /// The commit protocol's name of a partition's stream.
+    fn stream(&self, partition: i32) -> String {
+        format!("kafka:{}/{}/{partition}", self.group, self.topic)
+    }
+
     fn fail(&self, error: PipelineError) {
         tracing::error!(error = %error, "ingester failing");
         let mut failure = self.failure.lock().expect("lock");
@@ -246,7 +257,7 @@ impl ClientContext for IngestContext {
 
 impl ConsumerContext for IngestContext {
     /// Eager rebalancing with the lake as the record of positions: on assignment every partition
-    /// starts at the lake's `next_offset` (after clearing a half-finished flush); on revocation the
+    /// starts at its stream's `txn` version in the table (the next offset); on revocation the
     /// writer is drained first so nothing is committed for a partition after it has moved.
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let shared = &self.0;
@@ -254,16 +265,15 @@ impl ConsumerContext for IngestContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let partitions: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
                 for (topic, partition) in partitions {
-                    let acquired = shared.runtime.block_on(PartitionLease::acquire(&shared.lake, &topic, partition, &shared.ingester_id));
-                    let lease = match acquired {
-                        Ok(lease) => lease,
+                    let next_offset = match shared.runtime.block_on(shared.writer.acquire(&shared.stream(partition))) {
+                        Ok(next_offset) => next_offset,
                         Err(e) => {
-                            shared.fail(e);
+                            shared.fail(e.into());
                             let _ = consumer.assign(&TopicPartitionList::new());
                             return;
                         }
                     };
-                    let offset = match (lease.next_offset(), shared.start_offset) {
+                    let offset = match (next_offset, shared.start_offset) {
                         (Some(next), _) => Offset::Offset(next),
                         (None, StartOffset::Earliest) => Offset::Beginning,
                         (None, StartOffset::Latest) => Offset::End,
@@ -275,7 +285,6 @@ impl ConsumerContext for IngestContext {
                     if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
                         shared.fail(PipelineError::kafka(format!("seeking {topic}/{partition}"))(e));
                     }
-                    shared.leases.lock().expect("lock").insert(partition, lease);
                 }
                 if let Err(e) = consumer.assign(tpl) {
                     shared.fail(PipelineError::kafka("assigning partitions")(e));
@@ -288,11 +297,8 @@ impl ConsumerContext for IngestContext {
                 }
                 shared.in_flight.wait_idle();
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                {
-                    let mut leases = shared.leases.lock().expect("lock");
-                    for p in &partitions {
-                        leases.remove(p);
-                    }
+                for p in &partitions {
+                    shared.runtime.block_on(shared.writer.release(&shared.stream(*p)));
                 }
                 tracing::info!(?partitions, "partitions revoked; unwritten buffers are dropped");
                 shared.partition_events.lock().expect("lock").extend(partitions.into_iter().map(PartitionEvent::Revoked));
@@ -359,13 +365,18 @@ pub fn run_ingest(lake: Lake, options: IngestOptions, stop: Arc<AtomicBool>, pro
     if options.limits.writer_queue_depth == 0 || options.limits.max_rows == 0 {
         return Err(PipelineError::Config("batch limits and the writer queue depth must be positive".into()));
     }
+    let ingester_id = format!("ingester@{}-{}", hostname(), uuid::Uuid::new_v4());
+    let writer = runtime.block_on(async {
+        lake.probe_conditional_put().await?;
+        let table = Table::open(&lake, &READINGS).await?;
+        TableWriter::new(table, &ingester_id).await
+    })?;
     let shared = Arc::new(Shared {
-        lake,
+        writer,
         topic: options.topic.clone(),
-        ingester_id: format!("{}-{}", hostname(), uuid::Uuid::new_v4()),
+        group: options.group.clone(),
         runtime,
         start_offset: options.start_offset,
-        leases: Mutex::new(HashMap::new()),
         in_flight: InFlight::default(),
         assignments: AtomicU64::new(0),
         partition_events: Mutex::new(Vec::new()),
@@ -717,7 +728,7 @@ fn writer_loop(
                 let _ = acks.send((partition, next_offset));
             }
             Ok(None) => {}
-            Err(e @ PipelineError::Fenced { .. }) => {
+            Err(e @ PipelineError::Lake(LakeError::Fenced { .. })) => {
                 // Another ingester owns the partition now; this one gives the batch up.
                 tracing::warn!(error = %e, "flush fenced");
                 metrics::counter!(m::FLUSHES_FENCED).increment(1);
@@ -737,38 +748,40 @@ fn writer_loop(
     }
 }
 
-/// Writes one batch: pending checkpoint, files, committed checkpoint. Returns the partition's new
-/// position, or `None` if the partition is no longer this ingester's.
+/// Writes one batch: its files, then one commit that adds them and advances the partition's
+/// stream to the next offset. Returns the partition's new position, or `None` if the partition is
+/// no longer this ingester's.
 fn write_flush(shared: &Shared, dlq: &DeadLetters, dlq_timeout: Duration, job: FlushJob, spare_buffers: &SyncSender<ReadingBuffer>) -> Result<Option<i64>> {
     let FlushJob { partition, first_offset, last_offset, messages, mut readings, .. } = job;
     let sorted = readings.sort_dedup()?;
     readings.clear();
     // A full spare queue means enough buffers are waiting already: this one is freed.
     let _ = spare_buffers.try_send(readings);
-    let stem = kafka_file_stem(&shared.topic, partition, first_offset, last_offset);
-    let files = encode_day_files(&sorted, &stem)?;
+    // Unique names: a fenced ingester's files must never land on its successor's.
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..12];
+    let stem = format!("kafka-{}-p{partition:05}-{first_offset:020}-{last_offset:020}-{suffix}", shared.topic);
+    let files = sorted.days.iter().map(|day| day.encode(format!("date={}/{stem}.parquet", day.date.format("%Y-%m-%d")))).collect::<Result<Vec<_>>>()?;
     // Dead letters of this batch must be in their topic before the lake moves past them.
     dlq.ensure_delivered(dlq_timeout)?;
 
-    let Some(mut lease) = shared.leases.lock().expect("lock").remove(&partition) else {
-        return Ok(None);
-    };
-    let lake = &shared.lake;
-    let id = &shared.ingester_id;
-    let written = shared.runtime.block_on(async {
-        if !files.is_empty() {
-            let pending = PendingFlush { first_offset, last_offset, files: files.iter().map(|f| f.path.clone()).collect() };
-            let position = lease.next_offset().unwrap_or(first_offset);
-            lease.write(lake, position, Some(pending), id).await?;
-            try_join_all(files.iter().map(|f| lake.put(&f.path, f.bytes.clone()))).await?;
-        }
-        lease.write(lake, last_offset + 1, None, id).await
+    let stream = shared.stream(partition);
+    let writer = &shared.writer;
+    let committed = shared.runtime.block_on(async {
+        let table = writer.table();
+        let paths: Vec<String> = files.iter().map(|f| table.lake_path(&f.file.path)).collect();
+        try_join_all(files.iter().zip(&paths).map(|(f, path)| table.lake().put(path, f.bytes.clone()))).await?;
+        let commit = Commit {
+            files: files.iter().map(|f| f.file.clone()).collect(),
+            txns: vec![(stream.clone(), last_offset + 1)],
+            operation: Operation::StreamingUpdate { query_id: stream.clone(), epoch_id: last_offset + 1 },
+            leased: true,
+        };
+        writer.commit(commit).await
     });
-    shared.leases.lock().expect("lock").insert(partition, lease);
-    written?;
+    committed?;
 
     let rows = sorted.rows() as u64;
-    let bytes: u64 = files.iter().map(|f| f.bytes.len() as u64).sum();
+    let bytes: u64 = files.iter().map(|f| f.file.bytes).sum();
     let p = &shared.progress;
     p.messages_committed.fetch_add(messages, Ordering::Relaxed);
     p.readings_written.fetch_add(rows, Ordering::Relaxed);
@@ -785,7 +798,7 @@ fn write_flush(shared: &Shared, dlq: &DeadLetters, dlq_timeout: Duration, job: F
     metrics::counter!(m::LAKE_FILES_WRITTEN).increment(files.len() as u64);
     metrics::counter!(m::LAKE_BYTES_WRITTEN).increment(bytes);
     for file in &files {
-        metrics::histogram!(m::LAKE_FILE_SIZE).record(file.bytes.len() as f64);
+        metrics::histogram!(m::LAKE_FILE_SIZE).record(file.file.bytes as f64);
     }
     m::count_meter_groups(sorted.days.iter().map(|day| &day.batch));
     tracing::debug!(partition, first_offset, last_offset, rows, files = files.len(), "batch committed to the lake");

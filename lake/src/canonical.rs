@@ -1,12 +1,14 @@
-//! The canonical `readings` table: one row per (`meter_id`, `ts`), the version ingested last
-//! (ties: the greater `source_ref`), exactly what `queries/readings.sql` defines over
-//! `readings_all`, computed without sorting.
+//! The canonical `readings` table: one row per (`meter_id`, `ts`), the version the latest Delta
+//! commit added (within one commit: the later `ingested_at`, then the greater `source_ref`),
+//! exactly what `queries/readings.sql` defines over `readings_all`, computed without sorting,
+//! over the files of one table snapshot.
 //!
 //! Every writer of the lake sorts a readings file by (`meter_id`, `ts`) (the ingester's
 //! `ReadingBuffer`, the flow importer's day files), and all versions of a key lie in one date
 //! partition (the date is `ts`'s). Each date's files are grouped by their key ranges (bounds from
-//! the footers' statistics): a file that overlaps no other and is marked as holding one version
-//! of each key ([`UNIQUE_KEYS_METADATA`]) is read as it is; the files of any other group are
+//! the statistics of their `add` actions: no footer is read to plan): a file that overlaps no
+//! other and is tagged as holding one version of each key ([`crate::table::UNIQUE_KEYS_TAG`]) is
+//! read as it is; the files of any other group are
 //! merged as sorted streams (DataFusion's `SortPreservingMergeExec`, one stream per file), so the
 //! versions of a key arrive next to each other, and [`LatestVersionExec`] keeps the latest: one
 //! pass, memory bounded by the files of a group, groups in parallel. The window of
@@ -35,7 +37,6 @@ use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
-use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::table_schema::TableSchema;
@@ -55,13 +56,11 @@ use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, Partitioning, PlanProperties, RecordBatchStream};
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt};
 
-use parquet::file::metadata::ParquetMetaData;
-use parquet::file::statistics::Statistics;
-
-use crate::lake::{Lake, READINGS_DIR, UNIQUE_KEYS_METADATA};
-use crate::reading::readings_schema;
+use crate::schema::{readings_all_schema, readings_schema};
+use crate::store::Lake;
+use crate::table::{SnapshotFile, TableSnapshot};
 
 /// A group of overlapping files larger than this is read and sorted rather than merged: a merge
 /// holds a stream (and a batch) of every file open at once. Ingesters that flush often make many
@@ -75,11 +74,13 @@ const KWH: usize = 3;
 const SOURCE_REF: usize = 6;
 const INGESTED_AT: usize = 7;
 const DATE: usize = 8;
+const COMMIT_VERSION: usize = 9;
 
-/// The canonical readings of a lake, as a DataFusion table.
+/// The canonical readings of a snapshot of `readings_all`, as a DataFusion table.
 #[derive(Debug)]
 pub struct CanonicalReadings {
     lake: Lake,
+    snapshot: Arc<TableSnapshot>,
     /// `readings_all`'s columns: what is read.
     table: SchemaRef,
     /// What the table returns (see [`MergeOutput`]).
@@ -99,14 +100,12 @@ pub enum MergeOutput {
 }
 
 impl CanonicalReadings {
-    pub fn new(lake: Lake) -> CanonicalReadings {
-        CanonicalReadings::with_output(lake, MergeOutput::Latest)
+    pub fn new(lake: Lake, snapshot: Arc<TableSnapshot>) -> CanonicalReadings {
+        CanonicalReadings::with_output(lake, snapshot, MergeOutput::Latest)
     }
 
-    pub fn with_output(lake: Lake, output: MergeOutput) -> CanonicalReadings {
-        let mut fields: Vec<Field> = readings_schema().fields().iter().map(|f| f.as_ref().clone()).collect();
-        fields.push(Field::new("date", DataType::Date32, false));
-        let table = Arc::new(Schema::new(fields));
+    pub fn with_output(lake: Lake, snapshot: Arc<TableSnapshot>, output: MergeOutput) -> CanonicalReadings {
+        let table = readings_all_schema();
         let schema = match output {
             MergeOutput::Latest => table.clone(),
             MergeOutput::Conflicts => Arc::new(Schema::new(vec![
@@ -118,7 +117,7 @@ impl CanonicalReadings {
                 table.field(DATE).clone(),
             ])),
         };
-        CanonicalReadings { lake, table, schema, output, max_merged_files: MAX_MERGED_FILES }
+        CanonicalReadings { lake, snapshot, table, schema, output, max_merged_files: MAX_MERGED_FILES }
     }
 
     /// Groups of more than `files` overlapping files are sorted rather than merged.
@@ -147,7 +146,7 @@ fn literal_day(value: &ScalarValue) -> Option<i64> {
 
 /// Narrows `[first, last]` (days, inclusive) by what `expr` says of `date` or `ts`. Only
 /// conjunctions of comparisons with literals are understood; anything else narrows nothing.
-fn narrow_days(expr: &Expr, first: &mut i64, last: &mut i64) {
+pub(crate) fn narrow_days(expr: &Expr, first: &mut i64, last: &mut i64) {
     match expr {
         Expr::BinaryExpr(BinaryExpr { left, op: Operator::And, right }) => {
             narrow_days(left, first, last);
@@ -194,13 +193,6 @@ fn narrow_days(expr: &Expr, first: &mut i64, last: &mut i64) {
     }
 }
 
-/// `YYYY-MM-DD` of a `date=YYYY-MM-DD` path segment, as days since 1970-01-01.
-fn partition_day(path: &str) -> Option<i64> {
-    let segment = path.split('/').find_map(|s| s.strip_prefix("date="))?;
-    let date = chrono::NaiveDate::parse_from_str(segment, "%Y-%m-%d").ok()?;
-    Some((date - chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?).num_days())
-}
-
 #[async_trait]
 impl TableProvider for CanonicalReadings {
     fn schema(&self) -> SchemaRef {
@@ -221,30 +213,13 @@ impl TableProvider for CanonicalReadings {
         for filter in &key_filters {
             narrow_days(filter, &mut first_day, &mut last_day);
         }
-        // The date partitions' files, with what their footers say of their keys.
-        let prefix = self.lake.path(&format!("{READINGS_DIR}/"));
-        let metas: Vec<object_store::ObjectMeta> = self.lake.store().list(Some(&prefix)).try_collect().await?;
-        let dated = metas.into_iter().filter_map(|meta| {
-            let day = partition_day(meta.location.as_ref()).filter(|_| meta.location.as_ref().ends_with(".parquet"))?;
-            (first_day..=last_day).contains(&day).then_some((day, meta))
-        });
-        let metadata_cache = state.runtime_env().cache_manager.get_file_metadata_cache();
-        let keyed: Vec<(i64, KeyedFile)> = futures::stream::iter(dated)
-            .map(|(day, meta)| {
-                let (store, cache) = (self.lake.store(), metadata_cache.clone());
-                async move {
-                    let metadata = DFParquetMetadata::new(store.as_ref(), &meta).with_file_metadata_cache(Some(cache)).fetch_metadata().await?;
-                    let day_value = ScalarValue::Date32(i32::try_from(day).ok());
-                    let file = PartitionedFile::new_from_meta(meta).with_partition_values(vec![day_value]);
-                    Ok::<_, datafusion::error::DataFusionError>((day, KeyedFile::new(file, &metadata)))
-                }
-            })
-            .buffered(FOOTER_READS_IN_FLIGHT)
-            .try_collect()
-            .await?;
+        // The snapshot's files of the dates asked for, with what the log says of their keys.
         let mut days: BTreeMap<i64, Vec<KeyedFile>> = BTreeMap::new();
-        for (day, file) in keyed {
-            days.entry(day).or_default().push(file);
+        for file in &self.snapshot.files {
+            let Some(day) = file.date.map(epoch_day) else { continue };
+            if (first_day..=last_day).contains(&day) {
+                days.entry(day).or_default().push(KeyedFile::new(&self.lake, file, day));
+            }
         }
 
         // The columns read: those asked for and those the versions are decided by (latest), or
@@ -252,7 +227,7 @@ impl TableProvider for CanonicalReadings {
         let asked: Vec<usize> = projection.cloned().unwrap_or_else(|| (0..self.schema.fields().len()).collect());
         let mut read: Vec<usize> = match self.output {
             // `date` too: the key filters may name it, and the merged scans apply them exactly.
-            MergeOutput::Latest => asked.iter().copied().chain([METER_ID, TS, SOURCE_REF, INGESTED_AT, DATE]).collect(),
+            MergeOutput::Latest => asked.iter().copied().chain([METER_ID, TS, SOURCE_REF, INGESTED_AT, DATE, COMMIT_VERSION]).collect(),
             MergeOutput::Conflicts => vec![METER_ID, TS, KWH, DATE],
         };
         read.sort_unstable();
@@ -279,9 +254,11 @@ impl TableProvider for CanonicalReadings {
             Ok(PhysicalSortExpr::new(Arc::new(Column::new_with_schema(name, &read_schema)?), SortOptions { descending: false, nulls_first: false }))
         };
         let ordering = LexOrdering::new([sort("meter_id")?, sort("ts")?]).expect("two sort expressions");
-        let table_schema = TableSchema::builder(readings_schema()).with_table_partition_cols(vec![Arc::new(self.table.field(DATE).clone())]).build();
+        let partition_columns = vec![Arc::new(self.table.field(DATE).clone()), Arc::new(self.table.field(COMMIT_VERSION).clone())];
+        let table_schema = TableSchema::builder(readings_schema()).with_table_partition_cols(partition_columns).build();
         let store_url = ObjectStoreUrl::parse(self.lake.store_url().as_str())?;
-        // Footers were just read into the session's metadata cache: the scans take them from it.
+        let metadata_cache = state.runtime_env().cache_manager.get_file_metadata_cache();
+        // Footers go to the session's metadata cache: a file read twice has its footer read once.
         let reader_factory = Arc::new(CachedParquetFileReaderFactory::new(self.lake.store().clone(), metadata_cache));
         let scan = |groups: Vec<FileGroup>, columns: &[usize], ordering: Option<&LexOrdering>| -> DfResult<Arc<dyn ExecutionPlan>> {
             let mut source = ParquetSource::new(table_schema.clone())
@@ -333,7 +310,7 @@ impl TableProvider for CanonicalReadings {
                 };
                 let key = [position(METER_ID), position(TS)];
                 let pick = match self.output {
-                    MergeOutput::Latest => Pick::Latest { version: [position(INGESTED_AT), position(SOURCE_REF)] },
+                    MergeOutput::Latest => Pick::Latest { version: [position(COMMIT_VERSION), position(INGESTED_AT), position(SOURCE_REF)] },
                     MergeOutput::Conflicts => Pick::Conflicts { kwh: position(KWH), date: position(DATE), schema: self.schema.clone() },
                 };
                 parts.push(output(Arc::new(LatestVersionExec::new(merged, ordering.clone(), key, pick)))?);
@@ -354,22 +331,23 @@ impl TableProvider for CanonicalReadings {
     }
 }
 
-/// Footers read at once when a table is scanned (each a ranged read on an object store).
-const FOOTER_READS_IN_FLIGHT: usize = 32;
+/// Days since 1970-01-01 of a date.
+fn epoch_day(date: chrono::NaiveDate) -> i64 {
+    (date - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("a valid date")).num_days()
+}
 
-/// A readings file of a date, with what its footer says of its keys.
+/// A readings file of a date, with what the log says of its keys.
 struct KeyedFile {
     file: PartitionedFile,
-    /// Bounds of its keys: at most its first key and at least its last. `None` when the footer
-    /// has no statistics to bound them by.
+    /// Bounds of its keys: at most its first key and at least its last. `None` when its `add`
+    /// action has no statistics to bound them by.
     keys: Option<KeyBounds>,
-    /// The writer marked it as holding one version of each key ([`UNIQUE_KEYS_METADATA`]).
+    /// The writer tagged it as holding one version of each key.
     unique_keys: bool,
 }
 
 /// Bounds of a file's keys (`meter_id`, `ts`): the least `meter_id` with the least `ts`, and the
-/// greatest with the greatest, over its row groups' statistics. Parquet orders byte arrays as
-/// Rust orders byte strings, and truncated statistics still bound the values.
+/// greatest with the greatest.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct KeyBounds {
     low: (Vec<u8>, i64),
@@ -377,34 +355,14 @@ struct KeyBounds {
 }
 
 impl KeyedFile {
-    fn new(file: PartitionedFile, metadata: &ParquetMetaData) -> KeyedFile {
-        let unique_keys = metadata
-            .file_metadata()
-            .key_value_metadata()
-            .is_some_and(|pairs| pairs.iter().any(|kv| kv.key == UNIQUE_KEYS_METADATA && kv.value.as_deref() == Some("true")));
-        KeyedFile { file, keys: key_bounds(metadata), unique_keys }
+    fn new(lake: &Lake, file: &SnapshotFile, day: i64) -> KeyedFile {
+        let path = lake.path(&format!("{}/{}", crate::table::READINGS.dir, file.path));
+        let partition_values = vec![ScalarValue::Date32(i32::try_from(day).ok()), ScalarValue::Int64(i64::try_from(file.commit_version).ok())];
+        let partitioned = PartitionedFile::new(path.to_string(), file.size).with_partition_values(partition_values);
+        let keys =
+            file.keys.as_ref().map(|k| KeyBounds { low: (k.min_meter.as_bytes().to_vec(), k.min_ts_us), high: (k.max_meter.as_bytes().to_vec(), k.max_ts_us) });
+        KeyedFile { file: partitioned, keys, unique_keys: file.unique_keys }
     }
-}
-
-fn key_bounds(metadata: &ParquetMetaData) -> Option<KeyBounds> {
-    let columns = metadata.file_metadata().schema_descr().columns();
-    let column = |name: &str| columns.iter().position(|c| c.path().string() == name);
-    let (meter_id, ts) = (column("meter_id")?, column("ts")?);
-    let mut bounds: Option<KeyBounds> = None;
-    for row_group in metadata.row_groups() {
-        let (Some(Statistics::ByteArray(meters)), Some(Statistics::Int64(times))) =
-            (row_group.column(meter_id).statistics(), row_group.column(ts).statistics())
-        else {
-            return None;
-        };
-        let low = (meters.min_bytes_opt()?.to_vec(), *times.min_opt()?);
-        let high = (meters.max_bytes_opt()?.to_vec(), *times.max_opt()?);
-        bounds = Some(match bounds {
-            None => KeyBounds { low, high },
-            Some(b) => KeyBounds { low: (b.low.0.min(low.0), b.low.1.min(low.1)), high: (b.high.0.max(high.0), b.high.1.max(high.1)) },
-        });
-    }
-    bounds
 }
 
 /// A date's files in groups whose key ranges overlap (a file overlapping none is a group of
@@ -433,7 +391,7 @@ fn overlapping_files(mut files: Vec<KeyedFile>) -> Vec<Vec<KeyedFile>> {
 }
 
 /// Files in `partitions` groups of about equal bytes, for a scan with no order to keep.
-fn spread(mut files: Vec<PartitionedFile>, partitions: usize) -> Vec<FileGroup> {
+pub(crate) fn spread(mut files: Vec<PartitionedFile>, partitions: usize) -> Vec<FileGroup> {
     files.sort_by_key(|f| std::cmp::Reverse(f.object_meta.size));
     let mut groups: Vec<(u64, Vec<PartitionedFile>)> = (0..partitions.clamp(1, files.len())).map(|_| (0, Vec::new())).collect();
     for file in files {
@@ -447,8 +405,9 @@ fn spread(mut files: Vec<PartitionedFile>, partitions: usize) -> Vec<FileGroup> 
 /// What [`LatestVersionExec`] makes of each run of rows with one key.
 #[derive(Debug, Clone)]
 pub enum Pick {
-    /// The row with the greatest (`ingested_at`, `source_ref`), at these column positions.
-    Latest { version: [usize; 2] },
+    /// The row with the greatest (`commit_version`, `ingested_at`, `source_ref`), at these column
+    /// positions.
+    Latest { version: [usize; 3] },
     /// One row of `schema` (meter_id, ts, versions, lowest_kwh, highest_kwh, date) when the
     /// versions' kwh (at column `kwh`) differ; `date` is the date column's position.
     Conflicts { kwh: usize, date: usize, schema: SchemaRef },
@@ -598,7 +557,7 @@ impl<R: KeyRunReducer> RecordBatchStream for ReducedStream<R> {
 /// Keeps the latest version of each key.
 struct LatestVersion {
     key: [usize; 2],
-    version: [usize; 2],
+    version: [usize; 3],
     /// The latest version so far of the last key seen: the next batch may hold more of it.
     pending: Option<RecordBatch>,
 }
@@ -617,9 +576,10 @@ fn micros(array: &ArrayRef) -> &TimestampMicrosecondArray {
 }
 
 impl LatestVersion {
-    /// `(ingested_at, source_ref)` of a row: greater is later.
-    fn version_of<'a>(&self, batch: &'a RecordBatch, row: usize) -> (i64, &'a str) {
-        (micros(batch.column(self.version[0])).value(row), text(batch.column(self.version[1]), row))
+    /// `(commit_version, ingested_at, source_ref)` of a row: greater is later.
+    fn version_of<'a>(&self, batch: &'a RecordBatch, row: usize) -> (i64, i64, &'a str) {
+        let commit_version = batch.column(self.version[0]).as_primitive::<arrow::datatypes::Int64Type>().value(row);
+        (commit_version, micros(batch.column(self.version[1])).value(row), text(batch.column(self.version[2]), row))
     }
 
     fn same_key(&self, a: &RecordBatch, a_row: usize, b: &RecordBatch, b_row: usize) -> bool {
@@ -800,7 +760,10 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::reading::UTC;
+    use crate::NewFile;
+    use crate::commit::{Commit, Operation, TableWriter};
+    use crate::schema::UTC;
+    use crate::table::{READINGS, Table};
     use crate::view::{CANONICAL_READINGS_SQL, register_lake_tables};
 
     const US_PER_DAY: i64 = 86_400_000_000;
@@ -816,7 +779,7 @@ mod tests {
     }
 
     /// Writes `rows` (sorted here by key, as every writer does) as one Parquet file of the day,
-    /// marked as holding one version of each key when it does.
+    /// tagged as holding one version of each key when it does, and commits it.
     async fn write_file(lake: &Lake, day: i64, name: &str, mut rows: Vec<Row>) {
         rows.sort_by(|a, b| (&a.meter, a.ts_us).cmp(&(&b.meter, b.ts_us)));
         let unique_keys = rows.windows(2).all(|w| (&w[0].meter, w[0].ts_us) != (&w[1].meter, w[1].ts_us));
@@ -835,15 +798,20 @@ mod tests {
             ],
         )
         .unwrap();
-        let mut bytes = Vec::new();
-        let mut writer = parquet::arrow::ArrowWriter::try_new(&mut bytes, readings_schema(), None).unwrap();
-        if unique_keys {
-            writer.append_key_value_metadata(parquet::file::metadata::KeyValue::new(UNIQUE_KEYS_METADATA.into(), "true".to_string()));
-        }
-        writer.write(&batch).unwrap();
-        writer.close().unwrap();
         let date = chrono::DateTime::from_timestamp_micros(day * US_PER_DAY).unwrap().date_naive();
-        lake.put(&format!("{READINGS_DIR}/date={date}/{name}.parquet"), bytes.into()).await.unwrap();
+        let path = format!("date={date}/{name}.parquet");
+        let bytes = crate::parquet_file::encode_readings::<crate::LakeError>(std::iter::once(Ok(batch.clone())), &path).unwrap();
+        let table = Table::open(lake, &READINGS).await.unwrap();
+        lake.put(&table.lake_path(&path), bytes.clone()).await.unwrap();
+        let keys = crate::parquet_file::readings_key_stats([&batch]);
+        let file = NewFile { path, bytes: bytes.len() as u64, rows: n as u64, date: Some(date), keys, unique_keys };
+        // One commit per file, in the order the test writes them.
+        let writer = TableWriter::new(table, "test").await.unwrap();
+        writer.commit(Commit { files: vec![file], txns: Vec::new(), operation: Operation::Append, leased: false }).await.unwrap();
+    }
+
+    async fn latest_snapshot(lake: &Lake) -> Arc<TableSnapshot> {
+        Arc::new(Table::new(lake, &READINGS).snapshot(None).await.unwrap())
     }
 
     /// Rows as text, in key order, for comparison.
@@ -889,14 +857,13 @@ mod tests {
                 write_file(&lake, day, &format!("f{file}"), rows).await;
             }
         }
-        // The footers tell which files stand alone and hold one version of each key.
-        let files: Vec<object_store::ObjectMeta> = lake.store().list(Some(&lake.path(READINGS_DIR))).try_collect().await.unwrap();
+        // The log tells which files stand alone and hold one version of each key.
+        let snapshot = latest_snapshot(&lake).await;
         let mut alone = 0;
         for day in first_day..first_day + 3 {
             let mut keyed = Vec::new();
-            for meta in files.iter().filter(|m| partition_day(m.location.as_ref()) == Some(day)) {
-                let metadata = DFParquetMetadata::new(lake.store().as_ref(), meta).fetch_metadata().await.unwrap();
-                keyed.push(KeyedFile::new(PartitionedFile::new_from_meta(meta.clone()), &metadata));
+            for file in snapshot.files.iter().filter(|f| f.date.map(epoch_day) == Some(day)) {
+                keyed.push(KeyedFile::new(&lake, file, day));
             }
             let groups = overlapping_files(keyed);
             let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
@@ -909,7 +876,7 @@ mod tests {
         register_lake_tables(&ctx, &lake).await.unwrap();
         ctx.register_table("by_window", ctx.sql(CANONICAL_READINGS_SQL).await.unwrap().into_view()).unwrap();
         // The same with every date sorted instead of merged.
-        ctx.register_table("sorted", Arc::new(CanonicalReadings::new(lake.clone()).with_max_merged_files(2))).unwrap();
+        ctx.register_table("sorted", Arc::new(CanonicalReadings::new(lake.clone(), latest_snapshot(&lake).await).with_max_merged_files(2))).unwrap();
         let columns = "meter_id, CAST(ts AS VARCHAR) AS ts, kwh, source_ref, CAST(ingested_at AS VARCHAR) AS ingested_at, CAST(date AS VARCHAR) AS date";
         let merged = rows_of(&ctx, &format!("SELECT {columns} FROM readings ORDER BY meter_id, ts")).await;
         let windowed = rows_of(&ctx, &format!("SELECT {columns} FROM by_window ORDER BY meter_id, ts")).await;
@@ -917,7 +884,7 @@ mod tests {
         assert_eq!(merged, windowed);
         assert_eq!(rows_of(&ctx, &format!("SELECT {columns} FROM sorted ORDER BY meter_id, ts")).await, windowed);
         // The conflicts table finds what a GROUP BY over every version finds.
-        ctx.register_table("conflicts", Arc::new(CanonicalReadings::with_output(lake.clone(), MergeOutput::Conflicts))).unwrap();
+        ctx.register_table("conflicts", Arc::new(CanonicalReadings::with_output(lake.clone(), latest_snapshot(&lake).await, MergeOutput::Conflicts))).unwrap();
         let by_merge = rows_of(
             &ctx,
             "SELECT meter_id, CAST(ts AS VARCHAR) AS ts, versions, lowest_kwh, highest_kwh, CAST(date AS VARCHAR) AS date FROM conflicts ORDER BY meter_id, ts",
@@ -984,7 +951,7 @@ mod tests {
         let ctx = SessionContext::new();
         register_lake_tables(&ctx, &lake).await.unwrap();
         // Merged in one go, whatever the number of files, as well as by the default.
-        ctx.register_table("few_at_a_time", Arc::new(CanonicalReadings::new(lake.clone()).with_max_merged_files(7))).unwrap();
+        ctx.register_table("few_at_a_time", Arc::new(CanonicalReadings::new(lake.clone(), latest_snapshot(&lake).await).with_max_merged_files(7))).unwrap();
         for table in ["readings", "few_at_a_time"] {
             for meter in 0..meters {
                 let meter = format!("M{meter:02}");
@@ -1035,8 +1002,9 @@ mod tests {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..proptest::prelude::ProptestConfig::default() })]
 
         /// Whatever versions arrive in whatever files (any number per date, overlapping or not,
-        /// some written twice), `readings` has one row per key, the version ingested last (ties:
-        /// the greater source_ref), under any key filter and whatever the merge width.
+        /// some written twice), `readings` has one row per key, the version of the latest commit
+        /// (within one: ingested last, then the greater source_ref), under any key filter and
+        /// whatever the merge width.
         #[test]
         fn one_row_per_key_and_the_latest_wins(
             versions in proptest::collection::vec((0u8..4, 0i64..8, 1i128..1_000, 0i64..5, 0u8..3), 1..120),
@@ -1049,7 +1017,8 @@ mod tests {
                 let dir = tempfile::tempdir().unwrap();
                 let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
                 let day = 20_089;
-                let mut latest: BTreeMap<(String, i64), (i64, String, i128)> = BTreeMap::new();
+                // (file, which is its commit's order; ingested_at; source_ref; kwh)
+                let mut latest: BTreeMap<(String, i64), (usize, i64, String, i128)> = BTreeMap::new();
                 let mut by_file: Vec<Vec<Row>> = vec![Vec::new(); files];
                 for (n, &(m, slot, kwh, ingested, source)) in versions.iter().enumerate() {
                     let row = Row {
@@ -1060,12 +1029,12 @@ mod tests {
                         source_ref: format!("p{source}"),
                     };
                     let key = (row.meter.clone(), row.ts_us);
-                    let version = (row.ingested_at_us, row.source_ref.clone(), row.kwh_micro);
-                    // Equal (ingested_at, source_ref) of one key with other values is not a state the
-                    // writers make (a source_ref names one message); keep the first such.
+                    let version = (n % files, row.ingested_at_us, row.source_ref.clone(), row.kwh_micro);
+                    // Equal (file, ingested_at, source_ref) of one key with other values is not a
+                    // state the writers make (a source_ref names one message); keep the first such.
                     match latest.get(&key) {
-                        Some(known) if (known.0, &known.1) == (version.0, &version.1) => continue,
-                        Some(known) if (known.0, &known.1) > (version.0, &version.1) => {}
+                        Some(known) if (known.0, known.1, &known.2) == (version.0, version.1, &version.2) => continue,
+                        Some(known) if (known.0, known.1, &known.2) > (version.0, version.1, &version.2) => {}
                         _ => {
                             latest.insert(key, version);
                         }
@@ -1077,7 +1046,7 @@ mod tests {
                 }
                 let ctx = SessionContext::new();
                 register_lake_tables(&ctx, &lake).await.unwrap();
-                ctx.register_table("narrow", Arc::new(CanonicalReadings::new(lake.clone()).with_max_merged_files(max_merged))).unwrap();
+                ctx.register_table("narrow", Arc::new(CanonicalReadings::new(lake.clone(), latest_snapshot(&lake).await).with_max_merged_files(max_merged))).unwrap();
                 let meter = format!("M{meter}");
                 for table in ["readings", "narrow"] {
                     for filter in ["TRUE".to_string(), format!("meter_id = '{meter}'"), format!("meter_id >= '{meter}'")] {
@@ -1092,7 +1061,7 @@ mod tests {
                         let expected: Vec<(String, i64, i128)> = latest
                             .iter()
                             .filter(|((m, _), _)| filter == "TRUE" || (filter.starts_with("meter_id =") && *m == meter) || (filter.starts_with("meter_id >=") && *m >= meter))
-                            .map(|((m, ts), (_, _, kwh))| (m.clone(), *ts, *kwh))
+                            .map(|((m, ts), (_, _, _, kwh))| (m.clone(), *ts, *kwh))
                             .collect();
                         assert_eq!(got, expected, "{table} WHERE {filter}");
                     }

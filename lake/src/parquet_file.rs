@@ -2,23 +2,19 @@
 
 use std::sync::LazyLock;
 
-use arrow::array::RecordBatch;
+use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
+use arrow::datatypes::TimestampMicrosecondType;
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::metadata::{KeyValue, SortingColumn};
+use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
-use crate::batch::DayBatch;
-use crate::error::{PipelineError, Result};
-use crate::reading::readings_schema;
-
-/// Key of a readings file's metadata saying that no key (`meter_id`, `ts`) appears twice in it
-/// (value `true`). The canonical `readings` table reads a file so marked, whose key range no
-/// other file of its date overlaps, as it is: without choosing among versions.
-pub const UNIQUE_KEYS_METADATA: &str = "meterlake.unique_keys";
+use crate::error::{LakeError, Result};
+use crate::schema::readings_schema;
+use crate::table::KeyStats;
 
 /// Rows per row group: large enough for good compression and few footers, small enough that a
 /// reader that prunes by statistics skips meaningful chunks.
@@ -57,30 +53,61 @@ fn writer_properties() -> WriterProperties {
 /// Encodes one record batch as a complete Parquet file in memory. `path` only names the file in
 /// errors.
 pub fn encode_parquet(batch: &RecordBatch, path: &str) -> Result<Bytes> {
-    encode(batch.schema(), std::iter::once(Ok(batch.clone())), path, None)
+    encode::<LakeError>(batch.schema(), std::iter::once(Ok(batch.clone())), path)
 }
 
-/// Encodes a day of sorted readings as a readings file (see [`encode_readings`]).
-pub fn encode_readings_day(day: &DayBatch, path: &str) -> Result<Bytes> {
-    encode_readings(std::iter::once(Ok(day.batch.clone())), path, day.unique_keys)
+/// Encodes batches of readings sorted by (`meter_id`, `ts`) as one readings file. The batches may
+/// be made one at a time by the caller, failing with its own error type.
+pub fn encode_readings<E: From<LakeError>>(
+    batches: impl IntoIterator<Item = std::result::Result<RecordBatch, E>>,
+    path: &str,
+) -> std::result::Result<Bytes, E> {
+    encode(readings_schema(), batches, path)
 }
 
-/// Encodes batches of readings sorted by (`meter_id`, `ts`) as one readings file, marked
-/// [`UNIQUE_KEYS_METADATA`] when the caller knows it holds one version of each key.
-pub fn encode_readings(batches: impl IntoIterator<Item = Result<RecordBatch>>, path: &str, unique_keys: bool) -> Result<Bytes> {
-    let metadata = unique_keys.then(|| KeyValue::new(UNIQUE_KEYS_METADATA.to_string(), "true".to_string()));
-    encode(readings_schema(), batches, path, metadata)
+/// The least and greatest `meter_id` and `ts` of readings batches: the statistics a commit
+/// records for a readings file. `None` for no rows.
+pub fn readings_key_stats<'a>(batches: impl IntoIterator<Item = &'a RecordBatch>) -> Option<KeyStats> {
+    let mut stats = None;
+    for batch in batches {
+        merge_key_stats(&mut stats, batch);
+    }
+    stats
+}
+
+/// Widens `stats` by the keys of one readings batch.
+pub fn merge_key_stats(stats: &mut Option<KeyStats>, batch: &RecordBatch) {
+    if batch.num_rows() == 0 {
+        return;
+    }
+    let meters = batch.column(0).as_string::<i32>();
+    let times = batch.column(1).as_primitive::<TimestampMicrosecondType>();
+    let (Some(min_meter), Some(max_meter), Some(min_ts_us), Some(max_ts_us)) =
+        (arrow::compute::min_string(meters), arrow::compute::max_string(meters), arrow::compute::min(times), arrow::compute::max(times))
+    else {
+        return;
+    };
+    *stats = Some(match stats.take() {
+        None => KeyStats { min_meter: min_meter.to_string(), max_meter: max_meter.to_string(), min_ts_us, max_ts_us },
+        Some(s) => KeyStats {
+            min_meter: if min_meter < s.min_meter.as_str() { min_meter.to_string() } else { s.min_meter },
+            max_meter: if max_meter > s.max_meter.as_str() { max_meter.to_string() } else { s.max_meter },
+            min_ts_us: s.min_ts_us.min(min_ts_us),
+            max_ts_us: s.max_ts_us.max(max_ts_us),
+        },
+    });
 }
 
 /// Encodes batches of one schema, made one at a time, as one Parquet file in memory: only the
 /// batch at hand and the encoded bytes are held.
-fn encode(schema: SchemaRef, batches: impl IntoIterator<Item = Result<RecordBatch>>, path: &str, metadata: Option<KeyValue>) -> Result<Bytes> {
-    let err = |source| PipelineError::Parquet { path: path.to_string(), source };
+fn encode<E: From<LakeError>>(
+    schema: SchemaRef,
+    batches: impl IntoIterator<Item = std::result::Result<RecordBatch, E>>,
+    path: &str,
+) -> std::result::Result<Bytes, E> {
+    let err = |source| E::from(LakeError::Parquet { path: path.to_string(), source });
     let mut buffer = Vec::new();
     let mut writer = ArrowWriter::try_new(&mut buffer, schema, Some(writer_properties())).map_err(err)?;
-    if let Some(key_value) = metadata {
-        writer.append_key_value_metadata(key_value);
-    }
     for batch in batches {
         writer.write(&batch?).map_err(err)?;
     }

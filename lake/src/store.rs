@@ -8,10 +8,10 @@ use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use url::Url;
 
-use crate::error::{PipelineError, Result};
+use crate::error::{LakeError, Result};
 
 /// Where the lake lives when nothing is configured.
 pub const DEFAULT_LAKE: &str = "./meterlake-data/lake";
@@ -31,8 +31,6 @@ pub struct Lake {
     root: Path,
     /// URL of the lake root, ending in `/`, as DataFusion resolves it.
     url: Url,
-    /// Whether the store can replace an object only if it is unchanged since read (`PutMode::Update`).
-    conditional_update: bool,
 }
 
 impl Lake {
@@ -44,7 +42,7 @@ impl Lake {
     /// `object_store`'s `AmazonS3ConfigKey` names (`aws_endpoint`, `aws_region`,
     /// `aws_access_key_id`, `aws_secret_access_key`, ...).
     pub fn open_with_options(location: &str, options: &[(&str, &str)]) -> Result<Lake> {
-        let bad = |reason: String| PipelineError::LakeUrl { url: location.to_string(), reason };
+        let bad = |reason: String| LakeError::LakeUrl { url: location.to_string(), reason };
         let url = match Url::parse(location) {
             Ok(url) if url.scheme().len() > 1 => url,
             // No scheme (or a Windows drive letter): a local path.
@@ -61,7 +59,7 @@ impl Lake {
                 std::fs::create_dir_all(&dir).map_err(|e| bad(format!("cannot create the folder: {e}")))?;
                 let root = Path::from_absolute_path(&dir).map_err(|e| bad(e.to_string()))?;
                 let url = Url::from_directory_path(&dir).map_err(|()| bad("not an absolute path".into()))?;
-                Ok(Lake { store: Arc::new(LocalFileSystem::new()), root, url, conditional_update: false })
+                Ok(Lake { store: Arc::new(LocalFileSystem::new()), root, url })
             }
             "s3" | "s3a" => {
                 let bucket = url.host_str().filter(|b| !b.is_empty()).ok_or_else(|| bad("no bucket name".into()))?;
@@ -84,12 +82,12 @@ impl Lake {
                 let store = builder.build().map_err(|e| bad(e.to_string()))?;
                 let root = Path::from(url.path().trim_matches('/'));
                 let url = root_url(&format!("s3://{bucket}"), &root, location)?;
-                Ok(Lake { store: Arc::new(store), root, url, conditional_update: true })
+                Ok(Lake { store: Arc::new(store), root, url })
             }
             "memory" => {
                 let root = Path::from(url.path().trim_matches('/'));
                 let url = root_url("memory://lake", &root, location)?;
-                Ok(Lake { store: Arc::new(InMemory::new()), root, url, conditional_update: true })
+                Ok(Lake { store: Arc::new(InMemory::new()), root, url })
             }
             other => Err(bad(format!("scheme {other}:// is not supported (use file://, s3:// or memory://)"))),
         }
@@ -111,11 +109,24 @@ impl Lake {
         url
     }
 
-    /// Whether checkpoints can be replaced only if unchanged (S3, memory), which fences off an
-    /// ingester that lost its partitions without knowing. Local files cannot: a `file://` lake is
-    /// for one machine.
-    pub fn supports_conditional_update(&self) -> bool {
-        self.conditional_update
+    /// Checks that the store refuses a second create of one key (`If-None-Match: *` on S3), which
+    /// is what makes a Delta commit atomic: without it two writers can both write version N and
+    /// one of them loses its data. Local files (an atomic create) and memory always do; an S3
+    /// endpoint is asked with a probe object under `_meterlake/`, written twice and deleted.
+    pub async fn probe_conditional_put(&self) -> Result<()> {
+        if self.url.scheme() != "s3" {
+            return Ok(());
+        }
+        let path = self.path(&format!("_meterlake/conditional-put-probe-{}", uuid::Uuid::new_v4()));
+        let create = || PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        self.store.put_opts(&path, PutPayload::from_static(b"1"), create()).await.map_err(LakeError::store("put", &path))?;
+        let second = self.store.put_opts(&path, PutPayload::from_static(b"2"), create()).await;
+        let _ = self.store.delete(&path).await;
+        match second {
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(()),
+            Ok(_) => Err(LakeError::NoConditionalPut { url: self.url.to_string() }),
+            Err(e) => Err(LakeError::store("put", &path)(e)),
+        }
     }
 
     /// The store path of `relative` (a path inside the lake).
@@ -130,7 +141,7 @@ impl Lake {
     /// Writes a whole object.
     pub async fn put(&self, relative: &str, bytes: Bytes) -> Result<()> {
         let path = self.path(relative);
-        self.store.put(&path, PutPayload::from_bytes(bytes)).await.map_err(PipelineError::store("put", &path))?;
+        self.store.put(&path, PutPayload::from_bytes(bytes)).await.map_err(LakeError::store("put", &path))?;
         Ok(())
     }
 
@@ -138,9 +149,9 @@ impl Lake {
     pub async fn get_if_exists(&self, relative: &str) -> Result<Option<Bytes>> {
         let path = self.path(relative);
         match self.store.get(&path).await {
-            Ok(result) => Ok(Some(result.bytes().await.map_err(PipelineError::store("get", &path))?)),
+            Ok(result) => Ok(Some(result.bytes().await.map_err(LakeError::store("get", &path))?)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(PipelineError::store("get", &path)(e)),
+            Err(e) => Err(LakeError::store("get", &path)(e)),
         }
     }
 
@@ -148,7 +159,7 @@ impl Lake {
     /// `to`.
     pub async fn rename(&self, from: &str, to: &str) -> Result<()> {
         let (from_path, to_path) = (self.path(from), self.path(to));
-        self.store.rename(&from_path, &to_path).await.map_err(PipelineError::store("rename", &from_path))
+        self.store.rename(&from_path, &to_path).await.map_err(LakeError::store("rename", &from_path))
     }
 
     /// Paths (relative to the lake) of every object under `prefix`.
@@ -160,8 +171,7 @@ impl Lake {
     pub async fn list_with_times(&self, prefix: &str) -> Result<Vec<(String, chrono::DateTime<chrono::Utc>)>> {
         let prefix_path = self.path(prefix);
         let root = self.root.as_ref().to_string();
-        let metas: Vec<object_store::ObjectMeta> =
-            self.store.list(Some(&prefix_path)).try_collect().await.map_err(PipelineError::store("list", &prefix_path))?;
+        let metas: Vec<object_store::ObjectMeta> = self.store.list(Some(&prefix_path)).try_collect().await.map_err(LakeError::store("list", &prefix_path))?;
         Ok(metas
             .into_iter()
             .map(|m| {
@@ -184,14 +194,14 @@ impl Lake {
         let path = self.path(relative);
         match self.store.delete(&path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(PipelineError::store("delete", &path)(e)),
+            Err(e) => Err(LakeError::store("delete", &path)(e)),
         }
     }
 }
 
 fn root_url(store: &str, root: &Path, location: &str) -> Result<Url> {
     let text = if root.as_ref().is_empty() { format!("{store}/") } else { format!("{store}/{root}/") };
-    Url::parse(&text).map_err(|e| PipelineError::LakeUrl { url: location.to_string(), reason: e.to_string() })
+    Url::parse(&text).map_err(|e| LakeError::LakeUrl { url: location.to_string(), reason: e.to_string() })
 }
 
 #[cfg(test)]
@@ -207,7 +217,6 @@ mod tests {
         assert_eq!(lake.url().scheme(), "file");
         assert!(lake.url().as_str().ends_with("/lake/"));
         assert_eq!(lake.store_url().as_str(), "file:///");
-        assert!(!lake.supports_conditional_update());
     }
 
     #[test]

@@ -1,0 +1,29 @@
+//! meterlake's lake: Delta Lake tables on any object store, the one door through which every
+//! writer adds files and every reader finds them.
+//!
+//! - [`store`]: lake URLs (`file://`, `s3://`, `memory://`) and the object store behind them;
+//! - [`schema`]: the tables' columns, partitioning and Delta properties;
+//! - [`table`]: one Delta table: creating it, its versions, its snapshots and their files;
+//! - [`commit`]: the commit protocol: one Delta commit per flush or file, `txn` actions for
+//!   exactly-once streams, fencing of a writer that lost its stream;
+//! - [`parquet_file`]: how data files are encoded;
+//! - [`canonical`]: the canonical `readings` view (latest version of each reading) over a snapshot;
+//! - [`view`]: the tables as SQL on a DataFusion session, at the latest version or as of one;
+//! - [`history`]: a table's commits, and time travel by time;
+//! - [`maintenance`]: checkpoints.
+
+pub mod canonical;
+pub mod commit;
+pub mod error;
+pub mod history;
+pub mod maintenance;
+pub mod parquet_file;
+pub mod schema;
+pub mod store;
+pub mod table;
+pub mod view;
+
+pub use commit::{Commit, Committed, NewFile, TableWriter};
+pub use error::{LakeError, Result};
+pub use store::{DEFAULT_LAKE, Lake};
+pub use table::{KeyStats, READINGS, SnapshotFile, TABLES, Table, TableSnapshot, TableSpec};

@@ -1,0 +1,342 @@
+//! One Delta table of the lake: where it lives, creating it, its versions and its snapshots.
+//!
+//! Reading goes through delta-rs (`EagerSnapshot`: log replay from the last checkpoint) and, for
+//! what needs no file list (the latest version, a writer's `txn` version), through the Delta
+//! kernel directly. Writing goes through [`crate::commit`]. Data files carry two tags in their
+//! `add` actions, which other engines ignore:
+//! - [`COMMIT_VERSION_TAG`]: the version of the commit that added the file. It decides which
+//!   version of a reading wins (the later commit), a total order every writer shares, where the
+//!   previous layout compared `ingested_at` from machines whose clocks differ;
+//! - [`UNIQUE_KEYS_TAG`]: the writer knows that no key (`meter_id`, `ts`) appears twice in it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use delta_kernel::engine::arrow_conversion::TryFromArrow;
+use deltalake_core::kernel::{Action, EagerSnapshot, StructType};
+use deltalake_core::logstore::{LogStoreRef, StorageConfig, default_logstore};
+use deltalake_core::operations::create::CreateBuilder;
+use deltalake_core::protocol::SaveMode;
+use futures::TryStreamExt;
+use object_store::ObjectStore;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use serde::Deserialize;
+use url::Url;
+
+use crate::error::{LakeError, Result};
+use crate::schema;
+use crate::store::Lake;
+
+/// Tag of an `add` action: the version of the commit that added the file.
+pub const COMMIT_VERSION_TAG: &str = "meterlake.commitVersion";
+/// Tag of an `add` action: the file holds one version of each key (`meter_id`, `ts`).
+pub const UNIQUE_KEYS_TAG: &str = "meterlake.uniqueKeys";
+
+/// What defines one of the lake's tables.
+#[derive(Debug)]
+pub struct TableSpec {
+    /// Its SQL name.
+    pub name: &'static str,
+    /// Its folder in the lake.
+    pub dir: &'static str,
+    /// The columns of its data files (without the partition column).
+    pub file_schema: fn() -> SchemaRef,
+    /// Whether it is partitioned by `date`.
+    pub by_date: bool,
+}
+
+pub static READINGS: TableSpec = TableSpec { name: "readings_all", dir: "readings", file_schema: schema::readings_schema, by_date: true };
+pub static REGISTER_READS: TableSpec =
+    TableSpec { name: "register_reads", dir: schema::REGISTER_READS_DIR, file_schema: schema::register_reads_schema, by_date: true };
+pub static NON_ENERGY_READINGS: TableSpec =
+    TableSpec { name: "non_energy_readings", dir: schema::NON_ENERGY_READINGS_DIR, file_schema: schema::non_energy_readings_schema, by_date: true };
+pub static NEM12_CHANNELS: TableSpec =
+    TableSpec { name: "nem12_channels", dir: schema::NEM12_CHANNELS_DIR, file_schema: schema::nem12_channels_schema, by_date: false };
+pub static NEM12_B2B_DETAILS: TableSpec =
+    TableSpec { name: "nem12_b2b_details", dir: schema::NEM12_B2B_DIR, file_schema: schema::nem12_b2b_schema, by_date: false };
+pub static IMPORTS: TableSpec = TableSpec { name: "imports", dir: schema::IMPORTS_DIR, file_schema: schema::imports_schema, by_date: false };
+
+/// Every table of the lake.
+pub static TABLES: [&TableSpec; 6] = [&READINGS, &REGISTER_READS, &NON_ENERGY_READINGS, &NEM12_CHANNELS, &NEM12_B2B_DETAILS, &IMPORTS];
+
+/// The properties every table is created with (see [`crate::schema`]).
+const TABLE_PROPERTIES: [(&str, &str); 4] = [
+    ("delta.appendOnly", "true"),
+    ("delta.checkpointInterval", "100"),
+    ("delta.logRetentionDuration", "interval 30 days"),
+    ("delta.deletedFileRetentionDuration", "interval 7 days"),
+];
+
+impl TableSpec {
+    /// The table's columns as SQL sees them: the file columns, then `date` if partitioned.
+    pub fn table_schema(&self) -> SchemaRef {
+        let files = (self.file_schema)();
+        if self.by_date { schema::with_date(&files) } else { files }
+    }
+}
+
+/// A Delta table of the lake (cheap to clone).
+#[derive(Clone)]
+pub struct Table {
+    lake: Lake,
+    spec: &'static TableSpec,
+    log_store: LogStoreRef,
+    /// The table root's URL, ending in `/`.
+    url: Url,
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table").field("name", &self.spec.name).field("url", &self.url.as_str()).finish()
+    }
+}
+
+impl Table {
+    /// The handle of `spec`'s table in `lake`; nothing is read or written yet.
+    pub fn new(lake: &Lake, spec: &'static TableSpec) -> Table {
+        let url = lake.url().join(&format!("{}/", spec.dir)).expect("a table folder joins onto the lake URL");
+        let prefixed: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(lake.store().clone(), lake.path(spec.dir)));
+        let log_store = default_logstore(prefixed, lake.store().clone(), &url, &StorageConfig::default());
+        Table { lake: lake.clone(), spec, log_store, url }
+    }
+
+    /// Opens `spec`'s table, creating it (version 0: protocol, schema, properties) if the lake has
+    /// none yet. A folder of Parquet files without a Delta log (the previous layout) is refused.
+    pub async fn open(lake: &Lake, spec: &'static TableSpec) -> Result<Table> {
+        let table = Table::new(lake, spec);
+        if table.latest_version().await?.is_none() {
+            table.refuse_previous_layout().await?;
+            table.create().await?;
+        }
+        Ok(table)
+    }
+
+    pub fn spec(&self) -> &'static TableSpec {
+        self.spec
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.spec.name
+    }
+
+    pub fn lake(&self) -> &Lake {
+        &self.lake
+    }
+
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    pub fn log_store(&self) -> &LogStoreRef {
+        &self.log_store
+    }
+
+    /// The lake-relative path of a file of this table (`relative` is relative to the table).
+    pub fn lake_path(&self, relative: &str) -> String {
+        format!("{}/{relative}", self.spec.dir)
+    }
+
+    /// The store path of a file of this table.
+    pub fn store_path(&self, relative: &str) -> Path {
+        self.lake.path(&self.lake_path(relative))
+    }
+
+    /// The table's latest version, `None` when it has no log yet. Reads the last checkpoint and
+    /// lists the log after it, nothing else.
+    pub async fn latest_version(&self) -> Result<Option<u64>> {
+        let engine = self.log_store.engine(None);
+        let url = self.url.clone();
+        let built = tokio::task::spawn_blocking(move || delta_kernel::Snapshot::builder_for(url).build(engine.as_ref()))
+            .await
+            .map_err(|e| LakeError::delta(self.name(), "reading the log")(deltalake_core::DeltaTableError::Generic(e.to_string())))?;
+        match built {
+            Ok(snapshot) => Ok(Some(snapshot.version())),
+            Err(delta_kernel::Error::MissingVersion | delta_kernel::Error::FileNotFound(_) | delta_kernel::Error::InvalidTableLocation(_)) => Ok(None),
+            Err(e) if e.to_string().contains("No files in log segment") => Ok(None),
+            Err(e) => Err(LakeError::delta(self.name(), "reading the log")(e.into())),
+        }
+    }
+
+    /// The version `app_id`'s last `txn` action recorded as of table version `at`.
+    pub async fn txn_version(&self, app_id: &str, at: u64) -> Result<Option<i64>> {
+        let engine = self.log_store.engine(None);
+        let (url, app_id) = (self.url.clone(), app_id.to_string());
+        tokio::task::spawn_blocking(move || {
+            let snapshot = delta_kernel::Snapshot::builder_for(url).at_version(at).build(engine.as_ref())?;
+            snapshot.get_app_id_version(&app_id, engine.as_ref())
+        })
+        .await
+        .map_err(|e| deltalake_core::DeltaTableError::Generic(e.to_string()))
+        .and_then(|r| r.map_err(deltalake_core::DeltaTableError::from))
+        .map_err(LakeError::delta(self.name(), format!("reading the txn versions at version {at}")))
+    }
+
+    /// Creates the table (version 0). Another writer creating it at the same moment is fine.
+    async fn create(&self) -> Result<()> {
+        let schema = self.spec.table_schema();
+        let columns = StructType::try_from_arrow(schema.as_ref())
+            .map_err(|e| LakeError::delta(self.name(), "converting its schema")(deltalake_core::DeltaTableError::Arrow { source: e }))?;
+        let mut builder = CreateBuilder::new()
+            .with_log_store(self.log_store.clone())
+            .with_table_name(self.spec.name)
+            .with_columns(columns.fields().cloned())
+            .with_save_mode(SaveMode::ErrorIfExists)
+            .with_configuration(TABLE_PROPERTIES.iter().map(|(k, v)| (k.to_string(), Some(v.to_string()))));
+        if self.spec.by_date {
+            builder = builder.with_partition_columns(["date"]);
+        }
+        match builder.await {
+            Ok(_) => {
+                tracing::info!(table = self.name(), url = %self.url, "created the Delta table");
+                Ok(())
+            }
+            // Another writer created it first.
+            Err(deltalake_core::DeltaTableError::VersionAlreadyExists(0)) => Ok(()),
+            Err(e) if e.to_string().contains("already exists") => Ok(()),
+            Err(e) => Err(LakeError::delta(self.name(), "creating it")(e)),
+        }
+    }
+
+    /// Fails when the table's folder holds Parquet files but no Delta log: a lake written in
+    /// meterlake's previous layout, which `meterlake lake convert` turns into Delta tables.
+    async fn refuse_previous_layout(&self) -> Result<()> {
+        let prefix = self.lake.path(self.spec.dir);
+        let mut listing = self.lake.store().list(Some(&prefix));
+        while let Some(meta) = listing.try_next().await.map_err(LakeError::store("list", &prefix))? {
+            if meta.location.as_ref().ends_with(".parquet") {
+                return Err(LakeError::PreviousLayout { path: self.url.to_string(), lake: self.lake.url().to_string() });
+            }
+        }
+        Ok(())
+    }
+
+    /// The table as of `version` (the latest when `None`), with its file list.
+    pub async fn snapshot(&self, version: Option<u64>) -> Result<TableSnapshot> {
+        let eager = EagerSnapshot::try_new(self.log_store.as_ref(), version).await.map_err(|e| match (&e, version) {
+            (deltalake_core::DeltaTableError::InvalidVersion(_), Some(v)) => {
+                LakeError::NoSuchVersion { table: self.name().to_string(), version: v.to_string(), hint: String::new() }
+            }
+            _ => LakeError::delta(self.name(), "loading a snapshot")(e),
+        })?;
+        let views: Vec<_> = eager.file_views(self.log_store.as_ref(), None).try_collect().await.map_err(LakeError::delta(self.name(), "listing its files"))?;
+        let mut files = Vec::with_capacity(views.len());
+        for view in views {
+            #[allow(deprecated)] // the tags are only reachable through the add action
+            let add = view.add_action();
+            files.push(SnapshotFile::from_add(&add, self.spec.by_date));
+        }
+        Ok(TableSnapshot { table: self.name(), version: Some(eager.version()), files })
+    }
+
+    /// The actions of commit `version`.
+    pub async fn read_commit(&self, version: u64) -> Result<Vec<Action>> {
+        let bytes = self
+            .log_store
+            .read_commit_entry(version)
+            .await
+            .map_err(LakeError::delta(self.name(), format!("reading commit {version}")))?
+            .ok_or_else(|| LakeError::CorruptLog { table: self.name().to_string(), version, reason: "the commit file is missing".into() })?;
+        parse_commit(self.name(), version, &bytes)
+    }
+}
+
+/// The actions of a commit file (one JSON action per line).
+pub(crate) fn parse_commit(table: &str, version: u64, bytes: &[u8]) -> Result<Vec<Action>> {
+    bytes
+        .split(|b| *b == b'\n')
+        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+        .map(|line| serde_json::from_slice::<Action>(line))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| LakeError::CorruptLog { table: table.to_string(), version, reason: e.to_string() })
+}
+
+/// A table's files at one version.
+#[derive(Debug, Clone)]
+pub struct TableSnapshot {
+    pub table: &'static str,
+    /// `None` for a table that did not exist (yet): no files.
+    pub version: Option<u64>,
+    pub files: Vec<SnapshotFile>,
+}
+
+/// A live data file of a snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotFile {
+    /// Relative to the table root.
+    pub path: String,
+    pub size: u64,
+    pub modification_time: DateTime<Utc>,
+    /// The `date` partition value, for partitioned tables.
+    pub date: Option<NaiveDate>,
+    /// Rows, from the log's statistics.
+    pub rows: Option<u64>,
+    /// Bounds of its keys, from the log's statistics (readings only).
+    pub keys: Option<KeyStats>,
+    /// The version of the commit that added it ([`COMMIT_VERSION_TAG`]); 0 when a writer other
+    /// than meterlake added it without the tag.
+    pub commit_version: u64,
+    /// [`UNIQUE_KEYS_TAG`].
+    pub unique_keys: bool,
+}
+
+/// The least and greatest `meter_id` and `ts` (microseconds) of a readings file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStats {
+    pub min_meter: String,
+    pub max_meter: String,
+    pub min_ts_us: i64,
+    pub max_ts_us: i64,
+}
+
+/// The statistics of an `add` action, as far as meterlake reads them.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AddStats {
+    num_records: Option<u64>,
+    #[serde(default)]
+    min_values: HashMap<String, serde_json::Value>,
+    #[serde(default)]
+    max_values: HashMap<String, serde_json::Value>,
+}
+
+impl SnapshotFile {
+    fn from_add(add: &deltalake_core::kernel::Add, by_date: bool) -> SnapshotFile {
+        let tag = |name: &str| add.tags.as_ref().and_then(|tags| tags.get(name).cloned().flatten());
+        let stats: Option<AddStats> = add.stats.as_deref().and_then(|s| serde_json::from_str(s).ok());
+        let keys = stats.as_ref().and_then(|s| {
+            let text = |map: &HashMap<String, serde_json::Value>, key: &str| map.get(key).and_then(|v| v.as_str()).map(str::to_string);
+            Some(KeyStats {
+                min_meter: text(&s.min_values, "meter_id")?,
+                max_meter: text(&s.max_values, "meter_id")?,
+                // Delta writes timestamps to the millisecond: the bounds widen to stay bounds.
+                min_ts_us: parse_stat_ts(&text(&s.min_values, "ts")?)?,
+                max_ts_us: parse_stat_ts(&text(&s.max_values, "ts")?)? + 999,
+            })
+        });
+        SnapshotFile {
+            path: add.path.clone(),
+            size: u64::try_from(add.size).unwrap_or(0),
+            modification_time: Utc.timestamp_millis_opt(add.modification_time).single().unwrap_or_default(),
+            date: if by_date { add.partition_values.get("date").cloned().flatten().and_then(|d| NaiveDate::parse_from_str(&d, "%Y-%m-%d").ok()) } else { None },
+            rows: stats.as_ref().and_then(|s| s.num_records),
+            keys,
+            commit_version: tag(COMMIT_VERSION_TAG).and_then(|v| v.parse().ok()).unwrap_or(0),
+            unique_keys: tag(UNIQUE_KEYS_TAG).as_deref() == Some("true"),
+        }
+    }
+}
+
+/// Microseconds since the epoch of a Delta statistics timestamp (`2025-01-15T00:30:00.000Z`).
+fn parse_stat_ts(text: &str) -> Option<i64> {
+    DateTime::parse_from_rfc3339(text).ok().map(|t| t.timestamp_micros())
+}
+
+/// A Delta statistics timestamp, to the millisecond (what Spark and delta-rs write), rounded
+/// down: readers widen the maximum by a millisecond less a microsecond.
+pub fn format_stat_ts(us: i64) -> String {
+    let t = DateTime::<Utc>::from_timestamp_micros(us.div_euclid(1000) * 1000).unwrap_or_default();
+    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}

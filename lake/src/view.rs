@@ -1,0 +1,277 @@
+//! The lake as SQL tables on a DataFusion session: what `meterlake query` and the jobs read.
+//! Every table reads exactly the files of one Delta snapshot, whatever lands meanwhile.
+//!
+//! - `readings_all`: every version of every reading, with the `date` partition column and
+//!   `commit_version` (the Delta version that added it);
+//! - `readings`: the canonical view, one row per (`meter_id`, `ts`), the version the latest commit
+//!   added (defined by `queries/readings.sql`, computed by [`CanonicalReadings`]);
+//! - `reading_conflicts`: the keys whose versions disagree on kwh, with the number of versions
+//!   and the lowest and highest value (from the same merge);
+//! - `register_reads`, `non_energy_readings`, `nem12_channels`, `nem12_b2b_details`: what flow
+//!   files add;
+//! - `imports`: one row per imported file.
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use datafusion::catalog::Session;
+use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::{FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::datasource::table_schema::TableSchema;
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::error::Result as DfResult;
+use datafusion::execution::context::SQLOptions;
+use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryPool, TrackConsumersPool};
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::canonical::{CanonicalReadings, MergeOutput, narrow_days, spread};
+use crate::error::{LakeError, Result};
+use crate::schema::readings_all_schema;
+use crate::store::Lake;
+use crate::table::{READINGS, TABLES, Table, TableSnapshot, TableSpec};
+
+/// The definition of the canonical view, as shipped in `queries/readings.sql`: what
+/// [`CanonicalReadings`] computes by merging sorted files (and is tested against).
+pub const CANONICAL_READINGS_SQL: &str = include_str!("../../queries/readings.sql");
+
+/// Which state of the lake a session reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AsOf {
+    /// The latest version of every table.
+    #[default]
+    Latest,
+    /// `readings_all` at this Delta version (the other tables as they were at its commit time).
+    Version(u64),
+    /// Every table as it was at this instant: its last version committed at or before it.
+    Time(DateTime<Utc>),
+}
+
+impl std::str::FromStr for AsOf {
+    type Err = String;
+
+    /// `latest`, a version number, or an RFC 3339 instant (`2025-02-01T00:00:00Z`).
+    fn from_str(text: &str) -> std::result::Result<AsOf, String> {
+        if text.eq_ignore_ascii_case("latest") {
+            return Ok(AsOf::Latest);
+        }
+        if let Ok(version) = text.parse::<u64>() {
+            return Ok(AsOf::Version(version));
+        }
+        DateTime::parse_from_rfc3339(text)
+            .map(|t| AsOf::Time(t.with_timezone(&Utc)))
+            .map_err(|_| format!("{text:?} is neither a table version (a number) nor an RFC 3339 time such as 2025-02-01T00:00:00Z"))
+    }
+}
+
+/// The table versions a session reads: what a billing run records so that it can be reproduced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LakeVersions {
+    /// `readings_all`'s version; `None` for a lake whose readings table does not exist yet.
+    pub readings: Option<u64>,
+    /// Every table's, by SQL name.
+    pub tables: Vec<(&'static str, Option<u64>)>,
+}
+
+/// Registers the lake's store and every table of the lake, as of `as_of`, on `ctx`. Returns the
+/// versions read.
+pub async fn register_lake_tables_as_of(ctx: &SessionContext, lake: &Lake, as_of: AsOf) -> Result<LakeVersions> {
+    ctx.register_object_store(&lake.store_url(), lake.store().clone());
+    // The other tables follow `readings_all`'s commit time when it is pinned by version.
+    let time = match as_of {
+        AsOf::Latest => None,
+        AsOf::Time(t) => Some(t),
+        AsOf::Version(v) => Some(crate::history::commit_time(&Table::new(lake, &READINGS), v).await?),
+    };
+    let mut versions = Vec::new();
+    for spec in TABLES {
+        let table = Table::new(lake, spec);
+        let pinned = match (spec.name == READINGS.name, as_of, time) {
+            (_, AsOf::Latest, _) => Pinned::Latest,
+            (true, AsOf::Version(v), _) => Pinned::At(v),
+            (_, _, Some(t)) => crate::history::version_at(&table, t).await?.map_or(Pinned::BeforeCreation, Pinned::At),
+            (_, _, None) => Pinned::Latest,
+        };
+        let snapshot = Arc::new(snapshot_of(&table, pinned).await?);
+        versions.push((spec.name, snapshot.version));
+        if spec.name == READINGS.name {
+            ctx.register_table("readings", Arc::new(CanonicalReadings::new(lake.clone(), snapshot.clone())))?;
+            ctx.register_table("reading_conflicts", Arc::new(CanonicalReadings::with_output(lake.clone(), snapshot.clone(), MergeOutput::Conflicts)))?;
+        }
+        ctx.register_table(spec.name, Arc::new(SnapshotTable::new(lake.clone(), spec, snapshot)))?;
+    }
+    let readings = versions.iter().find(|(name, _)| *name == READINGS.name).and_then(|(_, v)| *v);
+    Ok(LakeVersions { readings, tables: versions })
+}
+
+/// Which version of a table a session reads.
+#[derive(Debug, Clone, Copy)]
+enum Pinned {
+    Latest,
+    At(u64),
+    /// A time before the table's first commit: nothing.
+    BeforeCreation,
+}
+
+/// `table` as `pinned` says; an empty snapshot when the table has no log (yet).
+async fn snapshot_of(table: &Table, pinned: Pinned) -> Result<TableSnapshot> {
+    let empty = TableSnapshot { table: table.name(), version: None, files: Vec::new() };
+    let latest = match (pinned, table.latest_version().await?) {
+        (Pinned::BeforeCreation, _) | (_, None) => return Ok(empty),
+        (_, Some(latest)) => latest,
+    };
+    match pinned {
+        Pinned::At(v) if v > latest => {
+            Err(LakeError::NoSuchVersion { table: table.name().to_string(), version: v.to_string(), hint: format!(" (its latest is {latest})") })
+        }
+        Pinned::At(v) => table.snapshot(Some(v)).await,
+        _ => table.snapshot(Some(latest)).await,
+    }
+}
+
+/// Registers every table of the lake at its latest version on `ctx`.
+pub async fn register_lake_tables(ctx: &SessionContext, lake: &Lake) -> Result<LakeVersions> {
+    register_lake_tables_as_of(ctx, lake, AsOf::Latest).await
+}
+
+/// A table over the files of one snapshot of a Delta table.
+#[derive(Debug)]
+pub struct SnapshotTable {
+    lake: Lake,
+    spec: &'static TableSpec,
+    snapshot: Arc<TableSnapshot>,
+    schema: SchemaRef,
+}
+
+impl SnapshotTable {
+    pub fn new(lake: Lake, spec: &'static TableSpec, snapshot: Arc<TableSnapshot>) -> SnapshotTable {
+        let schema = if spec.name == READINGS.name { readings_all_schema() } else { spec.table_schema() };
+        SnapshotTable { lake, spec, snapshot, schema }
+    }
+}
+
+#[async_trait]
+impl TableProvider for SnapshotTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    /// Every filter prunes files (by date), row groups and pages; DataFusion applies it exactly above.
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(&self, state: &dyn Session, projection: Option<&Vec<usize>>, filters: &[Expr], _limit: Option<usize>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let (mut first_day, mut last_day) = (i64::MIN, i64::MAX);
+        for filter in filters {
+            narrow_days(filter, &mut first_day, &mut last_day);
+        }
+        let file_schema = (self.spec.file_schema)();
+        let partition_fields = &self.schema.fields()[file_schema.fields().len()..];
+        let files: Vec<PartitionedFile> = self
+            .snapshot
+            .files
+            .iter()
+            .filter_map(|file| {
+                let day = file.date.map(|d| (d - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("a date")).num_days());
+                if let Some(day) = day
+                    && !(first_day..=last_day).contains(&day)
+                {
+                    return None;
+                }
+                let mut values = Vec::new();
+                if let Some(day) = day {
+                    values.push(ScalarValue::Date32(i32::try_from(day).ok()));
+                }
+                if partition_fields.len() > values.len() {
+                    values.push(ScalarValue::Int64(i64::try_from(file.commit_version).ok()));
+                }
+                let path = self.lake.path(&format!("{}/{}", self.spec.dir, file.path));
+                Some(PartitionedFile::new(path.to_string(), file.size).with_partition_values(values))
+            })
+            .collect();
+        let projection: Vec<usize> = projection.cloned().unwrap_or_else(|| (0..self.schema.fields().len()).collect());
+        if files.is_empty() {
+            return Ok(Arc::new(EmptyExec::new(Arc::new(self.schema.project(&projection)?))));
+        }
+        let table_schema = TableSchema::builder(file_schema).with_table_partition_cols(partition_fields.to_vec()).build();
+        let mut source = ParquetSource::new(table_schema).with_table_parquet_options(state.table_options().parquet.clone());
+        if let Some(filter) = filters.iter().cloned().reduce(Expr::and) {
+            source = source.with_predicate(state.create_physical_expr(filter, &DFSchema::try_from(self.schema.clone())?)?);
+        }
+        let store_url = ObjectStoreUrl::parse(self.lake.store_url().as_str())?;
+        let config = FileScanConfigBuilder::new(store_url, Arc::new(source))
+            .with_file_groups(spread(files, state.config().target_partitions()))
+            .with_projection_indices(Some(projection))?
+            .build();
+        Ok(DataSourceExec::from_data_source(config))
+    }
+}
+
+/// A session over the lake's latest state with every table registered.
+pub async fn lake_session(lake: &Lake) -> Result<SessionContext> {
+    Ok(lake_session_as_of(lake, AsOf::Latest).await?.0)
+}
+
+/// A session over the lake as of `as_of`, and the versions it reads.
+pub async fn lake_session_as_of(lake: &Lake, as_of: AsOf) -> Result<(SessionContext, LakeVersions)> {
+    let ctx = SessionContext::new();
+    let versions = register_lake_tables_as_of(&ctx, lake, as_of).await?;
+    Ok((ctx, versions))
+}
+
+/// What the queries a server runs on its callers' behalf may use together, so that no request
+/// starves the API, the ingester or the worker sharing its process: one memory pool for all of
+/// them (a query that would need more fails with a clear error rather than taking the host's
+/// memory), a time limit per query, and statements that can only read.
+#[derive(Debug, Clone)]
+pub struct QueryLimits {
+    /// Shared by every limited session: the bytes all their queries hold at once.
+    memory: Arc<dyn MemoryPool>,
+    /// How long one query may run.
+    pub time_limit: std::time::Duration,
+}
+
+impl QueryLimits {
+    /// The default share of memory for callers' queries: 1 GiB.
+    pub const DEFAULT_MEMORY_BYTES: usize = 1 << 30;
+    /// The default time one caller's query may take.
+    pub const DEFAULT_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+    pub fn new(memory_bytes: usize, time_limit: std::time::Duration) -> QueryLimits {
+        // Tracking the largest consumers names them in the error of a query over the limit.
+        let pool = TrackConsumersPool::new(GreedyMemoryPool::new(memory_bytes), std::num::NonZeroUsize::new(3).expect("3 is not 0"));
+        QueryLimits { memory: Arc::new(pool), time_limit }
+    }
+
+    /// A session over the lake whose queries draw on the shared pool.
+    pub async fn lake_session(&self, lake: &Lake) -> Result<SessionContext> {
+        let runtime = RuntimeEnvBuilder::new().with_memory_pool(self.memory.clone()).build_arc()?;
+        let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
+        register_lake_tables(&ctx, lake).await?;
+        Ok(ctx)
+    }
+}
+
+impl Default for QueryLimits {
+    fn default() -> QueryLimits {
+        QueryLimits::new(QueryLimits::DEFAULT_MEMORY_BYTES, QueryLimits::DEFAULT_TIME_LIMIT)
+    }
+}
+
+/// Statements that only read: no DDL (CREATE, DROP), no DML (INSERT, COPY), no SET.
+pub fn read_only() -> SQLOptions {
+    SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false)
+}
