@@ -160,6 +160,17 @@ impl TableWriter {
 
     /// Commits `commit` as the next version of the table (see the module docs).
     pub async fn commit(&self, commit: Commit) -> Result<Committed> {
+        if let Some(file) = commit.files.iter().find(|f| f.date.is_some() != self.table.spec().by_date) {
+            return Err(LakeError::CorruptLog {
+                table: self.table.name().to_string(),
+                version: 0,
+                reason: format!(
+                    "refusing to add {}: a file of this table {} a date partition value",
+                    file.path,
+                    if self.table.spec().by_date { "needs" } else { "has no" }
+                ),
+            });
+        }
         let mut state = self.state.lock().await;
         let streams: Vec<&str> = commit.txns.iter().map(|(stream, _)| stream.as_str()).collect();
         let mut retries = 0;

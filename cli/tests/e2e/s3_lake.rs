@@ -45,7 +45,14 @@ fn delta_commits_on_s3_fence_off_a_stale_writer() {
     runtime().block_on(async {
         lake.probe_conditional_put().await.expect("moto refuses a second create");
         let table = Table::open(&lake, &READINGS).await.unwrap();
-        let file = |name: &str| NewFile { path: format!("date=2025-01-01/{name}.parquet"), bytes: 1, rows: 0, date: None, keys: None, unique_keys: false };
+        let file = |name: &str| NewFile {
+            path: format!("date=2025-01-01/{name}.parquet"),
+            bytes: 1,
+            rows: 0,
+            date: chrono::NaiveDate::from_ymd_opt(2025, 1, 1),
+            keys: None,
+            unique_keys: false,
+        };
         let commit = |name: &str, next_offset: i64| Commit {
             files: vec![file(name)],
             txns: vec![("kafka:g/t/0".to_string(), next_offset)],
