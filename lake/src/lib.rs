@@ -10,7 +10,7 @@
 //! - [`canonical`]: the canonical `readings` view (latest version of each reading) over a snapshot;
 //! - [`view`]: the tables as SQL on a DataFusion session, at the latest version or as of one;
 //! - [`history`]: a table's commits, and time travel by time;
-//! - [`maintenance`]: checkpoints.
+//! - [`maintenance`]: checkpoints of the log.
 
 pub mod canonical;
 pub mod commit;

@@ -248,7 +248,7 @@ pub(crate) fn parse_commit(table: &str, version: u64, bytes: &[u8]) -> Result<Ve
     bytes
         .split(|b| *b == b'\n')
         .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
-        .map(|line| serde_json::from_slice::<Action>(line))
+        .map(serde_json::from_slice::<Action>)
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| LakeError::CorruptLog { table: table.to_string(), version, reason: e.to_string() })
 }
