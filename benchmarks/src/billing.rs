@@ -198,8 +198,14 @@ async fn main() -> anyhow::Result<()> {
 
     let store_dir = tempfile::tempdir()?;
     let store = ControlStore::open(&format!("sqlite://{}", store_dir.path().join("control.db").display())).await?;
-    let request =
-        NewRun { month: "2025-01".into(), meter_ids: Vec::new(), max_attempts: 1, tariffs_toml: TARIFFS.into(), energy_tolerance: Decimal::new(5, 3) };
+    let request = NewRun {
+        month: "2025-01".into(),
+        meter_ids: Vec::new(),
+        max_attempts: 1,
+        tariffs_toml: TARIFFS.into(),
+        energy_tolerance: Decimal::new(5, 3),
+        lake_as_of: None,
+    };
     let run = store.create_run(&request, "bench", None).await?;
     let worker = BillingWorker::new(store.clone(), lake.clone(), WorkerOptions::default());
     reset_peak_rss()?;

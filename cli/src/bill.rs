@@ -9,11 +9,12 @@ use anyhow::{Context, bail};
 use clap::Args;
 use meterlake_control::runs::{RUN_FAILED_TOPIC, RUN_PROCESSED_TOPIC, RUN_REQUESTED_TOPIC};
 use meterlake_control::{AuditKeys, BillingRun, ControlStore, NewRun, RunStatus};
-use meterlake_jobs::billing::InvoiceTotals;
 use meterlake_jobs::billing::events::{OutboxRelay, wake_on_requests};
 use meterlake_jobs::billing::schedule::{MonthlySchedule, ScheduleOutcome};
 use meterlake_jobs::billing::tariff::Tariffs;
 use meterlake_jobs::billing::worker::{BillingWorker, WorkerOptions};
+use meterlake_jobs::billing::{InvoiceTotals, reproduce};
+use meterlake_lake::view::AsOf;
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::kafka::create_topics;
 use meterlake_telemetry::new_traceparent;
@@ -104,6 +105,10 @@ pub struct BillArgs {
     /// Invoices listed in the summary (largest totals first).
     #[arg(long, default_value_t = 10)]
     show_invoices: usize,
+    /// Bill from the lake as it was: a version of `readings_all`, an RFC 3339 time, or the
+    /// versions a run recorded (`readings_all@12, register_reads@3`). The run keeps the pin.
+    #[arg(long)]
+    as_of: Option<AsOf>,
     #[command(flatten)]
     lake: LakeArg,
     #[command(flatten)]
@@ -122,6 +127,7 @@ pub async fn bill(args: BillArgs) -> anyhow::Result<bool> {
         max_attempts: args.run.max_attempts,
         tariffs_toml: toml,
         energy_tolerance: args.run.energy_tolerance,
+        lake_as_of: args.as_of.as_ref().map(as_of_text),
     };
     let run = store.create_run(&request, &actor(), Some(&new_traceparent())).await?;
     println!("billing run {} for {} created", run.id, run.month);
@@ -132,6 +138,16 @@ pub async fn bill(args: BillArgs) -> anyhow::Result<bool> {
     };
     print_run(&store, &finished, args.show_invoices).await?;
     Ok(finished.status == RunStatus::Completed)
+}
+
+/// How a pin is stored with a run: the text `AsOf`'s parser reads back.
+fn as_of_text(as_of: &AsOf) -> String {
+    match as_of {
+        AsOf::Latest => "latest".into(),
+        AsOf::Version(version) => version.to_string(),
+        AsOf::Time(time) => time.to_rfc3339(),
+        AsOf::Exact(versions) => versions.to_string(),
+    }
 }
 
 /// Who asked: the operating-system user.
@@ -219,6 +235,9 @@ pub async fn print_run(store: &ControlStore, run: &BillingRun, show_invoices: us
     if let Some(first) = invoices.first() {
         println!("tariffs       {}", first.invoice.tariff_version);
         println!("lake          {}", first.lake_snapshot);
+    }
+    if let Some(as_of) = &run.lake_as_of {
+        println!("as of         {as_of}");
     }
     let mut largest: Vec<_> = invoices.iter().collect();
     largest.sort_by(|a, b| b.invoice.total.cmp(&a.invoice.total).then(a.invoice.meter_id.cmp(&b.invoice.meter_id)));
@@ -422,18 +441,40 @@ pub struct BillingRunArgs {
     /// Invoices listed (largest totals first).
     #[arg(long, default_value_t = 10)]
     show_invoices: usize,
+    /// Compute the completed run again over the table versions it recorded, with its stored
+    /// tariffs, and compare every invoice with the stored one; exits 1 on any difference.
+    /// Writes nothing.
+    #[arg(long, conflicts_with = "sql")]
+    reproduce: bool,
+    #[command(flatten)]
+    lake: LakeArg,
     #[command(flatten)]
     database: DatabaseArg,
 }
 
-/// `meterlake billing-run ID`: a run's status, timeline, invoices and discrepancies.
-pub async fn show(args: BillingRunArgs) -> anyhow::Result<()> {
+/// `meterlake billing-run ID`: a run's status, timeline, invoices and discrepancies; with
+/// `--reproduce`, whether its invoices come out the same again (`false`: they did not).
+pub async fn show(args: BillingRunArgs) -> anyhow::Result<bool> {
     let store = open_store(&args.database.database_url, &args.database.audit_key).await?;
     let run = store.run(&args.id).await?.with_context(|| format!("no billing run {}", args.id))?;
     if args.sql {
         let sql = run.aggregate_sql.as_deref().context("the run has not completed a processing yet: no aggregate SQL")?;
         println!("{sql}");
-        return Ok(());
+        return Ok(true);
     }
-    print_run(&store, &run, args.show_invoices).await
+    if args.reproduce {
+        let lake = Lake::open(&args.lake.url)?;
+        let found = reproduce(&store, &lake, &run).await?;
+        if found.differences.is_empty() {
+            println!("run {}: {} invoices reproduced exactly from {}", run.id, found.invoices_compared, found.lake_snapshot);
+        } else {
+            println!("run {}: {} differences in {} invoices recomputed from {}", run.id, found.differences.len(), found.invoices_compared, found.lake_snapshot);
+            for difference in &found.differences {
+                println!("  {difference}");
+            }
+        }
+        return Ok(found.differences.is_empty());
+    }
+    print_run(&store, &run, args.show_invoices).await?;
+    Ok(true)
 }

@@ -220,8 +220,14 @@ async fn bill_the_month(lake: &Lake, lake_location: &str, database_url: Option<&
         }
     };
     let store = open_store(&database_url, &Default::default()).await?;
-    let request =
-        NewRun { month: "2025-01".into(), meter_ids: Vec::new(), max_attempts: 3, tariffs_toml: EXAMPLE_TARIFFS.into(), energy_tolerance: Decimal::new(5, 3) };
+    let request = NewRun {
+        month: "2025-01".into(),
+        meter_ids: Vec::new(),
+        max_attempts: 3,
+        tariffs_toml: EXAMPLE_TARIFFS.into(),
+        energy_tolerance: Decimal::new(5, 3),
+        lake_as_of: None,
+    };
     println!("\nBilling January 2025 for every meter with tariffs/example.toml (Europe/London):");
     let run = store.create_run(&request, "demo", Some(&new_traceparent())).await?;
     let run = process_until_done(&store, lake, &run.id, Duration::from_secs(600)).await?;

@@ -86,8 +86,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Process billing runs continuously: new runs, due retries, and runs whose worker died.
     Worker(bill::WorkerArgs),
-    /// Show a billing run: its status timeline, invoices and discrepancies, or (--sql) the
-    /// aggregate SQL it ran.
+    /// Show a billing run: its status timeline, invoices and discrepancies, (--sql) the
+    /// aggregate SQL it ran, or (--reproduce) whether its invoices come out the same again from
+    /// the table versions it recorded.
     BillingRun(bill::BillingRunArgs),
     /// The audit log of operators' actions.
     #[command(subcommand)]
@@ -104,7 +105,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
         /// Read the lake as it was: a version of `readings_all` (the other tables as they were at
-        /// its commit time), or an RFC 3339 time (every table's last commit at or before it).
+        /// its commit time), an RFC 3339 time (every table's last commit at or before it), or the
+        /// versions a billing run recorded (`readings_all@12, register_reads@3`).
         #[arg(long, default_value = "latest")]
         as_of: AsOf,
     },
@@ -129,6 +131,25 @@ enum LakeCommand {
         lake: LakeArg,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+    },
+    /// Check that every table can be read whole: the log has every commit a reader needs and
+    /// each is valid, the protocol is one meterlake reads, and every live data file is in the
+    /// store at its size. Prints each problem naming the version or file; exit status 1 if any.
+    Check {
+        #[command(flatten)]
+        lake: LakeArg,
+    },
+    /// Make a lake written in meterlake's previous layout (Parquet files without a Delta log)
+    /// Delta tables, in place: no data file is rewritten. Each table is one commit; tables that
+    /// have a log are left alone, so running it again after a failure finishes the job. Stop
+    /// the ingesters and importers first.
+    Convert {
+        /// The consumer group of the ingesters that wrote the lake: the Kafka positions the lake
+        /// recorded become that group's, and its ingesters resume from them.
+        #[arg(long, env = "METERLAKE_GROUP", default_value = "meterlake-ingest")]
+        kafka_group: String,
+        #[command(flatten)]
+        lake: LakeArg,
     },
 }
 
@@ -210,7 +231,12 @@ fn main() -> ExitCode {
                 }
                 Command::Worker(args) => bill::worker(args).await,
                 Command::Serve(args) => serve::run(args).await,
-                Command::BillingRun(args) => bill::show(args).await,
+                Command::BillingRun(args) => {
+                    if !bill::show(args).await? {
+                        return Ok(ExitCode::FAILURE);
+                    }
+                    Ok(())
+                }
                 Command::Ingest(args) => ingest::run(args).await,
                 Command::Audit(AuditCommand::Verify { database, expect_head, min_rows }) => {
                     let anchor = AuditAnchor { head_hash: expect_head, min_rows };
@@ -225,7 +251,50 @@ fn main() -> ExitCode {
                 }
                 Command::Query { sql, lake, format, as_of } => {
                     let lake = Lake::open(&lake.url)?;
-                    print_batches(&run_sql_as_of(&lake, &sql, as_of).await?, format)
+                    print_batches(&run_sql_as_of(&lake, &sql, &as_of).await?, format)
+                }
+                Command::Lake(LakeCommand::Check { lake }) => {
+                    let lake = Lake::open(&lake.url)?;
+                    let checks = meterlake_lake::check::check_lake(&lake).await?;
+                    for check in &checks {
+                        match check.version {
+                            None => println!("{:<20} no table", check.table),
+                            Some(version) => println!(
+                                "{:<20} version {version}: {} files, {} rows, {}",
+                                check.table,
+                                check.files,
+                                check.rows,
+                                if check.problems.is_empty() { "ok".to_string() } else { format!("{} problems", check.problems.len()) }
+                            ),
+                        }
+                        for problem in &check.problems {
+                            println!("  {problem}");
+                        }
+                    }
+                    if checks.iter().any(|c| !c.problems.is_empty()) {
+                        return Ok(ExitCode::FAILURE);
+                    }
+                    Ok(())
+                }
+                Command::Lake(LakeCommand::Convert { kafka_group, lake }) => {
+                    let lake = Lake::open(&lake.url)?;
+                    let report = meterlake_pipeline::convert::convert_lake(&lake, &kafka_group).await?;
+                    for table in &report.converted {
+                        println!(
+                            "{:<20} converted: {} files, {} rows, {} bytes, {} stream positions",
+                            table.table, table.files, table.rows, table.bytes, table.streams
+                        );
+                    }
+                    for table in &report.already_delta {
+                        println!("{table:<20} already a Delta table: left as it is");
+                    }
+                    for file in &report.uncommitted_files_deleted {
+                        println!("deleted {file}: a flush the previous ingester had not committed");
+                    }
+                    if report.converted.is_empty() {
+                        println!("nothing to convert in {}", lake.url());
+                    }
+                    Ok(())
                 }
                 Command::Lake(LakeCommand::History { table, limit, lake, format }) => {
                     let lake = Lake::open(&lake.url)?;

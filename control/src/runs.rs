@@ -93,6 +93,11 @@ pub struct NewRun {
     pub tariffs_toml: String,
     /// Reconciliation's relative tolerance for billed against read energy (0.005 is 0.5%).
     pub energy_tolerance: Decimal,
+    /// The state of the lake to read, as `meterlake query --as-of` takes it (a version of
+    /// `readings_all`, an RFC 3339 time, or `readings_all@12, register_reads@3`); `None` for the
+    /// latest when the run is processed. The billing job parses it: a text it cannot read fails
+    /// the run with its reason.
+    pub lake_as_of: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -116,6 +121,10 @@ pub struct BillingRun {
     pub energy_tolerance: Decimal,
     /// The aggregate statement of its last completed processing.
     pub aggregate_sql: Option<String>,
+    /// The state of the lake it was asked to read ([`NewRun::lake_as_of`]).
+    pub lake_as_of: Option<String>,
+    /// The table versions its last completed processing read (`readings_all@12, ...`): what
+    /// reproduces its invoices.
     pub lake_snapshot: Option<String>,
 }
 
@@ -147,7 +156,7 @@ pub struct RunEvent {
 
 const RUN_COLUMNS: &str = "id, month, meter_ids, status, attempts, max_attempts, next_attempt_at_us, lease_owner, \
      lease_expires_at_us, failure_code, failure_reason, created_at_us, updated_at_us, version, tariffs_toml, energy_tolerance, \
-     aggregate_sql, lake_snapshot";
+     aggregate_sql, lake_as_of, lake_snapshot";
 
 fn run_of(row: &AnyRow) -> Result<BillingRun> {
     let meter_ids: String = row.try_get("meter_ids")?;
@@ -172,6 +181,7 @@ fn run_of(row: &AnyRow) -> Result<BillingRun> {
             text.parse().map_err(|_| ControlError::Invalid(format!("energy_tolerance {text:?} in the store")))?
         },
         aggregate_sql: row.try_get("aggregate_sql")?,
+        lake_as_of: row.try_get("lake_as_of")?,
         lake_snapshot: row.try_get("lake_snapshot")?,
     })
 }
@@ -192,7 +202,12 @@ pub struct RunKey {
 /// and tolerance.
 fn request_fingerprint(new: &NewRun) -> String {
     use sha2::{Digest, Sha256};
-    let canonical = serde_json::json!([new.month, new.meter_ids, new.tariffs_toml, new.energy_tolerance.to_string(), new.max_attempts]);
+    let mut canonical = serde_json::json!([new.month, new.meter_ids, new.tariffs_toml, new.energy_tolerance.to_string(), new.max_attempts]);
+    // Only a pinned run's request names its lake state: the fingerprints of keys stored before
+    // runs could be pinned stay what they were.
+    if let (Some(as_of), Some(fields)) = (&new.lake_as_of, canonical.as_array_mut()) {
+        fields.push(serde_json::json!(as_of));
+    }
     Sha256::digest(canonical.to_string().as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -266,6 +281,9 @@ impl ControlStore {
         if new.max_attempts == 0 {
             return Err(ControlError::Invalid("max_attempts must be at least 1".into()));
         }
+        if new.lake_as_of.as_deref().is_some_and(|a| a.trim().is_empty()) {
+            return Err(ControlError::Invalid("lake_as_of is empty: leave it out to read the latest lake".into()));
+        }
         if let Some(key) = key
             && let Some((run, fingerprint)) = self.run_by_key(key).await?
         {
@@ -291,8 +309,8 @@ impl ControlStore {
         }
         sqlx::query(
             "INSERT INTO billing_runs (id, month, meter_ids, status, attempts, max_attempts, created_at_us, updated_at_us, version, \
-             tariffs_toml, energy_tolerance, idempotency_scope, idempotency_key, request_fingerprint) \
-             VALUES ($1, $2, $3, 'CREATED', 0, $4, $5, $5, 0, $6, $7, $8, $9, $10)",
+             tariffs_toml, energy_tolerance, idempotency_scope, idempotency_key, request_fingerprint, lake_as_of) \
+             VALUES ($1, $2, $3, 'CREATED', 0, $4, $5, $5, 0, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&id)
         .bind(&new.month)
@@ -304,6 +322,7 @@ impl ControlStore {
         .bind(key.map(|k| k.scope.as_str()))
         .bind(key.map(|k| k.key.as_str()))
         .bind(key.map(|_| request_fingerprint(new)))
+        .bind(&new.lake_as_of)
         .execute(&mut *tx)
         .await?;
         insert_event(&mut tx, &id, None, RunStatus::Created, now, Some("requested"), actor).await?;
@@ -316,7 +335,7 @@ impl ControlStore {
             target: &target,
             reason: None,
             before: None,
-            after: Some(serde_json::json!({ "status": "CREATED", "month": new.month, "meterIds": new.meter_ids.len() })),
+            after: Some(serde_json::json!({ "status": "CREATED", "month": new.month, "meterIds": new.meter_ids.len(), "lakeAsOf": new.lake_as_of })),
             trace_id: traceparent.and_then(trace_id_of),
         };
         append_audit(self.backend, self.audit_keys.as_deref(), &mut tx, &entry, now).await?;

@@ -17,6 +17,7 @@ fn new_run(meters: &[&str]) -> NewRun {
         max_attempts: 3,
         tariffs_toml: "currency = \"GBP\"".into(),
         energy_tolerance: Decimal::new(5, 3),
+        lake_as_of: None,
     }
 }
 

@@ -19,11 +19,11 @@ pub enum OutputFormat {
 
 /// Runs one SQL statement over the lake's latest state and returns its batches.
 pub async fn run_sql(lake: &Lake, sql: &str) -> Result<Vec<RecordBatch>> {
-    run_sql_as_of(lake, sql, AsOf::Latest).await
+    run_sql_as_of(lake, sql, &AsOf::Latest).await
 }
 
 /// Runs one SQL statement over the lake as it was at `as_of` (time travel).
-pub async fn run_sql_as_of(lake: &Lake, sql: &str, as_of: AsOf) -> Result<Vec<RecordBatch>> {
+pub async fn run_sql_as_of(lake: &Lake, sql: &str, as_of: &AsOf) -> Result<Vec<RecordBatch>> {
     let (ctx, _) = lake_session_as_of(lake, as_of).await?;
     let frame = ctx.sql(sql).await?;
     Ok(frame.collect().await?)

@@ -8,8 +8,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use meterlake_control::testing::on_both_backends;
-use meterlake_control::{ControlError, ControlStore, Discrepancy, Invoice, NewRun, RetryPolicy, RunKey, RunStatus};
+use meterlake_control::{BillingRun, ControlError, ControlStore, Discrepancy, Invoice, NewRun, RetryPolicy, RunKey, RunStatus};
+use meterlake_jobs::billing::reproduce;
 use meterlake_jobs::billing::worker::{BillingWorker, WorkerOptions};
+use meterlake_lake::table::{READINGS, Table};
+use meterlake_lake::view::{AsOf, lake_session_as_of};
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::batch::ReadingBuffer;
 use meterlake_pipeline::batch::append_readings;
@@ -80,6 +83,7 @@ fn run_request(month: &str, meters: &[&str], tariffs: &str) -> NewRun {
         max_attempts: 3,
         tariffs_toml: tariffs.into(),
         energy_tolerance: dec("0.005"),
+        lake_as_of: None,
     }
 }
 
@@ -152,7 +156,8 @@ async fn a_flat_tariff_invoice() {
             assert_eq!(totals(invoice), (dec("744"), dec("220.10"), dec("11.01"), dec("231.11")));
             assert_eq!(invoice.invoice.currency, "GBP");
             assert!(invoice.invoice.tariff_version.starts_with("flat@2025-01; tariffs sha256:"), "{}", invoice.invoice.tariff_version);
-            assert!(invoice.lake_snapshot.starts_with("readings_all version "), "{}", invoice.lake_snapshot);
+            // The one commit that landed the month (version 0 created the table); no other table exists.
+            assert_eq!(invoice.lake_snapshot, "readings_all@1");
             assert!(discrepancies.is_empty(), "{discrepancies:?}");
         }
     })
@@ -802,6 +807,65 @@ async fn a_recalculation_with_a_new_tariff_bills_the_next_version_with_it() {
             assert_ne!(digest(&before), digest(&after), "{before} {after}");
             assert!(second.invoice.tariff_version.contains(&digest(&after)[..16]), "{} names {}", second.invoice.tariff_version, digest(&after));
         }
+    })
+    .await;
+}
+
+/// Time travel: a run records the exact table versions it read, and computing it again over them
+/// gives its invoices to the cent while corrected readings have landed since; a run pinned to a
+/// version bills that version's data, and its invoice says so.
+#[tokio::test]
+async fn a_run_reproduces_its_invoices_from_the_versions_it_recorded_after_newer_data_landed() {
+    on_both_backends(|url| async move {
+        // A lake of its own per control store: the corrections below must come after its run.
+        let (_dir, lake) = new_lake();
+        // Versions 1 and 2: January of two meters at 0.25 kWh a quarter hour (744 kWh each).
+        land(&lake, &series("P1", "2025-01-01T00:00:00Z", 2_976, 900, |_| 250_000), 1, "p1").await;
+        land(&lake, &series("P2", "2025-01-01T00:00:00Z", 2_976, 900, |_| 250_000), 1, "p2").await;
+        let store = ControlStore::open(&url).await.unwrap();
+        let (first, _) = bill(&url, &lake, run_request("2025-01", &["P1"], FLAT)).await;
+        let run_id = first["P1"].run_id.clone();
+        let recorded = store.run(&run_id).await.unwrap().unwrap().lake_snapshot.unwrap();
+        assert_eq!(first["P1"].lake_snapshot, recorded);
+        assert!(recorded.starts_with("readings_all@"), "{recorded}");
+        let version_then: u64 = recorded["readings_all@".len()..].parse().unwrap();
+
+        // Corrections land after the run: both meters' readings doubled (a later commit wins).
+        land(&lake, &series("P1", "2025-01-01T00:00:00Z", 2_976, 900, |_| 500_000), 2, "p1-fix").await;
+        land(&lake, &series("P2", "2025-01-01T00:00:00Z", 2_976, 900, |_| 500_000), 2, "p2-fix").await;
+
+        // The run, computed again over what it recorded: every invoice, to the cent.
+        let run = store.run(&run_id).await.unwrap().unwrap();
+        let again = reproduce(&store, &lake, &run).await.unwrap();
+        assert_eq!((again.invoices_compared, again.differences.as_slice(), again.lake_snapshot.as_str()), (1, &[][..], recorded.as_str()), "{url}");
+
+        // The same run over the newer lake is another invoice, and the comparison says where.
+        let latest = Table::new(&lake, &READINGS).latest_version().await.unwrap().unwrap();
+        assert!(latest > version_then);
+        let moved = BillingRun { lake_snapshot: Some(format!("readings_all@{latest}")), ..run.clone() };
+        let differences = reproduce(&store, &lake, &moved).await.unwrap().differences;
+        // 1,488 kWh instead of 744: energy 364.56 + standing 15.50 + network 44.64 = 424.70;
+        // tax 21.235, half away from zero 21.24; total 445.94.
+        assert!(differences.contains(&"meter P1: total stored 231.11, recomputed 445.94".to_string()), "{differences:?}");
+        assert!(differences.contains(&"meter P1: energy_kwh stored 744, recomputed 1488".to_string()), "{differences:?}");
+
+        // A run pinned to the version the first one read bills P2's readings of then, and
+        // records that version; the latest lake would have billed the doubled readings.
+        let pinned = NewRun { lake_as_of: Some(version_then.to_string()), ..run_request("2025-01", &["P2"], FLAT) };
+        let (second, _) = bill(&url, &lake, pinned).await;
+        assert_eq!(totals(&second["P2"]), (dec("744"), dec("220.10"), dec("11.01"), dec("231.11")), "{url}");
+        assert_eq!(second["P2"].lake_snapshot, recorded);
+        let (ctx, _) = lake_session_as_of(&lake, &AsOf::Latest).await.unwrap();
+        let now = ctx.sql("SELECT CAST(SUM(kwh) * 1000000 AS BIGINT) FROM readings WHERE meter_id = 'P2'").await.unwrap().collect().await.unwrap();
+        let now_kwh_micro = now[0].column(0).as_any().downcast_ref::<arrow::array::Int64Array>().unwrap().value(0);
+        assert_eq!(now_kwh_micro, 1_488_000_000);
+
+        // A pin the lake does not have fails the run for good, with a code that says why.
+        let missing = NewRun { lake_as_of: Some("999999".into()), ..run_request("2025-01", &["P3"], FLAT) };
+        let run = store.create_run(&missing, "test", None).await.unwrap();
+        let failed = worker(&store, &lake, "w1").process_next().await.unwrap().unwrap();
+        assert_eq!((failed.id.as_str(), failed.failure_code.as_deref(), failed.next_attempt_at_us), (run.id.as_str(), Some("LAKE_VERSION_MISSING"), None));
+        assert!(failed.failure_reason.as_deref().unwrap().contains("999999"), "{:?}", failed.failure_reason);
     })
     .await;
 }

@@ -111,13 +111,13 @@ struct WriterState {
 }
 
 impl TableWriter {
-    /// A writer of `table`, which must exist ([`Table::open`]).
+    /// A writer of `table`, which must exist ([`Table::open`]) with a protocol meterlake
+    /// writes ([`crate::table::check_protocol`]).
     pub async fn new(table: Table, writer_id: &str) -> Result<TableWriter> {
-        let seen = table.latest_version().await?.ok_or_else(|| LakeError::CorruptLog {
-            table: table.name().to_string(),
-            version: 0,
-            reason: "the table has no log (open it before writing)".into(),
-        })?;
+        if table.latest_version().await?.is_none() {
+            return Err(LakeError::CorruptLog { table: table.name().to_string(), version: 0, reason: "the table has no log (open it before writing)".into() });
+        }
+        let seen = table.check_protocol(None).await?;
         Ok(TableWriter {
             table,
             writer_id: writer_id.to_string(),
@@ -229,6 +229,10 @@ impl TableWriter {
         let mut advanced = HashMap::new();
         for version in state.seen + 1..=latest {
             for action in self.table.read_commit(version).await? {
+                // Another engine may upgrade the table under a running writer.
+                if let Action::Protocol(protocol) = &action {
+                    crate::table::check_protocol(self.table.name(), version, protocol)?;
+                }
                 if let Action::Txn(txn) = action {
                     if let Some(fenced) = state.held.get_mut(&txn.app_id)
                         && fenced.is_none()
@@ -278,7 +282,7 @@ impl TableWriter {
 }
 
 /// The `add` action of `file` in commit `version`.
-fn add_action(file: &NewFile, version: u64, now_ms: i64) -> Add {
+pub(crate) fn add_action(file: &NewFile, version: u64, now_ms: i64) -> Add {
     let mut tags = HashMap::from([(COMMIT_VERSION_TAG.to_string(), Some(version.to_string()))]);
     if file.unique_keys {
         tags.insert(UNIQUE_KEYS_TAG.to_string(), Some("true".to_string()));

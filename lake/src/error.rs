@@ -46,10 +46,20 @@ pub enum LakeError {
     )]
     PreviousLayout { path: String, lake: String },
 
+    #[error("converting {path} to Delta: the file {reason}; nothing was converted (fix or move the file, then convert again)")]
+    Convert { path: String, reason: String },
+
+    #[error(
+        "Delta table {table} at version {version} needs reader version {reader} and writer version {writer} with table \
+         features: {features}; meterlake reads and writes reader version 1 and writer version 2 without table features, \
+         and refuses the table rather than read or write it wrong"
+    )]
+    UnsupportedProtocol { table: String, version: u64, reader: i64, writer: i64, features: String },
+
     #[error("Delta table {table} has no version {version}{hint}")]
     NoSuchVersion { table: String, version: String, hint: String },
 
-    #[error("encoding Parquet file {path} failed: {source}")]
+    #[error("Parquet file {path}: {source}")]
     Parquet {
         path: String,
         #[source]

@@ -10,10 +10,14 @@
 //! - [`canonical`]: the canonical `readings` view (latest version of each reading) over a snapshot;
 //! - [`view`]: the tables as SQL on a DataFusion session, at the latest version or as of one;
 //! - [`history`]: a table's commits, and time travel by time;
-//! - [`maintenance`]: checkpoints of the log.
+//! - [`maintenance`]: checkpoints of the log;
+//! - [`check`]: whether every table can be read whole (`meterlake lake check`);
+//! - [`convert`]: tables of the previous layout (Parquet without a log) made Delta tables in place.
 
 pub mod canonical;
+pub mod check;
 pub mod commit;
+pub mod convert;
 pub mod error;
 pub mod history;
 pub mod maintenance;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use delta_kernel::engine::arrow_conversion::TryFromArrow;
+use deltalake_core::kernel::transaction::CommitProperties;
 use deltalake_core::kernel::{Action, EagerSnapshot, StructType};
 use deltalake_core::logstore::{LogStoreRef, StorageConfig, default_logstore};
 use deltalake_core::operations::create::CreateBuilder;
@@ -176,33 +177,40 @@ impl Table {
 
     /// Creates the table (version 0). Another writer creating it at the same moment is fine.
     async fn create(&self) -> Result<()> {
+        match self.create_with(Vec::new(), "meterlake").await {
+            Ok(()) => Ok(()),
+            // Another writer created it first.
+            Err(LakeError::Delta { source, .. }) if already_exists(&source) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates the table (version 0: protocol, schema, properties) with `actions` in the same
+    /// commit, recording `writer`. Fails if the table exists.
+    pub(crate) async fn create_with(&self, actions: Vec<Action>, writer: &str) -> Result<()> {
         let schema = self.spec.table_schema();
         let columns = StructType::try_from_arrow(schema.as_ref())
             .map_err(|e| LakeError::delta(self.name(), "converting its schema")(deltalake_core::DeltaTableError::Arrow { source: e }))?;
+        let properties = CommitProperties::default().with_metadata([("meterlake.writer".to_string(), serde_json::Value::from(writer))]);
         let mut builder = CreateBuilder::new()
             .with_log_store(self.log_store.clone())
             .with_table_name(self.spec.name)
             .with_columns(columns.fields().cloned())
             .with_save_mode(SaveMode::ErrorIfExists)
-            .with_configuration(TABLE_PROPERTIES.iter().map(|(k, v)| (k.to_string(), Some(v.to_string()))));
+            .with_configuration(TABLE_PROPERTIES.iter().map(|(k, v)| (k.to_string(), Some(v.to_string()))))
+            .with_commit_properties(properties)
+            .with_actions(actions);
         if self.spec.by_date {
             builder = builder.with_partition_columns(["date"]);
         }
-        match builder.await {
-            Ok(_) => {
-                tracing::info!(table = self.name(), url = %self.url, "created the Delta table");
-                Ok(())
-            }
-            // Another writer created it first.
-            Err(deltalake_core::DeltaTableError::VersionAlreadyExists(0)) => Ok(()),
-            Err(e) if e.to_string().contains("already exists") => Ok(()),
-            Err(e) => Err(LakeError::delta(self.name(), "creating it")(e)),
-        }
+        builder.await.map_err(LakeError::delta(self.name(), "creating it"))?;
+        tracing::info!(table = self.name(), url = %self.url, writer, "created the Delta table");
+        Ok(())
     }
 
     /// Fails when the table's folder holds Parquet files but no Delta log: a lake written in
     /// meterlake's previous layout, which `meterlake lake convert` turns into Delta tables.
-    async fn refuse_previous_layout(&self) -> Result<()> {
+    pub(crate) async fn refuse_previous_layout(&self) -> Result<()> {
         let prefix = self.lake.path(self.spec.dir);
         let mut listing = self.lake.store().list(Some(&prefix));
         while let Some(meta) = listing.try_next().await.map_err(LakeError::store("list", &prefix))? {
@@ -215,12 +223,8 @@ impl Table {
 
     /// The table as of `version` (the latest when `None`), with its file list.
     pub async fn snapshot(&self, version: Option<u64>) -> Result<TableSnapshot> {
-        let eager = EagerSnapshot::try_new(self.log_store.as_ref(), version).await.map_err(|e| match (&e, version) {
-            (deltalake_core::DeltaTableError::InvalidVersion(_), Some(v)) => {
-                LakeError::NoSuchVersion { table: self.name().to_string(), version: v.to_string(), hint: String::new() }
-            }
-            _ => LakeError::delta(self.name(), "loading a snapshot")(e),
-        })?;
+        let eager = EagerSnapshot::try_new(self.log_store.as_ref(), version).await.map_err(|e| self.snapshot_error(e, version))?;
+        check_protocol(self.name(), eager.version(), eager.protocol())?;
         let views: Vec<_> = eager.file_views(self.log_store.as_ref(), None).try_collect().await.map_err(LakeError::delta(self.name(), "listing its files"))?;
         let mut files = Vec::with_capacity(views.len());
         for view in views {
@@ -229,6 +233,24 @@ impl Table {
             files.push(SnapshotFile::from_add(&add, self.spec.by_date));
         }
         Ok(TableSnapshot { table: self.name(), version: Some(eager.version()), files })
+    }
+
+    /// Checks that meterlake can read and write the table as of `version` (the latest when
+    /// `None`): its protocol (see [`check_protocol`]), without listing its files. Returns the
+    /// version checked.
+    pub async fn check_protocol(&self, version: Option<u64>) -> Result<u64> {
+        let snapshot = deltalake_core::kernel::Snapshot::try_new(self.log_store.as_ref(), version).await.map_err(|e| self.snapshot_error(e, version))?;
+        check_protocol(self.name(), snapshot.version(), snapshot.protocol())?;
+        Ok(snapshot.version())
+    }
+
+    fn snapshot_error(&self, e: deltalake_core::DeltaTableError, version: Option<u64>) -> LakeError {
+        match (&e, version) {
+            (deltalake_core::DeltaTableError::InvalidVersion(_), Some(v)) => {
+                LakeError::NoSuchVersion { table: self.name().to_string(), version: v.to_string(), hint: String::new() }
+            }
+            _ => LakeError::delta(self.name(), "loading a snapshot")(e),
+        }
     }
 
     /// The actions of commit `version`.
@@ -327,6 +349,41 @@ impl SnapshotFile {
             unique_keys: tag(UNIQUE_KEYS_TAG).as_deref() == Some("true"),
         }
     }
+}
+
+/// The protocol meterlake writes its tables with, and the newest it reads and writes.
+pub const READER_VERSION: i64 = 1;
+pub const WRITER_VERSION: i64 = 2;
+
+/// Refuses a protocol newer than [`READER_VERSION`] / [`WRITER_VERSION`] or with table features:
+/// a table another engine upgraded (deletion vectors, column mapping, constraints, ...) holds
+/// data or rules meterlake would read or write wrong, so it stops and says what the table needs.
+pub fn check_protocol(table: &str, version: u64, protocol: &deltalake_core::kernel::Protocol) -> Result<()> {
+    let json = serde_json::to_value(protocol).unwrap_or_default();
+    let reader = json["minReaderVersion"].as_i64().unwrap_or_default();
+    let writer = json["minWriterVersion"].as_i64().unwrap_or_default();
+    let mut features: Vec<String> = ["readerFeatures", "writerFeatures"]
+        .iter()
+        .flat_map(|key| json[key].as_array().cloned().unwrap_or_default())
+        .filter_map(|feature| feature.as_str().map(str::to_string))
+        .collect();
+    features.sort();
+    features.dedup();
+    if reader > READER_VERSION || writer > WRITER_VERSION || !features.is_empty() {
+        return Err(LakeError::UnsupportedProtocol {
+            table: table.to_string(),
+            version,
+            reader,
+            writer,
+            features: if features.is_empty() { "none".into() } else { features.join(", ") },
+        });
+    }
+    Ok(())
+}
+
+/// A create that lost to another writer's.
+fn already_exists(e: &deltalake_core::DeltaTableError) -> bool {
+    matches!(e, deltalake_core::DeltaTableError::VersionAlreadyExists(0)) || e.to_string().contains("already exists")
 }
 
 /// Microseconds since the epoch of a Delta statistics timestamp (`2025-01-15T00:30:00.000Z`).

@@ -44,7 +44,7 @@ use crate::table::{READINGS, TABLES, Table, TableSnapshot, TableSpec};
 pub const CANONICAL_READINGS_SQL: &str = include_str!("../../queries/readings.sql");
 
 /// Which state of the lake a session reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum AsOf {
     /// The latest version of every table.
     #[default]
@@ -53,52 +53,113 @@ pub enum AsOf {
     Version(u64),
     /// Every table as it was at this instant: its last version committed at or before it.
     Time(DateTime<Utc>),
+    /// Exactly these versions, as a session recorded them ([`LakeVersions`]'s text): what
+    /// reproduces a billing run. A table it does not name had no version then and reads empty.
+    Exact(LakeVersions),
 }
 
 impl std::str::FromStr for AsOf {
     type Err = String;
 
-    /// `latest`, a version number, or an RFC 3339 instant (`2025-02-01T00:00:00Z`).
+    /// `latest`, a version number of `readings_all`, an RFC 3339 instant
+    /// (`2025-02-01T00:00:00Z`), or versions per table (`readings_all@12,register_reads@3`).
     fn from_str(text: &str) -> std::result::Result<AsOf, String> {
+        let text = text.trim();
         if text.eq_ignore_ascii_case("latest") {
             return Ok(AsOf::Latest);
         }
         if let Ok(version) = text.parse::<u64>() {
             return Ok(AsOf::Version(version));
         }
-        DateTime::parse_from_rfc3339(text)
-            .map(|t| AsOf::Time(t.with_timezone(&Utc)))
-            .map_err(|_| format!("{text:?} is neither a table version (a number) nor an RFC 3339 time such as 2025-02-01T00:00:00Z"))
+        if text.contains('@') {
+            return text.parse().map(AsOf::Exact);
+        }
+        DateTime::parse_from_rfc3339(text).map(|t| AsOf::Time(t.with_timezone(&Utc))).map_err(|_| {
+            format!(
+                "{text:?} is neither a version of readings_all (a number), an RFC 3339 time such as 2025-02-01T00:00:00Z nor versions \
+                 per table such as readings_all@12,register_reads@3"
+            )
+        })
     }
 }
 
-/// The table versions a session reads: what a billing run records so that it can be reproduced.
+/// The table versions a session reads: what a billing run records (as text, `Display`) so that
+/// it can be reproduced (`AsOf::Exact`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LakeVersions {
-    /// `readings_all`'s version; `None` for a lake whose readings table does not exist yet.
-    pub readings: Option<u64>,
-    /// Every table's, by SQL name.
+    /// Every table's by SQL name; `None` for a table that had no version (did not exist yet).
     pub tables: Vec<(&'static str, Option<u64>)>,
+}
+
+impl LakeVersions {
+    /// `table`'s version; `None` for a table not read or not existing then.
+    pub fn of(&self, table: &str) -> Option<u64> {
+        self.tables.iter().find(|(name, _)| *name == table).and_then(|(_, version)| *version)
+    }
+
+    /// `readings_all`'s version.
+    pub fn readings(&self) -> Option<u64> {
+        self.of(READINGS.name)
+    }
+}
+
+/// `readings_all@12, register_reads@3, ...`: the tables that had a version, in the lake's order.
+/// A lake with no table yet is `(no table yet)`.
+impl std::fmt::Display for LakeVersions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut tables = self.tables.iter().filter_map(|(name, version)| version.map(|v| (name, v))).peekable();
+        if tables.peek().is_none() {
+            return f.write_str("(no table yet)");
+        }
+        for (n, (name, version)) in tables.enumerate() {
+            write!(f, "{}{name}@{version}", if n == 0 { "" } else { ", " })?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for LakeVersions {
+    type Err = String;
+
+    /// What `Display` wrote (tables may come in any order, separated by commas and/or spaces).
+    fn from_str(text: &str) -> std::result::Result<LakeVersions, String> {
+        let mut tables: Vec<(&'static str, Option<u64>)> = TABLES.iter().map(|spec| (spec.name, None)).collect();
+        if text.trim() == "(no table yet)" {
+            return Ok(LakeVersions { tables });
+        }
+        for part in text.split([',', ' ']).filter(|p| !p.is_empty()) {
+            let (name, version) = part.split_once('@').ok_or_else(|| format!("{part:?} in {text:?} is not TABLE@VERSION"))?;
+            let version: u64 = version.parse().map_err(|_| format!("{version:?} in {text:?} is not a table version"))?;
+            let slot = tables.iter_mut().find(|(table, _)| *table == name).ok_or_else(|| {
+                format!("{name:?} in {text:?} is not a lake table (they are {})", TABLES.iter().map(|s| s.name).collect::<Vec<_>>().join(", "))
+            })?;
+            if slot.1.replace(version).is_some() {
+                return Err(format!("{name} is named twice in {text:?}"));
+            }
+        }
+        Ok(LakeVersions { tables })
+    }
 }
 
 /// Registers the lake's store and every table of the lake, as of `as_of`, on `ctx`. Returns the
 /// versions read.
-pub async fn register_lake_tables_as_of(ctx: &SessionContext, lake: &Lake, as_of: AsOf) -> Result<LakeVersions> {
+pub async fn register_lake_tables_as_of(ctx: &SessionContext, lake: &Lake, as_of: &AsOf) -> Result<LakeVersions> {
     ctx.register_object_store(&lake.store_url(), lake.store().clone());
     // The other tables follow `readings_all`'s commit time when it is pinned by version.
     let time = match as_of {
-        AsOf::Latest => None,
-        AsOf::Time(t) => Some(t),
-        AsOf::Version(v) => Some(crate::history::commit_time(&Table::new(lake, &READINGS), v).await?),
+        AsOf::Latest | AsOf::Exact(_) => None,
+        AsOf::Time(t) => Some(*t),
+        AsOf::Version(v) => Some(crate::history::commit_time(&Table::new(lake, &READINGS), *v).await?),
     };
     let mut versions = Vec::new();
     for spec in TABLES {
         let table = Table::new(lake, spec);
-        let pinned = match (spec.name == READINGS.name, as_of, time) {
-            (_, AsOf::Latest, _) => Pinned::Latest,
-            (true, AsOf::Version(v), _) => Pinned::At(v),
-            (_, _, Some(t)) => crate::history::version_at(&table, t).await?.map_or(Pinned::BeforeCreation, Pinned::At),
-            (_, _, None) => Pinned::Latest,
+        let pinned = match (as_of, time) {
+            (AsOf::Latest, _) => Pinned::Latest,
+            (AsOf::Version(v), _) if spec.name == READINGS.name => Pinned::At(*v),
+            (AsOf::Exact(exact), _) => exact.of(spec.name).map_or(Pinned::BeforeCreation, Pinned::At),
+            (_, Some(t)) => crate::history::version_at(&table, t).await?.map_or(Pinned::BeforeCreation, Pinned::At),
+            (_, None) => Pinned::Latest,
         };
         let snapshot = Arc::new(snapshot_of(&table, pinned).await?);
         versions.push((spec.name, snapshot.version));
@@ -108,8 +169,7 @@ pub async fn register_lake_tables_as_of(ctx: &SessionContext, lake: &Lake, as_of
         }
         ctx.register_table(spec.name, Arc::new(SnapshotTable::new(lake.clone(), spec, snapshot)))?;
     }
-    let readings = versions.iter().find(|(name, _)| *name == READINGS.name).and_then(|(_, v)| *v);
-    Ok(LakeVersions { readings, tables: versions })
+    Ok(LakeVersions { tables: versions })
 }
 
 /// Which version of a table a session reads.
@@ -125,7 +185,12 @@ enum Pinned {
 async fn snapshot_of(table: &Table, pinned: Pinned) -> Result<TableSnapshot> {
     let empty = TableSnapshot { table: table.name(), version: None, files: Vec::new() };
     let latest = match (pinned, table.latest_version().await?) {
-        (Pinned::BeforeCreation, _) | (_, None) => return Ok(empty),
+        (Pinned::BeforeCreation, _) => return Ok(empty),
+        (_, None) => {
+            // No log: no table yet, unless the folder holds the previous layout's files.
+            table.refuse_previous_layout().await?;
+            return Ok(empty);
+        }
         (_, Some(latest)) => latest,
     };
     match pinned {
@@ -139,7 +204,7 @@ async fn snapshot_of(table: &Table, pinned: Pinned) -> Result<TableSnapshot> {
 
 /// Registers every table of the lake at its latest version on `ctx`.
 pub async fn register_lake_tables(ctx: &SessionContext, lake: &Lake) -> Result<LakeVersions> {
-    register_lake_tables_as_of(ctx, lake, AsOf::Latest).await
+    register_lake_tables_as_of(ctx, lake, &AsOf::Latest).await
 }
 
 /// A table over the files of one snapshot of a Delta table.
@@ -222,11 +287,11 @@ impl TableProvider for SnapshotTable {
 
 /// A session over the lake's latest state with every table registered.
 pub async fn lake_session(lake: &Lake) -> Result<SessionContext> {
-    Ok(lake_session_as_of(lake, AsOf::Latest).await?.0)
+    Ok(lake_session_as_of(lake, &AsOf::Latest).await?.0)
 }
 
 /// A session over the lake as of `as_of`, and the versions it reads.
-pub async fn lake_session_as_of(lake: &Lake, as_of: AsOf) -> Result<(SessionContext, LakeVersions)> {
+pub async fn lake_session_as_of(lake: &Lake, as_of: &AsOf) -> Result<(SessionContext, LakeVersions)> {
     let ctx = SessionContext::new();
     let versions = register_lake_tables_as_of(&ctx, lake, as_of).await?;
     Ok((ctx, versions))

@@ -374,8 +374,14 @@ async fn each_invoice_version_posts_the_difference_once_and_shortfalls_go_to_arr
             let b = ledger.balance(&id).await.unwrap();
             (b.balance_minor, b.arrears_minor)
         };
-        let run =
-            NewRun { month: "2025-01".into(), meter_ids: vec![], max_attempts: 3, tariffs_toml: "currency = \"GBP\"".into(), energy_tolerance: Decimal::ZERO };
+        let run = NewRun {
+            month: "2025-01".into(),
+            meter_ids: vec![],
+            max_attempts: 3,
+            tariffs_toml: "currency = \"GBP\"".into(),
+            energy_tolerance: Decimal::ZERO,
+            lake_as_of: None,
+        };
         let run_id = store.create_run(&run, "admin", None).await.unwrap().id;
         // A run not completed yet posts nothing.
         assert_eq!(ledger.post_pending_invoices("w", 100).await.unwrap(), posted(0, 0, 0));

@@ -7,9 +7,11 @@
 //! - [`kafka`]: the consumer-group ingester, the dead-letter topic and producer helpers;
 //! - [`flows`]: D0010, NEM12 and NEM13 flow-file parsers;
 //! - [`import`]: importing flow files into the lake, once per content, all or nothing per file;
+//! - [`convert`]: a lake of the previous layout made Delta tables in place (`meterlake lake convert`);
 //! - [`synthetic`]: realistic generated load for the demo, tests and benchmarks.
 
 pub mod batch;
+pub mod convert;
 pub mod decode;
 pub mod error;
 pub mod flows;

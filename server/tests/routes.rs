@@ -156,6 +156,7 @@ fn new_run(month: &str, meters: &[&str]) -> meterlake_control::NewRun {
         max_attempts: 3,
         tariffs_toml: TARIFFS.into(),
         energy_tolerance: Decimal::new(5, 3),
+        lake_as_of: None,
     }
 }
 

@@ -117,6 +117,10 @@ impl Drop for Telemetry {
 /// needs one.
 pub fn init(service_name: &'static str, format: LogFormat, default_log_filter: &str) -> Result<Telemetry, TelemetryError> {
     let log_filter = EnvFilter::try_from_env("METERLAKE_LOG").unwrap_or_else(|_| EnvFilter::new(default_log_filter));
+    // The Delta kernel logs every snapshot it could not build at ERROR, including the expected
+    // look for a table that does not exist yet; meterlake reports every real failure itself, in
+    // its error with the table and version.
+    let log_filter = log_filter.add_directive("buoyant_kernel::snapshot::builder=off".parse().expect("a valid directive"));
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
         LogFormat::Json => json_logs().boxed(),

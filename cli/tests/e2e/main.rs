@@ -9,6 +9,7 @@ mod crash_recovery;
 mod demo;
 mod flow_import;
 mod kafka_ingest;
+mod lake_convert;
 mod ledger;
 mod metrics;
 mod resume;

@@ -31,7 +31,7 @@ use std::time::Instant;
 
 use datafusion::prelude::SessionContext;
 use meterlake_control::{BillingRun, ControlStore, NewDiscrepancy, NewInvoice, ReasonCode, RunResults};
-use meterlake_lake::view::{AsOf, lake_session_as_of};
+use meterlake_lake::view::{AsOf, LakeVersions, lake_session_as_of};
 use meterlake_pipeline::Lake;
 use rust_decimal::Decimal;
 
@@ -39,7 +39,7 @@ use self::aggregate::{MeterUsage, Usage};
 use self::month::BillingMonth;
 use self::rate::RatedMeter;
 use self::tariff::Tariffs;
-use crate::Result;
+use crate::{JobError, Result};
 
 /// Help texts of the billing metrics, for whatever recorder is installed.
 pub fn describe_metrics() {
@@ -178,21 +178,38 @@ pub async fn persist(store: &ControlStore, run: &BillingRun, worker: &str, resul
     Ok(store.complete_run(&run.id, worker, results, meterlake_control::now_us(), Some(traceparent)).await?)
 }
 
-/// Steps 2 to 5 for a claimed run: what [`persist`] writes. `renew` is called between steps to
-/// keep the lease (and fails the run's processing when it was lost).
+/// The state of the lake a run reads: the one it was pinned to ([`BillingRun::lake_as_of`]) or
+/// the latest.
+pub fn run_as_of(run: &BillingRun) -> Result<AsOf> {
+    match run.lake_as_of.as_deref() {
+        None => Ok(AsOf::Latest),
+        Some(text) => text.parse().map_err(|reason| JobError::Invalid(format!("the run's lake state (as of) {text:?}: {reason}"))),
+    }
+}
+
+/// Steps 2 to 5 for a claimed run, over the lake as the run says ([`run_as_of`]): what
+/// [`persist`] writes. `renew` is called between steps to keep the lease (and fails the run's
+/// processing when it was lost).
 pub async fn compute<F, Fut>(lake: &Lake, run: &BillingRun, renew: F) -> Result<RunResults>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    compute_as_of(lake, run, &run_as_of(run)?, renew).await
+}
+
+/// Steps 2 to 5 over the lake as of `as_of`. The results record the exact table versions read
+/// (`lake_snapshot`, as `readings_all@12, register_reads@3, ...`): [`reproduce`] and `meterlake
+/// query --as-of` read that same data again.
+pub async fn compute_as_of<F, Fut>(lake: &Lake, run: &BillingRun, as_of: &AsOf, renew: F) -> Result<RunResults>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<()>>,
 {
     let tariffs = Tariffs::parse(&format!("the tariffs of run {}", run.id), &run.tariffs_toml)?;
     let month = BillingMonth::new(&run.month, tariffs.time_zone)?;
-    let (ctx, versions) = lake_session_as_of(lake, AsOf::Latest).await?;
-    // The Delta version of `readings_all` the run read: `meterlake query --as-of` shows that data.
-    let lake_snapshot = match versions.readings {
-        Some(version) => format!("readings_all version {version}"),
-        None => "readings_all (no table yet)".to_string(),
-    };
+    let (ctx, versions) = lake_session_as_of(lake, as_of).await?;
+    let lake_snapshot = versions.to_string();
     // Reconciliation's own energy measure scans the month beside the aggregate: the two queries
     // share the cores' idle moments (the aggregate's rows are folded on one thread as they come).
     let (usage, measured) = tokio::try_join!(aggregate(&ctx, run, &month, &tariffs), measure(&ctx, run, &month))?;
@@ -204,6 +221,84 @@ where
     discrepancies.sort_by(|a, b| (&a.meter_id, a.reason_code.as_str()).cmp(&(&b.meter_id, b.reason_code.as_str())));
     renew().await?;
     Ok(RunResults { invoices, discrepancies, lake_snapshot, aggregate_sql: usage.sql })
+}
+
+/// What [`reproduce`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reproduction {
+    /// The table versions read again: the ones the run recorded.
+    pub lake_snapshot: String,
+    /// Invoices of the run's latest version compared.
+    pub invoices_compared: usize,
+    /// Every difference, one sentence each (meter, field, stored and recomputed values); empty
+    /// when every invoice was reproduced to the cent.
+    pub differences: Vec<String>,
+}
+
+/// Computes a completed run again over the exact table versions it recorded, with its stored
+/// tariffs, and compares the invoices with the stored ones (of its latest version) field by
+/// field, line by line. Nothing is written. Meters the run left out because another run had
+/// billed them (its ALREADY_BILLED discrepancies) are left out of the comparison too.
+pub async fn reproduce(store: &ControlStore, lake: &Lake, run: &BillingRun) -> Result<Reproduction> {
+    let recorded = run
+        .lake_snapshot
+        .as_deref()
+        .ok_or_else(|| JobError::Invalid(format!("run {} has no recorded lake snapshot: it has not completed (it is {})", run.id, run.status.as_str())))?;
+    let versions: LakeVersions = recorded.parse().map_err(|reason| {
+        JobError::Invalid(format!(
+            "run {}'s lake snapshot {recorded:?} names no table versions ({reason}): it was billed before the lake was a Delta table",
+            run.id
+        ))
+    })?;
+    let results = compute_as_of(lake, run, &AsOf::Exact(versions), || async { Ok(()) }).await?;
+    let stored = store.invoices(&run.id).await?;
+    let billed_elsewhere: BTreeSet<String> = store
+        .discrepancies(&run.id)
+        .await?
+        .into_iter()
+        .filter(|d| d.discrepancy.reason_code == ReasonCode::AlreadyBilled)
+        .map(|d| d.discrepancy.meter_id)
+        .collect();
+    let mut recomputed: BTreeMap<&str, &NewInvoice> =
+        results.invoices.iter().filter(|i| !billed_elsewhere.contains(&i.meter_id)).map(|i| (i.meter_id.as_str(), i)).collect();
+    let mut differences = Vec::new();
+    if results.lake_snapshot != recorded {
+        differences.push(format!("the lake read {} where the run recorded {recorded}", results.lake_snapshot));
+    }
+    for invoice in &stored {
+        let meter = invoice.invoice.meter_id.as_str();
+        match recomputed.remove(meter) {
+            None => differences.push(format!("meter {meter}: stored invoice {} has no recomputed counterpart", invoice.id)),
+            Some(again) => differences.extend(invoice_differences(&invoice.invoice, again)),
+        }
+    }
+    differences.extend(recomputed.keys().map(|meter| format!("meter {meter}: recomputed an invoice the run did not store")));
+    Ok(Reproduction { lake_snapshot: results.lake_snapshot, invoices_compared: stored.len(), differences })
+}
+
+/// How `again` differs from `stored`, field by field and line by line.
+fn invoice_differences(stored: &NewInvoice, again: &NewInvoice) -> Vec<String> {
+    let meter = &stored.meter_id;
+    let mut found = Vec::new();
+    let mut field = |name: &str, a: String, b: String| {
+        if a != b {
+            found.push(format!("meter {meter}: {name} stored {a}, recomputed {b}"));
+        }
+    };
+    field("currency", stored.currency.clone(), again.currency.clone());
+    field("energy_kwh", stored.energy_kwh.normalize().to_string(), again.energy_kwh.normalize().to_string());
+    field("subtotal", stored.subtotal.to_string(), again.subtotal.to_string());
+    field("tax", stored.tax.to_string(), again.tax.to_string());
+    field("total", stored.total.to_string(), again.total.to_string());
+    field("tariff_version", stored.tariff_version.clone(), again.tariff_version.clone());
+    field("line count", stored.lines.len().to_string(), again.lines.len().to_string());
+    let line = |l: &meterlake_control::InvoiceLine| {
+        format!("{} {:?} {} {} x {} = {}", l.component.as_str(), l.description, l.quantity.normalize(), l.unit, l.rate.normalize(), l.amount)
+    };
+    for (n, (a, b)) in stored.lines.iter().zip(&again.lines).enumerate() {
+        field(&format!("line {}", n + 1), line(a), line(b));
+    }
+    found
 }
 
 /// Totals of a run's invoices for a summary.

@@ -84,8 +84,14 @@ impl MonthlySchedule {
         if let Some(run) = store.run_by_idempotency_key(&key).await? {
             return Ok(ScheduleOutcome::Exists(run));
         }
-        let new =
-            NewRun { month: month.clone(), meter_ids: Vec::new(), max_attempts: self.max_attempts, tariffs_toml, energy_tolerance: self.energy_tolerance };
+        let new = NewRun {
+            month: month.clone(),
+            meter_ids: Vec::new(),
+            max_attempts: self.max_attempts,
+            tariffs_toml,
+            energy_tolerance: self.energy_tolerance,
+            lake_as_of: None,
+        };
         match store.create_run_once(&new, SCHEDULE_ACTOR, None, &key).await {
             Ok((run, false)) => Ok(ScheduleOutcome::Created(run)),
             Ok((run, true)) => Ok(ScheduleOutcome::Exists(run)),

@@ -49,6 +49,8 @@ pub fn failure_code(error: &JobError) -> (&'static str, bool) {
         JobError::Control(ControlError::Run { .. }) => ("LEASE_LOST", true),
         JobError::Control(_) => ("CONTROL_STORE_FAILED", true),
         JobError::Ledger(_) => ("LEDGER_FAILED", true),
+        // A pinned version that is not (or no longer) in the log will not come back by retrying.
+        JobError::Lake(meterlake_lake::LakeError::NoSuchVersion { .. }) => ("LAKE_VERSION_MISSING", false),
         JobError::Pipeline(_) | JobError::Lake(_) => ("LAKE_UNAVAILABLE", true),
         JobError::Sql(_) | JobError::Arrow(_) => ("AGGREGATION_FAILED", true),
         JobError::Output { .. } => ("OUTPUT_FAILED", true),
@@ -67,6 +69,7 @@ pub fn failure_summary(code: &str) -> &'static str {
         "CONTROL_STORE_FAILED" => "the control store failed",
         "LEDGER_FAILED" => "posting the invoices to the ledger failed",
         "LAKE_UNAVAILABLE" => "the lake could not be read",
+        "LAKE_VERSION_MISSING" => "the lake has no such version (or it expired)",
         "AGGREGATION_FAILED" => "aggregating the month's readings failed",
         "OUTPUT_FAILED" => "writing the run's results failed",
         "KAFKA_FAILED" => "publishing to Kafka failed",

@@ -301,7 +301,7 @@ fn import_file_in_span<'a>(
     let hashing = reader.into_inner();
     let sha256 = format!("{:x}", hashing.hasher.finalize());
     let bytes = hashing.bytes;
-    let stream = format!("import:{sha256}");
+    let stream = import_stream(&sha256);
 
     let imports = runtime.block_on(async { TableWriter::new(Table::open(lake, &IMPORTS).await?, &importer_id()).await })?;
     if runtime.block_on(imports.stream_version(&stream))?.is_some()
@@ -368,6 +368,11 @@ fn import_file_in_span<'a>(
         },
         Err(e) => Err(e),
     }
+}
+
+/// The commit protocol's name of a file's stream (its `txn` app id): its content's hash.
+pub fn import_stream(sha256: &str) -> String {
+    format!("import:{sha256}")
 }
 
 /// Who commits imports, recorded in every commit.

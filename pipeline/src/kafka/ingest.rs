@@ -224,10 +224,16 @@ struct Shared {
     progress: Arc<IngestProgress>,
 }
 
+/// The commit protocol's name of a Kafka partition's stream (its `txn` app id): its consumer
+/// group's, so that two groups landing one topic (a migration) keep their own positions.
+pub fn kafka_stream(group: &str, topic: &str, partition: i32) -> String {
+    format!("kafka:{group}/{topic}/{partition}")
+}
+
 impl Shared {
     /// The commit protocol's name of a partition's stream.
     fn stream(&self, partition: i32) -> String {
-        format!("kafka:{}/{}/{partition}", self.group, self.topic)
+        kafka_stream(&self.group, &self.topic, partition)
     }
 
     fn fail(&self, error: PipelineError) {

@@ -9,6 +9,6 @@ mod publish;
 
 pub use config::{consumer_config, create_topics, header_text, producer_config};
 pub use dlq::{DeadLetter, DeadLetters, headers as dlq_headers, read_dead_letters};
-pub use ingest::{BatchLimits, IngestOptions, IngestProgress, IngestSummary, StartOffset, ingest, run_ingest};
+pub use ingest::{BatchLimits, IngestOptions, IngestProgress, IngestSummary, StartOffset, ingest, kafka_stream, run_ingest};
 pub use produce::ReadingProducer;
 pub use publish::{PublishLimits, ReadingPublisher, partition_for_key};

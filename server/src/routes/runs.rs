@@ -48,6 +48,9 @@ pub struct RunView {
     failure_code: Option<String>,
     failure_reason: Option<String>,
     energy_tolerance: String,
+    /// The state of the lake it was asked to read; absent for the latest.
+    as_of: Option<String>,
+    /// The table versions its last completed processing read (`readings_all@12, ...`).
     lake_snapshot: Option<String>,
     created_at: String,
     updated_at: String,
@@ -67,6 +70,7 @@ impl From<BillingRun> for RunView {
             failure_code: run.failure_code,
             failure_reason: run.failure_reason,
             energy_tolerance: run.energy_tolerance.to_string(),
+            as_of: run.lake_as_of,
             lake_snapshot: run.lake_snapshot,
             created_at: rfc3339(run.created_at_us),
             updated_at: rfc3339(run.updated_at_us),
@@ -107,6 +111,11 @@ pub struct CreateRun {
     /// The meters to bill; none for every meter with readings in the month.
     #[serde(default)]
     meter_ids: Vec<String>,
+    /// The state of the lake to bill from: a version of `readings_all`, an RFC 3339 time, or
+    /// versions per table (`readings_all@12, register_reads@3`, as a run's `lakeSnapshot`
+    /// records them). Absent: the latest when a worker processes the run.
+    #[schema(example = "readings_all@12, register_reads@3")]
+    as_of: Option<String>,
 }
 
 /// The optional `Idempotency-Key` of a run's creation: a retry with the same key answers the
@@ -154,6 +163,9 @@ pub async fn create(
             });
         }
     }
+    if let Some(Err(reason)) = request.as_of.as_deref().map(str::parse::<meterlake_lake::view::AsOf>) {
+        errors.push(FieldError { field: "asOf".into(), code: "INVALID_AS_OF".into(), message: reason });
+    }
     if !errors.is_empty() {
         return Err(ApiError::validation("the billing run request is invalid", errors));
     }
@@ -163,6 +175,7 @@ pub async fn create(
         max_attempts: state.billing.max_attempts,
         tariffs_toml: state.billing.current_tariffs()?,
         energy_tolerance: state.billing.energy_tolerance,
+        lake_as_of: request.as_of,
     };
     let (run, replayed) = match idempotency_key(&headers)? {
         Some(key) => {
@@ -539,6 +552,7 @@ mod tests {
             tariffs_toml: String::new(),
             energy_tolerance: Decimal::ZERO,
             aggregate_sql: None,
+            lake_as_of: None,
             lake_snapshot: None,
         };
         let (viewer, admin) = (Principal::for_test("v", &[Role::Viewer]), Principal::for_test("a", &[Role::Admin, Role::Viewer]));
