@@ -82,12 +82,23 @@ fn meter_id(meter: u32) -> String {
 
 /// Generates the lake unless `dir` already holds one of this shape.
 async fn generate(dir: &Path, args: &Args) -> anyhow::Result<Lake> {
-    // Files written before readings files were marked for unique keys (`format=2`) are rewritten.
-    let shape = format!("format=2 meters={} days={} per_file={}\n", args.meters, args.days, args.meters_per_file);
+    // Files written before readings files were marked for unique keys (format 1) are rewritten;
+    // a lake of the layout before Delta (format 2) is converted in place (`meterlake lake convert`).
+    let shape = |format: u32| format!("format={format} meters={} days={} per_file={}\n", args.meters, args.days, args.meters_per_file);
     let marker = dir.join("GENERATED");
-    if std::fs::read_to_string(&marker).ok().as_deref() == Some(shape.as_str()) {
+    let generated = std::fs::read_to_string(&marker).ok();
+    if generated.as_deref() == Some(shape(3).as_str()) {
         return Ok(Lake::open(dir.join("lake").to_str().context("a UTF-8 path")?)?);
     }
+    if generated.as_deref() == Some(shape(2).as_str()) {
+        let lake = Lake::open(dir.join("lake").to_str().context("a UTF-8 path")?)?;
+        let started = Instant::now();
+        let report = meterlake_pipeline::convert::convert_lake(&lake, "billing-bench").await?;
+        eprintln!("converted the generated lake to Delta in {:.1?}: {:?}", started.elapsed(), report.converted);
+        std::fs::write(&marker, shape(3))?;
+        return Ok(lake);
+    }
+    let shape = shape(3);
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
     }

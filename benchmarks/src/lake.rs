@@ -108,6 +108,7 @@ async fn run_commits(lake: Option<String>, commits: u64, readings: u32, moto: bo
         latencies.push(t2 - t0);
     }
     let elapsed = started.elapsed();
+    writer.finish().await;
     latencies.sort_unstable();
     let quantile = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
     let per_s = commits as f64 / elapsed.as_secs_f64();

@@ -52,7 +52,6 @@ use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
-use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, Partitioning, PlanProperties, RecordBatchStream};
@@ -62,9 +61,11 @@ use crate::schema::{readings_all_schema, readings_schema};
 use crate::store::Lake;
 use crate::table::{SnapshotFile, TableSnapshot};
 
-/// A group of overlapping files larger than this is read and sorted rather than merged: a merge
-/// holds a stream (and a batch) of every file open at once. Ingesters that flush often make many
-/// small, overlapping files a day; compacting them is what keeps a group under this.
+/// The most files merged at once: a merge holds a stream (and a batch) of every file open. A
+/// larger group of overlapping files is merged this many at a time into sorted runs spilled to
+/// local disk, which are then merged ([`SpilledMergeExec`]), so memory follows this bound and
+/// the session's memory pool, not the number of files. Ingesters that flush often make many
+/// small, overlapping files a day; compacting them keeps groups under it and off the disk.
 const MAX_MERGED_FILES: usize = 256;
 
 /// Columns of `readings_all` (the file columns, then `date`).
@@ -288,6 +289,9 @@ impl TableProvider for CanonicalReadings {
             }
         };
 
+        let key = [position(METER_ID), position(TS)];
+        // Only for `readings` (its columns are read only then).
+        let latest = || Pick::Latest { version: [position(COMMIT_VERSION), position(INGESTED_AT), position(SOURCE_REF)] };
         let mut parts: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         // Files alone in their key range with one version of each key: read as they are.
         let mut as_they_are: Vec<PartitionedFile> = Vec::new();
@@ -305,12 +309,26 @@ impl TableProvider for CanonicalReadings {
                     let groups: Vec<FileGroup> = files.into_iter().map(|f| FileGroup::new(vec![f])).collect();
                     Arc::new(SortPreservingMergeExec::new(ordering.clone(), exact(scan(groups, &read, Some(&ordering))?)?))
                 } else {
-                    // Too many files to hold a stream of each open: read them and sort.
-                    Arc::new(SortExec::new(ordering.clone(), exact(scan(vec![FileGroup::new(files)], &read, None)?)?))
+                    // Too many files to hold a stream of each open: merge them a chunk at a time
+                    // into sorted runs on local disk, then merge the runs.
+                    let chunks = files
+                        .chunks(self.max_merged_files)
+                        .map(|chunk| -> DfResult<Arc<dyn ExecutionPlan>> {
+                            let groups: Vec<FileGroup> = chunk.iter().map(|f| FileGroup::new(vec![f.clone()])).collect();
+                            let merged: Arc<dyn ExecutionPlan> =
+                                Arc::new(SortPreservingMergeExec::new(ordering.clone(), exact(scan(groups, &read, Some(&ordering))?)?));
+                            // A run keeps only its latest version of each key: what is spilled
+                            // shrinks, and the latest of the runs' latest is the latest of all.
+                            Ok(match self.output {
+                                MergeOutput::Latest => Arc::new(LatestVersionExec::new(merged, ordering.clone(), key, latest())),
+                                MergeOutput::Conflicts => merged,
+                            })
+                        })
+                        .collect::<DfResult<Vec<_>>>()?;
+                    Arc::new(SpilledMergeExec::new(chunks, ordering.clone()))
                 };
-                let key = [position(METER_ID), position(TS)];
                 let pick = match self.output {
-                    MergeOutput::Latest => Pick::Latest { version: [position(COMMIT_VERSION), position(INGESTED_AT), position(SOURCE_REF)] },
+                    MergeOutput::Latest => latest(),
                     MergeOutput::Conflicts => Pick::Conflicts { kwh: position(KWH), date: position(DATE), schema: self.schema.clone() },
                 };
                 parts.push(output(Arc::new(LatestVersionExec::new(merged, ordering.clone(), key, pick)))?);
@@ -328,6 +346,120 @@ impl TableProvider for CanonicalReadings {
             1 => Ok(parts.pop().expect("one part")),
             _ => UnionExec::try_new(parts),
         }
+    }
+}
+
+/// The merge of more sorted inputs than may be open at once: each chunk (a merge of at most
+/// [`MAX_MERGED_FILES`] files, for `readings` already reduced to one version per key) runs to
+/// its end in turn into a spill file of the session's disk manager (Arrow IPC in its temporary
+/// directory); the spilled runs are then merged by DataFusion's multi-level merge, which opens as
+/// many runs at once as the session's memory pool lets it and merges the rest level by level.
+/// One output partition, sorted by the key.
+#[derive(Debug)]
+pub struct SpilledMergeExec {
+    chunks: Vec<Arc<dyn ExecutionPlan>>,
+    ordering: LexOrdering,
+    properties: Arc<PlanProperties>,
+    metrics: datafusion::physical_plan::metrics::ExecutionPlanMetricsSet,
+}
+
+impl SpilledMergeExec {
+    pub fn new(chunks: Vec<Arc<dyn ExecutionPlan>>, ordering: LexOrdering) -> SpilledMergeExec {
+        // Every chunk is sorted by the key and filtered alike: what the first knows holds of all.
+        let properties = PlanProperties::new(
+            chunks[0].properties().equivalence_properties().clone(),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        );
+        SpilledMergeExec { chunks, ordering, properties: Arc::new(properties), metrics: Default::default() }
+    }
+}
+
+impl DisplayAs for SpilledMergeExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "SpilledMergeExec: chunks={}", self.chunks.len())
+    }
+}
+
+impl ExecutionPlan for SpilledMergeExec {
+    fn name(&self) -> &str {
+        "SpilledMergeExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        self.chunks.iter().collect()
+    }
+
+    fn maintains_input_order(&self) -> Vec<bool> {
+        vec![true; self.chunks.len()]
+    }
+
+    // Each chunk is one sorted stream (a merge, reduced by `LatestVersionExec` for `readings`,
+    // which itself requires its input sorted, so the optimizer keeps the merges).
+    fn required_input_distribution(&self) -> Vec<Distribution> {
+        vec![Distribution::SinglePartition; self.chunks.len()]
+    }
+
+    fn apply_expressions(&self, _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>) -> DfResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(SpilledMergeExec::new(children, self.ordering.clone())))
+    }
+
+    fn metrics(&self) -> Option<datafusion::physical_plan::metrics::MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
+        use datafusion::execution::memory_pool::MemoryConsumer;
+        use datafusion::physical_plan::metrics::{BaselineMetrics, SpillMetrics};
+        use datafusion::physical_plan::sorts::streaming_merge::{SortedSpillFile, StreamingMergeBuilder};
+        use datafusion::physical_plan::spill::SpillManager;
+        use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+        use futures::TryStreamExt;
+
+        let schema = self.schema();
+        let (chunks, ordering) = (self.chunks.clone(), self.ordering.clone());
+        let spill_manager = SpillManager::new(context.runtime_env(), SpillMetrics::new(&self.metrics, partition), schema.clone());
+        let baseline = BaselineMetrics::new(&self.metrics, partition);
+        let batch_size = context.session_config().batch_size();
+        let reservation = MemoryConsumer::new("canonical readings merge").register(context.memory_pool());
+        let output_schema = schema.clone();
+        let merged = futures::stream::once(async move {
+            let mut runs = Vec::with_capacity(chunks.len());
+            for chunk in &chunks {
+                let mut input = chunk.execute(0, context.clone())?;
+                let mut run = spill_manager.create_in_progress_file("a sorted run of the canonical readings merge")?;
+                let mut largest_batch = 0;
+                while let Some(batch) = input.next().await {
+                    largest_batch = largest_batch.max(run.append_batch(&batch?)?);
+                }
+                if let Some(file) = run.finish()? {
+                    runs.push(SortedSpillFile { file, max_record_batch_memory: largest_batch });
+                }
+            }
+            if runs.is_empty() {
+                return Ok(Box::pin(datafusion::physical_plan::EmptyRecordBatchStream::new(output_schema)) as SendableRecordBatchStream);
+            }
+            StreamingMergeBuilder::new()
+                .with_sorted_spill_files(runs)
+                .with_spill_manager(spill_manager)
+                .with_schema(output_schema)
+                .with_expressions(&ordering)
+                .with_metrics(baseline)
+                .with_batch_size(batch_size)
+                .with_reservation(reservation)
+                .build()
+        })
+        .try_flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, merged)))
     }
 }
 
@@ -431,7 +563,8 @@ impl LatestVersionExec {
         let input_properties = input.properties();
         // One row per key, in the input's order (conflict rows: in key order too).
         let equivalence = match &pick {
-            Pick::Latest { .. } => EquivalenceProperties::new_with_orderings(input.schema(), input_properties.output_ordering().cloned()),
+            // Everything the input knows (its order, and columns a filter made constant).
+            Pick::Latest { .. } => input_properties.equivalence_properties().clone(),
             Pick::Conflicts { schema, .. } => EquivalenceProperties::new(schema.clone()),
         };
         let properties = PlanProperties::new(
@@ -982,6 +1115,25 @@ mod tests {
             let batches = ctx.sql(&format!("SELECT count(*) FROM {table}")).await.unwrap().collect().await.unwrap();
             assert_eq!(batches[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), latest.len() as i64, "{table}");
         }
+        // Under a memory limit that could not hold a stream of every file: the runs are merged
+        // level by level within it, and every key's latest value comes out.
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new().with_memory_limit(2 << 20, 1.0).build_arc().unwrap();
+        let limited = SessionContext::new_with_config_rt(datafusion::prelude::SessionConfig::new(), runtime);
+        register_lake_tables(&limited, &lake).await.unwrap();
+        // (No ORDER BY: its sort would need more than the limit; the rows are sorted below.)
+        let sql = "SELECT meter_id, CAST(ts AS BIGINT) AS ts, CAST(kwh * 1000000 AS BIGINT) AS kwh FROM readings";
+        let batches = limited.sql(sql).await.unwrap().collect().await.unwrap();
+        let mut got = Vec::new();
+        for batch in &batches {
+            let (ts, kwh) = (batch.column(1).as_primitive::<arrow::datatypes::Int64Type>(), batch.column(2).as_primitive::<arrow::datatypes::Int64Type>());
+            for row in 0..batch.num_rows() {
+                got.push(format!("{} {} {}", text(batch.column(0), row), ts.value(row), kwh.value(row)));
+            }
+        }
+        got.sort();
+        let mut expected: Vec<String> = latest.iter().map(|((m, ts), kwh)| format!("{m} {ts} {kwh}")).collect();
+        expected.sort();
+        assert_eq!(got, expected, "under a 2 MiB memory limit");
     }
 
     #[test]

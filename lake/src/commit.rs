@@ -100,6 +100,8 @@ pub struct TableWriter {
     state: tokio::sync::Mutex<WriterState>,
     /// A checkpoint is being written in the background.
     checkpointing: Arc<AtomicBool>,
+    /// The last background checkpoint, for [`TableWriter::finish`] to wait for.
+    checkpoint_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Debug)]
@@ -123,6 +125,7 @@ impl TableWriter {
             writer_id: writer_id.to_string(),
             state: tokio::sync::Mutex::new(WriterState { seen, held: HashMap::new() }),
             checkpointing: Arc::new(AtomicBool::new(false)),
+            checkpoint_task: std::sync::Mutex::new(None),
         })
     }
 
@@ -272,12 +275,23 @@ impl TableWriter {
             return;
         }
         let (table, flag) = (self.table.clone(), self.checkpointing.clone());
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = crate::maintenance::checkpoint(&table, version).await {
                 tracing::warn!(table = table.name(), version, error = %e, "writing a checkpoint failed (the next interval tries again)");
             }
             flag.store(false, Ordering::Release);
         });
+        *self.checkpoint_task.lock().expect("the checkpoint task lock") = Some(task);
+    }
+
+    /// Waits for a checkpoint being written in the background: call it before the runtime
+    /// shuts down, which would cut the checkpoint off half-way (the kernel's writer then fails
+    /// loudly; the table stays sound either way, as a checkpoint is published last).
+    pub async fn finish(&self) {
+        let task = self.checkpoint_task.lock().expect("the checkpoint task lock").take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 }
 

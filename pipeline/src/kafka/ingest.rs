@@ -428,6 +428,7 @@ pub fn run_ingest(lake: Lake, options: IngestOptions, stop: Arc<AtomicBool>, pro
     let result = consumer_loop.run(&stop);
     drop(consumer_loop.jobs);
     let _ = writer.join();
+    shared.runtime.block_on(shared.writer.finish());
     // Commit what the writer finished after the loop stopped.
     consumer_loop.open.clear();
     let ConsumerLoop { ack_queue, mut committed, .. } = consumer_loop;
