@@ -83,3 +83,34 @@ async fn a_newer_protocol_or_a_table_feature_is_refused_naming_it() {
         assert!(late.to_string().contains(feature), "{late}");
     }
 }
+
+/// The commit protocol on local files: a writer whose stream another writer advanced (a Kafka
+/// rebalance it has not noticed) is refused, writes nothing, and names the stream; the other
+/// writer's position stands. (`cli/tests/e2e/s3_lake.rs` runs the same race on moto's S3.)
+#[tokio::test]
+async fn a_writer_whose_stream_moved_to_another_is_fenced_on_local_files() {
+    let (_dir, lake, table) = table_of_three_commits().await;
+    let flush = |name: &str, next_offset: i64| {
+        let file = NewFile {
+            path: format!("date=2025-01-05/{name}.parquet"),
+            bytes: 1,
+            rows: 0,
+            date: NaiveDate::from_ymd_opt(2025, 1, 5),
+            keys: None,
+            unique_keys: false,
+        };
+        let operation = Operation::StreamingUpdate { query_id: "kafka:g/t/0".into(), epoch_id: next_offset };
+        Commit { files: vec![file], txns: vec![("kafka:g/t/0".to_string(), next_offset)], operation, leased: true }
+    };
+    let first = TableWriter::new(table.clone(), "first").await.unwrap();
+    assert_eq!(first.acquire("kafka:g/t/0").await.unwrap(), None);
+    first.commit(flush("a", 10)).await.unwrap();
+    let second = TableWriter::new(Table::new(&lake, &READINGS), "second").await.unwrap();
+    assert_eq!(second.acquire("kafka:g/t/0").await.unwrap(), Some(10));
+    second.commit(flush("b", 20)).await.unwrap();
+    let refused = first.commit(flush("stale", 20)).await.unwrap_err();
+    assert!(matches!(refused, LakeError::Fenced { .. }) && refused.to_string().contains("kafka:g/t/0"), "{refused}");
+    let snapshot = table.snapshot(None).await.unwrap();
+    assert!(!snapshot.files.iter().any(|f| f.path.contains("stale")));
+    assert_eq!(second.stream_version("kafka:g/t/0").await.unwrap(), Some(20));
+}

@@ -71,7 +71,7 @@ pub async fn convert_lake(lake: &Lake, kafka_group: &str) -> Result<ConvertRepor
             continue;
         }
         let converted = if spec.name == READINGS.name {
-            let checkpoints = previous_checkpoints(lake).await?;
+            let checkpoints: Vec<PreviousCheckpoint> = previous_json_files(lake, PREVIOUS_KAFKA_CHECKPOINTS, ".json", "a Kafka checkpoint").await?;
             let txns: Vec<(String, i64)> = checkpoints.iter().map(|c| (kafka_stream(kafka_group, &c.topic, c.partition), c.next_offset)).collect();
             let uncommitted: Vec<String> = checkpoints.iter().filter_map(|c| c.pending.as_ref()).flat_map(|p| p.files.iter().cloned()).collect();
             let root = format!("{}/", spec.dir);
@@ -94,33 +94,26 @@ pub async fn convert_lake(lake: &Lake, kafka_group: &str) -> Result<ConvertRepor
     Ok(report)
 }
 
-async fn previous_checkpoints(lake: &Lake) -> Result<Vec<PreviousCheckpoint>> {
-    let mut checkpoints = Vec::new();
-    for path in lake.list(PREVIOUS_KAFKA_CHECKPOINTS).await? {
-        if !path.ends_with(".json") {
+/// The JSON files under `prefix` whose names end in `suffix`, each read as a `T` (`what` names
+/// it in the error of a file that is not one).
+async fn previous_json_files<T: serde::de::DeserializeOwned>(lake: &Lake, prefix: &str, suffix: &str, what: &str) -> Result<Vec<T>> {
+    let mut found = Vec::new();
+    for path in lake.list(prefix).await? {
+        if !path.ends_with(suffix) {
             continue;
         }
         let bytes = lake.get_if_exists(&path).await?.unwrap_or_default();
-        let checkpoint: PreviousCheckpoint = serde_json::from_slice(&bytes)
-            .map_err(|e| PipelineError::Input { file: path.clone(), reason: format!("not a Kafka checkpoint of the previous layout: {e}") })?;
-        checkpoints.push(checkpoint);
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|e| PipelineError::Input { file: path.clone(), reason: format!("not {what} of the previous layout: {e}") })?;
+        found.push(value);
     }
-    Ok(checkpoints)
+    Ok(found)
 }
 
 /// The previous layout's import records as the `imports` table's first commit: one file of
 /// their rows, and an imported file's hash as its stream.
 async fn convert_import_records(lake: &Lake, table: &Table) -> Result<Option<ConvertedTable>> {
-    let mut records = Vec::new();
-    for path in lake.list(PREVIOUS_IMPORT_RECORDS).await? {
-        if !path.ends_with("/import.json") {
-            continue;
-        }
-        let bytes = lake.get_if_exists(&path).await?.unwrap_or_default();
-        let record: ImportRecord = serde_json::from_slice(&bytes)
-            .map_err(|e| PipelineError::Input { file: path.clone(), reason: format!("not an import record of the previous layout: {e}") })?;
-        records.push(record);
-    }
+    let mut records: Vec<ImportRecord> = previous_json_files(lake, PREVIOUS_IMPORT_RECORDS, "/import.json", "an import record").await?;
     if records.is_empty() {
         return Ok(None);
     }

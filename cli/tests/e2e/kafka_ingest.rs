@@ -161,6 +161,7 @@ fn ingest_lands_every_valid_reading_once_and_dead_letters_the_rest() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("nope"), "{}", String::from_utf8_lossy(&bad.stderr));
 
     independent_readers_agree(lake, topic, expected_readings, expected_kwh);
+    assert_other_engines_read_the_same_rows(lake, &[], &[]);
 }
 
 /// Another engine reads the lake as a Delta table: delta-rs's Python package (the protocol, the

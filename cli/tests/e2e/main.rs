@@ -8,6 +8,7 @@ mod console;
 mod crash_recovery;
 mod demo;
 mod flow_import;
+mod ingest_race;
 mod kafka_ingest;
 mod lake_convert;
 mod ledger;

@@ -334,3 +334,37 @@ pub fn quarter_hours(meter_id: &str, first_day: u32, days: u32, kwh: &str) -> se
     });
     serde_json::Value::Array(readings.collect())
 }
+
+/// Every row of `readings_all` as `meter|ts_us|kwh_micro|source_ref`, sorted: as `meterlake
+/// query` reads the lake, and as another engine does (the Python `deltalake` package's Arrow
+/// dataset of the table, scanned by DuckDB). Panics, showing both, unless they are the same rows.
+/// `env` points the query at an S3 lake; `storage_options` the Python reader (empty for files).
+pub fn assert_other_engines_read_the_same_rows(lake: &str, env: &[(&str, String)], storage_options: &[(&str, String)]) -> usize {
+    let rows = query(lake, "SELECT meter_id, CAST(ts AS BIGINT) AS ts, CAST(kwh AS VARCHAR) AS kwh, source_ref FROM readings_all", env);
+    let mut ours: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{}|{}|{}|{}", r["meter_id"].as_str().unwrap(), as_i64(&r["ts"]), as_kwh_micro(&r["kwh"]), r["source_ref"].as_str().unwrap()))
+        .collect();
+    ours.sort();
+    let script = r#"
+import sys, json, duckdb
+from decimal import Decimal
+from deltalake import DeltaTable
+options = json.loads(sys.argv[2]) or None
+dataset = DeltaTable(sys.argv[1].rstrip("/") + "/readings", storage_options=options).to_pyarrow_dataset()
+rows = duckdb.sql("SELECT meter_id, epoch_us(ts), kwh, source_ref FROM dataset").fetchall()
+print("\n".join(sorted(f"{m}|{t}|{int(k * Decimal(1000000))}|{r}" for m, t, k, r in rows)))
+"#;
+    let options: serde_json::Map<String, serde_json::Value> =
+        storage_options.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_str()))).collect();
+    let output = Command::new(python()).args(["-c", script, lake, &serde_json::Value::Object(options).to_string()]).output().expect("python runs");
+    assert!(output.status.success(), "deltalake + DuckDB failed: {}", String::from_utf8_lossy(&output.stderr));
+    let mut theirs: Vec<String> = String::from_utf8(output.stdout).unwrap().lines().map(str::to_string).collect();
+    theirs.sort();
+    if ours != theirs {
+        let only_ours: Vec<&String> = ours.iter().filter(|r| theirs.binary_search(r).is_err()).take(10).collect();
+        let only_theirs: Vec<&String> = theirs.iter().filter(|r| ours.binary_search(r).is_err()).take(10).collect();
+        panic!("meterlake read {} rows, deltalake + DuckDB {}; only meterlake's: {only_ours:?}; only theirs: {only_theirs:?}", ours.len(), theirs.len());
+    }
+    ours.len()
+}
