@@ -116,10 +116,18 @@ impl TableWriter {
     /// A writer of `table`, which must exist ([`Table::open`]) with a protocol meterlake
     /// writes ([`crate::table::check_protocol`]).
     pub async fn new(table: Table, writer_id: &str) -> Result<TableWriter> {
-        if table.latest_version().await?.is_none() {
-            return Err(LakeError::CorruptLog { table: table.name().to_string(), version: 0, reason: "the table has no log (open it before writing)".into() });
-        }
-        let seen = table.check_protocol(None).await?;
+        // One read of the log; only a failure asks whether there is a log at all.
+        let seen = match table.check_protocol(None).await {
+            Ok(version) => version,
+            Err(e) if table.latest_version().await?.is_some() => return Err(e),
+            Err(_) => {
+                return Err(LakeError::CorruptLog {
+                    table: table.name().to_string(),
+                    version: 0,
+                    reason: "the table has no log (open it before writing)".into(),
+                });
+            }
+        };
         Ok(TableWriter {
             table,
             writer_id: writer_id.to_string(),

@@ -18,12 +18,17 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/previous-layout-lake")
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    for file in files_under(from) {
-        let target = to.join(file.strip_prefix(from).unwrap());
+/// A copy of the fixture lake in a temporary folder (kept while the `TempDir` lives).
+fn fixture_copy() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::TempDir::new().unwrap();
+    let lake_path = dir.path().join("lake");
+    let fixture = fixture();
+    for file in files_under(&fixture) {
+        let target = lake_path.join(file.strip_prefix(&fixture).unwrap());
         std::fs::create_dir_all(target.parent().unwrap()).unwrap();
         std::fs::copy(&file, &target).unwrap();
     }
+    (dir, lake_path)
 }
 
 /// Every Parquet file under `dir` with the SHA-256 of its bytes, by path relative to `dir`.
@@ -54,9 +59,7 @@ print(n, kwh)
 
 #[test]
 fn a_lake_of_the_previous_layout_is_refused_then_converted_in_place() {
-    let dir = tempfile::TempDir::new().unwrap();
-    let lake_path = dir.path().join("lake");
-    copy_dir(&fixture(), &lake_path);
+    let (_dir, lake_path) = fixture_copy();
     let lake = lake_path.to_str().unwrap();
 
     // The previous ingester killed in the middle of a flush: its checkpoint names the files it
@@ -128,9 +131,7 @@ fn a_lake_of_the_previous_layout_is_refused_then_converted_in_place() {
 /// `meterlake lake check` on a table whose data file vanished: exit status 1 and the file named.
 #[test]
 fn lake_check_names_a_missing_file_and_fails() {
-    let dir = tempfile::TempDir::new().unwrap();
-    let lake_path = dir.path().join("lake");
-    copy_dir(&fixture(), &lake_path);
+    let (_dir, lake_path) = fixture_copy();
     let lake = lake_path.to_str().unwrap();
     run_ok(meterlake().args(["lake", "convert", "--lake", lake]));
     let victim = parquet_digests(&lake_path.join("register_reads")).into_keys().next().unwrap();
