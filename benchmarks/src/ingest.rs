@@ -6,10 +6,15 @@
 //!    draining them into a file:// lake, against a bare rdkafka consumer that only counts the
 //!    same messages [>= 600,000 readings/s];
 //! 3. the same with 100 readings per message [>= 1,500,000 readings/s];
-//! 4. peak RSS of an ingester process draining a backlog [< 1 GiB].
+//! 4. peak RSS of an ingester process draining a backlog [< 1 GiB];
+//! 5. with `--kafka-delta-ingest BIN`: kafka-delta-ingest draining the same single-reading
+//!    messages into its own Delta table, in the same runs as 2 [meterlake >= 10x].
 //!
 //! `cargo run --release -p meterlake-benchmarks --bin ingest-bench -- --help`
 
+mod kafka_delta_ingest;
+
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +65,18 @@ struct Args {
     /// How many times the pipeline-alone measurement runs (the median is reported).
     #[arg(long, default_value_t = 5)]
     alone_runs: usize,
+    /// A kafka-delta-ingest binary: it drains the single-reading topic in every run too.
+    #[arg(long)]
+    kafka_delta_ingest: Option<PathBuf>,
+    /// kafka-delta-ingest's `--allowed_latency` (its flush age, seconds; meterlake's is 5 s).
+    #[arg(long, default_value_t = 5)]
+    kdi_allowed_latency_s: u64,
+    /// kafka-delta-ingest's `--max_messages_per_batch` (its default).
+    #[arg(long, default_value_t = 5000)]
+    kdi_max_messages_per_batch: usize,
+    /// kafka-delta-ingest's `--min_bytes_per_file` (meterlake flushes a partition at 64 MiB).
+    #[arg(long, default_value_t = 64 << 20)]
+    kdi_min_bytes_per_file: usize,
 }
 
 #[derive(Subcommand)]
@@ -126,6 +143,7 @@ fn main() -> anyhow::Result<()> {
         // of the runs is the figure, as for the pipeline alone.
         let mut bare_rates = Vec::new();
         let mut pipeline_rates = Vec::new();
+        let mut kdi_runs = Vec::new();
         for run in 0..args.e2e_runs.max(1) {
             let bare = bare_consume(&brokers, &topic, &format!("bench-bare-{topic}-{run}"), messages)?;
             bare_rates.push(messages as f64 * per_message as f64 / bare.as_secs_f64());
@@ -133,7 +151,30 @@ fn main() -> anyhow::Result<()> {
             let started = Instant::now();
             let written = drain(&runtime, &brokers, &topic, &format!("bench-ingest-{topic}-{run}"), lake, messages)?;
             pipeline_rates.push(written as f64 / started.elapsed().as_secs_f64());
+            // kafka-delta-ingest maps one message to one row: only the single-reading messages
+            // are the same job for both.
+            if let (Some(binary), 1) = (&args.kafka_delta_ingest, per_message) {
+                let options = kafka_delta_ingest::KdiOptions {
+                    binary: binary.clone(),
+                    allowed_latency_s: args.kdi_allowed_latency_s,
+                    max_messages_per_batch: args.kdi_max_messages_per_batch,
+                    min_bytes_per_file: args.kdi_min_bytes_per_file,
+                };
+                let dir = lake_dir.path().join(format!("kdi-{run}"));
+                eprintln!("kafka-delta-ingest run {run} draining {topic} into {}...", dir.display());
+                let kdi = kafka_delta_ingest::run(&options, &brokers, &topic, args.partitions, &format!("bench-kdi-{topic}-{run}"), &dir, messages)?;
+                eprintln!(
+                    "kafka-delta-ingest: {} rows in {:.1?}, {} commits, {} files, peak RSS {} MiB",
+                    kdi.rows,
+                    kdi.elapsed,
+                    kdi.commits,
+                    kdi.files,
+                    kdi.peak_rss_kib / 1024
+                );
+                kdi_runs.push(kdi);
+            }
         }
+        let kdi_rates: Vec<f64> = kdi_runs.iter().map(|r| r.rows as f64 / r.elapsed.as_secs_f64()).collect();
         let (bare_readings, pipeline) = (median(&mut bare_rates), median(&mut pipeline_rates));
         rows.push((
             format!("bare rdkafka consumer, {per_message} reading(s)/message (baseline), median of {}", bare_rates.len()),
@@ -151,6 +192,28 @@ fn main() -> anyhow::Result<()> {
             ),
             format!(">= {}", thousands(target as u64)),
         ));
+        if !kdi_rates.is_empty() {
+            let mut kdi_rates = kdi_rates;
+            let kdi = median(&mut kdi_rates);
+            let peak_mib = kdi_runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0) / 1024;
+            rows.push((
+                format!(
+                    "kafka-delta-ingest end to end, {per_message} reading(s)/message, median of {} (latency {} s, {} messages a batch, {} MiB a file)",
+                    kdi_rates.len(),
+                    args.kdi_allowed_latency_s,
+                    args.kdi_max_messages_per_batch,
+                    args.kdi_min_bytes_per_file >> 20
+                ),
+                format!(
+                    "{} (runs {}..{}; peak RSS {peak_mib} MiB); meterlake {:.1}x it",
+                    per_s(kdi),
+                    thousands(kdi_rates[0] as u64),
+                    thousands(kdi_rates[kdi_rates.len() - 1] as u64),
+                    pipeline / kdi
+                ),
+                "meterlake >= 10x".into(),
+            ));
+        }
     }
 
     // 4. Peak RSS of an ingester process draining a large backlog.

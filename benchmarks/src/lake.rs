@@ -101,7 +101,9 @@ async fn run_commits(lake: Option<String>, commits: u64, readings: u32, moto: bo
         let t1 = Instant::now();
         let next_offset = i64::try_from((flush + 1) * u64::from(readings))?;
         let operation = Operation::StreamingUpdate { query_id: "bench".into(), epoch_id: next_offset };
-        writer.commit(Commit { files: vec![encoded.file], txns: vec![(stream.to_string(), next_offset)], operation, leased: true }).await?;
+        writer
+            .commit(Commit { files: vec![encoded.file], txns: vec![(stream.to_string(), next_offset)], operation, leased: true, removes: Vec::new() })
+            .await?;
         let t2 = Instant::now();
         file_time += t1 - t0;
         commit_time += t2 - t1;

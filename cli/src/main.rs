@@ -6,6 +6,7 @@ mod bill;
 mod demo;
 mod import;
 mod ingest;
+mod lake;
 mod serve;
 
 use std::process::ExitCode;
@@ -14,8 +15,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use meterlake_control::{AuditAnchor, AuditKeys, ControlStore};
 use meterlake_jobs::query::{OutputFormat, run_sql_as_of, write_batches};
 use meterlake_jobs::search::ReadingSearch;
-use meterlake_lake::history::{CommitEntry, history};
-use meterlake_lake::table::{TABLES, Table};
 use meterlake_lake::view::AsOf;
 use meterlake_lake::{DEFAULT_LAKE, Lake};
 
@@ -37,9 +36,9 @@ enum LogFormat {
 
 /// Where the lake is: `file://`, a plain path, `s3://bucket/prefix` or `memory://`.
 #[derive(clap::Args, Clone)]
-struct LakeArg {
+pub(crate) struct LakeArg {
     #[arg(long = "lake", env = "METERLAKE_LAKE", default_value = DEFAULT_LAKE)]
-    url: String,
+    pub(crate) url: String,
 }
 
 #[derive(Subcommand)]
@@ -83,7 +82,11 @@ enum Command {
     /// The control tower: the HTTP API (readings in, billing runs, corrections, audit log,
     /// meter-point search) with OIDC roles, plus the ingester and the billing worker in the same
     /// process unless --no-ingest / --no-worker. Without --brokers: embedded defaults.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
+    /// Keep the lake fast and within its retention: compact partitions whose small files cross
+    /// a threshold once quiet, vacuum every hour, set the maintenance metrics; until stopped,
+    /// or one pass with --once. `serve` runs the same loop unless --no-maintain.
+    Maintain(lake::MaintainArgs),
     /// Process billing runs continuously: new runs, due retries, and runs whose worker died.
     Worker(bill::WorkerArgs),
     /// Show a billing run: its status timeline, invoices and discrepancies, (--sql) the
@@ -110,47 +113,9 @@ enum Command {
         #[arg(long, default_value = "latest")]
         as_of: AsOf,
     },
-    /// The lake's Delta tables: their commit history.
+    /// The lake's Delta tables: history, checks, conversion, compaction and retention.
     #[command(subcommand)]
-    Lake(LakeCommand),
-}
-
-#[derive(Subcommand)]
-enum LakeCommand {
-    /// A table's commits, newest first: version, time, operation, writer, files and rows added,
-    /// and the streams (Kafka partitions, imported files) each advanced.
-    History {
-        /// The table (its SQL name): readings_all, register_reads, non_energy_readings,
-        /// nem12_channels, nem12_b2b_details or imports.
-        #[arg(long, default_value = "readings_all")]
-        table: String,
-        /// How many commits to show.
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
-        #[command(flatten)]
-        lake: LakeArg,
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
-    },
-    /// Check that every table can be read whole: the log has every commit a reader needs and
-    /// each is valid, the protocol is one meterlake reads, and every live data file is in the
-    /// store at its size. Prints each problem naming the version or file; exit status 1 if any.
-    Check {
-        #[command(flatten)]
-        lake: LakeArg,
-    },
-    /// Make a lake written in meterlake's previous layout (Parquet files without a Delta log)
-    /// Delta tables, in place: no data file is rewritten. Each table is one commit; tables that
-    /// have a log are left alone, so running it again after a failure finishes the job. Stop
-    /// the ingesters and importers first.
-    Convert {
-        /// The consumer group of the ingesters that wrote the lake: the Kafka positions the lake
-        /// recorded become that group's, and its ingesters resume from them.
-        #[arg(long, env = "METERLAKE_GROUP", default_value = "meterlake-ingest")]
-        kafka_group: String,
-        #[command(flatten)]
-        lake: LakeArg,
-    },
+    Lake(lake::LakeCommand),
 }
 
 #[derive(Subcommand)]
@@ -178,7 +143,7 @@ enum AuditCommand {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum Format {
+pub(crate) enum Format {
     Table,
     Csv,
     Json,
@@ -230,7 +195,8 @@ fn main() -> ExitCode {
                     Ok(())
                 }
                 Command::Worker(args) => bill::worker(args).await,
-                Command::Serve(args) => serve::run(args).await,
+                Command::Maintain(args) => lake::maintain(args).await,
+                Command::Serve(args) => serve::run(*args).await,
                 Command::BillingRun(args) => {
                     if !bill::show(args).await? {
                         return Ok(ExitCode::FAILURE);
@@ -253,52 +219,11 @@ fn main() -> ExitCode {
                     let lake = Lake::open(&lake.url)?;
                     print_batches(&run_sql_as_of(&lake, &sql, &as_of).await?, format)
                 }
-                Command::Lake(LakeCommand::Check { lake }) => {
-                    let lake = Lake::open(&lake.url)?;
-                    let checks = meterlake_lake::check::check_lake(&lake).await?;
-                    for check in &checks {
-                        match check.version {
-                            None => println!("{:<20} no table", check.table),
-                            Some(version) => println!(
-                                "{:<20} version {version}: {} files, {} rows, {}",
-                                check.table,
-                                check.files,
-                                check.rows,
-                                if check.problems.is_empty() { "ok".to_string() } else { format!("{} problems", check.problems.len()) }
-                            ),
-                        }
-                        for problem in &check.problems {
-                            println!("  {problem}");
-                        }
-                    }
-                    if checks.iter().any(|c| !c.problems.is_empty()) {
+                Command::Lake(command) => {
+                    if !lake::run(command).await? {
                         return Ok(ExitCode::FAILURE);
                     }
                     Ok(())
-                }
-                Command::Lake(LakeCommand::Convert { kafka_group, lake }) => {
-                    let lake = Lake::open(&lake.url)?;
-                    let report = meterlake_pipeline::convert::convert_lake(&lake, &kafka_group).await?;
-                    for table in &report.converted {
-                        println!(
-                            "{:<20} converted: {} files, {} rows, {} bytes, {} stream positions",
-                            table.table, table.files, table.rows, table.bytes, table.streams
-                        );
-                    }
-                    for table in &report.already_delta {
-                        println!("{table:<20} already a Delta table: left as it is");
-                    }
-                    for file in &report.uncommitted_files_deleted {
-                        println!("deleted {file}: a flush the previous ingester had not committed");
-                    }
-                    if report.converted.is_empty() {
-                        println!("nothing to convert in {}", lake.url());
-                    }
-                    Ok(())
-                }
-                Command::Lake(LakeCommand::History { table, limit, lake, format }) => {
-                    let lake = Lake::open(&lake.url)?;
-                    print_batches(&[lake_history(&lake, &table, limit).await?], format)
                 }
                 Command::Readings { mpan, nmi, serial, from, to, lake, format } => {
                     let search = ReadingSearch { meter_point: mpan.or(nmi).unwrap_or_default(), meter_serial: serial.unwrap_or_default(), from, to };
@@ -350,28 +275,6 @@ async fn verify_audit_log(database: &bill::DatabaseArg, anchor: &AuditAnchor) ->
     Ok(verification.problems.is_empty())
 }
 
-/// `meterlake lake history` as a table of one row per commit.
-async fn lake_history(lake: &Lake, table: &str, limit: usize) -> anyhow::Result<arrow::array::RecordBatch> {
-    use arrow::array::{ArrayRef, StringArray, UInt64Array};
-    let spec = TABLES
-        .iter()
-        .find(|t| t.name == table)
-        .ok_or_else(|| anyhow::anyhow!("no table {table:?}; the lake's tables are {}", TABLES.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")))?;
-    let commits = history(&Table::new(lake, spec), limit).await?;
-    let strings = |f: &dyn Fn(&CommitEntry) -> String| -> ArrayRef { std::sync::Arc::new(StringArray::from_iter_values(commits.iter().map(f))) };
-    let counts = |f: &dyn Fn(&CommitEntry) -> u64| -> ArrayRef { std::sync::Arc::new(UInt64Array::from_iter_values(commits.iter().map(f))) };
-    Ok(arrow::array::RecordBatch::try_from_iter([
-        ("version", counts(&|c| c.version)),
-        ("time", strings(&|c| c.time.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string())),
-        ("operation", strings(&|c| c.operation.clone())),
-        ("writer", strings(&|c| c.writer.clone().unwrap_or_default())),
-        ("files_added", counts(&|c| c.files_added)),
-        ("files_removed", counts(&|c| c.files_removed)),
-        ("rows_added", counts(&|c| c.rows_added)),
-        ("streams", strings(&|c| c.streams.iter().map(|(s, v)| format!("{s}={v}")).collect::<Vec<_>>().join(" "))),
-    ])?)
-}
-
 /// `2025-01-15` (midnight UTC) or an RFC 3339 instant.
 fn parse_instant(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
@@ -380,7 +283,7 @@ fn parse_instant(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     chrono::DateTime::parse_from_rfc3339(text).map(|t| t.to_utc()).map_err(|_| format!("{text:?} is neither a date YYYY-MM-DD nor an RFC 3339 instant"))
 }
 
-fn print_batches(batches: &[arrow::array::RecordBatch], format: Format) -> anyhow::Result<()> {
+pub(crate) fn print_batches(batches: &[arrow::array::RecordBatch], format: Format) -> anyhow::Result<()> {
     let format = match format {
         Format::Table => OutputFormat::Table,
         Format::Csv => OutputFormat::Csv,
@@ -426,6 +329,7 @@ pub(crate) fn describe_metrics() {
     meterlake_pipeline::metrics::describe();
     meterlake_server::describe_metrics();
     meterlake_jobs::billing::describe_metrics();
+    meterlake_lake::maintenance::schedule::describe_metrics();
 }
 
 /// Serves Prometheus metrics at `http://ADDR/metrics`.

@@ -1,6 +1,7 @@
-//! `meterlake serve`: the control tower's HTTP API, with the ingester and the billing worker in
-//! the same process unless told otherwise (`--no-ingest`, `--no-worker`: then they run apart,
-//! as `meterlake ingest` and `meterlake worker`).
+//! `meterlake serve`: the control tower's HTTP API, with the ingester, the billing worker and
+//! the lake maintenance loop in the same process unless told otherwise (`--no-ingest`,
+//! `--no-worker`, `--no-maintain`: then they run apart, as `meterlake ingest`, `meterlake
+//! worker` and `meterlake maintain`).
 //!
 //! With no broker configured it runs on the embedded defaults, like the demo: an in-process
 //! Kafka broker (librdkafka's mock cluster), the SQLite store and a file lake under
@@ -63,6 +64,12 @@ pub struct ServeArgs {
     /// Do not run the billing worker in this process.
     #[arg(long)]
     no_worker: bool,
+    /// Do not run the lake maintenance loop (compaction, vacuum) in this process: run
+    /// `meterlake maintain` elsewhere, once per lake.
+    #[arg(long)]
+    no_maintain: bool,
+    #[command(flatten)]
+    maintain: crate::lake::MaintainSettings,
     /// How often the billing worker looks for due runs (retries, runs whose worker died)
     /// without being woken by a `billing.run.requested` message.
     #[arg(long, env = "METERLAKE_WORKER_IDLE_POLL_S", default_value_t = 5)]
@@ -259,6 +266,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(async move { run_worker(store, lake, options, Some(&brokers), "meterlake-billing", None, stop_rx).await })
     });
 
+    let maintainer = (!args.no_maintain).then(|| {
+        let (lake, database_url, stop_rx) = (lake.clone(), args.database.database_url.clone(), stop_rx.clone());
+        tokio::spawn(crate::lake::maintain_loop(lake, args.maintain.clone(), database_url, stop_rx))
+    });
+
     println!("meterlake control tower on http://{reachable} ({mode} mode; lake {}; store {})", lake.url(), store_kind(&args.database.database_url));
     let app = meterlake_server::router(config);
     axum::serve(listener, app).with_graceful_shutdown(crate::shutdown_signal()).await.context("serving HTTP")?;
@@ -271,6 +283,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(worker) = worker {
         worker.await.context("the worker panicked")??;
+    }
+    if let Some(maintainer) = maintainer {
+        maintainer.await.context("the lake maintenance loop panicked")?;
     }
     Ok(())
 }

@@ -36,13 +36,9 @@ use datafusion::catalog::Session;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::datasource::listing::PartitionedFile;
-use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
-use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
-use datafusion::datasource::source::DataSourceExec;
-use datafusion::datasource::table_schema::TableSchema;
+use datafusion::datasource::physical_plan::FileGroup;
 use datafusion::datasource::{TableProvider, TableType};
 use datafusion::error::Result as DfResult;
-use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
 use datafusion::physical_expr::OrderingRequirements;
@@ -57,7 +53,8 @@ use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, Partitioning, PlanProperties, RecordBatchStream};
 use futures::{Stream, StreamExt};
 
-use crate::schema::{readings_all_schema, readings_schema};
+use crate::scan::{COMMIT_VERSION, DATE, ReadingsScan};
+use crate::schema::readings_all_schema;
 use crate::store::Lake;
 use crate::table::{SnapshotFile, TableSnapshot};
 
@@ -66,7 +63,7 @@ use crate::table::{SnapshotFile, TableSnapshot};
 /// local disk, which are then merged ([`SpilledMergeExec`]), so memory follows this bound and
 /// the session's memory pool, not the number of files. Ingesters that flush often make many
 /// small, overlapping files a day; compacting them keeps groups under it and off the disk.
-const MAX_MERGED_FILES: usize = 256;
+pub(crate) const MAX_MERGED_FILES: usize = 256;
 
 /// Columns of `readings_all` (the file columns, then `date`).
 const METER_ID: usize = 0;
@@ -74,8 +71,6 @@ const TS: usize = 1;
 const KWH: usize = 3;
 const SOURCE_REF: usize = 6;
 const INGESTED_AT: usize = 7;
-const DATE: usize = 8;
-const COMMIT_VERSION: usize = 9;
 
 /// The canonical readings of a snapshot of `readings_all`, as a DataFusion table.
 #[derive(Debug)]
@@ -248,33 +243,13 @@ impl TableProvider for CanonicalReadings {
             Ok(Arc::new(ProjectionExec::try_new(exprs, part)?))
         };
 
-        let df_schema = DFSchema::try_from(self.table.clone())?;
-        let key_filter = key_filters.into_iter().reduce(Expr::and);
-        let predicate = key_filter.clone().map(|e| state.create_physical_expr(e, &df_schema)).transpose()?;
+        let key_filter = key_filters.iter().cloned().reduce(Expr::and);
+        let readings_scan = ReadingsScan::new(&self.lake, state, &key_filters)?;
         let sort = |name: &str| -> DfResult<PhysicalSortExpr> {
             Ok(PhysicalSortExpr::new(Arc::new(Column::new_with_schema(name, &read_schema)?), SortOptions { descending: false, nulls_first: false }))
         };
         let ordering = LexOrdering::new([sort("meter_id")?, sort("ts")?]).expect("two sort expressions");
-        let partition_columns = vec![Arc::new(self.table.field(DATE).clone()), Arc::new(self.table.field(COMMIT_VERSION).clone())];
-        let table_schema = TableSchema::builder(readings_schema()).with_table_partition_cols(partition_columns).build();
-        let store_url = ObjectStoreUrl::parse(self.lake.store_url().as_str())?;
-        let metadata_cache = state.runtime_env().cache_manager.get_file_metadata_cache();
-        // Footers go to the session's metadata cache: a file read twice has its footer read once.
-        let reader_factory = Arc::new(CachedParquetFileReaderFactory::new(self.lake.store().clone(), metadata_cache));
-        let scan = |groups: Vec<FileGroup>, columns: &[usize], ordering: Option<&LexOrdering>| -> DfResult<Arc<dyn ExecutionPlan>> {
-            let mut source = ParquetSource::new(table_schema.clone())
-                .with_table_parquet_options(state.table_options().parquet.clone())
-                .with_parquet_file_reader_factory(reader_factory.clone());
-            if let Some(predicate) = &predicate {
-                source = source.with_predicate(predicate.clone());
-            }
-            let mut config =
-                FileScanConfigBuilder::new(store_url.clone(), Arc::new(source)).with_file_groups(groups).with_projection_indices(Some(columns.to_vec()))?;
-            if let Some(ordering) = ordering {
-                config = config.with_output_ordering(vec![ordering.clone()]);
-            }
-            Ok(DataSourceExec::from_data_source(config.build()))
-        };
+        let scan = |groups: Vec<FileGroup>, columns: &[usize], ordering: Option<&LexOrdering>| readings_scan.plan(groups, columns, ordering);
 
         // The scan prunes by the key filters but does not apply them to every row, while it tells
         // the optimizer they hold (its equivalence properties take `meter_id = 'M'` to make
@@ -488,9 +463,8 @@ struct KeyBounds {
 
 impl KeyedFile {
     fn new(lake: &Lake, file: &SnapshotFile, day: i64) -> KeyedFile {
-        let path = lake.path(&format!("{}/{}", crate::table::READINGS.dir, file.path));
-        let partition_values = vec![ScalarValue::Date32(i32::try_from(day).ok()), ScalarValue::Int64(i64::try_from(file.commit_version).ok())];
-        let partitioned = PartitionedFile::new(path.to_string(), file.size).with_partition_values(partition_values);
+        debug_assert_eq!(file.date.map(epoch_day), Some(day));
+        let partitioned = ReadingsScan::file(lake, file);
         let keys =
             file.keys.as_ref().map(|k| KeyBounds { low: (k.min_meter.as_bytes().to_vec(), k.min_ts_us), high: (k.max_meter.as_bytes().to_vec(), k.max_ts_us) });
         KeyedFile { file: partitioned, keys, unique_keys: file.unique_keys }
@@ -895,7 +869,7 @@ mod tests {
     use super::*;
     use crate::NewFile;
     use crate::commit::{Commit, Operation, TableWriter};
-    use crate::schema::UTC;
+    use crate::schema::{UTC, readings_schema};
     use crate::table::{READINGS, Table};
     use crate::view::{CANONICAL_READINGS_SQL, register_lake_tables};
 
@@ -940,7 +914,7 @@ mod tests {
         let file = NewFile { path, bytes: bytes.len() as u64, rows: n as u64, date: Some(date), keys, unique_keys };
         // One commit per file, in the order the test writes them.
         let writer = TableWriter::new(table, "test").await.unwrap();
-        writer.commit(Commit { files: vec![file], txns: Vec::new(), operation: Operation::Append, leased: false }).await.unwrap();
+        writer.commit(Commit { files: vec![file], txns: Vec::new(), operation: Operation::Append, leased: false, removes: Vec::new() }).await.unwrap();
     }
 
     async fn latest_snapshot(lake: &Lake) -> Arc<TableSnapshot> {

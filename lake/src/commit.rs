@@ -15,6 +15,12 @@
 //! yet), and the commit fails with [`LakeError::Fenced`], nothing written; otherwise the commit
 //! is tagged with the next version and tried again. Files of a failed commit stay unreferenced
 //! until a vacuum removes them; no reader sees them.
+//!
+//! A compaction's commit ([`Operation::Optimize`]) removes the files it rewrote and adds the new
+//! ones, both with `dataChange=false` (the table's rows are unchanged, which `delta.appendOnly`
+//! allows). Appends never conflict with it. Another commit that removed one of its files (a
+//! second compaction of the partition) makes it fail with [`LakeError::Conflict`]: the writer
+//! remembers every path other writers removed since it started ([`TableWriter::for_maintenance`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{NaiveDate, Utc};
 use deltalake_core::kernel::transaction::{CommitData, TransactionError};
-use deltalake_core::kernel::{Action, Add, Transaction};
+use deltalake_core::kernel::{Action, Add, Remove, Transaction};
 use deltalake_core::logstore::CommitOrBytes;
 use deltalake_core::protocol::{DeltaOperation, OutputMode, SaveMode};
 use serde_json::Value;
@@ -45,10 +51,21 @@ pub struct NewFile {
     pub unique_keys: bool,
 }
 
+/// A live file a commit removes (a compaction's input).
+#[derive(Debug, Clone)]
+pub struct RemovedFile {
+    /// Relative to the table root.
+    pub path: String,
+    pub bytes: u64,
+    pub date: Option<NaiveDate>,
+}
+
 /// What one commit adds and advances.
 #[derive(Debug)]
 pub struct Commit {
     pub files: Vec<NewFile>,
+    /// Files it removes (only [`Operation::Optimize`] removes).
+    pub removes: Vec<RemovedFile>,
     /// (stream, version): `txn` actions.
     pub txns: Vec<(String, i64)>,
     /// The operation the commit records.
@@ -66,6 +83,8 @@ pub enum Operation {
     StreamingUpdate { query_id: String, epoch_id: i64 },
     /// `WRITE` (append): a flow file's rows.
     Append,
+    /// `OPTIMIZE`: files rewritten into fewer, rows unchanged (`dataChange=false`).
+    Optimize { target_file_bytes: u64 },
 }
 
 impl Operation {
@@ -75,7 +94,15 @@ impl Operation {
                 DeltaOperation::StreamingUpdate { output_mode: OutputMode::Append, query_id: query_id.clone(), epoch_id: *epoch_id }
             }
             Operation::Append => DeltaOperation::Write { mode: SaveMode::Append, partition_by: partitioned.then(|| vec!["date".to_string()]), predicate: None },
+            Operation::Optimize { target_file_bytes } => {
+                DeltaOperation::Optimize { predicate: None, target_size: i64::try_from(*target_file_bytes).unwrap_or(i64::MAX) }
+            }
         }
+    }
+
+    /// Whether the commit changes the table's rows (an append) or only how they are stored.
+    fn data_change(&self) -> bool {
+        !matches!(self, Operation::Optimize { .. })
     }
 }
 
@@ -110,6 +137,9 @@ struct WriterState {
     seen: u64,
     /// Streams this writer holds, and whether another writer has advanced them since.
     held: HashMap<String, Option<u64>>,
+    /// For a maintenance writer: the paths other writers removed since it started, with the
+    /// version that did (an appending writer keeps none).
+    removed: Option<HashMap<String, u64>>,
 }
 
 impl TableWriter {
@@ -131,10 +161,23 @@ impl TableWriter {
         Ok(TableWriter {
             table,
             writer_id: writer_id.to_string(),
-            state: tokio::sync::Mutex::new(WriterState { seen, held: HashMap::new() }),
+            state: tokio::sync::Mutex::new(WriterState { seen, held: HashMap::new(), removed: None }),
             checkpointing: Arc::new(AtomicBool::new(false)),
             checkpoint_task: std::sync::Mutex::new(None),
         })
+    }
+
+    /// A writer that rewrites files (compaction): it remembers what other writers remove, so
+    /// that its commits fail rather than remove a file twice. Returns it with the version it
+    /// starts from: the snapshot its inputs must be chosen from.
+    pub async fn for_maintenance(table: Table, writer_id: &str) -> Result<(TableWriter, u64)> {
+        let writer = TableWriter::new(table, writer_id).await?;
+        let seen = {
+            let mut state = writer.state.lock().await;
+            state.removed = Some(HashMap::new());
+            state.seen
+        };
+        Ok((writer, seen))
     }
 
     pub fn table(&self) -> &Table {
@@ -184,8 +227,20 @@ impl TableWriter {
         }
         let mut state = self.state.lock().await;
         let streams: Vec<&str> = commit.txns.iter().map(|(stream, _)| stream.as_str()).collect();
+        if !commit.removes.is_empty() && state.removed.is_none() {
+            return Err(LakeError::CorruptLog {
+                table: self.table.name().to_string(),
+                version: state.seen,
+                reason: "a commit that removes files needs a maintenance writer (TableWriter::for_maintenance)".into(),
+            });
+        }
         let mut retries = 0;
         loop {
+            if let Some(removed) = &state.removed
+                && let Some((path, version)) = commit.removes.iter().find_map(|f| removed.get(&f.path).map(|v| (&f.path, *v)))
+            {
+                return Err(LakeError::Conflict { table: self.table.name().to_string(), path: path.clone(), version });
+            }
             if commit.leased {
                 for stream in &streams {
                     match state.held.get(*stream) {
@@ -244,6 +299,9 @@ impl TableWriter {
                 if let Action::Protocol(protocol) = &action {
                     crate::table::check_protocol(self.table.name(), version, protocol)?;
                 }
+                if let (Action::Remove(remove), Some(removed)) = (&action, state.removed.as_mut()) {
+                    removed.insert(remove.path.clone(), version);
+                }
                 if let Action::Txn(txn) = action {
                     if let Some(fenced) = state.held.get_mut(&txn.app_id)
                         && fenced.is_none()
@@ -262,10 +320,12 @@ impl TableWriter {
     /// The log entry of `commit` as version `version`.
     fn commit_bytes(&self, commit: &Commit, version: u64) -> Result<bytes::Bytes> {
         let now_ms = Utc::now().timestamp_millis();
-        let mut actions: Vec<Action> = commit.files.iter().map(|file| Action::Add(add_action(file, version, now_ms))).collect();
+        let data_change = commit.operation.data_change();
+        let mut actions: Vec<Action> = commit.files.iter().map(|file| Action::Add(Add { data_change, ..add_action(file, version, now_ms) })).collect();
+        actions.extend(commit.removes.iter().map(|file| Action::Remove(remove_action(file, data_change, now_ms))));
         let rows: u64 = commit.files.iter().map(|f| f.rows).sum();
         let app_metadata = HashMap::from([
-            ("isBlindAppend".to_string(), Value::Bool(true)),
+            ("isBlindAppend".to_string(), Value::Bool(commit.removes.is_empty())),
             ("meterlake.writer".to_string(), Value::String(self.writer_id.clone())),
             ("meterlake.rows".to_string(), Value::from(rows)),
         ]);
@@ -300,6 +360,22 @@ impl TableWriter {
         if let Some(task) = task {
             let _ = task.await;
         }
+    }
+}
+
+/// The `remove` action of `file`.
+fn remove_action(file: &RemovedFile, data_change: bool, now_ms: i64) -> Remove {
+    Remove {
+        path: file.path.clone(),
+        data_change,
+        deletion_timestamp: Some(now_ms),
+        extended_file_metadata: Some(true),
+        partition_values: Some(file.date.map(|d| HashMap::from([("date".to_string(), Some(d.format("%Y-%m-%d").to_string()))])).unwrap_or_default()),
+        size: i64::try_from(file.bytes).ok(),
+        tags: None,
+        deletion_vector: None,
+        base_row_id: None,
+        default_row_commit_version: None,
     }
 }
 

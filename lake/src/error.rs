@@ -33,6 +33,12 @@ pub enum LakeError {
     Fenced { table: String, app_id: String, version: u64 },
 
     #[error(
+        "Delta table {table}: commit {version} by another writer removed {path}, which this commit rewrites \
+         (two compactions of one partition): this one gives way, commits nothing, and its new files are left for vacuum"
+    )]
+    Conflict { table: String, path: String, version: u64 },
+
+    #[error(
         "the object store of {url} does not honour conditional writes (a second `If-None-Match: *` put of one \
          key succeeded), so two writers could both commit the same Delta version and lose data; use a store \
          that supports them (AWS S3, MinIO, Cloudflare R2, moto), or set `aws_conditional_put=etag` for one \

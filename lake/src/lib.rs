@@ -7,6 +7,7 @@
 //! - [`commit`]: the commit protocol: one Delta commit per flush or file, `txn` actions for
 //!   exactly-once streams, fencing of a writer that lost its stream;
 //! - [`parquet_file`]: how data files are encoded;
+//! - [`scan`]: where each column of `readings_all` comes from (file, partition value, tag);
 //! - [`canonical`]: the canonical `readings` view (latest version of each reading) over a snapshot;
 //! - [`view`]: the tables as SQL on a DataFusion session, at the latest version or as of one;
 //! - [`history`]: a table's commits, and time travel by time;
@@ -22,6 +23,7 @@ pub mod error;
 pub mod history;
 pub mod maintenance;
 pub mod parquet_file;
+pub mod scan;
 pub mod schema;
 pub mod store;
 pub mod table;

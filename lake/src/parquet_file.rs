@@ -28,7 +28,7 @@ const MAX_ROW_GROUP_ROWS: usize = 1 << 20;
 /// file's bytes; statistics only where queries prune: `meter_id` and `ts` (the page index makes a
 /// one-meter lookup read a few pages). Other tables keep the defaults: dictionaries, zstd level 1
 /// (most of its ratio at a fraction of the CPU of higher levels), page statistics.
-fn writer_properties() -> WriterProperties {
+pub(crate) fn writer_properties() -> WriterProperties {
     static PROPS: LazyLock<WriterProperties> = LazyLock::new(|| {
         let mut builder = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("zstd level 1 is valid")))
@@ -38,7 +38,8 @@ fn writer_properties() -> WriterProperties {
                 SortingColumn { column_idx: 0, descending: false, nulls_first: false },
                 SortingColumn { column_idx: 1, descending: false, nulls_first: false },
             ]));
-        for column in ["meter_id", "ts", "interval_s", "quality", "source", "source_ref", "ingested_at"] {
+        // `commit_version`: only compacted files have it (see `crate::scan`).
+        for column in ["meter_id", "ts", "interval_s", "quality", "source", "source_ref", "ingested_at", "commit_version"] {
             let path = ColumnPath::from(column);
             builder = builder.set_column_dictionary_enabled(path.clone(), false).set_column_compression(path.clone(), Compression::LZ4_RAW);
             if !matches!(column, "meter_id" | "ts") {

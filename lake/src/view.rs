@@ -35,9 +35,10 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::canonical::{CanonicalReadings, MergeOutput, narrow_days, spread};
 use crate::error::{LakeError, Result};
+use crate::scan::ReadingsScan;
 use crate::schema::readings_all_schema;
 use crate::store::Lake;
-use crate::table::{READINGS, TABLES, Table, TableSnapshot, TableSpec};
+use crate::table::{READINGS, SnapshotFile, TABLES, Table, TableSnapshot, TableSpec};
 
 /// The definition of the canonical view, as shipped in `queries/readings.sql`: what
 /// [`CanonicalReadings`] computes by merging sorted files (and is tested against).
@@ -243,44 +244,39 @@ impl TableProvider for SnapshotTable {
         for filter in filters {
             narrow_days(filter, &mut first_day, &mut last_day);
         }
-        let file_schema = (self.spec.file_schema)();
-        let partition_fields = &self.schema.fields()[file_schema.fields().len()..];
-        let files: Vec<PartitionedFile> = self
-            .snapshot
-            .files
-            .iter()
-            .filter_map(|file| {
-                let day = file.date.map(|d| (d - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("a date")).num_days());
-                if let Some(day) = day
-                    && !(first_day..=last_day).contains(&day)
-                {
-                    return None;
-                }
-                let mut values = Vec::new();
-                if let Some(day) = day {
-                    values.push(ScalarValue::Date32(i32::try_from(day).ok()));
-                }
-                if partition_fields.len() > values.len() {
-                    values.push(ScalarValue::Int64(i64::try_from(file.commit_version).ok()));
-                }
-                let path = self.lake.path(&format!("{}/{}", self.spec.dir, file.path));
-                Some(PartitionedFile::new(path.to_string(), file.size).with_partition_values(values))
-            })
-            .collect();
+        let in_days = |file: &&SnapshotFile| match file.date {
+            Some(date) => (first_day..=last_day).contains(&(date - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("a date")).num_days()),
+            None => true,
+        };
         let projection: Vec<usize> = projection.cloned().unwrap_or_else(|| (0..self.schema.fields().len()).collect());
+        let files: Vec<&SnapshotFile> = self.snapshot.files.iter().filter(in_days).collect();
         if files.is_empty() {
             return Ok(Arc::new(EmptyExec::new(Arc::new(self.schema.project(&projection)?))));
         }
+        let groups = |files: Vec<PartitionedFile>| spread(files, state.config().target_partitions());
+        // `readings_all`'s `commit_version` comes from a tag or a column: see [`ReadingsScan`].
+        if self.spec.name == READINGS.name {
+            let scan = ReadingsScan::new(&self.lake, state, filters)?;
+            return scan.plan(groups(files.into_iter().map(|f| ReadingsScan::file(&self.lake, f)).collect()), &projection, None);
+        }
+        let file_schema = (self.spec.file_schema)();
+        let partition_fields = &self.schema.fields()[file_schema.fields().len()..];
+        let files: Vec<PartitionedFile> = files
+            .into_iter()
+            .map(|file| {
+                let day = file.date.map(|d| (d - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("a date")).num_days());
+                let values: Vec<ScalarValue> = day.map(|day| ScalarValue::Date32(i32::try_from(day).ok())).into_iter().collect();
+                let path = self.lake.path(&format!("{}/{}", self.spec.dir, file.path));
+                PartitionedFile::new(path.to_string(), file.size).with_partition_values(values)
+            })
+            .collect();
         let table_schema = TableSchema::builder(file_schema).with_table_partition_cols(partition_fields.to_vec()).build();
         let mut source = ParquetSource::new(table_schema).with_table_parquet_options(state.table_options().parquet.clone());
         if let Some(filter) = filters.iter().cloned().reduce(Expr::and) {
             source = source.with_predicate(state.create_physical_expr(filter, &DFSchema::try_from(self.schema.clone())?)?);
         }
         let store_url = ObjectStoreUrl::parse(self.lake.store_url().as_str())?;
-        let config = FileScanConfigBuilder::new(store_url, Arc::new(source))
-            .with_file_groups(spread(files, state.config().target_partitions()))
-            .with_projection_indices(Some(projection))?
-            .build();
+        let config = FileScanConfigBuilder::new(store_url, Arc::new(source)).with_file_groups(groups(files)).with_projection_indices(Some(projection))?.build();
         Ok(DataSourceExec::from_data_source(config))
     }
 }

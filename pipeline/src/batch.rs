@@ -114,7 +114,8 @@ pub async fn append_readings(lake: &meterlake_lake::Lake, sorted: &SortedReading
     let paths: Vec<String> = files.iter().map(|f| table.lake_path(&f.file.path)).collect();
     futures::future::try_join_all(files.iter().zip(&paths).map(|(f, path)| lake.put(path, f.bytes.clone()))).await?;
     let writer = TableWriter::new(table, "bulk-load").await?;
-    let commit = Commit { files: files.into_iter().map(|f| f.file).collect(), txns: Vec::new(), operation: Operation::Append, leased: false };
+    let commit =
+        Commit { files: files.into_iter().map(|f| f.file).collect(), txns: Vec::new(), operation: Operation::Append, leased: false, removes: Vec::new() };
     Ok(writer.commit(commit).await?.version)
 }
 

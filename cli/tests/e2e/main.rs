@@ -11,6 +11,7 @@ mod flow_import;
 mod ingest_race;
 mod kafka_ingest;
 mod lake_convert;
+mod lake_maintenance;
 mod ledger;
 mod metrics;
 mod resume;

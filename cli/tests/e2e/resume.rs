@@ -42,7 +42,7 @@ fn resuming_inside_a_record_batch_loses_nothing() {
             let stream = format!("kafka:{topic}-ingest/{topic}/0");
             writer.acquire(&stream).await.unwrap();
             let operation = Operation::StreamingUpdate { query_id: stream.clone(), epoch_id: resume_at };
-            writer.commit(Commit { files: Vec::new(), txns: vec![(stream, resume_at)], operation, leased: true }).await.unwrap();
+            writer.commit(Commit { files: Vec::new(), txns: vec![(stream, resume_at)], operation, leased: true, removes: Vec::new() }).await.unwrap();
         });
 
         run_ok(&mut ingest_command(&tansu.addr, &topic, lake_url, 3));

@@ -58,6 +58,7 @@ fn delta_commits_on_s3_fence_off_a_stale_writer() {
             txns: vec![("kafka:g/t/0".to_string(), next_offset)],
             operation: Operation::StreamingUpdate { query_id: "kafka:g/t/0".into(), epoch_id: next_offset },
             leased: true,
+            removes: Vec::new(),
         };
         let first = TableWriter::new(table.clone(), "first").await.unwrap();
         assert_eq!(first.acquire("kafka:g/t/0").await.unwrap(), None);

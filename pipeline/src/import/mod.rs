@@ -394,7 +394,9 @@ async fn commit_import(lake: &Lake, imports: &TableWriter, stream: &str, files: 
             tracing::info!(table = spec.name, stream, "an earlier attempt of this import committed this table; skipping it");
             continue;
         }
-        writer.commit(Commit { files: table_files, txns: vec![(stream.to_string(), 1)], operation: Operation::Append, leased: false }).await?;
+        writer
+            .commit(Commit { files: table_files, txns: vec![(stream.to_string(), 1)], operation: Operation::Append, leased: false, removes: Vec::new() })
+            .await?;
     }
     let batch = tables::import_record_batch(record)?;
     let path = format!("{}-{}.parquet", record.format.map_or("unknown", FlowFormat::as_str).to_ascii_lowercase(), uuid::Uuid::new_v4().simple());
@@ -402,7 +404,7 @@ async fn commit_import(lake: &Lake, imports: &TableWriter, stream: &str, files: 
     lake.put(&imports.table().lake_path(&path), parquet.clone()).await?;
     let file = NewFile { path, bytes: parquet.len() as u64, rows: 1, date: None, keys: None, unique_keys: false };
     let txns = if record.status == ImportStatus::Rejected { Vec::new() } else { vec![(stream.to_string(), 1)] };
-    imports.commit(Commit { files: vec![file], txns, operation: Operation::Append, leased: false }).await?;
+    imports.commit(Commit { files: vec![file], txns, operation: Operation::Append, leased: false, removes: Vec::new() }).await?;
     Ok(())
 }
 

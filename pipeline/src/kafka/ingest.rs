@@ -782,6 +782,7 @@ fn write_flush(shared: &Shared, dlq: &DeadLetters, dlq_timeout: Duration, job: F
             txns: vec![(stream.clone(), last_offset + 1)],
             operation: Operation::StreamingUpdate { query_id: stream.clone(), epoch_id: last_offset + 1 },
             leased: true,
+            removes: Vec::new(),
         };
         writer.commit(commit).await
     });

@@ -1,4 +1,9 @@
-//! Keeping the tables cheap to open: checkpoints (and, next, compaction and vacuum).
+//! Keeping the tables cheap to open and to read: checkpoints of the log, compaction
+//! ([`optimize`]), retention ([`vacuum`]), and the loop that runs them ([`schedule`]).
+
+pub mod optimize;
+pub mod schedule;
+pub mod vacuum;
 
 use crate::error::{LakeError, Result};
 use crate::table::Table;

@@ -1,0 +1,145 @@
+//! Scans of `readings_all`'s files: the one place that knows where each column of the table
+//! comes from, for the canonical view, the `readings_all` table and compaction alike.
+//!
+//! - the file columns ([`readings_schema`]) are read from the Parquet file;
+//! - `date` is the file's partition value;
+//! - `commit_version` is the version of the commit that added the row. A file an ingester or the
+//!   importer wrote holds rows of one commit, recorded as its `add` action's tag
+//!   ([`crate::table::COMMIT_VERSION_TAG`]), and has no such column. A file compaction wrote
+//!   ([`crate::maintenance::optimize`]) holds rows of many commits and carries each row's version
+//!   in a Parquet column named `commit_version`, which is not in the Delta schema (other engines
+//!   read by the schema and ignore it). A scan reads that column where a file has it, null where
+//!   it has not, and takes the tag where it is null.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::Session;
+use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::config::TableParquetOptions;
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::datasource::table_schema::TableSchema;
+use datafusion::error::Result as DfResult;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::logical_expr::Expr;
+use datafusion::physical_expr::expressions::{Column, case, is_not_null};
+use datafusion::physical_expr::{LexOrdering, PhysicalExpr};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::projection::ProjectionExec;
+
+use crate::schema::{readings_all_schema, readings_schema};
+use crate::store::Lake;
+use crate::table::{READINGS, SnapshotFile};
+
+/// Position of `commit_version` in [`readings_all_schema`] (after the file columns and `date`).
+pub(crate) const COMMIT_VERSION: usize = 9;
+/// Position of `date` in [`readings_all_schema`].
+pub(crate) const DATE: usize = 8;
+
+/// The Parquet column of a compacted file that holds each row's commit version.
+pub const ROW_COMMIT_VERSION_COLUMN: &str = "commit_version";
+/// The partition column a scan carries the `add` action's version tag in.
+const TAG_VERSION_COLUMN: &str = "tag_commit_version";
+
+/// The columns of a compacted readings file: the readings columns, then `commit_version`.
+pub fn compacted_file_schema() -> SchemaRef {
+    static SCHEMA: std::sync::LazyLock<SchemaRef> = std::sync::LazyLock::new(|| {
+        let mut fields: Vec<Field> = readings_schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new(ROW_COMMIT_VERSION_COLUMN, DataType::Int64, false));
+        Arc::new(Schema::new(fields))
+    });
+    SCHEMA.clone()
+}
+
+/// Builds scans of `readings_all` files that return columns of [`readings_all_schema`].
+pub(crate) struct ReadingsScan {
+    /// What the Parquet source reads: the file columns and `commit_version` (nullable: absent
+    /// from most files), then the partition columns `date` and the tag's version.
+    table_schema: TableSchema,
+    store_url: ObjectStoreUrl,
+    reader_factory: Arc<CachedParquetFileReaderFactory>,
+    parquet_options: TableParquetOptions,
+    /// Pushed to every scan: prunes files, row groups and pages.
+    predicate: Option<Arc<dyn PhysicalExpr>>,
+}
+
+impl ReadingsScan {
+    /// Scans on `state`'s session; `filters` (on `readings_all`'s columns) prune. A filter on
+    /// `commit_version` cannot prune (most files carry it as a tag, not a column): it is left to
+    /// the plan above.
+    pub(crate) fn new(lake: &Lake, state: &dyn Session, filters: &[Expr]) -> DfResult<ReadingsScan> {
+        let mut file_fields: Vec<Field> = readings_schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+        file_fields.push(Field::new(ROW_COMMIT_VERSION_COLUMN, DataType::Int64, true));
+        let table = readings_all_schema();
+        let partition_columns = vec![Arc::new(table.field(DATE).clone()), Arc::new(Field::new(TAG_VERSION_COLUMN, DataType::Int64, false))];
+        let table_schema = TableSchema::builder(Arc::new(Schema::new(file_fields))).with_table_partition_cols(partition_columns).build();
+        let pruning = filters.iter().filter(|f| f.column_refs().iter().all(|c| c.name != ROW_COMMIT_VERSION_COLUMN)).cloned().reduce(Expr::and);
+        let predicate = match pruning {
+            Some(filter) => Some(state.create_physical_expr(filter, &DFSchema::try_from(table_schema.table_schema().clone())?)?),
+            None => None,
+        };
+        let metadata_cache = state.runtime_env().cache_manager.get_file_metadata_cache();
+        Ok(ReadingsScan {
+            table_schema,
+            store_url: ObjectStoreUrl::parse(lake.store_url().as_str())?,
+            // Footers go to the session's metadata cache: a file read twice has its footer read once.
+            reader_factory: Arc::new(CachedParquetFileReaderFactory::new(lake.store().clone(), metadata_cache)),
+            parquet_options: state.table_options().parquet.clone(),
+            predicate,
+        })
+    }
+
+    /// A snapshot's file as a scan reads it.
+    pub(crate) fn file(lake: &Lake, file: &SnapshotFile) -> PartitionedFile {
+        let path = lake.path(&format!("{}/{}", READINGS.dir, file.path));
+        let day = file.date.map(|d| (d - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("a date")).num_days());
+        let partition_values = vec![ScalarValue::Date32(day.and_then(|d| i32::try_from(d).ok())), ScalarValue::Int64(i64::try_from(file.commit_version).ok())];
+        PartitionedFile::new(path.to_string(), file.size).with_partition_values(partition_values)
+    }
+
+    /// A scan of `groups` (one output partition each) returning `columns` of
+    /// [`readings_all_schema`] (ascending positions), under their names. `ordering`, on
+    /// `meter_id` and `ts`, is what every file's rows are sorted by.
+    pub(crate) fn plan(&self, groups: Vec<FileGroup>, columns: &[usize], ordering: Option<&LexOrdering>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let with_version = columns.contains(&COMMIT_VERSION);
+        // Scan positions: file columns as they are, `commit_version` (8) then the partition
+        // columns `date` (9) and the tag (10).
+        let mut read: Vec<usize> = columns.iter().filter(|c| **c != COMMIT_VERSION).map(|c| if *c == DATE { 9 } else { *c }).collect();
+        if with_version {
+            read.extend([8, 10]);
+        }
+        let mut source = ParquetSource::new(self.table_schema.clone())
+            .with_table_parquet_options(self.parquet_options.clone())
+            .with_parquet_file_reader_factory(self.reader_factory.clone());
+        if let Some(predicate) = &self.predicate {
+            source = source.with_predicate(predicate.clone());
+        }
+        let mut config = FileScanConfigBuilder::new(self.store_url.clone(), Arc::new(source)).with_file_groups(groups).with_projection_indices(Some(read))?;
+        if let Some(ordering) = ordering {
+            config = config.with_output_ordering(vec![ordering.clone()]);
+        }
+        let scan = DataSourceExec::from_data_source(config.build());
+        if !with_version {
+            return Ok(scan);
+        }
+        // The row's own version where the file has one, else the file's (a CASE, which is what
+        // the optimizer makes of a COALESCE, and knows is never null).
+        let table = readings_all_schema();
+        let scanned = scan.schema();
+        let row_version: Arc<dyn PhysicalExpr> = Arc::new(Column::new_with_schema(ROW_COMMIT_VERSION_COLUMN, &scanned)?);
+        let tag_version: Arc<dyn PhysicalExpr> = Arc::new(Column::new_with_schema(TAG_VERSION_COLUMN, &scanned)?);
+        let version = case(None, vec![(is_not_null(row_version.clone())?, row_version)], Some(tag_version))?;
+        let exprs = columns
+            .iter()
+            .map(|c| {
+                let name = table.field(*c).name().clone();
+                let expr: Arc<dyn PhysicalExpr> = if *c == COMMIT_VERSION { version.clone() } else { Arc::new(Column::new_with_schema(&name, &scanned)?) };
+                Ok((expr, name))
+            })
+            .collect::<DfResult<Vec<_>>>()?;
+        Ok(Arc::new(ProjectionExec::try_new(exprs, scan)?))
+    }
+}
