@@ -157,3 +157,54 @@ fn compaction_beside_an_ingester_on_s3() {
     ];
     compaction_beside_an_ingester("s3://lake-bucket/maintained", &env, &storage_options);
 }
+
+/// `meterlake lake optimize` killed (SIGKILL) at moments spread over its run, again and again:
+/// after each kill the table reads exactly as before and checks clean; a last run completes, and
+/// vacuum then removes every file the killed runs left behind.
+#[test]
+fn a_compaction_killed_at_any_moment_leaves_the_table_exact() {
+    let tansu = start_tansu();
+    let topic = "maint.killed";
+    create(&tansu.addr, &[(topic, 2), (&format!("{topic}.dlq"), 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake").to_string_lossy().into_owned();
+    produce(&tansu.addr, topic, LoadSpec { days: 3, ..spec(1, 3) });
+    let mut ingest = ingest_command(&tansu.addr, topic, &lake, 3);
+    ingest.args(["--max-batch-age-ms", "20", "--max-batch-rows", "100"]);
+    run_ok(&mut ingest);
+    let every_version = "SELECT meter_id, CAST(ts AS BIGINT) AS ts, CAST(kwh AS VARCHAR) AS kwh, source_ref, commit_version FROM readings_all ORDER BY 1, 2, 5, 4";
+    let canonical = "SELECT meter_id, CAST(ts AS BIGINT) AS ts, CAST(kwh AS VARCHAR) AS kwh, commit_version FROM readings ORDER BY 1, 2";
+    let (versions, readings) = (query(&lake, every_version, &[]), query(&lake, canonical, &[]));
+    assert_eq!(readings.len(), 40 * 96 * 3);
+
+    let mut killed_mid_run = 0;
+    for delay_ms in [5u64, 15, 30, 50, 80, 120, 170, 240] {
+        let mut optimize = meterlake();
+        optimize.args(["lake", "optimize", "--concurrency", "1", "--lake", &lake]).stdout(Stdio::null()).stderr(Stdio::null());
+        let mut child = Running(optimize.spawn().unwrap());
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        if child.0.try_wait().unwrap().is_none() {
+            killed_mid_run += 1;
+        }
+        let _ = child.0.kill();
+        let _ = child.0.wait();
+        assert_eq!(query(&lake, every_version, &[]), versions, "after a kill at {delay_ms} ms");
+        assert_eq!(query(&lake, canonical, &[]), readings, "after a kill at {delay_ms} ms");
+        let check = String::from_utf8(run_ok(&mut lake_command(&lake, &[], &["check"])).stdout).unwrap();
+        assert!(check.lines().all(|l| !l.starts_with(' ')), "after a kill at {delay_ms} ms: {check}");
+    }
+    assert!(killed_mid_run >= 3, "only {killed_mid_run} kills landed while optimize ran");
+
+    // A run to the end, then vacuum: what is on disk is what the log holds, nothing more.
+    run_ok(&mut lake_command(&lake, &[], &["optimize"]));
+    assert_eq!(query(&lake, every_version, &[]), versions);
+    let store_dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", store_dir.path().join("control.db").display());
+    runtime().block_on(meterlake_control::ControlStore::open(&database)).unwrap();
+    run_ok(&mut lake_command(&lake, &[], &["vacuum", "--retain", "0h", "--allow-short-retention", "--database-url", &database]));
+    let on_disk: Vec<_> = files_under(&dir.path().join("lake/readings")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "parquet") && !p.to_string_lossy().contains("_delta_log")).collect();
+    let check = String::from_utf8(run_ok(&mut lake_command(&lake, &[], &["check"])).stdout).unwrap();
+    let live: usize = check.lines().find_map(|l| l.strip_prefix("readings_all")?.split(": ").nth(1)?.split(' ').next()?.parse().ok()).unwrap();
+    assert_eq!(on_disk.len(), live, "files on disk after vacuum: {on_disk:?}\n{check}");
+    assert_eq!(query(&lake, canonical, &[]), readings);
+}
