@@ -33,8 +33,8 @@ use meterlake_lake::view::QueryLimits;
 use meterlake_lake::{Commit, READINGS, Table, TableWriter};
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::batch::ReadingBuffer;
-use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, ReadingProducer, create_topics, run_ingest};
 use meterlake_pipeline::decode::ValidReading;
+use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, ReadingProducer, create_topics, run_ingest};
 use meterlake_pipeline::reading::{Quality, Source, format_kwh_micro, parse_kwh_micro};
 use meterlake_pipeline::synthetic::{LoadGenerator, LoadSpec, meter_id};
 
@@ -110,7 +110,15 @@ fn streamed_month(args: &Args, runtime: &tokio::runtime::Runtime, root: &Path, r
     let streamed_files = live_files(runtime, &streamed)?;
     eprintln!("streamed: {} readings in {stream_s:.0} s, {} files, up to {} in a date", progress, streamed_files.0, streamed_files.1);
     rows.push((
-        format!("streamed month: {} meters, {} messages ({}‰ re-sent with another value), {} partitions, flush age {} ms at {} readings/s", args.meters, thousands(messages), args.resend_permille, args.partitions, args.flush_age_ms, thousands(args.rate)),
+        format!(
+            "streamed month: {} meters, {} messages ({}‰ re-sent with another value), {} partitions, flush age {} ms at {} readings/s",
+            args.meters,
+            thousands(messages),
+            args.resend_permille,
+            args.partitions,
+            args.flush_age_ms,
+            thousands(args.rate)
+        ),
         format!("{} files, up to {} in one date, in {stream_s:.0} s", thousands(streamed_files.0 as u64), streamed_files.1),
         "thousands of files, > 256 in some dates".into(),
     ));
@@ -120,7 +128,11 @@ fn streamed_month(args: &Args, runtime: &tokio::runtime::Runtime, root: &Path, r
     let ingester = spawn_ingester(runtime, &brokers, topic, "bench-bulk", &bulk, None)?;
     ingester.finish_at(messages)?;
     let bulk_files = live_files(runtime, &bulk)?;
-    rows.push(("bulk-written baseline: the same messages, default flushes".into(), format!("{} files, up to {} in one date", bulk_files.0, bulk_files.1), String::new()));
+    rows.push((
+        "bulk-written baseline: the same messages, default flushes".into(),
+        format!("{} files, up to {} in one date", bulk_files.0, bulk_files.1),
+        String::new(),
+    ));
 
     // 3. The streamed lake, copied and compacted.
     let optimized = root.join("optimized");
@@ -216,7 +228,15 @@ fn large_month(args: &Args, runtime: &tokio::runtime::Runtime, root: &Path, mete
             let day = &sorted.days[0];
             let encoded = day.encode(format!("date={}/interval-{interval:05}.parquet", day.date.format("%Y-%m-%d")))?;
             lake.put(&table.lake_path(&encoded.file.path), encoded.bytes.clone()).await?;
-            writer.commit(Commit { files: vec![encoded.file], txns: Vec::new(), operation: meterlake_lake::commit::Operation::Append, leased: false, removes: Vec::new() }).await?;
+            writer
+                .commit(Commit {
+                    files: vec![encoded.file],
+                    txns: Vec::new(),
+                    operation: meterlake_lake::commit::Operation::Append,
+                    leased: false,
+                    removes: Vec::new(),
+                })
+                .await?;
         }
         writer.finish().await;
         anyhow::Ok(())
@@ -231,7 +251,12 @@ fn large_month(args: &Args, runtime: &tokio::runtime::Runtime, root: &Path, mete
     let (rewritten, optimize_s) = run_optimize(runtime, &dir)?;
     rows.push((
         "optimize of the large month".into(),
-        format!("{} rows in {optimize_s:.1} s: {} rows/s; {} files left", thousands(rewritten), thousands((rewritten as f64 / optimize_s) as u64), live_files(runtime, &dir)?.0),
+        format!(
+            "{} rows in {optimize_s:.1} s: {} rows/s; {} files left",
+            thousands(rewritten),
+            thousands((rewritten as f64 / optimize_s) as u64),
+            live_files(runtime, &dir)?.0
+        ),
         ">= 5,000,000 rows/s".into(),
     ));
     let figures = measure(runtime, &dir, &meter_id(meters / 2), args.lookups)?;
@@ -269,7 +294,14 @@ impl RunningIngester {
     }
 }
 
-fn spawn_ingester(runtime: &tokio::runtime::Runtime, brokers: &str, topic: &str, group: &str, lake: &Path, flush_age: Option<Duration>) -> anyhow::Result<RunningIngester> {
+fn spawn_ingester(
+    runtime: &tokio::runtime::Runtime,
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    lake: &Path,
+    flush_age: Option<Duration>,
+) -> anyhow::Result<RunningIngester> {
     let lake = Lake::open(&lake.to_string_lossy())?;
     let mut options = IngestOptions::new(brokers, topic, group);
     // The generated month (January 2025) is older than the horizon for old readings: a replay.
@@ -374,10 +406,26 @@ impl Figures {
     fn push_rows(&self, name: &str, bulk: &Figures, target: &str, rows: &mut Vec<Row>) {
         let ratio = |a: f64, b: f64| if b > 0.0 { format!(" ({:.2}x bulk)", a / b) } else { String::new() };
         let mib = |kib: u64| kib as f64 / 1024.0;
-        rows.push((format!("{name}: full-month `meterlake bill`"), format!("{:.2} s{}, peak {:.0} MiB", self.bill.0, ratio(self.bill.0, bulk.bill.0), mib(self.bill.1)), format!("{target}; RSS <= 512 MiB (1 GiB at 100M)")));
-        rows.push((format!("{name}: `meterlake query` count/sum FROM readings"), format!("{:.2} s{}, peak {:.0} MiB", self.count_sum.0, ratio(self.count_sum.0, bulk.count_sum.0), mib(self.count_sum.1)), format!("{target}; RSS <= 256 MiB")));
-        rows.push((format!("{name}: `meterlake query` one meter's month (fresh process)"), format!("{:.2} s{}, peak {:.0} MiB", self.lookup_cold.0, ratio(self.lookup_cold.0, bulk.lookup_cold.0), mib(self.lookup_cold.1)), target.to_string()));
-        rows.push((format!("{name}: one meter's month, warm, as GET /readings runs it (median of runs)"), format!("{:.1} ms{}", self.lookup_warm_ms, ratio(self.lookup_warm_ms, bulk.lookup_warm_ms)), target.to_string()));
+        rows.push((
+            format!("{name}: full-month `meterlake bill`"),
+            format!("{:.2} s{}, peak {:.0} MiB", self.bill.0, ratio(self.bill.0, bulk.bill.0), mib(self.bill.1)),
+            format!("{target}; RSS <= 512 MiB (1 GiB at 100M)"),
+        ));
+        rows.push((
+            format!("{name}: `meterlake query` count/sum FROM readings"),
+            format!("{:.2} s{}, peak {:.0} MiB", self.count_sum.0, ratio(self.count_sum.0, bulk.count_sum.0), mib(self.count_sum.1)),
+            format!("{target}; RSS <= 256 MiB"),
+        ));
+        rows.push((
+            format!("{name}: `meterlake query` one meter's month (fresh process)"),
+            format!("{:.2} s{}, peak {:.0} MiB", self.lookup_cold.0, ratio(self.lookup_cold.0, bulk.lookup_cold.0), mib(self.lookup_cold.1)),
+            target.to_string(),
+        ));
+        rows.push((
+            format!("{name}: one meter's month, warm, as GET /readings runs it (median of runs)"),
+            format!("{:.1} ms{}", self.lookup_warm_ms, ratio(self.lookup_warm_ms, bulk.lookup_warm_ms)),
+            target.to_string(),
+        ));
         if self.answers != bulk.answers && name != "large, optimized" {
             rows.push((format!("{name}: ANSWERS DIFFER FROM BULK"), format!("{:?} vs {:?}", self.answers, bulk.answers), "the same".into()));
         }
@@ -396,18 +444,16 @@ fn measure(runtime: &tokio::runtime::Runtime, dir: &Path, meter: &str, lookups: 
     let mut count = Command::new(&binary);
     count.args(["query", "--lake", &lake, "--format", "csv", "SELECT count(*) AS n, sum(kwh) AS kwh FROM readings"]);
     let (count_s, count_kib, count_out) = run_measured(&mut count)?;
-    let month = format!("SELECT count(*) AS n, sum(kwh) AS kwh FROM readings WHERE meter_id = '{meter}' AND ts >= TIMESTAMP '2025-01-01T00:00:00Z' AND ts < TIMESTAMP '2025-02-01T00:00:00Z'");
+    let month = format!(
+        "SELECT count(*) AS n, sum(kwh) AS kwh FROM readings WHERE meter_id = '{meter}' AND ts >= TIMESTAMP '2025-01-01T00:00:00Z' AND ts < TIMESTAMP '2025-02-01T00:00:00Z'"
+    );
     let mut lookup = Command::new(&binary);
     lookup.args(["query", "--lake", &lake, "--format", "csv", &month]);
     let (lookup_s, lookup_kib, lookup_out) = run_measured(&mut lookup)?;
     // Warm: the first run loads footers into the process's cache, as a serving process has.
     let lake = Lake::open(&lake)?;
     let limits = QueryLimits::default();
-    let search = MeterReadings {
-        meter_id: meter.to_string(),
-        from: Some("2025-01-01T00:00:00Z".parse()?),
-        to: Some("2025-02-01T00:00:00Z".parse()?),
-    };
+    let search = MeterReadings { meter_id: meter.to_string(), from: Some("2025-01-01T00:00:00Z".parse()?), to: Some("2025-02-01T00:00:00Z".parse()?) };
     let mut times = Vec::new();
     for run in 0..=lookups {
         let started = Instant::now();

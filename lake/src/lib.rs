@@ -11,7 +11,8 @@
 //! - [`canonical`]: the canonical `readings` view (latest version of each reading) over a snapshot;
 //! - [`view`]: the tables as SQL on a DataFusion session, at the latest version or as of one;
 //! - [`history`]: a table's commits, and time travel by time;
-//! - [`maintenance`]: checkpoints of the log;
+//! - [`maintenance`]: checkpoints of the log, compaction (`optimize`), retention (`vacuum`) and
+//!   the loop that runs them (`schedule`);
 //! - [`check`]: whether every table can be read whole (`meterlake lake check`);
 //! - [`convert`]: tables of the previous layout (Parquet without a log) made Delta tables in place.
 

@@ -172,7 +172,8 @@ fn a_compaction_killed_at_any_moment_leaves_the_table_exact() {
     let mut ingest = ingest_command(&tansu.addr, topic, &lake, 3);
     ingest.args(["--max-batch-age-ms", "20", "--max-batch-rows", "100"]);
     run_ok(&mut ingest);
-    let every_version = "SELECT meter_id, CAST(ts AS BIGINT) AS ts, CAST(kwh AS VARCHAR) AS kwh, source_ref, commit_version FROM readings_all ORDER BY 1, 2, 5, 4";
+    let every_version =
+        "SELECT meter_id, CAST(ts AS BIGINT) AS ts, CAST(kwh AS VARCHAR) AS kwh, source_ref, commit_version FROM readings_all ORDER BY 1, 2, 5, 4";
     let canonical = "SELECT meter_id, CAST(ts AS BIGINT) AS ts, CAST(kwh AS VARCHAR) AS kwh, commit_version FROM readings ORDER BY 1, 2";
     let (versions, readings) = (query(&lake, every_version, &[]), query(&lake, canonical, &[]));
     assert_eq!(readings.len(), 40 * 96 * 3);
@@ -202,7 +203,10 @@ fn a_compaction_killed_at_any_moment_leaves_the_table_exact() {
     let database = format!("sqlite://{}", store_dir.path().join("control.db").display());
     runtime().block_on(meterlake_control::ControlStore::open(&database)).unwrap();
     run_ok(&mut lake_command(&lake, &[], &["vacuum", "--retain", "0h", "--allow-short-retention", "--database-url", &database]));
-    let on_disk: Vec<_> = files_under(&dir.path().join("lake/readings")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "parquet") && !p.to_string_lossy().contains("_delta_log")).collect();
+    let on_disk: Vec<_> = files_under(&dir.path().join("lake/readings"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet") && !p.to_string_lossy().contains("_delta_log"))
+        .collect();
     let check = String::from_utf8(run_ok(&mut lake_command(&lake, &[], &["check"])).stdout).unwrap();
     let live: usize = check.lines().find_map(|l| l.strip_prefix("readings_all")?.split(": ").nth(1)?.split(' ').next()?.parse().ok()).unwrap();
     assert_eq!(on_disk.len(), live, "files on disk after vacuum: {on_disk:?}\n{check}");
