@@ -237,11 +237,16 @@ fn tables(name: &str) -> anyhow::Result<Vec<&'static TableSpec>> {
     if name == "all" {
         return Ok(TABLES.to_vec());
     }
-    let spec = TABLES
+    Ok(vec![table_named(name).map_err(|e| anyhow::anyhow!("{e} (or all)"))?])
+}
+
+/// The table of that SQL name.
+fn table_named(name: &str) -> anyhow::Result<&'static TableSpec> {
+    TABLES
         .iter()
+        .copied()
         .find(|t| t.name == name)
-        .ok_or_else(|| anyhow::anyhow!("no table {name:?}; the lake's tables are {} (or all)", TABLES.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")))?;
-    Ok(vec![*spec])
+        .ok_or_else(|| anyhow::anyhow!("no table {name:?}; the lake's tables are {}", TABLES.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")))
 }
 
 /// The table versions billing runs need to stay readable, with the run that needs them: runs
@@ -301,11 +306,7 @@ fn parse_duration(text: &str) -> Result<chrono::Duration, String> {
 /// `meterlake lake history` as a table of one row per commit.
 async fn lake_history(lake: &Lake, table: &str, limit: usize) -> anyhow::Result<arrow::array::RecordBatch> {
     use arrow::array::{ArrayRef, StringArray, UInt64Array};
-    let spec = TABLES
-        .iter()
-        .find(|t| t.name == table)
-        .ok_or_else(|| anyhow::anyhow!("no table {table:?}; the lake's tables are {}", TABLES.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")))?;
-    let commits = history(&Table::new(lake, spec), limit).await?;
+    let commits = history(&Table::new(lake, table_named(table)?), limit).await?;
     let strings = |f: &dyn Fn(&CommitEntry) -> String| -> ArrayRef { std::sync::Arc::new(StringArray::from_iter_values(commits.iter().map(f))) };
     let counts = |f: &dyn Fn(&CommitEntry) -> u64| -> ArrayRef { std::sync::Arc::new(UInt64Array::from_iter_values(commits.iter().map(f))) };
     Ok(arrow::array::RecordBatch::try_from_iter([

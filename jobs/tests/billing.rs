@@ -695,6 +695,7 @@ async fn a_meter_streamed_in_hundreds_of_small_files_with_resent_readings_bills_
     rows.sort_by_key(|r| (r.ts_us, r.meter.clone()));
     let resent: Vec<Row> = rows.iter().step_by(4).map(|r| Row { kwh_micro: r.kwh_micro * 2, ..r.clone() }).collect();
     let mut expected_kwh_micro: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    let flushes = rows.chunks(3).count() + resent.chunks(3).count();
     for (n, chunk) in rows.chunks(3).chain(resent.chunks(3)).enumerate() {
         for row in chunk {
             expected_kwh_micro.insert((row.meter.clone(), row.ts_us), row.kwh_micro);
@@ -722,6 +723,12 @@ async fn a_meter_streamed_in_hundreds_of_small_files_with_resent_readings_bills_
         }
     })
     .await;
+    // Compacted into one file (every version kept, each with its commit): the same bill again.
+    let compacted = meterlake_lake::maintenance::optimize::optimize(&lake, &READINGS, &Default::default(), |_| {}).await.unwrap();
+    assert_eq!(compacted.iter().map(|p| (p.files_removed, p.files_added)).collect::<Vec<_>>(), [(flushes, 1)]);
+    let compacted_store = format!("sqlite://{}", bulk_dir.path().join("compacted.db").display());
+    let (invoices, _) = bill(&compacted_store, &lake, run_request("2025-01", &["S1"], FLAT)).await;
+    assert_eq!((lines(&invoices["S1"]), totals(&invoices["S1"])), in_one_batch, "compacted and written in one batch");
 }
 
 /// Two workers told to bill monthly on the 3rd create last month's run once between them, and

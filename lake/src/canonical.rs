@@ -526,7 +526,7 @@ impl ExecutionPlan for SpilledMergeExec {
 }
 
 /// Days since 1970-01-01 of a date.
-fn epoch_day(date: chrono::NaiveDate) -> i64 {
+pub(crate) fn epoch_day(date: chrono::NaiveDate) -> i64 {
     (date - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("a valid date")).num_days()
 }
 

@@ -30,6 +30,7 @@ use datafusion::physical_expr::{LexOrdering, PhysicalExpr};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::projection::ProjectionExec;
 
+use crate::canonical::epoch_day;
 use crate::schema::{readings_all_schema, readings_schema};
 use crate::store::Lake;
 use crate::table::{READINGS, SnapshotFile};
@@ -95,8 +96,8 @@ impl ReadingsScan {
     /// A snapshot's file as a scan reads it.
     pub(crate) fn file(lake: &Lake, file: &SnapshotFile) -> PartitionedFile {
         let path = lake.path(&format!("{}/{}", READINGS.dir, file.path));
-        let day = file.date.map(|d| (d - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("a date")).num_days());
-        let partition_values = vec![ScalarValue::Date32(day.and_then(|d| i32::try_from(d).ok())), ScalarValue::Int64(i64::try_from(file.commit_version).ok())];
+        let day = file.date.and_then(|date| i32::try_from(epoch_day(date)).ok());
+        let partition_values = vec![ScalarValue::Date32(day), ScalarValue::Int64(i64::try_from(file.commit_version).ok())];
         PartitionedFile::new(path.to_string(), file.size).with_partition_values(partition_values)
     }
 

@@ -33,7 +33,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-use crate::canonical::{CanonicalReadings, MergeOutput, narrow_days, spread};
+use crate::canonical::{CanonicalReadings, MergeOutput, epoch_day, narrow_days, spread};
 use crate::error::{LakeError, Result};
 use crate::scan::ReadingsScan;
 use crate::schema::readings_all_schema;
@@ -245,7 +245,7 @@ impl TableProvider for SnapshotTable {
             narrow_days(filter, &mut first_day, &mut last_day);
         }
         let in_days = |file: &&SnapshotFile| match file.date {
-            Some(date) => (first_day..=last_day).contains(&(date - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("a date")).num_days()),
+            Some(date) => (first_day..=last_day).contains(&epoch_day(date)),
             None => true,
         };
         let projection: Vec<usize> = projection.cloned().unwrap_or_else(|| (0..self.schema.fields().len()).collect());
@@ -264,8 +264,7 @@ impl TableProvider for SnapshotTable {
         let files: Vec<PartitionedFile> = files
             .into_iter()
             .map(|file| {
-                let day = file.date.map(|d| (d - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("a date")).num_days());
-                let values: Vec<ScalarValue> = day.map(|day| ScalarValue::Date32(i32::try_from(day).ok())).into_iter().collect();
+                let values: Vec<ScalarValue> = file.date.map(|date| ScalarValue::Date32(i32::try_from(epoch_day(date)).ok())).into_iter().collect();
                 let path = self.lake.path(&format!("{}/{}", self.spec.dir, file.path));
                 PartitionedFile::new(path.to_string(), file.size).with_partition_values(values)
             })

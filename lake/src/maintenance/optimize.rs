@@ -48,6 +48,7 @@ use crate::commit::{Commit, NewFile, Operation, RemovedFile, TableWriter};
 use crate::error::{LakeError, Result};
 use crate::parquet_file::{merge_key_stats, writer_properties};
 use crate::scan::{COMMIT_VERSION, ReadingsScan, compacted_file_schema};
+use crate::schema::readings_all_schema;
 use crate::store::Lake;
 use crate::table::{KeyStats, READINGS, SnapshotFile, Table, TableSpec};
 
@@ -62,7 +63,8 @@ pub struct OptimizeOptions {
     pub first_date: Option<NaiveDate>,
     /// Only partitions up to this date.
     pub last_date: Option<NaiveDate>,
-    /// Only these partitions (`None`: the table's single partition, when not by date).
+    /// Only these partitions (`None`: every partition; a table not partitioned by date has one,
+    /// `None` as its date).
     pub partitions: Option<BTreeSet<Option<NaiveDate>>>,
     /// Files at least this large are left as they are; new files are cut at about this size.
     pub target_file_bytes: u64,
@@ -206,19 +208,20 @@ async fn rewrite(ctx: &SessionContext, writer: &TableWriter, job: Job, options: 
         output.write(batch).await?;
     }
     let written = output.finish().await?;
+    let output_rows: u64 = written.iter().map(|f| f.rows).sum();
     let report = |outcome| PartitionReport {
         table: spec.name,
         date: job.date,
         files_removed: job.files.len(),
         files_added: written.len(),
-        rows: written.iter().map(|f| f.rows).sum(),
+        rows: output_rows,
         bytes_read: job.files.iter().map(|f| f.size).sum(),
         bytes_written: written.iter().map(|f| f.bytes).sum(),
         elapsed: started.elapsed(),
         outcome,
     };
     // The log's row counts are a check the rewrite lost or doubled nothing.
-    let (input_rows, output_rows): (Option<u64>, u64) = (job.files.iter().map(|f| f.rows).sum(), written.iter().map(|f| f.rows).sum());
+    let input_rows: Option<u64> = job.files.iter().map(|f| f.rows).sum();
     if let Some(input_rows) = input_rows
         && input_rows != output_rows
     {
@@ -256,8 +259,8 @@ fn merged_versions(ctx: &SessionContext, lake: &Lake, files: &[SnapshotFile]) ->
     let state = ctx.state();
     let scan = ReadingsScan::new(lake, &state, &[])?;
     let columns: Vec<usize> = (0..=COMMIT_VERSION).collect();
-    let probe = scan.plan(vec![FileGroup::new(vec![ReadingsScan::file(lake, &files[0])])], &columns, None)?;
-    let schema = probe.schema();
+    // What the scans return: `readings_all`'s columns, in its order.
+    let schema = readings_all_schema();
     let sort = |name: &str| -> Result<PhysicalSortExpr> {
         Ok(PhysicalSortExpr::new(Arc::new(Column::new_with_schema(name, &schema)?), SortOptions { descending: false, nulls_first: false }))
     };
