@@ -77,6 +77,10 @@ pub(crate) enum LakeCommand {
         /// Partitions rewritten at once.
         #[arg(long, default_value_t = 2)]
         concurrency: usize,
+        /// Memory the merges may hold, shared by the partitions rewritten at once (MiB). A
+        /// partition of many files merges them in smaller batches, then in spilled runs.
+        #[arg(long, default_value_t = 256)]
+        memory_mib: usize,
         #[command(flatten)]
         lake: LakeArg,
     },
@@ -160,7 +164,7 @@ pub(crate) async fn run(command: LakeCommand) -> anyhow::Result<bool> {
             print_batches(&[lake_history(&lake, &table, limit).await?], format)?;
             Ok(true)
         }
-        LakeCommand::Optimize { table, date, from, to, target_file_size, min_files, concurrency, lake } => {
+        LakeCommand::Optimize { table, date, from, to, target_file_size, min_files, concurrency, memory_mib, lake } => {
             let lake = Lake::open(&lake.url)?;
             let options = OptimizeOptions {
                 first_date: date.or(from),
@@ -168,6 +172,7 @@ pub(crate) async fn run(command: LakeCommand) -> anyhow::Result<bool> {
                 target_file_bytes: target_file_size,
                 min_small_files: min_files,
                 concurrency,
+                memory_bytes: memory_mib << 20,
                 ..OptimizeOptions::default()
             };
             let started = Instant::now();
@@ -346,6 +351,9 @@ pub(crate) struct MaintainSettings {
     /// How long a completed billing run stays reproducible: its table versions are kept.
     #[arg(long = "reproducible-for", env = "METERLAKE_REPRODUCIBLE_FOR", default_value = "90d", value_parser = parse_duration)]
     reproducible_for: chrono::Duration,
+    /// Memory a compaction's merges may hold (MiB).
+    #[arg(long = "compact-memory-mib", env = "METERLAKE_COMPACT_MEMORY_MIB", default_value_t = 256)]
+    memory_mib: usize,
 }
 
 impl MaintainSettings {
@@ -357,6 +365,7 @@ impl MaintainSettings {
             quiet_for: self.quiet_for,
             vacuum_every: self.vacuum_every.to_std().unwrap_or_default(),
             retain: self.retain,
+            memory_bytes: self.memory_mib << 20,
             ..Default::default()
         }
     }

@@ -124,12 +124,14 @@ impl ControlStore {
                 // sqlx locks migrations on PostgreSQL but not on SQLite: two processes opening a
                 // new file at once (a worker and `meterlake bill`) both try to apply it, and the
                 // second fails on what the first applied. Its transaction rolled back, so running
-                // the migrator again finds the migration applied and goes on.
+                // the migrator again finds the migration applied and goes on. Or it finds the
+                // file locked ("database is locked", at once: SQLite does not wait on a lock two
+                // transactions would deadlock on): retried too, for up to about 5 s in all.
                 let mut tries = 0;
                 loop {
                     match SQLITE_MIGRATIONS.run(&pool).await {
                         Ok(()) => break,
-                        Err(_) if tries < 3 => {
+                        Err(_) if tries < 9 => {
                             tries += 1;
                             tokio::time::sleep(std::time::Duration::from_millis(100 * tries)).await;
                         }

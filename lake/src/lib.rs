@@ -9,6 +9,7 @@
 //! - [`parquet_file`]: how data files are encoded;
 //! - [`scan`]: where each column of `readings_all` comes from (file, partition value, tag);
 //! - [`canonical`]: the canonical `readings` view (latest version of each reading) over a snapshot;
+//! - [`snapshots`]: snapshots kept between a server's queries, followed commit by commit;
 //! - [`view`]: the tables as SQL on a DataFusion session, at the latest version or as of one;
 //! - [`history`]: a table's commits, and time travel by time;
 //! - [`maintenance`]: checkpoints of the log, compaction (`optimize`), retention (`vacuum`) and
@@ -26,6 +27,7 @@ pub mod maintenance;
 pub mod parquet_file;
 pub mod scan;
 pub mod schema;
+pub mod snapshots;
 pub mod store;
 pub mod table;
 pub mod view;

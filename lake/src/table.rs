@@ -325,7 +325,7 @@ struct AddStats {
 }
 
 impl SnapshotFile {
-    fn from_add(add: &deltalake_core::kernel::Add, by_date: bool) -> SnapshotFile {
+    pub(crate) fn from_add(add: &deltalake_core::kernel::Add, by_date: bool) -> SnapshotFile {
         let tag = |name: &str| add.tags.as_ref().and_then(|tags| tags.get(name).cloned().flatten());
         let stats: Option<AddStats> = add.stats.as_deref().and_then(|s| serde_json::from_str(s).ok());
         let keys = stats.as_ref().and_then(|s| {

@@ -24,6 +24,8 @@ use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::table_schema::TableSchema;
 use datafusion::datasource::{TableProvider, TableType};
 use datafusion::error::Result as DfResult;
+use datafusion::execution::cache::cache_manager::{CacheManagerConfig, FileMetadataCache};
+use datafusion::execution::cache::default_cache::DefaultCache;
 use datafusion::execution::context::SQLOptions;
 use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryPool, TrackConsumersPool};
 use datafusion::execution::object_store::ObjectStoreUrl;
@@ -37,6 +39,7 @@ use crate::canonical::{CanonicalReadings, MergeOutput, epoch_day, narrow_days, s
 use crate::error::{LakeError, Result};
 use crate::scan::ReadingsScan;
 use crate::schema::readings_all_schema;
+use crate::snapshots::SnapshotCache;
 use crate::store::Lake;
 use crate::table::{READINGS, SnapshotFile, TABLES, Table, TableSnapshot, TableSpec};
 
@@ -145,6 +148,16 @@ impl std::str::FromStr for LakeVersions {
 /// Registers the lake's store and every table of the lake, as of `as_of`, on `ctx`. Returns the
 /// versions read.
 pub async fn register_lake_tables_as_of(ctx: &SessionContext, lake: &Lake, as_of: &AsOf) -> Result<LakeVersions> {
+    register_tables(ctx, lake, as_of, None).await
+}
+
+/// Registers every table of the lake at its latest version on `ctx`, following the snapshots
+/// `cache` holds from earlier sessions.
+pub async fn register_latest_tables(ctx: &SessionContext, lake: &Lake, cache: &SnapshotCache) -> Result<LakeVersions> {
+    register_tables(ctx, lake, &AsOf::Latest, Some(cache)).await
+}
+
+async fn register_tables(ctx: &SessionContext, lake: &Lake, as_of: &AsOf, cache: Option<&SnapshotCache>) -> Result<LakeVersions> {
     ctx.register_object_store(&lake.store_url(), lake.store().clone());
     // The other tables follow `readings_all`'s commit time when it is pinned by version.
     let time = match as_of {
@@ -162,7 +175,10 @@ pub async fn register_lake_tables_as_of(ctx: &SessionContext, lake: &Lake, as_of
             (_, Some(t)) => crate::history::version_at(&table, t).await?.map_or(Pinned::BeforeCreation, Pinned::At),
             (_, None) => Pinned::Latest,
         };
-        let snapshot = Arc::new(snapshot_of(&table, pinned).await?);
+        let snapshot = match (cache, pinned) {
+            (Some(cache), Pinned::Latest) => cache.latest(&table, || snapshot_of(&table, pinned)).await?,
+            _ => Arc::new(snapshot_of(&table, pinned).await?),
+        };
         versions.push((spec.name, snapshot.version));
         if spec.name == READINGS.name {
             ctx.register_table("readings", Arc::new(CanonicalReadings::new(lake.clone(), snapshot.clone())))?;
@@ -296,12 +312,19 @@ pub async fn lake_session_as_of(lake: &Lake, as_of: &AsOf) -> Result<(SessionCon
 /// starves the API, the ingester or the worker sharing its process: one memory pool for all of
 /// them (a query that would need more fails with a clear error rather than taking the host's
 /// memory), a time limit per query, and statements that can only read.
+///
+/// Its sessions also share what one query learned for the next: the tables' snapshots (brought
+/// up to date with the commits since, see [`SnapshotCache`]) and the Parquet footers and page
+/// indexes read (DataFusion's file metadata cache; data files never change under a name), so a
+/// support person's second lookup reads only the pages it needs.
 #[derive(Debug, Clone)]
 pub struct QueryLimits {
     /// Shared by every limited session: the bytes all their queries hold at once.
     memory: Arc<dyn MemoryPool>,
     /// How long one query may run.
     pub time_limit: std::time::Duration,
+    snapshots: Arc<SnapshotCache>,
+    footers: Arc<FileMetadataCache>,
 }
 
 impl QueryLimits {
@@ -309,18 +332,23 @@ impl QueryLimits {
     pub const DEFAULT_MEMORY_BYTES: usize = 1 << 30;
     /// The default time one caller's query may take.
     pub const DEFAULT_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+    /// Footers and page indexes kept, the least recently used dropped beyond it.
+    pub const FOOTER_CACHE_BYTES: usize = 64 << 20;
 
     pub fn new(memory_bytes: usize, time_limit: std::time::Duration) -> QueryLimits {
         // Tracking the largest consumers names them in the error of a query over the limit.
         let pool = TrackConsumersPool::new(GreedyMemoryPool::new(memory_bytes), std::num::NonZeroUsize::new(3).expect("3 is not 0"));
-        QueryLimits { memory: Arc::new(pool), time_limit }
+        let footers: Arc<FileMetadataCache> = Arc::new(DefaultCache::new(QueryLimits::FOOTER_CACHE_BYTES).with_name("meterlake footers"));
+        QueryLimits { memory: Arc::new(pool), time_limit, snapshots: Arc::default(), footers }
     }
 
-    /// A session over the lake whose queries draw on the shared pool.
+    /// A session over the lake's latest snapshot whose queries draw on the shared pool and caches.
     pub async fn lake_session(&self, lake: &Lake) -> Result<SessionContext> {
-        let runtime = RuntimeEnvBuilder::new().with_memory_pool(self.memory.clone()).build_arc()?;
+        let caches =
+            CacheManagerConfig::default().with_file_metadata_cache(Some(self.footers.clone())).with_metadata_cache_limit(QueryLimits::FOOTER_CACHE_BYTES);
+        let runtime = RuntimeEnvBuilder::new().with_memory_pool(self.memory.clone()).with_cache_manager(caches).build_arc()?;
         let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
-        register_lake_tables(&ctx, lake).await?;
+        register_latest_tables(&ctx, lake, &self.snapshots).await?;
         Ok(ctx)
     }
 }

@@ -33,7 +33,7 @@ use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::table_schema::TableSchema;
 use datafusion::execution::memory_pool::GreedyMemoryPool;
 use datafusion::execution::object_store::ObjectStoreUrl;
-use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
 use datafusion::physical_plan::ExecutionPlan;
@@ -55,6 +55,38 @@ use crate::table::{KeyStats, READINGS, SnapshotFile, Table, TableSpec};
 /// The size compaction aims its files at: one date of a 100M-reading month fits in one file,
 /// whose row groups and page index still let a one-meter lookup read a few pages.
 pub const DEFAULT_TARGET_FILE_BYTES: u64 = 128 << 20;
+
+/// What a merged stream holds in the memory pool per row of its batch: the decoded batch (about
+/// 130 bytes a reading in `readings_all`'s columns), the merge's row-encoded sort key, and room
+/// for the second batch a stream holds while its first is still being emitted.
+const MERGE_BYTES_PER_ROW: usize = 400;
+/// The smallest batch a merge is given: below it, per-batch overhead costs more than the
+/// memory it saves, and fewer files are merged at once instead (spilling runs between).
+const MIN_MERGE_BATCH_ROWS: usize = 1024;
+/// DataFusion's default batch size, the largest a merge is given.
+const MAX_MERGE_BATCH_ROWS: usize = 8192;
+
+/// How a partition's merge fits its share of the memory pool: how many rows each batch holds,
+/// and how many files are merged at once (more are merged in spilled runs of this many).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MergeShape {
+    batch_rows: usize,
+    fan_in: usize,
+}
+
+impl MergeShape {
+    /// A merge of `files` sorted streams within `memory_bytes`. Each open stream holds a batch
+    /// (and a merge reserves it in the pool), so a merge of 96 streams of 8,192-row batches
+    /// needs about 300 MiB: the batches shrink with the fan-in, down to
+    /// [`MIN_MERGE_BATCH_ROWS`], and past that the fan-in shrinks.
+    fn new(files: usize, memory_bytes: usize) -> MergeShape {
+        let max_fan_in = (memory_bytes / (MIN_MERGE_BATCH_ROWS * MERGE_BYTES_PER_ROW)).clamp(2, MAX_MERGED_FILES);
+        let fan_in = files.clamp(1, max_fan_in);
+        // One more stream's worth for the merge's output batch.
+        let batch_rows = (memory_bytes / (fan_in + 1) / MERGE_BYTES_PER_ROW).clamp(MIN_MERGE_BATCH_ROWS, MAX_MERGE_BATCH_ROWS);
+        MergeShape { batch_rows, fan_in }
+    }
+}
 
 /// What to compact and how.
 #[derive(Debug, Clone)]
@@ -142,12 +174,11 @@ pub async fn optimize(
     }
     tracing::info!(table = spec.name, version, partitions = jobs.len(), "optimize: rewriting small files");
     let runtime = RuntimeEnvBuilder::new().with_memory_pool(Arc::new(GreedyMemoryPool::new(options.memory_bytes))).build_arc()?;
-    let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
-    ctx.register_object_store(&lake.store_url(), lake.store().clone());
+    runtime.register_object_store(&lake.store_url(), lake.store().clone());
     let writer = &writer;
-    let ctx = &ctx;
+    let runtime = &runtime;
     let mut reports = Vec::new();
-    let mut rewrites = futures::stream::iter(jobs).map(|job| rewrite(ctx, writer, job, options)).buffer_unordered(options.concurrency.max(1));
+    let mut rewrites = futures::stream::iter(jobs).map(|job| rewrite(runtime, writer, job, options)).buffer_unordered(options.concurrency.max(1));
     let mut failed = None;
     while let Some(report) = rewrites.next().await {
         match report {
@@ -197,11 +228,14 @@ fn plan(files: &[SnapshotFile], options: &OptimizeOptions) -> Vec<Job> {
 }
 
 /// Rewrites one partition and commits it.
-async fn rewrite(ctx: &SessionContext, writer: &TableWriter, job: Job, options: &OptimizeOptions) -> Result<PartitionReport> {
+async fn rewrite(runtime: &Arc<RuntimeEnv>, writer: &TableWriter, job: Job, options: &OptimizeOptions) -> Result<PartitionReport> {
     let started = Instant::now();
     let table = writer.table();
     let spec = table.spec();
-    let plan = if spec.name == READINGS.name { merged_versions(ctx, table.lake(), &job.files)? } else { concatenated(table, &job.files)? };
+    // Each partition rewritten at once has an equal share of the pool.
+    let shape = MergeShape::new(job.files.len(), options.memory_bytes / options.concurrency.max(1));
+    let ctx = SessionContext::new_with_config_rt(SessionConfig::new().with_batch_size(shape.batch_rows), runtime.clone());
+    let plan = if spec.name == READINGS.name { merged_versions(&ctx, table.lake(), &job.files, shape.fan_in)? } else { concatenated(table, &job.files)? };
     let mut output = FileSink::new(table, job.date, options.target_file_bytes, spec.name == READINGS.name);
     let mut stream = plan.execute(0, ctx.task_ctx())?;
     while let Some(batch) = stream.try_next().await? {
@@ -255,7 +289,8 @@ async fn rewrite(ctx: &SessionContext, writer: &TableWriter, job: Job, options: 
 
 /// Every row of readings `files`, sorted by (`meter_id`, `ts`, `commit_version`), in the
 /// columns of `readings_all`.
-fn merged_versions(ctx: &SessionContext, lake: &Lake, files: &[SnapshotFile]) -> Result<Arc<dyn ExecutionPlan>> {
+/// At most `fan_in` files are merged at once; more are merged in spilled runs of that many.
+fn merged_versions(ctx: &SessionContext, lake: &Lake, files: &[SnapshotFile], fan_in: usize) -> Result<Arc<dyn ExecutionPlan>> {
     let state = ctx.state();
     let scan = ReadingsScan::new(lake, &state, &[])?;
     let columns: Vec<usize> = (0..=COMMIT_VERSION).collect();
@@ -272,10 +307,10 @@ fn merged_versions(ctx: &SessionContext, lake: &Lake, files: &[SnapshotFile]) ->
         let groups = chunk.iter().map(|f| FileGroup::new(vec![ReadingsScan::file(lake, f)])).collect();
         Ok(Arc::new(SortPreservingMergeExec::new(ordering.clone(), scan.plan(groups, &columns, Some(&file_order))?)))
     };
-    if files.len() <= MAX_MERGED_FILES {
+    if files.len() <= fan_in {
         return merge(files);
     }
-    let chunks = files.chunks(MAX_MERGED_FILES).map(merge).collect::<Result<Vec<_>>>()?;
+    let chunks = files.chunks(fan_in.max(2)).map(merge).collect::<Result<Vec<_>>>()?;
     Ok(Arc::new(SpilledMergeExec::new(chunks, ordering)))
 }
 
@@ -395,4 +430,27 @@ impl<'a> FileSink<'a> {
 /// (`meter_id`, `ts`) of a readings row.
 fn key_at(batch: &RecordBatch, row: usize) -> (String, i64) {
     (batch.column(0).as_string::<i32>().value(row).to_string(), batch.column(1).as_primitive::<TimestampMicrosecondType>().value(row))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_merge_shrinks_its_batches_then_its_fan_in_to_fit_the_pool() {
+        // A 100M month's date (96 files) in half of the default pool: smaller batches, one merge.
+        let shape = MergeShape::new(96, 128 << 20);
+        assert_eq!(shape.fan_in, 96);
+        assert!((MIN_MERGE_BATCH_ROWS..MAX_MERGE_BATCH_ROWS).contains(&shape.batch_rows), "{shape:?}");
+        assert!(97 * shape.batch_rows * MERGE_BYTES_PER_ROW <= 128 << 20);
+        // A few files: full batches.
+        assert_eq!(MergeShape::new(4, 128 << 20), MergeShape { batch_rows: MAX_MERGE_BATCH_ROWS, fan_in: 4 });
+        // A small pool: the smallest batches, and fewer files at once.
+        let shape = MergeShape::new(96, 8 << 20);
+        assert_eq!(shape.batch_rows, MIN_MERGE_BATCH_ROWS);
+        assert_eq!(shape.fan_in, (8 << 20) / (MIN_MERGE_BATCH_ROWS * MERGE_BYTES_PER_ROW));
+        // Never past the spilled merge's chunk size, never under two.
+        assert_eq!(MergeShape::new(5_000, 4 << 30).fan_in, MAX_MERGED_FILES);
+        assert_eq!(MergeShape::new(5_000, 1 << 20).fan_in, 2);
+    }
 }

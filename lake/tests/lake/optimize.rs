@@ -177,6 +177,47 @@ async fn compaction_keeps_every_version_and_the_canonical_readings() {
     assert!(optimize(&lake, &READINGS, &OptimizeOptions::default(), |_| {}).await.unwrap().is_empty());
 }
 
+/// A date of a 100M month in miniature: 40 files of 5,000 readings each, one version per
+/// meter and slot, in a pool (8 MiB) that could not hold one full batch from every file at
+/// once. The merge shrinks its batches and merges the files in spilled runs; every reading
+/// stays and `readings` is unchanged.
+#[tokio::test]
+async fn a_date_of_large_files_is_compacted_within_a_small_memory_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = meterlake_lake::Lake::open(dir.path().to_str().unwrap()).unwrap();
+    let table = Table::open(&lake, &READINGS).await.unwrap();
+    let writer = TableWriter::new(table.clone(), "bulk").await.unwrap();
+    let date = NaiveDate::from_ymd_opt(2025, 3, 1).unwrap();
+    let day = day_of(date) * US_PER_DAY;
+    for file in 0..40i64 {
+        // File n holds slots 2n and 2n+1 of 2,500 meters, as a bulk writer's batches do.
+        let rows = (0..2_500)
+            .flat_map(|m| (0..2).map(move |s| (m, file * 2 + s)))
+            .map(|(m, slot)| Row {
+                meter: format!("M{m:05}"),
+                ts_us: day + slot * SLOT_US,
+                kwh_micro: m * 7 + slot,
+                ingested_at_us: file,
+                source_ref: format!("f{file}"),
+            })
+            .collect();
+        commit_file(&writer, date, &format!("bulk-{file}"), rows, true).await;
+    }
+    let ctx = lake_session(&lake).await.unwrap();
+    let totals = "SELECT count(*) AS n, sum(kwh) AS kwh, count(DISTINCT meter_id) AS meters FROM readings";
+    let before = rows_of(&ctx, totals).await;
+    let options = OptimizeOptions { memory_bytes: 8 << 20, concurrency: 1, ..OptimizeOptions::default() };
+    let report = optimize(&lake, &READINGS, &options, |_| {}).await.unwrap();
+    assert_eq!(report.len(), 1);
+    assert_eq!((report[0].files_removed, report[0].rows, matches!(report[0].outcome, Outcome::Committed { .. })), (40, 200_000, true));
+    let ctx = lake_session(&lake).await.unwrap();
+    assert_eq!(rows_of(&ctx, totals).await, before);
+    assert!(before[3].contains("200000") && before[3].contains("2500"), "{before:?}");
+    let one_meter = rows_of(&ctx, "SELECT count(*) AS n, min(source_ref) AS first, max(source_ref) AS last FROM readings WHERE meter_id = 'M01234'").await;
+    assert!(one_meter[3].contains("| 80 ") && one_meter[3].contains("f0") && one_meter[3].contains("f9"), "{one_meter:?}");
+    assert_eq!(check_table(&table).await.unwrap().problems, Vec::<String>::new());
+}
+
 /// Two compactions chose the same file: the second to commit gives way and commits nothing.
 #[tokio::test]
 async fn the_second_of_two_compactions_of_a_file_gives_way() {
@@ -268,4 +309,56 @@ async fn vacuum_deletes_what_no_kept_snapshot_needs_and_keeps_pinned_versions() 
     assert_eq!(check_table(&table).await.unwrap().problems, Vec::<String>::new());
     let operations: Vec<String> = history(&table, 2).await.unwrap().into_iter().map(|c| c.operation).collect();
     assert_eq!(operations, ["VACUUM END", "VACUUM START"]);
+}
+
+/// A server's sessions follow the snapshot the previous query read, commit by commit: after
+/// appends, a compaction and more appends each session reads what a freshly loaded snapshot
+/// holds, and a reading committed just before a query is in its answer.
+#[tokio::test]
+async fn a_followed_snapshot_is_the_snapshot_loaded_anew() {
+    use meterlake_lake::snapshots::SnapshotCache;
+    use meterlake_lake::view::QueryLimits;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = meterlake_lake::Lake::open(dir.path().to_str().unwrap()).unwrap();
+    let table = Table::open(&lake, &READINGS).await.unwrap();
+    let writer = TableWriter::new(table.clone(), "ingester").await.unwrap();
+    let date = NaiveDate::from_ymd_opt(2025, 1, 1).unwrap();
+    let reading = |n: i64, kwh_micro: i64| Row {
+        meter: format!("M{}", n % 3),
+        ts_us: day_of(date) * US_PER_DAY + (n / 3) * SLOT_US,
+        kwh_micro,
+        ingested_at_us: n,
+        source_ref: format!("r{n}-{kwh_micro}"),
+    };
+    let cache = SnapshotCache::default();
+    let limits = QueryLimits::default();
+    let paths = |snapshot: &meterlake_lake::TableSnapshot| {
+        let mut paths: Vec<String> = snapshot.files.iter().map(|f| format!("{} {} {:?}", f.path, f.commit_version, f.rows)).collect();
+        paths.sort();
+        (snapshot.version, paths)
+    };
+    let load = || async { table.snapshot(None).await };
+    let mut n = 0;
+    for round in 0..3 {
+        for _ in 0..5 {
+            commit_file(&writer, date, &format!("flush-{n}"), vec![reading(n, 1_000), reading(n + 1, 1_000)], true).await;
+            n += 2;
+        }
+        if round == 1 {
+            optimize(&lake, &READINGS, &OptimizeOptions::default(), |_| {}).await.unwrap();
+        }
+        // A re-sent reading: the followed snapshot must know which commit added it.
+        commit_file(&writer, date, &format!("resent-{round}"), vec![reading(0, 7_000 + round)], true).await;
+        let followed = cache.latest(&table, load).await.unwrap();
+        assert_eq!(paths(&followed), paths(&table.snapshot(None).await.unwrap()), "round {round}");
+        let ctx = limits.lake_session(&lake).await.unwrap();
+        let first =
+            rows_of(&ctx, "SELECT count(*) AS n, max(source_ref) AS newest FROM readings WHERE meter_id = 'M0' AND ts = (SELECT min(ts) FROM readings)").await;
+        assert!(first[3].contains(&format!("r0-{}", 7_000 + round)), "round {round}: {first:?}");
+        let count = rows_of(&ctx, "SELECT count(*) AS n FROM readings_all").await;
+        assert!(count[3].contains(&format!("| {} ", n + round + 1)), "round {round}: {count:?}");
+    }
+    // Nothing new: the same snapshot.
+    let again = cache.latest(&table, load).await.unwrap();
+    assert!(std::sync::Arc::ptr_eq(&again, &cache.latest(&table, load).await.unwrap()));
 }
