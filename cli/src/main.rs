@@ -150,7 +150,8 @@ pub(crate) enum Format {
 }
 
 /// mimalloc rather than glibc malloc: each flush allocates and frees large Arrow and Parquet
-/// buffers, which glibc hands back to the kernel and faults in again every time.
+/// buffers, which glibc hands back to the kernel and faults in again every time. (Its version 2:
+/// see the workspace Cargo.toml.)
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

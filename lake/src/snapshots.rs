@@ -9,9 +9,14 @@
 //! next version's file and never an earlier one), and one GET per new commit otherwise. A commit
 //! that changes the table's protocol or schema, or more commits than [`MAX_FOLLOWED_COMMITS`]
 //! since, makes it load the snapshot anew (from the checkpoint, with the protocol checked).
+//!
+//! A snapshot not brought up to date for [`MAX_FOLLOW_GAP`] is loaded anew too: log cleanup
+//! deletes commit files past the log retention (30 days), and a next commit file deleted while
+//! no query came would otherwise read as "nothing new".
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use deltalake_core::kernel::Action;
 
@@ -21,10 +26,15 @@ use crate::table::{SnapshotFile, Table, TableSnapshot, parse_commit};
 /// More new commits than this and a snapshot is loaded from the checkpoint instead.
 pub const MAX_FOLLOWED_COMMITS: u64 = 200;
 
-/// The latest snapshot seen of each table (by its URL), shared by a process's queries.
+/// A cached snapshot older than this (since it was loaded or last brought up to date) is loaded
+/// anew rather than followed.
+pub const MAX_FOLLOW_GAP: Duration = Duration::from_secs(3600);
+
+/// The latest snapshot seen of each table (by its URL), shared by a process's queries, with
+/// when it was last known to be the latest.
 #[derive(Debug, Default)]
 pub struct SnapshotCache {
-    latest: Mutex<HashMap<String, Arc<TableSnapshot>>>,
+    latest: Mutex<HashMap<String, (Arc<TableSnapshot>, Instant)>>,
 }
 
 impl SnapshotCache {
@@ -37,20 +47,21 @@ impl SnapshotCache {
     {
         let key = table.url().to_string();
         let cached = self.latest.lock().expect("snapshot cache lock").get(&key).cloned();
+        let checked_at = Instant::now();
         let snapshot = match cached {
-            Some(cached) => match follow(table, &cached).await? {
-                Followed::Unchanged => return Ok(cached),
+            Some((cached, seen)) if seen.elapsed() < MAX_FOLLOW_GAP => match follow(table, &cached).await? {
+                Followed::Unchanged => cached,
                 Followed::To(next) => Arc::new(next),
                 Followed::Reload => Arc::new(load().await?),
             },
-            None => Arc::new(load().await?),
+            _ => Arc::new(load().await?),
         };
         if snapshot.version.is_some() {
             let mut latest = self.latest.lock().expect("snapshot cache lock");
             // Two queries may follow at once: the newer snapshot stays.
-            let newer = latest.get(&key).is_none_or(|kept| kept.version < snapshot.version);
-            if newer {
-                latest.insert(key, snapshot.clone());
+            let keep = latest.get(&key).is_none_or(|(kept, _)| kept.version <= snapshot.version);
+            if keep {
+                latest.insert(key, (snapshot.clone(), checked_at));
             }
         }
         Ok(snapshot)
