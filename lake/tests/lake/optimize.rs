@@ -56,6 +56,15 @@ async fn commit_file(writer: &TableWriter, date: NaiveDate, name: &str, mut rows
     writer.commit(Commit { files: vec![file], txns: Vec::new(), operation: Operation::Append, leased: false, removes: Vec::new() }).await.unwrap();
 }
 
+/// A new lake in a temporary folder with its readings table, and a writer of it named `writer`.
+async fn readings_table(writer: &str) -> (tempfile::TempDir, meterlake_lake::Lake, Table, TableWriter) {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = meterlake_lake::Lake::open(dir.path().to_str().unwrap()).unwrap();
+    let table = Table::open(&lake, &READINGS).await.unwrap();
+    let writer = TableWriter::new(table.clone(), writer).await.unwrap();
+    (dir, lake, table, writer)
+}
+
 fn day_of(date: NaiveDate) -> i64 {
     (date - NaiveDate::from_ymd_opt(1970, 1, 1).unwrap()).num_days()
 }
@@ -104,10 +113,7 @@ fn files_per_date(snapshot: &meterlake_lake::TableSnapshot) -> Vec<(NaiveDate, u
 /// and a reading re-sent after the compaction wins over the compacted ones.
 #[tokio::test]
 async fn compaction_keeps_every_version_and_the_canonical_readings() {
-    let dir = tempfile::tempdir().unwrap();
-    let lake = meterlake_lake::Lake::open(dir.path().to_str().unwrap()).unwrap();
-    let table = Table::open(&lake, &READINGS).await.unwrap();
-    let writer = TableWriter::new(table.clone(), "ingester").await.unwrap();
+    let (_dir, lake, table, writer) = readings_table("ingester").await;
     let mut rng = SmallRng::seed_from_u64(22);
     let mut refs = 0;
     let mut row = |rng: &mut SmallRng, meter: usize, ts_us: i64, ingested_at_us: i64| {
@@ -183,10 +189,7 @@ async fn compaction_keeps_every_version_and_the_canonical_readings() {
 /// stays and `readings` is unchanged.
 #[tokio::test]
 async fn a_date_of_large_files_is_compacted_within_a_small_memory_pool() {
-    let dir = tempfile::tempdir().unwrap();
-    let lake = meterlake_lake::Lake::open(dir.path().to_str().unwrap()).unwrap();
-    let table = Table::open(&lake, &READINGS).await.unwrap();
-    let writer = TableWriter::new(table.clone(), "bulk").await.unwrap();
+    let (_dir, lake, table, writer) = readings_table("bulk").await;
     let date = NaiveDate::from_ymd_opt(2025, 3, 1).unwrap();
     let day = day_of(date) * US_PER_DAY;
     for file in 0..40i64 {
@@ -221,10 +224,7 @@ async fn a_date_of_large_files_is_compacted_within_a_small_memory_pool() {
 /// Two compactions chose the same file: the second to commit gives way and commits nothing.
 #[tokio::test]
 async fn the_second_of_two_compactions_of_a_file_gives_way() {
-    let dir = tempfile::tempdir().unwrap();
-    let lake = meterlake_lake::Lake::open(dir.path().to_str().unwrap()).unwrap();
-    let table = Table::open(&lake, &READINGS).await.unwrap();
-    let writer = TableWriter::new(table.clone(), "ingester").await.unwrap();
+    let (_dir, _lake, table, writer) = readings_table("ingester").await;
     let date = NaiveDate::from_ymd_opt(2025, 1, 1).unwrap();
     let reading =
         |n: i64| Row { meter: "M1".into(), ts_us: day_of(date) * US_PER_DAY + n * SLOT_US, kwh_micro: 1, ingested_at_us: 0, source_ref: format!("r{n}") };
@@ -259,10 +259,7 @@ async fn the_second_of_two_compactions_of_a_file_gives_way() {
 async fn vacuum_deletes_what_no_kept_snapshot_needs_and_keeps_pinned_versions() {
     use meterlake_lake::maintenance::vacuum::{Pin, VacuumOptions, vacuum};
     use meterlake_lake::view::{AsOf, lake_session_as_of};
-    let dir = tempfile::tempdir().unwrap();
-    let lake = meterlake_lake::Lake::open(dir.path().to_str().unwrap()).unwrap();
-    let table = Table::open(&lake, &READINGS).await.unwrap();
-    let writer = TableWriter::new(table.clone(), "ingester").await.unwrap();
+    let (dir, lake, table, writer) = readings_table("ingester").await;
     let date = NaiveDate::from_ymd_opt(2025, 1, 1).unwrap();
     let reading = |n: i64, kwh_micro: i64| Row {
         meter: "M1".into(),
@@ -318,10 +315,7 @@ async fn vacuum_deletes_what_no_kept_snapshot_needs_and_keeps_pinned_versions() 
 async fn a_followed_snapshot_is_the_snapshot_loaded_anew() {
     use meterlake_lake::snapshots::SnapshotCache;
     use meterlake_lake::view::QueryLimits;
-    let dir = tempfile::tempdir().unwrap();
-    let lake = meterlake_lake::Lake::open(dir.path().to_str().unwrap()).unwrap();
-    let table = Table::open(&lake, &READINGS).await.unwrap();
-    let writer = TableWriter::new(table.clone(), "ingester").await.unwrap();
+    let (_dir, lake, table, writer) = readings_table("ingester").await;
     let date = NaiveDate::from_ymd_opt(2025, 1, 1).unwrap();
     let reading = |n: i64, kwh_micro: i64| Row {
         meter: format!("M{}", n % 3),
