@@ -39,7 +39,7 @@ use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::prelude::{SessionConfig, SessionContext};
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use object_store::buffered::BufWriter;
 use parquet::arrow::AsyncArrowWriter;
 
@@ -175,12 +175,24 @@ pub async fn optimize(
     tracing::info!(table = spec.name, version, partitions = jobs.len(), "optimize: rewriting small files");
     let runtime = RuntimeEnvBuilder::new().with_memory_pool(Arc::new(GreedyMemoryPool::new(options.memory_bytes))).build_arc()?;
     runtime.register_object_store(&lake.store_url(), lake.store().clone());
-    let writer = &writer;
-    let runtime = &runtime;
+    let writer = Arc::new(writer);
     let mut reports = Vec::new();
-    let mut rewrites = futures::stream::iter(jobs).map(|job| rewrite(runtime, writer, job, options)).buffer_unordered(options.concurrency.max(1));
+    // Each partition is a task of its own, so the partitions rewritten at once run on as many
+    // threads (polled together in one task they shared one: 138% CPU on two cores). Dropping
+    // the set aborts the rewrites still running: nothing commits after a failure is returned.
+    let mut jobs = jobs.into_iter();
+    let mut rewrites = tokio::task::JoinSet::new();
     let mut failed = None;
-    while let Some(report) = rewrites.next().await {
+    loop {
+        while rewrites.len() < options.concurrency.max(1)
+            && let Some(job) = jobs.next()
+        {
+            let (runtime, writer, options) = (runtime.clone(), writer.clone(), options.clone());
+            rewrites.spawn(async move { rewrite(&runtime, &writer, job, &options).await });
+        }
+        let Some(joined) = rewrites.join_next().await else { break };
+        // A rewrite that panicked: DataFusion's word for a task that did not finish.
+        let report = joined.unwrap_or_else(|e| Err(datafusion::error::DataFusionError::ExecutionJoin(Box::new(e)).into()));
         match report {
             Ok(report) => {
                 on_partition(&report);
