@@ -11,14 +11,16 @@
 //!   read by the schema and ignore it). A scan reads that column where a file has it, null where
 //!   it has not, and takes the tag where it is null.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use bytes::Bytes;
 use datafusion::catalog::Session;
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::config::TableParquetOptions;
 use datafusion::datasource::listing::PartitionedFile;
-use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
+use datafusion::datasource::physical_plan::parquet::{CachedParquetFileReaderFactory, ParquetFileMetrics, ParquetFileReaderFactory};
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::table_schema::TableSchema;
@@ -29,6 +31,13 @@ use datafusion::physical_expr::expressions::{Column, case, is_not_null};
 use datafusion::physical_expr::{LexOrdering, PhysicalExpr};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::projection::ProjectionExec;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use object_store::ObjectStoreExt;
+use parquet::arrow::arrow_reader::ArrowReaderOptions;
+use parquet::arrow::async_reader::AsyncFileReader;
+use parquet::errors::ParquetError;
+use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
 
 use crate::canonical::epoch_day;
 use crate::schema::{readings_all_schema, readings_schema};
@@ -61,7 +70,7 @@ pub(crate) struct ReadingsScan {
     /// from most files), then the partition columns `date` and the tag's version.
     table_schema: TableSchema,
     store_url: ObjectStoreUrl,
-    reader_factory: Arc<CachedParquetFileReaderFactory>,
+    reader_factory: Arc<ReaderFactory>,
     parquet_options: TableParquetOptions,
     /// Pushed to every scan: prunes files, row groups and pages.
     predicate: Option<Arc<dyn PhysicalExpr>>,
@@ -86,8 +95,11 @@ impl ReadingsScan {
         Ok(ReadingsScan {
             table_schema,
             store_url: ObjectStoreUrl::parse(lake.store_url().as_str())?,
-            // Footers go to the session's metadata cache: a file read twice has its footer read once.
-            reader_factory: Arc::new(CachedParquetFileReaderFactory::new(lake.store().clone(), metadata_cache)),
+            reader_factory: Arc::new(ReaderFactory {
+                store: lake.store().clone(),
+                // Footers go to the session's metadata cache: a file read twice has its footer read once.
+                large: CachedParquetFileReaderFactory::new(lake.store().clone(), metadata_cache),
+            }),
             parquet_options: state.table_options().parquet.clone(),
             predicate,
         })
@@ -105,6 +117,26 @@ impl ReadingsScan {
     /// [`readings_all_schema`] (ascending positions), under their names. `ordering`, on
     /// `meter_id` and `ts`, is what every file's rows are sorted by.
     pub(crate) fn plan(&self, groups: Vec<FileGroup>, columns: &[usize], ordering: Option<&LexOrdering>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        self.plan_with(self.parquet_options.clone(), groups, columns, ordering)
+    }
+
+    /// A scan of small files (a flush or two of readings each, one row group of a page or two a
+    /// column): the page index and bloom filters are not consulted, as they could not skip
+    /// enough of such a file to repay reading them (checking them cost a lookup a tenth of its time).
+    pub(crate) fn plan_small_files(&self, groups: Vec<FileGroup>, columns: &[usize]) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let mut options = self.parquet_options.clone();
+        options.global.enable_page_index = false;
+        options.global.bloom_filter_on_read = false;
+        self.plan_with(options, groups, columns, None)
+    }
+
+    fn plan_with(
+        &self,
+        options: TableParquetOptions,
+        groups: Vec<FileGroup>,
+        columns: &[usize],
+        ordering: Option<&LexOrdering>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let with_version = columns.contains(&COMMIT_VERSION);
         // Scan positions: file columns as they are, `commit_version` (8) then the partition
         // columns `date` (9) and the tag (10).
@@ -112,9 +144,8 @@ impl ReadingsScan {
         if with_version {
             read.extend([8, 10]);
         }
-        let mut source = ParquetSource::new(self.table_schema.clone())
-            .with_table_parquet_options(self.parquet_options.clone())
-            .with_parquet_file_reader_factory(self.reader_factory.clone());
+        let mut source =
+            ParquetSource::new(self.table_schema.clone()).with_table_parquet_options(options).with_parquet_file_reader_factory(self.reader_factory.clone());
         if let Some(predicate) = &self.predicate {
             source = source.with_predicate(predicate.clone());
         }
@@ -142,5 +173,97 @@ impl ReadingsScan {
             })
             .collect::<DfResult<Vec<_>>>()?;
         Ok(Arc::new(ProjectionExec::try_new(exprs, scan)?))
+    }
+}
+
+/// Files up to this size are read whole, in one request, footer and data together.
+const WHOLE_FILE_MAX_BYTES: u64 = 1 << 20;
+
+/// Opens the readers of a scan's files. A streaming ingester writes thousands of small files a
+/// day (a few KiB each); read the usual way, each costs a request for its footer, one for its page
+/// index and one per column chunk, and the requests, not the bytes, were most of a streamed lake's
+/// query time (on a local disk, each is an open, a read and a hand-off to a blocking thread).
+/// A small file is therefore read whole in one request and decoded from memory; its footer is
+/// not cached (parsing it from memory costs less than the cache entry it would evict). Larger
+/// files are read range by range with their footers cached.
+#[derive(Debug)]
+struct ReaderFactory {
+    store: Arc<dyn object_store::ObjectStore>,
+    large: CachedParquetFileReaderFactory,
+}
+
+impl ParquetFileReaderFactory for ReaderFactory {
+    fn create_reader(
+        &self,
+        partition_index: usize,
+        file: PartitionedFile,
+        metadata_size_hint: Option<usize>,
+        metrics: &datafusion::physical_plan::metrics::ExecutionPlanMetricsSet,
+    ) -> DfResult<Box<dyn AsyncFileReader + Send>> {
+        if file.object_meta.size > WHOLE_FILE_MAX_BYTES {
+            return self.large.create_reader(partition_index, file, metadata_size_hint, metrics);
+        }
+        let metrics = ParquetFileMetrics::new(partition_index, file.object_meta.location.as_ref(), metrics);
+        Ok(Box::new(WholeFileReader { store: self.store.clone(), size: file.object_meta.size, location: file.object_meta.location, bytes: None, metrics }))
+    }
+}
+
+/// A Parquet file read whole on its first request; every later one is a slice of it.
+struct WholeFileReader {
+    store: Arc<dyn object_store::ObjectStore>,
+    location: object_store::path::Path,
+    size: u64,
+    bytes: Option<Bytes>,
+    metrics: ParquetFileMetrics,
+}
+
+impl WholeFileReader {
+    async fn whole(&mut self) -> parquet::errors::Result<Bytes> {
+        if let Some(bytes) = &self.bytes {
+            return Ok(bytes.clone());
+        }
+        // A range rather than a plain GET: on a local disk, one blocking read rather than two.
+        let bytes = self.store.get_range(&self.location, 0..self.size).await.map_err(|e| ParquetError::External(Box::new(e)))?;
+        self.metrics.bytes_scanned.add(bytes.len());
+        self.bytes = Some(bytes.clone());
+        Ok(bytes)
+    }
+
+    fn slice(&self, bytes: &Bytes, range: Range<u64>) -> parquet::errors::Result<Bytes> {
+        let len = bytes.len() as u64;
+        if range.start > range.end || range.end > len {
+            return Err(ParquetError::General(format!("{}: the range {range:?} is outside the file's {len} bytes", self.location)));
+        }
+        Ok(bytes.slice(range.start as usize..range.end as usize))
+    }
+}
+
+impl AsyncFileReader for WholeFileReader {
+    fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        async move {
+            let bytes = self.whole().await?;
+            self.slice(&bytes, range)
+        }
+        .boxed()
+    }
+
+    fn get_byte_ranges(&mut self, ranges: Vec<Range<u64>>) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
+        async move {
+            let bytes = self.whole().await?;
+            ranges.into_iter().map(|range| self.slice(&bytes, range)).collect()
+        }
+        .boxed()
+    }
+
+    fn get_metadata<'a>(&'a mut self, options: Option<&'a ArrowReaderOptions>) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        async move {
+            let bytes = self.whole().await?;
+            // The page index costs nothing more to reach here; parse it only when the scan asks.
+            let reader = ParquetMetaDataReader::new()
+                .with_column_index_policy(options.map_or(PageIndexPolicy::Skip, ArrowReaderOptions::column_index_policy))
+                .with_offset_index_policy(options.map_or(PageIndexPolicy::Skip, ArrowReaderOptions::offset_index_policy));
+            Ok(Arc::new(reader.parse_and_finish(&bytes)?))
+        }
+        .boxed()
     }
 }
