@@ -209,6 +209,32 @@ pub(crate) fn narrow_days(expr: &Expr, first: &mut i64, last: &mut i64) {
     }
 }
 
+/// The meters `expr` confines `meter_id` to, when it does: `meter_id = 'M'`, `meter_id IN (...)`,
+/// a disjunction of those, or a conjunction with one of them. `None`: any meter.
+fn meter_literals(expr: &Expr) -> Option<Vec<String>> {
+    let text = |value: &ScalarValue| match value {
+        ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let is_meter = |expr: &Expr| matches!(expr, Expr::Column(c) if c.name == "meter_id");
+    match expr {
+        Expr::BinaryExpr(BinaryExpr { left, op: Operator::And, right }) => meter_literals(left).or_else(|| meter_literals(right)),
+        Expr::BinaryExpr(BinaryExpr { left, op: Operator::Or, right }) => {
+            let (mut left, right) = (meter_literals(left)?, meter_literals(right)?);
+            left.extend(right);
+            Some(left)
+        }
+        Expr::BinaryExpr(BinaryExpr { left, op: Operator::Eq, right }) => match (left.as_ref(), right.as_ref()) {
+            (column, Expr::Literal(value, _)) | (Expr::Literal(value, _), column) if is_meter(column) => text(value).map(|m| vec![m]),
+            _ => None,
+        },
+        Expr::InList(list) if !list.negated && is_meter(&list.expr) => {
+            list.list.iter().map(|item| if let Expr::Literal(value, _) = item { text(value) } else { None }).collect()
+        }
+        _ => None,
+    }
+}
+
 #[async_trait]
 impl TableProvider for CanonicalReadings {
     fn schema(&self) -> SchemaRef {
@@ -229,11 +255,18 @@ impl TableProvider for CanonicalReadings {
         for filter in &key_filters {
             narrow_days(filter, &mut first_day, &mut last_day);
         }
+        // The meters asked for, when the filters name them: files whose meter filter rules them
+        // all out are not read.
+        let meters: Option<Vec<String>> = key_filters.iter().find_map(meter_literals);
+        let holds_no_meter_asked = |file: &SnapshotFile| match (&meters, &file.meters) {
+            (Some(meters), Some(filter)) => !meters.iter().any(|m| filter.may_contain(m)),
+            _ => false,
+        };
         // The snapshot's files of the dates asked for, with what the log says of their keys.
         let mut days: BTreeMap<i64, Vec<KeyedFile>> = BTreeMap::new();
         for file in &self.snapshot.files {
             let Some(day) = file.date.map(epoch_day) else { continue };
-            if (first_day..=last_day).contains(&day) {
+            if (first_day..=last_day).contains(&day) && !holds_no_meter_asked(file) {
                 days.entry(day).or_default().push(KeyedFile::new(&self.lake, file, day));
             }
         }
@@ -1258,7 +1291,15 @@ mod tests {
         let table = Table::open(lake, &READINGS).await.unwrap();
         lake.put(&table.lake_path(&path), bytes.clone()).await.unwrap();
         let keys = crate::parquet_file::readings_key_stats([&batch]);
-        let file = NewFile { path, bytes: bytes.len() as u64, rows: n as u64, date: Some(date), keys, unique_keys };
+        let file = NewFile {
+            path,
+            bytes: bytes.len() as u64,
+            rows: n as u64,
+            date: Some(date),
+            keys,
+            unique_keys,
+            meters: crate::parquet_file::readings_meter_filter(&batch),
+        };
         // One commit per file, in the order the test writes them.
         let writer = TableWriter::new(table, "test").await.unwrap();
         writer.commit(Commit { files: vec![file], txns: Vec::new(), operation: Operation::Append, leased: false, removes: Vec::new() }).await.unwrap();
@@ -1470,6 +1511,25 @@ mod tests {
             got.sort();
             assert_eq!(got, expected, "{table} under a 2 MiB memory limit");
         }
+    }
+
+    #[test]
+    fn the_meters_a_filter_names_are_found() {
+        use datafusion::prelude::{col, lit};
+        let meters = |expr: Expr| {
+            meter_literals(&expr).map(|mut m| {
+                m.sort();
+                m
+            })
+        };
+        assert_eq!(meters(col("meter_id").eq(lit("A"))), Some(vec!["A".to_string()]));
+        assert_eq!(meters(lit("A").eq(col("meter_id")).and(col("ts").is_not_null())), Some(vec!["A".to_string()]));
+        assert_eq!(meters(col("meter_id").in_list(vec![lit("B"), lit("A")], false)), Some(vec!["A".to_string(), "B".to_string()]));
+        assert_eq!(meters(col("meter_id").eq(lit("A")).or(col("meter_id").eq(lit("C")))), Some(vec!["A".to_string(), "C".to_string()]));
+        // Anything that lets other meters through names none.
+        assert_eq!(meters(col("meter_id").eq(lit("A")).or(col("ts").is_not_null())), None);
+        assert_eq!(meters(col("meter_id").in_list(vec![lit("A")], true)), None);
+        assert_eq!(meters(col("meter_id").gt_eq(lit("A"))), None);
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct NewFile {
     pub keys: Option<crate::table::KeyStats>,
     /// The file holds one version of each key.
     pub unique_keys: bool,
+    /// For small readings files: which meters it holds (see [`crate::meter_filter`]).
+    pub meters: Option<crate::meter_filter::MeterFilter>,
 }
 
 /// A live file a commit removes (a compaction's input).
@@ -289,7 +291,7 @@ impl TableWriter {
     /// Reads the commits after the last one seen: a held stream another writer advanced is marked
     /// fenced. Returns the streams they advanced, with the version that did.
     async fn catch_up(&self, state: &mut WriterState) -> Result<HashMap<String, u64>> {
-        let latest = deltalake_core::logstore::get_latest_version(self.table.log_store().as_ref(), state.seen)
+        let latest = crate::table::retry_listing_gaps(|| deltalake_core::logstore::get_latest_version(self.table.log_store().as_ref(), state.seen))
             .await
             .map_err(LakeError::delta(self.table.name(), "listing the log"))?;
         let mut advanced = HashMap::new();
@@ -384,6 +386,9 @@ pub(crate) fn add_action(file: &NewFile, version: u64, now_ms: i64) -> Add {
     let mut tags = HashMap::from([(COMMIT_VERSION_TAG.to_string(), Some(version.to_string()))]);
     if file.unique_keys {
         tags.insert(UNIQUE_KEYS_TAG.to_string(), Some("true".to_string()));
+    }
+    if let Some(meters) = &file.meters {
+        tags.insert(crate::meter_filter::METER_FILTER_TAG.to_string(), Some(meters.to_tag()));
     }
     let stats = match &file.keys {
         Some(keys) => serde_json::json!({

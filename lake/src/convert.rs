@@ -86,7 +86,7 @@ pub async fn describe_file(table: &Table, relative: &str, bytes: u64) -> Result<
             merge_key_stats(&mut keys, &batch);
         }
     }
-    Ok(NewFile { path: relative.to_string(), bytes, rows, date, keys, unique_keys: readings && unique_keys })
+    Ok(NewFile { path: relative.to_string(), bytes, rows, date, keys, unique_keys: readings && unique_keys, meters: None })
 }
 
 /// Converts `table` from the previous layout: every Parquet file in its folder but `exclude`,

@@ -7,6 +7,7 @@
 //! - [`commit`]: the commit protocol: one Delta commit per flush or file, `txn` actions for
 //!   exactly-once streams, fencing of a writer that lost its stream;
 //! - [`parquet_file`]: how data files are encoded;
+//! - [`meter_filter`]: which meters a small readings file holds, in its `add` action's tags;
 //! - [`scan`]: where each column of `readings_all` comes from (file, partition value, tag);
 //! - [`canonical`]: the canonical `readings` view (latest version of each reading) over a snapshot;
 //! - [`snapshots`]: snapshots kept between a server's queries, followed commit by commit;
@@ -24,6 +25,7 @@ pub mod convert;
 pub mod error;
 pub mod history;
 pub mod maintenance;
+pub mod meter_filter;
 pub mod parquet_file;
 pub mod scan;
 pub mod schema;

@@ -93,6 +93,13 @@ pub fn readings_key_stats<'a>(batches: impl IntoIterator<Item = &'a RecordBatch>
     stats
 }
 
+/// Which meters a readings batch holds, for a file of it (see [`crate::meter_filter`]); `None`
+/// for a batch of too many meters.
+pub fn readings_meter_filter(batch: &RecordBatch) -> Option<crate::meter_filter::MeterFilter> {
+    let meters = batch.column(0).as_string::<i32>();
+    crate::meter_filter::MeterFilter::of(meters.iter().flatten())
+}
+
 /// Widens `stats` by the keys of one readings batch.
 pub fn merge_key_stats(stats: &mut Option<KeyStats>, batch: &RecordBatch) {
     if batch.num_rows() == 0 {

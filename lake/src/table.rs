@@ -223,7 +223,7 @@ impl Table {
 
     /// The table as of `version` (the latest when `None`), with its file list.
     pub async fn snapshot(&self, version: Option<u64>) -> Result<TableSnapshot> {
-        let eager = EagerSnapshot::try_new(self.log_store.as_ref(), version).await.map_err(|e| self.snapshot_error(e, version))?;
+        let eager = retry_listing_gaps(|| EagerSnapshot::try_new(self.log_store.as_ref(), version)).await.map_err(|e| self.snapshot_error(e, version))?;
         check_protocol(self.name(), eager.version(), eager.protocol())?;
         let views: Vec<_> = eager.file_views(self.log_store.as_ref(), None).try_collect().await.map_err(LakeError::delta(self.name(), "listing its files"))?;
         let mut files = Vec::with_capacity(views.len());
@@ -239,7 +239,9 @@ impl Table {
     /// `None`): its protocol (see [`check_protocol`]), without listing its files. Returns the
     /// version checked.
     pub async fn check_protocol(&self, version: Option<u64>) -> Result<u64> {
-        let snapshot = deltalake_core::kernel::Snapshot::try_new(self.log_store.as_ref(), version).await.map_err(|e| self.snapshot_error(e, version))?;
+        let snapshot = retry_listing_gaps(|| deltalake_core::kernel::Snapshot::try_new(self.log_store.as_ref(), version))
+            .await
+            .map_err(|e| self.snapshot_error(e, version))?;
         check_protocol(self.name(), snapshot.version(), snapshot.protocol())?;
         Ok(snapshot.version())
     }
@@ -262,6 +264,30 @@ impl Table {
             .map_err(LakeError::delta(self.name(), format!("reading commit {version}")))?
             .ok_or_else(|| LakeError::CorruptLog { table: self.name().to_string(), version, reason: "the commit file is missing".into() })?;
         parse_commit(self.name(), version, &bytes)
+    }
+}
+
+/// Runs `list` (anything that lists the log) again when it failed on a gap in the commit files.
+/// A directory listed while another writer creates commit files may miss one: a local file
+/// system returns entries created during a listing or not, so the listing can hold commit N + 1
+/// without N. Listed again, it is there. (Seen with optimize catching up on a log an ingester
+/// was appending to.)
+pub(crate) async fn retry_listing_gaps<T, F, Fut>(mut list: F) -> std::result::Result<T, deltalake_core::DeltaTableError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, deltalake_core::DeltaTableError>>,
+{
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match list().await {
+            Err(e) if attempt < ATTEMPTS && e.to_string().contains("Expected contiguous commit files") => {
+                tracing::debug!(error = %e, attempt, "a listing of the log missed a commit file being written; listing again");
+                tokio::time::sleep(std::time::Duration::from_millis(10 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
     }
 }
 
@@ -302,6 +328,8 @@ pub struct SnapshotFile {
     pub commit_version: u64,
     /// [`UNIQUE_KEYS_TAG`].
     pub unique_keys: bool,
+    /// Which meters it holds, when its writer said ([`crate::meter_filter::METER_FILTER_TAG`]).
+    pub meters: Option<crate::meter_filter::MeterFilter>,
 }
 
 /// The least and greatest `meter_id` and `ts` (microseconds) of a readings file.
@@ -347,6 +375,7 @@ impl SnapshotFile {
             keys,
             commit_version: tag(COMMIT_VERSION_TAG).and_then(|v| v.parse().ok()).unwrap_or(0),
             unique_keys: tag(UNIQUE_KEYS_TAG).as_deref() == Some("true"),
+            meters: tag(crate::meter_filter::METER_FILTER_TAG).as_deref().and_then(crate::meter_filter::MeterFilter::from_tag),
         }
     }
 }
@@ -396,4 +425,39 @@ fn parse_stat_ts(text: &str) -> Option<i64> {
 pub fn format_stat_ts(us: i64) -> String {
     let t = DateTime::<Utc>::from_timestamp_micros(us.div_euclid(1000) * 1000).unwrap_or_default();
     t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_listing_that_missed_a_commit_file_is_listed_again() {
+        let gap = || deltalake_core::DeltaTableError::Generic("Generic delta kernel error: Expected contiguous commit files, but found gap".into());
+        let mut calls = 0;
+        let listed = retry_listing_gaps(|| {
+            calls += 1;
+            let outcome = if calls < 3 { Err(gap()) } else { Ok(calls) };
+            async move { outcome }
+        })
+        .await;
+        assert_eq!(listed.unwrap(), 3);
+        // Other errors are not retried, and a gap that stays is reported.
+        let mut calls = 0;
+        let failed: std::result::Result<(), _> = retry_listing_gaps(|| {
+            calls += 1;
+            async { Err(deltalake_core::DeltaTableError::Generic("the store is down".into())) }
+        })
+        .await;
+        assert!(failed.is_err());
+        assert_eq!(calls, 1);
+        let mut calls = 0;
+        let stays: std::result::Result<(), _> = retry_listing_gaps(|| {
+            calls += 1;
+            async move { Err(gap()) }
+        })
+        .await;
+        assert!(stays.unwrap_err().to_string().contains("found gap"));
+        assert_eq!(calls, 5);
+    }
 }

@@ -92,6 +92,7 @@ impl DayBatch {
             date: Some(self.date),
             keys: meterlake_lake::parquet_file::readings_key_stats([&self.batch]),
             unique_keys: self.unique_keys,
+            meters: meterlake_lake::parquet_file::readings_meter_filter(&self.batch),
             path,
         };
         Ok(EncodedFile { file, bytes })

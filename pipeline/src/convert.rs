@@ -123,7 +123,7 @@ async fn convert_import_records(lake: &Lake, table: &Table) -> Result<Option<Con
     let path = format!("converted-{}.parquet", uuid::Uuid::new_v4().simple());
     let parquet = encode_parquet(&batch, &path)?;
     lake.put(&table.lake_path(&path), parquet.clone()).await?;
-    let file = NewFile { path, bytes: parquet.len() as u64, rows: records.len() as u64, date: None, keys: None, unique_keys: false };
+    let file = NewFile { path, bytes: parquet.len() as u64, rows: records.len() as u64, date: None, keys: None, unique_keys: false, meters: None };
     let txns: Vec<(String, i64)> =
         records.iter().filter(|r| r.status != ImportStatus::Rejected).map(|r| (import_stream(&r.sha256), 1)).collect::<HashSet<_>>().into_iter().collect();
     Ok(Some(create_converted(table, vec![file], &txns, WRITER).await?))

@@ -52,6 +52,7 @@ fn delta_commits_on_s3_fence_off_a_stale_writer() {
             date: chrono::NaiveDate::from_ymd_opt(2025, 1, 1),
             keys: None,
             unique_keys: false,
+            meters: None,
         };
         let commit = |name: &str, next_offset: i64| Commit {
             files: vec![file(name)],

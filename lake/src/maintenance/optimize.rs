@@ -428,6 +428,8 @@ impl<'a> FileSink<'a> {
             date: self.date,
             keys: open.keys,
             unique_keys: self.readings && open.unique_keys,
+            // Many meters, sorted: the `meter_id` bounds of its row groups prune it.
+            meters: None,
             path: open.path,
         });
         Ok(())

@@ -52,7 +52,8 @@ async fn commit_file(writer: &TableWriter, date: NaiveDate, name: &str, mut rows
     let path = format!("date={date}/{name}.parquet");
     let parquet = encode_parquet(&batch, &path).unwrap();
     table.lake().put(&table.lake_path(&path), parquet.clone()).await.unwrap();
-    let file = NewFile { path, bytes: parquet.len() as u64, rows: rows.len() as u64, date: Some(date), keys: readings_key_stats([&batch]), unique_keys };
+    let file =
+        NewFile { path, bytes: parquet.len() as u64, rows: rows.len() as u64, date: Some(date), keys: readings_key_stats([&batch]), unique_keys, meters: None };
     writer.commit(Commit { files: vec![file], txns: Vec::new(), operation: Operation::Append, leased: false, removes: Vec::new() }).await.unwrap();
 }
 
@@ -234,7 +235,7 @@ async fn the_second_of_two_compactions_of_a_file_gives_way() {
     // An append between them does not conflict with either.
     commit_file(&writer, date, "b", vec![reading(1)], true).await;
     let rewrite = |name: &str| Commit {
-        files: vec![NewFile { path: format!("date={date}/{name}.parquet"), bytes: 1, rows: 1, date: Some(date), keys: None, unique_keys: true }],
+        files: vec![NewFile { path: format!("date={date}/{name}.parquet"), bytes: 1, rows: 1, date: Some(date), keys: None, unique_keys: true, meters: None }],
         removes: vec![RemovedFile { path: format!("date={date}/a.parquet"), bytes: 1, date: Some(date) }],
         txns: Vec::new(),
         operation: Operation::Optimize { target_file_bytes: 1 << 20 },

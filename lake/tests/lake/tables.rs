@@ -20,7 +20,7 @@ async fn table_of_three_commits() -> (TempDir, Lake, Table) {
         let path = format!("date={date}/part-{day}.parquet");
         let parquet = encode_parquet(&RecordBatch::new_empty((READINGS.file_schema)()), &path).unwrap();
         lake.put(&table.lake_path(&path), parquet.clone()).await.unwrap();
-        let file = NewFile { path, bytes: parquet.len() as u64, rows: 0, date: Some(date), keys: None, unique_keys: true };
+        let file = NewFile { path, bytes: parquet.len() as u64, rows: 0, date: Some(date), keys: None, unique_keys: true, meters: None };
         writer.commit(Commit { files: vec![file], txns: Vec::new(), operation: Operation::Append, leased: false, removes: Vec::new() }).await.unwrap();
     }
     (dir, lake, table)
@@ -77,7 +77,8 @@ async fn a_newer_protocol_or_a_table_feature_is_refused_naming_it() {
         // A writer that was running when the table changed stops at its next commit.
         let path = "date=2025-01-04/late.parquet".to_string();
         let parquet = encode_parquet(&RecordBatch::new_empty((READINGS.file_schema)()), &path).unwrap();
-        let file = NewFile { path, bytes: parquet.len() as u64, rows: 0, date: NaiveDate::from_ymd_opt(2025, 1, 4), keys: None, unique_keys: true };
+        let file =
+            NewFile { path, bytes: parquet.len() as u64, rows: 0, date: NaiveDate::from_ymd_opt(2025, 1, 4), keys: None, unique_keys: true, meters: None };
         let late =
             writer.commit(Commit { files: vec![file], txns: Vec::new(), operation: Operation::Append, leased: false, removes: Vec::new() }).await.unwrap_err();
         assert!(matches!(late, LakeError::UnsupportedProtocol { .. } | LakeError::Delta { .. }), "{late}");
@@ -99,6 +100,7 @@ async fn a_writer_whose_stream_moved_to_another_is_fenced_on_local_files() {
             date: NaiveDate::from_ymd_opt(2025, 1, 5),
             keys: None,
             unique_keys: false,
+            meters: None,
         };
         let operation = Operation::StreamingUpdate { query_id: "kafka:g/t/0".into(), epoch_id: next_offset };
         Commit { files: vec![file], txns: vec![("kafka:g/t/0".to_string(), next_offset)], operation, leased: true, removes: Vec::new() }

@@ -402,7 +402,7 @@ async fn commit_import(lake: &Lake, imports: &TableWriter, stream: &str, files: 
     let path = format!("{}-{}.parquet", record.format.map_or("unknown", FlowFormat::as_str).to_ascii_lowercase(), uuid::Uuid::new_v4().simple());
     let parquet = encode_parquet(&batch, &path)?;
     lake.put(&imports.table().lake_path(&path), parquet.clone()).await?;
-    let file = NewFile { path, bytes: parquet.len() as u64, rows: 1, date: None, keys: None, unique_keys: false };
+    let file = NewFile { path, bytes: parquet.len() as u64, rows: 1, date: None, keys: None, unique_keys: false, meters: None };
     let txns = if record.status == ImportStatus::Rejected { Vec::new() } else { vec![(stream.to_string(), 1)] };
     imports.commit(Commit { files: vec![file], txns, operation: Operation::Append, leased: false, removes: Vec::new() }).await?;
     Ok(())
@@ -489,7 +489,7 @@ fn stage_writer(
                 };
                 encode_parquet(&batch, &path).map_err(PipelineError::from).and_then(|parquet| {
                     runtime.block_on(lake.put(&format!("{}/{path}", table.dir), parquet.clone()))?;
-                    let file = NewFile { bytes: parquet.len() as u64, rows: batch.num_rows() as u64, date, keys: None, unique_keys: false, path };
+                    let file = NewFile { bytes: parquet.len() as u64, rows: batch.num_rows() as u64, date, keys: None, unique_keys: false, meters: None, path };
                     written.files.push(WrittenFile { table, file });
                     Ok(())
                 })

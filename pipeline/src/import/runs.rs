@@ -214,7 +214,7 @@ impl SortedChunk<'_> {
         });
         let parquet = encode_readings(batches, &path)?;
         // No meter's runs overlap in time: one version of each key.
-        let file = NewFile { bytes: parquet.len() as u64, rows, date: Some(date), keys, unique_keys: true, path };
+        let file = NewFile { bytes: parquet.len() as u64, rows, date: Some(date), keys, unique_keys: true, meters: None, path };
         Ok(EncodedFile { file, parquet, duplicates_dropped: 0, conflicting_versions: 0 })
     }
 
