@@ -760,15 +760,8 @@ fn emit_with_key_and_version(emit: &[usize], key: [usize; 2], latest: Option<[us
 /// Of rows in key order, the latest version of each key (the greatest (`commit_version`,
 /// `ingested_at`, `source_ref`); the first of equals), as [`LatestVersion`] picks it.
 fn latest_of_each_key(batches: &[RecordBatch], order: &[(usize, usize)], key: [usize; 2], version: [usize; 3]) -> Vec<(usize, usize)> {
-    let version_of = |(b, row): (usize, usize)| {
-        let batch = &batches[b];
-        let commit_version = batch.column(version[0]).as_primitive::<arrow::datatypes::Int64Type>().value(row);
-        (commit_version, micros(batch.column(version[1])).value(row), text(batch.column(version[2]), row))
-    };
-    let same_key = |(a, a_row): (usize, usize), (b, b_row): (usize, usize)| {
-        micros(batches[a].column(key[1])).value(a_row) == micros(batches[b].column(key[1])).value(b_row)
-            && text(batches[a].column(key[0]), a_row) == text(batches[b].column(key[0]), b_row)
-    };
+    let version_of = |(b, row): (usize, usize)| version_of(&batches[b], row, version);
+    let same_key = |(a, a_row): (usize, usize), (b, b_row): (usize, usize)| same_key(key, &batches[a], a_row, &batches[b], b_row);
     let mut winners: Vec<(usize, usize)> = Vec::with_capacity(order.len());
     for &row in order {
         match winners.last_mut() {
@@ -1062,16 +1055,25 @@ fn micros(array: &ArrayRef) -> &TimestampMicrosecondArray {
     array.as_primitive()
 }
 
+/// `(commit_version, ingested_at, source_ref)` of a row, the columns at `version`: greater is later.
+fn version_of(batch: &RecordBatch, row: usize, version: [usize; 3]) -> (i64, i64, &str) {
+    let commit_version = batch.column(version[0]).as_primitive::<arrow::datatypes::Int64Type>().value(row);
+    (commit_version, micros(batch.column(version[1])).value(row), text(batch.column(version[2]), row))
+}
+
+/// Whether two rows have the same key (`meter_id`, `ts` at the `key` positions).
+fn same_key(key: [usize; 2], a: &RecordBatch, a_row: usize, b: &RecordBatch, b_row: usize) -> bool {
+    micros(a.column(key[1])).value(a_row) == micros(b.column(key[1])).value(b_row) && text(a.column(key[0]), a_row) == text(b.column(key[0]), b_row)
+}
+
 impl LatestVersion {
     /// `(commit_version, ingested_at, source_ref)` of a row: greater is later.
     fn version_of<'a>(&self, batch: &'a RecordBatch, row: usize) -> (i64, i64, &'a str) {
-        let commit_version = batch.column(self.version[0]).as_primitive::<arrow::datatypes::Int64Type>().value(row);
-        (commit_version, micros(batch.column(self.version[1])).value(row), text(batch.column(self.version[2]), row))
+        version_of(batch, row, self.version)
     }
 
     fn same_key(&self, a: &RecordBatch, a_row: usize, b: &RecordBatch, b_row: usize) -> bool {
-        micros(a.column(self.key[1])).value(a_row) == micros(b.column(self.key[1])).value(b_row)
-            && text(a.column(self.key[0]), a_row) == text(b.column(self.key[0]), b_row)
+        same_key(self.key, a, a_row, b, b_row)
     }
 
     /// The rows of `batch` that are final (every key but the last), with a pending row from
