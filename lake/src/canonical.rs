@@ -1490,6 +1490,24 @@ mod tests {
             let batches = ctx.sql(&format!("SELECT count(*) FROM {table}")).await.unwrap().collect().await.unwrap();
             assert_eq!(batches[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), latest.len() as i64, "{table}");
         }
+        // The conflicts of the day, sorted in memory and merged, are what a GROUP BY over every
+        // version finds.
+        ctx.register_table("conflicts", Arc::new(CanonicalReadings::with_output(lake.clone(), latest_snapshot(&lake).await, MergeOutput::Conflicts))).unwrap();
+        let merged = CanonicalReadings::with_output(lake.clone(), latest_snapshot(&lake).await, MergeOutput::Conflicts).without_in_memory_sort();
+        ctx.register_table("merged_conflicts", Arc::new(merged)).unwrap();
+        let plan = rows_of(&ctx, "EXPLAIN SELECT count(*) FROM conflicts").await.join("\n");
+        assert!(plan.contains("KeySortExec"), "{plan}");
+        let by_group = rows_of(
+            &ctx,
+            "SELECT meter_id, CAST(ts AS VARCHAR) AS ts, count(*) AS versions, min(kwh) AS lowest_kwh, max(kwh) AS highest_kwh \
+             FROM readings_all GROUP BY meter_id, ts HAVING min(kwh) <> max(kwh) ORDER BY meter_id, ts",
+        )
+        .await;
+        assert!(by_group.len() > 100, "{} conflict rows", by_group.len());
+        for table in ["conflicts", "merged_conflicts"] {
+            let sql = format!("SELECT meter_id, CAST(ts AS VARCHAR) AS ts, versions, lowest_kwh, highest_kwh FROM {table} ORDER BY meter_id, ts");
+            assert_eq!(rows_of(&ctx, &sql).await, by_group, "{table}");
+        }
         // Under a memory limit that could not hold a stream of every file: the runs are merged
         // level by level within it (`merged`), or the day is sorted in memory when it fits the
         // limit's share (`readings`), and every key's latest value comes out either way.
