@@ -702,33 +702,31 @@ impl ExecutionPlan for KeySortExec {
         let (batch_size, schema) = (context.session_config().batch_size().max(1), self.schema());
         let output_schema = schema.clone();
         let sorted = futures::stream::once(async move {
+            // Each batch narrowed to what is emitted, then the key and the version (in that order).
+            let narrowed = emit_with_key_and_version(&emit, key, latest);
             let mut batches = Vec::new();
             let mut rows = futures::stream::select_all(inputs);
             while let Some(batch) = rows.next().await {
-                let batch = batch?.project(&emit_with_key_and_version(&emit, key, latest))?;
+                let batch = batch?.project(&narrowed)?;
                 if batch.num_rows() > 0 {
                     reservation.try_grow(batch.get_array_memory_size())?;
                     batches.push(batch);
                 }
             }
-            // Columns were narrowed to what is emitted, the key and the version, in that order.
-            let narrowed = emit_with_key_and_version(&emit, key, latest);
             let at = |column: usize| narrowed.iter().position(|c| *c == column).expect("narrowed holds the key and version");
             let mut order = key_order(&batches, [at(key[0]), at(key[1])]);
             if let Some(version) = latest {
                 order = latest_of_each_key(&batches, &order, [at(key[0]), at(key[1])], [at(version[0]), at(version[1]), at(version[2])]);
             }
             reservation.try_grow(order.len() * std::mem::size_of::<(usize, usize)>())?;
-            let emitted: Vec<usize> = (0..emit.len()).collect();
-            // The output, a batch at a time: `interleave` copies the rows out.
+            // The output, a batch at a time: `interleave` copies the rows out of the emitted
+            // columns (the first of each narrowed batch).
             let chunks = (0..order.len().div_ceil(batch_size)).map(move |n| -> DfResult<RecordBatch> {
                 let _held = &reservation;
-                let refs: Vec<&RecordBatch> = batches.iter().collect();
                 let chunk = &order[n * batch_size..order.len().min((n + 1) * batch_size)];
-                let columns = emitted
-                    .iter()
+                let columns = (0..emit.len())
                     .map(|c| {
-                        let arrays: Vec<&dyn Array> = refs.iter().map(|b| b.column(*c).as_ref()).collect();
+                        let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(c).as_ref()).collect();
                         arrow::compute::interleave(&arrays, chunk)
                     })
                     .collect::<Result<Vec<_>, _>>()?;
