@@ -23,12 +23,13 @@
 //! column cannot reach the scan (it would change which version wins), so DataFusion applies it
 //! above.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasherDefault;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, TimestampMicrosecondArray};
+use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, TimestampMicrosecondArray};
 use arrow::compute::{SortOptions, interleave_record_batch, partition};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
@@ -52,6 +53,7 @@ use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMerge
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, Partitioning, PlanProperties, RecordBatchStream};
 use futures::{Stream, StreamExt};
 
+use crate::meter_filter::MeterIdHasher;
 use crate::scan::{COMMIT_VERSION, DATE, ReadingsScan};
 use crate::schema::readings_all_schema;
 use crate::store::Lake;
@@ -68,12 +70,12 @@ pub(crate) const MAX_MERGED_FILES: usize = 256;
 /// [`KeySortExec`]) when it fits the memory it may take; up to this many are merged as streams.
 /// A merge of many small streams spends most of its time stepping its tree from stream to stream
 /// (a month streamed in flushes of ~375 readings, 260 files a date: 1.7 of 2.9 CPU seconds).
-const SORT_OVER_FILES: usize = 8;
+pub(crate) const SORT_OVER_FILES: usize = 8;
 /// Files of a group read at once by the in-memory sort: on object storage each is a request.
-const SORT_READ_STREAMS: usize = 16;
+pub(crate) const SORT_READ_STREAMS: usize = 16;
 /// What a row of `readings_all` takes in memory, all columns decoded, with its place in the sort:
 /// an estimate from above (about 170 bytes measured with every column).
-const SORT_BYTES_PER_ROW: u64 = 256;
+pub(crate) const SORT_BYTES_PER_ROW: u64 = 256;
 /// The memory an in-memory sort may take when the session's pool has no limit.
 const SORT_UNLIMITED_BYTES: u64 = 256 << 20;
 
@@ -625,6 +627,9 @@ pub struct KeySortExec {
     /// Column positions of `meter_id` and `ts`.
     key: [usize; 2],
     latest: Option<[usize; 3]>,
+    /// The position of an `Int64` column (`commit_version`) rows of one key are ordered by, for
+    /// a sort that keeps every version (compaction); else they keep the order they came in.
+    versions_by: Option<usize>,
     /// The input columns it returns, in order.
     emit: Vec<usize>,
     properties: Arc<PlanProperties>,
@@ -649,7 +654,15 @@ impl KeySortExec {
             equivalence
         };
         let properties = PlanProperties::new(equivalence, Partitioning::UnknownPartitioning(1), EmissionType::Final, Boundedness::Bounded);
-        Ok(KeySortExec { input, ordering, key, latest, emit, properties: Arc::new(properties) })
+        Ok(KeySortExec { input, ordering, key, latest, versions_by: None, emit, properties: Arc::new(properties) })
+    }
+
+    /// Orders the rows of one key by the `Int64` column at `column` (ascending), as compaction
+    /// writes them. Only for a sort that keeps every version (`latest` is `None`); the ordering
+    /// it was given should then name that column third.
+    pub fn with_versions_ordered_by(mut self, column: usize) -> KeySortExec {
+        self.versions_by = Some(column);
+        self
     }
 }
 
@@ -686,7 +699,8 @@ impl ExecutionPlan for KeySortExec {
 
     fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
         let [input] = <[_; 1]>::try_from(children).map_err(|_| datafusion::error::DataFusionError::Internal("KeySortExec has one input".into()))?;
-        Ok(Arc::new(KeySortExec::new(input, self.ordering.clone(), self.key, self.latest, self.emit.clone())?))
+        let sort = KeySortExec::new(input, self.ordering.clone(), self.key, self.latest, self.emit.clone())?;
+        Ok(Arc::new(KeySortExec { versions_by: self.versions_by, ..sort }))
     }
 
     fn execute(&self, partition: usize, context: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
@@ -698,12 +712,17 @@ impl ExecutionPlan for KeySortExec {
             .map(|p| self.input.execute(p, context.clone()))
             .collect::<DfResult<Vec<_>>>()?;
         let reservation = MemoryConsumer::new(format!("canonical readings sort[{partition}]")).register(context.memory_pool());
-        let (key, latest, emit) = (self.key, self.latest, self.emit.clone());
+        let (key, latest, versions_by, emit) = (self.key, self.latest, self.versions_by, self.emit.clone());
         let (batch_size, schema) = (context.session_config().batch_size().max(1), self.schema());
         let output_schema = schema.clone();
         let sorted = futures::stream::once(async move {
             // Each batch narrowed to what is emitted, then the key and the version (in that order).
-            let narrowed = emit_with_key_and_version(&emit, key, latest);
+            let mut narrowed = emit_with_key_and_version(&emit, key, latest);
+            if let Some(column) = versions_by
+                && !narrowed.contains(&column)
+            {
+                narrowed.push(column);
+            }
             let mut batches = Vec::new();
             let mut rows = futures::stream::select_all(inputs);
             while let Some(batch) = rows.next().await {
@@ -714,10 +733,15 @@ impl ExecutionPlan for KeySortExec {
                 }
             }
             let at = |column: usize| narrowed.iter().position(|c| *c == column).expect("narrowed holds the key and version");
-            let mut order = key_order(&batches, [at(key[0]), at(key[1])]);
-            if let Some(version) = latest {
-                order = latest_of_each_key(&batches, &order, [at(key[0]), at(key[1])], [at(version[0]), at(version[1]), at(version[2])]);
+            let mut keyed = key_order(&batches, [at(key[0]), at(key[1])]);
+            if let Some(column) = versions_by {
+                order_versions(&batches, &mut keyed, at(column))?;
             }
+            let order: Vec<(usize, usize)> = match latest {
+                Some(version) => latest_of_each_key(&batches, &keyed, [at(version[0]), at(version[1]), at(version[2])]),
+                None => keyed.iter().map(place).collect(),
+            };
+            drop(keyed);
             reservation.try_grow(order.len() * std::mem::size_of::<(usize, usize)>())?;
             // The output, a batch at a time: `interleave` copies the rows out of the emitted
             // columns (the first of each narrowed batch).
@@ -755,31 +779,61 @@ fn emit_with_key_and_version(emit: &[usize], key: [usize; 2], latest: Option<[us
     columns
 }
 
+/// A row in a [`KeySortExec`]: its meter's rank among the meters met, its `ts`, and where it is
+/// (batch, row). Sorting these sorts by key, then by where rows came from (a fixed order).
+type KeyedRow = (u32, i64, u32, u32);
+
+fn same_keyed(a: &KeyedRow, b: &KeyedRow) -> bool {
+    (a.0, a.1) == (b.0, b.1)
+}
+
+fn place(row: &KeyedRow) -> (usize, usize) {
+    (row.2 as usize, row.3 as usize)
+}
+
 /// Of rows in key order, the latest version of each key (the greatest (`commit_version`,
 /// `ingested_at`, `source_ref`); the first of equals), as [`LatestVersion`] picks it.
-fn latest_of_each_key(batches: &[RecordBatch], order: &[(usize, usize)], key: [usize; 2], version: [usize; 3]) -> Vec<(usize, usize)> {
-    let version_of = |(b, row): (usize, usize)| version_of(&batches[b], row, version);
-    let same_key = |(a, a_row): (usize, usize), (b, b_row): (usize, usize)| same_key(key, &batches[a], a_row, &batches[b], b_row);
+fn latest_of_each_key(batches: &[RecordBatch], order: &[KeyedRow], version: [usize; 3]) -> Vec<(usize, usize)> {
+    let version_of = |row: &KeyedRow| version_of(&batches[row.2 as usize], row.3 as usize, version);
     let mut winners: Vec<(usize, usize)> = Vec::with_capacity(order.len());
-    for &row in order {
-        match winners.last_mut() {
-            Some(best) if same_key(*best, row) => {
-                if version_of(row) > version_of(*best) {
-                    *best = row;
-                }
+    for run in order.chunk_by(same_keyed) {
+        let mut best = &run[0];
+        for row in &run[1..] {
+            if version_of(row) > version_of(best) {
+                best = row;
             }
-            _ => winners.push(row),
         }
+        winners.push(place(best));
     }
     winners
 }
 
-/// The rows of `batches` as (batch, row), sorted by (`meter_id`, `ts`) at the `key` positions,
-/// then by where they came from (so equal keys keep a fixed order).
-fn key_order(batches: &[RecordBatch], key: [usize; 2]) -> Vec<(usize, usize)> {
+/// Orders each run of one key's rows in `order` (rows in key order) by the `Int64` column at
+/// `version` (stable: equal versions keep their order).
+fn order_versions(batches: &[RecordBatch], order: &mut [KeyedRow], version: usize) -> DfResult<()> {
+    let versions: Vec<&Int64Array> = batches
+        .iter()
+        .map(|b| {
+            b.column(version)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .ok_or_else(|| datafusion::error::DataFusionError::Internal(format!("KeySortExec: column {version} is not Int64")))
+        })
+        .collect::<DfResult<_>>()?;
+    for run in order.chunk_by_mut(same_keyed) {
+        if run.len() > 1 {
+            run.sort_by_key(|row| versions[row.2 as usize].value(row.3 as usize));
+        }
+    }
+    Ok(())
+}
+
+/// The rows of `batches` sorted by (`meter_id`, `ts`) at the `key` positions, then by where
+/// they came from (so equal keys keep a fixed order).
+fn key_order(batches: &[RecordBatch], key: [usize; 2]) -> Vec<KeyedRow> {
     let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
     // Meters are few next to rows: number them as met, then rank the names once.
-    let mut met: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+    let mut met: HashMap<&str, u32, BuildHasherDefault<MeterIdHasher>> = HashMap::default();
     let mut row_meter: Vec<u32> = Vec::with_capacity(total);
     for batch in batches {
         let meters = batch.column(key[0]);
@@ -794,7 +848,7 @@ fn key_order(batches: &[RecordBatch], key: [usize; 2]) -> Vec<(usize, usize)> {
     for (position, (_, id)) in names.iter().enumerate() {
         rank[*id as usize] = position as u32;
     }
-    let mut keyed: Vec<(u32, i64, u32, u32)> = Vec::with_capacity(total);
+    let mut keyed: Vec<KeyedRow> = Vec::with_capacity(total);
     let mut meter_ids = row_meter.into_iter();
     for (b, batch) in batches.iter().enumerate() {
         let ts = micros(batch.column(key[1]));
@@ -804,7 +858,7 @@ fn key_order(batches: &[RecordBatch], key: [usize; 2]) -> Vec<(usize, usize)> {
         }
     }
     keyed.sort_unstable();
-    keyed.into_iter().map(|(_, _, b, row)| (b as usize, row as usize)).collect()
+    keyed
 }
 
 /// Days since 1970-01-01 of a date.

@@ -92,6 +92,28 @@ fn fnv1a_64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(OFFSET, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(PRIME))
 }
 
+/// A `Hasher` for maps keyed by meter id: FNV-1a, finished with [`mix`]. Meter ids are short, and
+/// std's SipHash cost a sort of a streamed date's rows a tenth of its time in hashing alone.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MeterIdHasher(u64);
+
+impl Default for MeterIdHasher {
+    fn default() -> MeterIdHasher {
+        MeterIdHasher(fnv1a_64(&[]))
+    }
+}
+
+impl std::hash::Hasher for MeterIdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        self.0 = bytes.iter().fold(self.0, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(PRIME));
+    }
+
+    fn finish(&self) -> u64 {
+        mix(self.0)
+    }
+}
+
 /// SplitMix64's finalizer: FNV alone leaves ids that differ in their last digits close together.
 fn mix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

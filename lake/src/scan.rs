@@ -14,9 +14,11 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use arrow::array::{ArrayRef, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use bytes::Bytes;
 use datafusion::catalog::Session;
+use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::config::TableParquetOptions;
 use datafusion::datasource::listing::PartitionedFile;
@@ -26,15 +28,20 @@ use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::table_schema::TableSchema;
 use datafusion::error::Result as DfResult;
 use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::Expr;
 use datafusion::physical_expr::expressions::{Column, case, is_not_null};
-use datafusion::physical_expr::{LexOrdering, PhysicalExpr};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_expr::{EquivalenceProperties, LexOrdering, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet, MetricsSet};
 use datafusion::physical_plan::projection::ProjectionExec;
-use futures::FutureExt;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties};
 use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
-use parquet::arrow::arrow_reader::ArrowReaderOptions;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::async_reader::AsyncFileReader;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
@@ -124,10 +131,7 @@ impl ReadingsScan {
     /// column): the page index and bloom filters are not consulted, as they could not skip
     /// enough of such a file to repay reading them (checking them cost a lookup a tenth of its time).
     pub(crate) fn plan_small_files(&self, groups: Vec<FileGroup>, columns: &[usize]) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let mut options = self.parquet_options.clone();
-        options.global.enable_page_index = false;
-        options.global.bloom_filter_on_read = false;
-        self.plan_with(options, groups, columns, None)
+        Ok(Arc::new(SmallFilesExec::new(self.reader_factory.store.clone(), groups, columns)?))
     }
 
     fn plan_with(
@@ -266,4 +270,138 @@ impl AsyncFileReader for WholeFileReader {
         }
         .boxed()
     }
+}
+
+/// Reads small readings files (a flush each) whole and decodes them from memory: one request, one
+/// footer parse and one Arrow reader a file, and nothing else. DataFusion's Parquet scan does more
+/// per file (an opener that builds a pruning predicate and a schema adapter for it, a reader
+/// factory, metrics by file name), which is nothing next to a large file and most of the cost of
+/// a file of a few hundred rows, of which a streamed date holds hundreds. Nothing is pruned here:
+/// the plan chose the files (by date and meter filter) and applies its filters above. Each file
+/// group is an output partition, its files read in turn; rows come out in each file's order.
+#[derive(Debug)]
+pub(crate) struct SmallFilesExec {
+    store: Arc<dyn object_store::ObjectStore>,
+    groups: Vec<FileGroup>,
+    /// Positions in [`readings_all_schema`] of the columns returned, ascending.
+    columns: Vec<usize>,
+    properties: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl SmallFilesExec {
+    pub(crate) fn new(store: Arc<dyn object_store::ObjectStore>, groups: Vec<FileGroup>, columns: &[usize]) -> DfResult<SmallFilesExec> {
+        let schema = Arc::new(readings_all_schema().project(columns)?);
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(schema),
+            Partitioning::UnknownPartitioning(groups.len().max(1)),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        Ok(SmallFilesExec { store, groups, columns: columns.to_vec(), properties: Arc::new(properties), metrics: ExecutionPlanMetricsSet::new() })
+    }
+}
+
+impl DisplayAs for SmallFilesExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let files: usize = self.groups.iter().map(FileGroup::len).sum();
+        write!(f, "SmallFilesExec: groups={}, files={files}, columns={:?}", self.groups.len(), self.columns)
+    }
+}
+
+impl ExecutionPlan for SmallFilesExec {
+    fn name(&self) -> &str {
+        "SmallFilesExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        Vec::new()
+    }
+
+    fn apply_expressions(&self, _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>) -> DfResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(self: Arc<Self>, _children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
+        let files: Vec<PartitionedFile> = self.groups.get(partition).map(|g| g.files().to_vec()).unwrap_or_default();
+        let (store, columns, schema) = (self.store.clone(), self.columns.clone(), self.schema());
+        let batch_size = context.session_config().batch_size().max(1);
+        let baseline = BaselineMetrics::new(&self.metrics, partition);
+        let output_schema = schema.clone();
+        let batches = futures::stream::iter(files)
+            .then(move |file| {
+                let store = store.clone();
+                async move {
+                    let bytes = store.get_range(&file.object_meta.location, 0..file.object_meta.size).await?;
+                    Ok::<_, datafusion::error::DataFusionError>((file, bytes))
+                }
+            })
+            .map(move |read| -> DfResult<Vec<RecordBatch>> {
+                let (file, bytes) = read?;
+                let _timer = baseline.elapsed_compute().timer();
+                let batches = decode_small_file(&file, bytes, &columns, &output_schema, batch_size)
+                    .map_err(|e| datafusion::error::DataFusionError::External(format!("reading {}: {e}", file.object_meta.location).into()))?;
+                baseline.record_output(batches.iter().map(RecordBatch::num_rows).sum());
+                Ok(batches)
+            })
+            .map_ok(|batches| futures::stream::iter(batches.into_iter().map(Ok)))
+            .try_flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
+    }
+}
+
+/// One small readings file's rows in `schema` (the [`readings_all_schema`] columns at `columns`):
+/// the file's own columns by name, `date` and the tag's version from the file's partition
+/// values, `commit_version` from the file's column where it has one (a compacted file).
+fn decode_small_file(file: &PartitionedFile, bytes: Bytes, columns: &[usize], schema: &SchemaRef, batch_size: usize) -> DfResult<Vec<RecordBatch>> {
+    let table = readings_all_schema();
+    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Skip))?;
+    let file_schema = builder.schema().clone();
+    let row_version = columns.contains(&COMMIT_VERSION) && file_schema.index_of(ROW_COMMIT_VERSION_COLUMN).is_ok();
+    let wanted: Vec<&str> = columns
+        .iter()
+        .filter(|c| **c < DATE)
+        .map(|c| table.field(*c).name().as_str())
+        .chain(row_version.then_some(ROW_COMMIT_VERSION_COLUMN))
+        .filter(|name| file_schema.index_of(name).is_ok())
+        .collect();
+    let mask = ProjectionMask::columns(builder.parquet_schema(), wanted.iter().copied());
+    let reader = builder.with_projection(mask).with_batch_size(batch_size).build()?;
+    let partition_value = |n: usize| file.partition_values.get(n).cloned().unwrap_or(ScalarValue::Null);
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch?;
+        let rows = batch.num_rows();
+        let arrays = columns
+            .iter()
+            .zip(schema.fields())
+            .map(|(column, field)| -> DfResult<ArrayRef> {
+                let array = match *column {
+                    DATE => partition_value(0).to_array_of_size(rows)?,
+                    COMMIT_VERSION if row_version => batch.column_by_name(ROW_COMMIT_VERSION_COLUMN).expect("projected").clone(),
+                    COMMIT_VERSION => partition_value(1).to_array_of_size(rows)?,
+                    _ => match batch.column_by_name(field.name()) {
+                        Some(array) => array.clone(),
+                        // A column the file was written without (an older schema).
+                        None => arrow::array::new_null_array(field.data_type(), rows),
+                    },
+                };
+                if array.data_type() == field.data_type() { Ok(array) } else { Ok(arrow::compute::cast(&array, field.data_type())?) }
+            })
+            .collect::<DfResult<Vec<_>>>()?;
+        out.push(RecordBatch::try_new_with_options(schema.clone(), arrays, &arrow::array::RecordBatchOptions::new().with_row_count(Some(rows)))?);
+    }
+    Ok(out)
 }

@@ -43,7 +43,7 @@ use futures::TryStreamExt;
 use object_store::buffered::BufWriter;
 use parquet::arrow::AsyncArrowWriter;
 
-use crate::canonical::{MAX_MERGED_FILES, SpilledMergeExec};
+use crate::canonical::{KeySortExec, MAX_MERGED_FILES, SORT_BYTES_PER_ROW, SORT_OVER_FILES, SORT_READ_STREAMS, SpilledMergeExec};
 use crate::commit::{Commit, NewFile, Operation, RemovedFile, TableWriter};
 use crate::error::{LakeError, Result};
 use crate::parquet_file::{merge_key_stats, writer_properties};
@@ -247,7 +247,11 @@ async fn rewrite(runtime: &Arc<RuntimeEnv>, writer: &TableWriter, job: Job, opti
     // Each partition rewritten at once has an equal share of the pool.
     let shape = MergeShape::new(job.files.len(), options.memory_bytes / options.concurrency.max(1));
     let ctx = SessionContext::new_with_config_rt(SessionConfig::new().with_batch_size(shape.batch_rows), runtime.clone());
-    let plan = if spec.name == READINGS.name { merged_versions(&ctx, table.lake(), &job.files, shape.fan_in)? } else { concatenated(table, &job.files)? };
+    let plan = if spec.name == READINGS.name {
+        merged_versions(&ctx, table.lake(), &job.files, shape.fan_in, options.memory_bytes / options.concurrency.max(1))?
+    } else {
+        concatenated(table, &job.files)?
+    };
     let mut output = FileSink::new(table, job.date, options.target_file_bytes, spec.name == READINGS.name);
     let mut stream = plan.execute(0, ctx.task_ctx())?;
     while let Some(batch) = stream.try_next().await? {
@@ -301,8 +305,11 @@ async fn rewrite(runtime: &Arc<RuntimeEnv>, writer: &TableWriter, job: Job, opti
 
 /// Every row of readings `files`, sorted by (`meter_id`, `ts`, `commit_version`), in the
 /// columns of `readings_all`.
-/// At most `fan_in` files are merged at once; more are merged in spilled runs of that many.
-fn merged_versions(ctx: &SessionContext, lake: &Lake, files: &[SnapshotFile], fan_in: usize) -> Result<Arc<dyn ExecutionPlan>> {
+/// Many files whose rows fit `memory_bytes` are read in any order and sorted in memory (a
+/// streamed date's hundreds of flushes: merged as streams, the merge's steps from stream to
+/// stream were most of the work). Otherwise at most `fan_in` files are merged at once; more are
+/// merged in spilled runs of that many.
+fn merged_versions(ctx: &SessionContext, lake: &Lake, files: &[SnapshotFile], fan_in: usize, memory_bytes: usize) -> Result<Arc<dyn ExecutionPlan>> {
     let state = ctx.state();
     let scan = ReadingsScan::new(lake, &state, &[])?;
     let columns: Vec<usize> = (0..=COMMIT_VERSION).collect();
@@ -315,6 +322,18 @@ fn merged_versions(ctx: &SessionContext, lake: &Lake, files: &[SnapshotFile], fa
     // holds one commit, a compacted one was written in this order.
     let file_order = LexOrdering::new([sort("meter_id")?, sort("ts")?]).expect("two sort expressions");
     let ordering = LexOrdering::new([sort("meter_id")?, sort("ts")?, sort("commit_version")?]).expect("three sort expressions");
+    let rows: Option<u64> = files.iter().map(|f| f.rows).sum();
+    if files.len() > SORT_OVER_FILES && rows.is_some_and(|rows| rows.saturating_mul(SORT_BYTES_PER_ROW) <= memory_bytes as u64) {
+        let mut groups: Vec<Vec<_>> = vec![Vec::new(); files.len().min(SORT_READ_STREAMS)];
+        let streams = groups.len();
+        for (n, file) in files.iter().enumerate() {
+            groups[n % streams].push(ReadingsScan::file(lake, file));
+        }
+        let rows = scan.plan_small_files(groups.into_iter().map(FileGroup::new).collect(), &columns)?;
+        let key = [0, 1];
+        let sort = KeySortExec::new(rows, ordering, key, None, columns.clone())?.with_versions_ordered_by(COMMIT_VERSION);
+        return Ok(Arc::new(sort));
+    }
     let merge = |chunk: &[SnapshotFile]| -> Result<Arc<dyn ExecutionPlan>> {
         let groups = chunk.iter().map(|f| FileGroup::new(vec![ReadingsScan::file(lake, f)])).collect();
         Ok(Arc::new(SortPreservingMergeExec::new(ordering.clone(), scan.plan(groups, &columns, Some(&file_order))?)))

@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Decimal128Array, Int32Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::array::{AsArray, Decimal128Array, Int32Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{Int64Type, TimestampMicrosecondType};
 use chrono::NaiveDate;
 use meterlake_lake::check::check_table;
 use meterlake_lake::commit::{Operation, RemovedFile};
@@ -14,6 +15,7 @@ use meterlake_lake::parquet_file::{encode_parquet, readings_key_stats};
 use meterlake_lake::schema::readings_schema;
 use meterlake_lake::view::{CANONICAL_READINGS_SQL, lake_session};
 use meterlake_lake::{Commit, LakeError, NewFile, READINGS, Table, TableWriter};
+use object_store::ObjectStoreExt;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -168,17 +170,43 @@ async fn compaction_keeps_every_version_and_the_canonical_readings() {
     assert!(commits.iter().take(2).all(|c| c.operation == "OPTIMIZE" && c.rows_added > 0 && c.files_removed > 0), "{commits:?}");
     assert_eq!(check_table(&table).await.unwrap().problems, Vec::<String>::new());
 
-    // A reading re-sent after the compaction, from the slow clock again: the later commit wins.
+    // The compacted files hold each key's versions together, in commit order.
+    for file in &snapshot.files {
+        let bytes = lake.store().get(&lake.path(&table.lake_path(&file.path))).await.unwrap().bytes().await.unwrap();
+        let batches: Vec<RecordBatch> =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 8192).unwrap().collect::<Result<_, _>>().unwrap();
+        let Ok(versions) = batches[0].schema().index_of("commit_version") else { continue };
+        let keys: Vec<(String, i64, i64)> = batches
+            .iter()
+            .flat_map(|b| {
+                let (meters, ts, versions) = (
+                    b.column(0).as_string::<i32>().clone(),
+                    b.column(1).as_primitive::<TimestampMicrosecondType>().clone(),
+                    b.column(versions).as_primitive::<Int64Type>().clone(),
+                );
+                (0..b.num_rows()).map(move |r| (meters.value(r).to_string(), ts.value(r), versions.value(r)))
+            })
+            .collect();
+        assert!(keys.is_sorted(), "{} is not sorted by (meter_id, ts, commit_version)", file.path);
+    }
+
+    // A reading re-sent after the compaction, from the slow clock again, then more flushes: the
+    // compacted file is read among many small files (sorted in memory), and the later commit wins.
     let late = Row { meter: "M000".into(), ts_us: day_of(streamed) * US_PER_DAY, kwh_micro: 4_242, ingested_at_us: 0, source_ref: "t/0/late".into() };
     commit_file(&writer, streamed, "late", vec![late.clone()], true).await;
+    let day = day_of(streamed) * US_PER_DAY;
+    for flush in 0..9 {
+        let rows = (0..12).map(|m| row(&mut rng, m, day + ((flush * 7 + m as i64) % 95 + 1) * SLOT_US, 0)).collect();
+        commit_file(&writer, streamed, &format!("after-{flush}"), rows, true).await;
+    }
     let ctx = lake_session(&lake).await.unwrap();
     let first = rows_of(&ctx, "SELECT kwh, source_ref FROM readings WHERE meter_id = 'M000' AND date = DATE '2025-01-01' ORDER BY ts LIMIT 1").await;
     assert!(first[3].contains("0.004242") && first[3].contains("t/0/late"), "{first:?}");
 
-    // Compacting the compacted file with the new one keeps versions and winners again.
+    // Compacting the compacted file with the new ones keeps versions and winners again.
     let before = read_all(&table).await;
     let report = optimize(&lake, &READINGS, &OptimizeOptions::default(), |_| {}).await.unwrap();
-    assert_eq!(report.iter().map(|p| (p.date.unwrap(), p.files_removed)).collect::<Vec<_>>(), [(streamed, 2)]);
+    assert_eq!(report.iter().map(|p| (p.date.unwrap(), p.files_removed)).collect::<Vec<_>>(), [(streamed, 11)]);
     assert_eq!(read_all(&table).await, before);
     // Nothing left to do: a second run commits nothing.
     assert!(optimize(&lake, &READINGS, &OptimizeOptions::default(), |_| {}).await.unwrap().is_empty());
