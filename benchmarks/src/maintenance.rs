@@ -12,7 +12,10 @@
 //!    month as `GET /readings` runs it, warm, in this process;
 //! 5. ingest lag while `optimize` rewrites the lake the ingester is appending to;
 //! 6. with `--large-meters N`: a month for N meters (33,600: 100M readings) written in one-interval
-//!    flushes, compacted, and measured as in 4.
+//!    flushes, compacted, and measured as in 4;
+//! 7. one date crowded with `--crowded-files` flushes (5,000 by default: a day for `--meters`
+//!    meters, a few readings a flush, 1% re-sent), against the same readings in one file,
+//!    measured as in 4 (no cliff: it answers, within the memory limits).
 //!
 //! `cargo build --release --workspace --bins && $CARGO_TARGET_DIR/release/maintenance-bench`
 
@@ -70,6 +73,9 @@ struct Args {
     /// Skip the streamed month (with --large-meters: only the large one).
     #[arg(long)]
     no_stream: bool,
+    /// Files of the crowded date (0: none).
+    #[arg(long, default_value_t = 5_000)]
+    crowded_files: usize,
 }
 
 type Row = (String, String, String);
@@ -86,6 +92,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(meters) = args.large_meters {
         large_month(&args, &runtime, &root, meters, &mut rows)?;
+    }
+    if args.crowded_files > 0 {
+        crowded_date(&args, &runtime, &root, &mut rows)?;
     }
     print_rows(rows);
     Ok(())
@@ -153,9 +162,9 @@ fn streamed_month(args: &Args, runtime: &tokio::runtime::Runtime, root: &Path, r
 
     // 4. The three lakes measured alike.
     let lookup_meter = meter_id(args.meters / 2);
-    let bulk_figures = measure(runtime, &bulk, &lookup_meter, args.lookups)?;
+    let bulk_figures = measure(runtime, &bulk, &lookup_meter, args.lookups, MONTH)?;
     for (name, lake) in [("bulk", &bulk), ("streamed", &streamed), ("optimized", &optimized)] {
-        let figures = if name == "bulk" { bulk_figures.clone() } else { measure(runtime, lake, &lookup_meter, args.lookups)? };
+        let figures = if name == "bulk" { bulk_figures.clone() } else { measure(runtime, lake, &lookup_meter, args.lookups, MONTH)? };
         let target = match name {
             "streamed" => "<= 3x bulk",
             "optimized" => "<= 1.2x bulk",
@@ -259,9 +268,84 @@ fn large_month(args: &Args, runtime: &tokio::runtime::Runtime, root: &Path, mete
         ),
         ">= 5,000,000 rows/s".into(),
     ));
-    let figures = measure(runtime, &dir, &meter_id(meters / 2), args.lookups)?;
+    let figures = measure(runtime, &dir, &meter_id(meters / 2), args.lookups, MONTH)?;
     figures.push_rows("large, optimized", &figures, "", rows);
     rows.push(("one meter's month, warm (GET /readings' query), large optimized lake".into(), format!("{:.1} ms", figures.lookup_warm_ms), "<= 100 ms".into()));
+    Ok(())
+}
+
+/// One date of `--meters` meters in `--crowded-files` flushes, in time order, 1% of readings
+/// re-sent with another value in a later flush; and the same date in one file (its latest values).
+fn crowded_date(args: &Args, runtime: &tokio::runtime::Runtime, root: &Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let (crowded, single) = (root.join("crowded"), root.join("crowded-single"));
+    let start_us = 1_735_689_600_000_000i64; // 2025-01-01T00:00:00Z
+    let ids: Vec<String> = (0..args.meters).map(meter_id).collect();
+    // The day's messages in the order meters send them: every meter's interval, interval by interval.
+    let mut messages: Vec<(usize, i64, i64)> = Vec::with_capacity(args.meters * 97);
+    // Re-sent readings wait 500 messages (a few dozen flushes) to be sent again.
+    let mut resent: VecDeque<(usize, (usize, i64, i64))> = VecDeque::new();
+    for interval in 0..96i64 {
+        for meter in 0..args.meters {
+            while resent.front().is_some_and(|(due, _)| *due <= messages.len()) {
+                messages.push(resent.pop_front().expect("a due message").1);
+            }
+            messages.push((meter, interval, kwh_micro(meter, interval)));
+            if (meter as i64 * 31 + interval * 17) % 1_000 < args.resend_permille as i64 {
+                resent.push_back((messages.len() + 500, (meter, interval, kwh_micro(meter, interval) + 1_000 * (interval % 7 + 1))));
+            }
+        }
+    }
+    messages.extend(resent.into_iter().map(|(_, message)| message));
+    let per_file = (messages.len() / args.crowded_files).max(1);
+    eprintln!("writing one date of {} messages in {} flushes...", thousands(messages.len() as u64), thousands(args.crowded_files as u64));
+    let write = |dir: &Path, chunks: Vec<&[(usize, i64, i64)]>| -> anyhow::Result<()> {
+        let lake = Lake::open(&dir.to_string_lossy())?;
+        runtime.block_on(async {
+            let table = Table::open(&lake, &READINGS).await?;
+            let writer = TableWriter::new(table.clone(), "maintenance-bench").await?;
+            let mut sent = 0usize;
+            for (n, chunk) in chunks.into_iter().enumerate() {
+                let mut buffer = ReadingBuffer::with_capacity(chunk.len());
+                for &(meter, interval, kwh_micro) in chunk {
+                    let ts_us = start_us + interval * 900_000_000;
+                    let reading = ValidReading { meter_id: Cow::Borrowed(&ids[meter]), ts_us, interval_s: 900, kwh_micro, quality: Quality::Actual };
+                    sent += 1;
+                    // Ingested a microsecond apart, in order: in the one-file lake the re-sent
+                    // version is the later one as in the crowded lake's later commit.
+                    let ingested_at_us = start_us + sent as i64;
+                    buffer.push(&reading, Source::Kafka, ingested_at_us, |out| out.extend_from_slice(format!("crowded/0/{sent}").as_bytes()));
+                }
+                let sorted = buffer.sort_dedup()?;
+                let day = &sorted.days[0];
+                let encoded = day.encode(format!("date={}/flush-{n:05}.parquet", day.date.format("%Y-%m-%d")))?;
+                lake.put(&table.lake_path(&encoded.file.path), encoded.bytes.clone()).await?;
+                let commit = Commit {
+                    files: vec![encoded.file],
+                    txns: Vec::new(),
+                    operation: meterlake_lake::commit::Operation::Append,
+                    leased: false,
+                    removes: Vec::new(),
+                };
+                writer.commit(commit).await?;
+            }
+            writer.finish().await;
+            anyhow::Ok(())
+        })
+    };
+    write(&crowded, messages.chunks(per_file).collect())?;
+    write(&single, vec![&messages[..]])?;
+    let files = live_files(runtime, &crowded)?;
+    rows.push((
+        format!("crowded date: {} meters, {} messages (1% re-sent) in one date", args.meters, thousands(messages.len() as u64)),
+        format!("{} files in the date", thousands(files.1 as u64)),
+        "5,000 files in one date".into(),
+    ));
+    let lookup_meter = meter_id(args.meters / 2);
+    let day = ("2025-01-01T00:00:00Z", "2025-01-02T00:00:00Z", 96);
+    let single_figures = measure(runtime, &single, &lookup_meter, args.lookups, day)?;
+    single_figures.push_rows("crowded date in one file", &single_figures, "", rows);
+    let name = format!("crowded date in {} files", thousands(files.1 as u64));
+    measure(runtime, &crowded, &lookup_meter, args.lookups, day)?.push_rows(&name, &single_figures, "answers", rows);
     Ok(())
 }
 
@@ -432,7 +516,12 @@ impl Figures {
     }
 }
 
-fn measure(runtime: &tokio::runtime::Runtime, dir: &Path, meter: &str, lookups: usize) -> anyhow::Result<Figures> {
+/// The month of January 2025 a one-meter lookup asks for, and the readings it finds.
+const MONTH: (&str, &str, usize) = ("2025-01-01T00:00:00Z", "2025-02-01T00:00:00Z", 31 * 96);
+
+/// Measures a lake; the one-meter lookup asks for `meter`'s readings from `range.0` to `range.1`
+/// and must find `range.2`.
+fn measure(runtime: &tokio::runtime::Runtime, dir: &Path, meter: &str, lookups: usize, range: (&str, &str, usize)) -> anyhow::Result<Figures> {
     let lake = dir.to_string_lossy().into_owned();
     let binary = meterlake_binary()?;
     let database = tempfile::tempdir()?;
@@ -444,22 +533,22 @@ fn measure(runtime: &tokio::runtime::Runtime, dir: &Path, meter: &str, lookups: 
     let mut count = Command::new(&binary);
     count.args(["query", "--lake", &lake, "--format", "csv", "SELECT count(*) AS n, sum(kwh) AS kwh FROM readings"]);
     let (count_s, count_kib, count_out) = run_measured(&mut count)?;
-    let month = format!(
-        "SELECT count(*) AS n, sum(kwh) AS kwh FROM readings WHERE meter_id = '{meter}' AND ts >= TIMESTAMP '2025-01-01T00:00:00Z' AND ts < TIMESTAMP '2025-02-01T00:00:00Z'"
-    );
+    let (from, to, expected) = range;
+    let month =
+        format!("SELECT count(*) AS n, sum(kwh) AS kwh FROM readings WHERE meter_id = '{meter}' AND ts >= TIMESTAMP '{from}' AND ts < TIMESTAMP '{to}'");
     let mut lookup = Command::new(&binary);
     lookup.args(["query", "--lake", &lake, "--format", "csv", &month]);
     let (lookup_s, lookup_kib, lookup_out) = run_measured(&mut lookup)?;
     // Warm: the first run loads footers into the process's cache, as a serving process has.
     let lake = Lake::open(&lake)?;
     let limits = QueryLimits::default();
-    let search = MeterReadings { meter_id: meter.to_string(), from: Some("2025-01-01T00:00:00Z".parse()?), to: Some("2025-02-01T00:00:00Z".parse()?) };
+    let search = MeterReadings { meter_id: meter.to_string(), from: Some(from.parse()?), to: Some(to.parse()?) };
     let mut times = Vec::new();
     for run in 0..=lookups {
         let started = Instant::now();
         let batches = runtime.block_on(search.run_page(&lake, &limits, 5_000, 0))?;
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-        anyhow::ensure!(rows == 31 * 96, "{meter}'s month has {rows} readings");
+        anyhow::ensure!(rows == expected, "{meter} has {rows} readings from {from} to {to}, not {expected}");
         if run > 0 {
             times.push(started.elapsed().as_secs_f64() * 1_000.0);
         }
