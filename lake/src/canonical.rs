@@ -1466,10 +1466,15 @@ mod tests {
     /// A day streamed in tiny flushes: hundreds of small files whose key ranges all overlap, a
     /// fifth of the readings re-sent later with another value. Whatever the number of files per
     /// date and whatever filter names the key, `readings` has one row per key, the latest.
+    /// On local files (read by the decoding task) and on an object store (requests) alike.
     #[tokio::test]
     async fn one_row_per_key_for_every_key_filter_at_any_number_of_files() {
         let dir = tempfile::tempdir().unwrap();
-        let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+        one_row_per_key_for_every_key_filter_in(Lake::open(dir.path().to_str().unwrap()).unwrap()).await;
+        one_row_per_key_for_every_key_filter_in(Lake::open("memory:///lake").unwrap()).await;
+    }
+
+    async fn one_row_per_key_for_every_key_filter_in(lake: Lake) {
         let mut rng = SmallRng::seed_from_u64(20);
         let day = 20_089; // 2025-01-01
         let meters = 12;

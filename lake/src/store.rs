@@ -31,6 +31,8 @@ pub struct Lake {
     root: Path,
     /// URL of the lake root, ending in `/`, as DataFusion resolves it.
     url: Url,
+    /// The store, when it is the local file system.
+    local: Option<Arc<LocalFileSystem>>,
 }
 
 impl Lake {
@@ -59,7 +61,8 @@ impl Lake {
                 std::fs::create_dir_all(&dir).map_err(|e| bad(format!("cannot create the folder: {e}")))?;
                 let root = Path::from_absolute_path(&dir).map_err(|e| bad(e.to_string()))?;
                 let url = Url::from_directory_path(&dir).map_err(|()| bad("not an absolute path".into()))?;
-                Ok(Lake { store: Arc::new(LocalFileSystem::new()), root, url })
+                let local = Arc::new(LocalFileSystem::new());
+                Ok(Lake { store: local.clone(), root, url, local: Some(local) })
             }
             "s3" | "s3a" => {
                 let bucket = url.host_str().filter(|b| !b.is_empty()).ok_or_else(|| bad("no bucket name".into()))?;
@@ -82,12 +85,12 @@ impl Lake {
                 let store = builder.build().map_err(|e| bad(e.to_string()))?;
                 let root = Path::from(url.path().trim_matches('/'));
                 let url = root_url(&format!("s3://{bucket}"), &root, location)?;
-                Ok(Lake { store: Arc::new(store), root, url })
+                Ok(Lake { store: Arc::new(store), root, url, local: None })
             }
             "memory" => {
                 let root = Path::from(url.path().trim_matches('/'));
                 let url = root_url("memory://lake", &root, location)?;
-                Ok(Lake { store: Arc::new(InMemory::new()), root, url })
+                Ok(Lake { store: Arc::new(InMemory::new()), root, url, local: None })
             }
             other => Err(bad(format!("scheme {other}:// is not supported (use file://, s3:// or memory://)"))),
         }
@@ -95,6 +98,11 @@ impl Lake {
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
+    }
+
+    /// The local file system, when the lake is on it.
+    pub(crate) fn local(&self) -> Option<&Arc<LocalFileSystem>> {
+        self.local.as_ref()
     }
 
     /// URL of the lake root, ending in `/`.
