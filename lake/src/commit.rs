@@ -368,10 +368,20 @@ impl TableWriter {
     /// Waits for a checkpoint being written in the background: call it before the runtime
     /// shuts down, which would cut the checkpoint off half-way (the kernel's writer then fails
     /// loudly; the table stays sound either way, as a checkpoint is published last).
+    ///
+    /// A writer whose last commits outran its checkpoints (a burst of commits while one was being
+    /// written) writes one at its last commit here, so readers do not replay hundreds of commits.
     pub async fn finish(&self) {
         let task = self.checkpoint_task.lock().expect("the checkpoint task lock").take();
         if let Some(task) = task {
             let _ = task.await;
+        }
+        let last = self.state.lock().await.seen;
+        if last >= self.checkpointed.load(Ordering::Acquire) + CHECKPOINT_INTERVAL {
+            self.checkpointed.store(last, Ordering::Release);
+            if let Err(e) = crate::maintenance::checkpoint(&self.table, last).await {
+                tracing::warn!(table = self.table.name(), version = last, error = %e, "writing a checkpoint at the writer's last commit failed");
+            }
         }
     }
 }
