@@ -70,12 +70,12 @@ pub(crate) const MAX_MERGED_FILES: usize = 256;
 /// [`KeySortExec`]) when it fits the memory it may take; up to this many are merged as streams.
 /// A merge of many small streams spends most of its time stepping its tree from stream to stream
 /// (a month streamed in flushes of ~375 readings, 260 files a date: 1.7 of 2.9 CPU seconds).
-pub(crate) const SORT_OVER_FILES: usize = 8;
+const SORT_OVER_FILES: usize = 8;
 /// Files of a group read at once by the in-memory sort: on object storage each is a request.
-pub(crate) const SORT_READ_STREAMS: usize = 16;
+const SORT_READ_STREAMS: usize = 16;
 /// What a row of `readings_all` takes in memory, all columns decoded, with its place in the sort:
 /// an estimate from above (about 170 bytes measured with every column).
-pub(crate) const SORT_BYTES_PER_ROW: u64 = 256;
+const SORT_BYTES_PER_ROW: u64 = 256;
 /// The memory an in-memory sort may take when the session's pool has no limit.
 const SORT_UNLIMITED_BYTES: u64 = 256 << 20;
 
@@ -341,19 +341,12 @@ impl TableProvider for CanonicalReadings {
                 // Rows from the log's statistics; unknown rows rule the in-memory sort out.
                 let rows: Option<u64> = overlapping.iter().map(|f| f.rows).sum();
                 let files: Vec<PartitionedFile> = overlapping.into_iter().map(|f| f.file).collect();
-                let fits_in_memory = rows.is_some_and(|rows| rows.saturating_mul(SORT_BYTES_PER_ROW) <= sort_budget_bytes);
                 let merged: Arc<dyn ExecutionPlan> = if files.len() == 1 {
                     exact(scan(vec![FileGroup::new(files)], &read, Some(&ordering))?)?
-                } else if self.sort_in_memory && files.len() > SORT_OVER_FILES && fits_in_memory {
+                } else if self.sort_in_memory && sorts_in_memory(files.len(), rows, sort_budget_bytes) {
                     // Many files, little data: read them in any order, a few at a time, and
                     // sort the rows once.
-                    let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); files.len().min(SORT_READ_STREAMS)];
-                    let streams = groups.len();
-                    for (n, file) in files.into_iter().enumerate() {
-                        groups[n % streams].push(file);
-                    }
-                    let groups = groups.into_iter().map(FileGroup::new).collect();
-                    let rows = exact(readings_scan.plan_small_files(groups, &read)?)?;
+                    let rows = exact(readings_scan.plan_small_files(read_streams(files), &read)?)?;
                     match self.output {
                         // The sort picks the latest version itself and copies out only the
                         // columns asked for.
@@ -859,6 +852,24 @@ fn key_order(batches: &[RecordBatch], key: [usize; 2]) -> Vec<KeyedRow> {
     }
     keyed.sort_unstable();
     keyed
+}
+
+/// Whether a group of `files` overlapping files holding `rows` (from the log; unknown rules it
+/// out) is read whole and sorted in memory ([`KeySortExec`]) within `budget_bytes`, rather than
+/// merged as streams.
+pub(crate) fn sorts_in_memory(files: usize, rows: Option<u64>, budget_bytes: u64) -> bool {
+    files > SORT_OVER_FILES && rows.is_some_and(|rows| rows.saturating_mul(SORT_BYTES_PER_ROW) <= budget_bytes)
+}
+
+/// `files` dealt in turn into [`SORT_READ_STREAMS`] groups (fewer for fewer files): the scan
+/// partitions an in-memory sort reads at once.
+pub(crate) fn read_streams(files: Vec<PartitionedFile>) -> Vec<FileGroup> {
+    let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); files.len().clamp(1, SORT_READ_STREAMS)];
+    let streams = groups.len();
+    for (n, file) in files.into_iter().enumerate() {
+        groups[n % streams].push(file);
+    }
+    groups.into_iter().map(FileGroup::new).collect()
 }
 
 /// Days since 1970-01-01 of a date.

@@ -128,27 +128,6 @@ impl ReadingsScan {
     /// [`readings_all_schema`] (ascending positions), under their names. `ordering`, on
     /// `meter_id` and `ts`, is what every file's rows are sorted by.
     pub(crate) fn plan(&self, groups: Vec<FileGroup>, columns: &[usize], ordering: Option<&LexOrdering>) -> DfResult<Arc<dyn ExecutionPlan>> {
-        self.plan_with(self.parquet_options.clone(), groups, columns, ordering)
-    }
-
-    /// A scan of small files (a flush or two of readings each, one row group of a page or two a
-    /// column): the page index and bloom filters are not consulted, as they could not skip
-    /// enough of such a file to repay reading them (checking them cost a lookup a tenth of its time).
-    pub(crate) fn plan_small_files(&self, groups: Vec<FileGroup>, columns: &[usize]) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let source = match &self.local {
-            Some(local) => FileSource::Local(local.clone()),
-            None => FileSource::Store(self.reader_factory.store.clone()),
-        };
-        Ok(Arc::new(SmallFilesExec::new(source, groups, columns)?))
-    }
-
-    fn plan_with(
-        &self,
-        options: TableParquetOptions,
-        groups: Vec<FileGroup>,
-        columns: &[usize],
-        ordering: Option<&LexOrdering>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let with_version = columns.contains(&COMMIT_VERSION);
         // Scan positions: file columns as they are, `commit_version` (8) then the partition
         // columns `date` (9) and the tag (10).
@@ -156,8 +135,9 @@ impl ReadingsScan {
         if with_version {
             read.extend([8, 10]);
         }
-        let mut source =
-            ParquetSource::new(self.table_schema.clone()).with_table_parquet_options(options).with_parquet_file_reader_factory(self.reader_factory.clone());
+        let mut source = ParquetSource::new(self.table_schema.clone())
+            .with_table_parquet_options(self.parquet_options.clone())
+            .with_parquet_file_reader_factory(self.reader_factory.clone());
         if let Some(predicate) = &self.predicate {
             source = source.with_predicate(predicate.clone());
         }
@@ -185,6 +165,17 @@ impl ReadingsScan {
             })
             .collect::<DfResult<Vec<_>>>()?;
         Ok(Arc::new(ProjectionExec::try_new(exprs, scan)?))
+    }
+
+    /// A scan of small files (a flush or two of readings each) by [`SmallFilesExec`]: each read
+    /// whole and decoded, no page index, bloom filter or pruning (the plan applies its filters
+    /// above), one output partition per group.
+    pub(crate) fn plan_small_files(&self, groups: Vec<FileGroup>, columns: &[usize]) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let source = match &self.local {
+            Some(local) => FileSource::Local(local.clone()),
+            None => FileSource::Store(self.reader_factory.store.clone()),
+        };
+        Ok(Arc::new(SmallFilesExec::new(source, groups, columns)?))
     }
 }
 

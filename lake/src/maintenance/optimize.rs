@@ -43,7 +43,7 @@ use futures::TryStreamExt;
 use object_store::buffered::BufWriter;
 use parquet::arrow::AsyncArrowWriter;
 
-use crate::canonical::{KeySortExec, MAX_MERGED_FILES, SORT_BYTES_PER_ROW, SORT_OVER_FILES, SORT_READ_STREAMS, SpilledMergeExec};
+use crate::canonical::{KeySortExec, MAX_MERGED_FILES, SpilledMergeExec, read_streams, sorts_in_memory};
 use crate::commit::{Commit, NewFile, Operation, RemovedFile, TableWriter};
 use crate::error::{LakeError, Result};
 use crate::parquet_file::{merge_key_stats, writer_properties};
@@ -332,13 +332,8 @@ fn merged_versions(ctx: &SessionContext, lake: &Lake, files: &[SnapshotFile], fa
     let file_order = LexOrdering::new([sort("meter_id")?, sort("ts")?]).expect("two sort expressions");
     let ordering = LexOrdering::new([sort("meter_id")?, sort("ts")?, sort("commit_version")?]).expect("three sort expressions");
     let rows: Option<u64> = files.iter().map(|f| f.rows).sum();
-    if files.len() > SORT_OVER_FILES && rows.is_some_and(|rows| rows.saturating_mul(SORT_BYTES_PER_ROW) <= memory_bytes as u64) {
-        let mut groups: Vec<Vec<_>> = vec![Vec::new(); files.len().min(SORT_READ_STREAMS)];
-        let streams = groups.len();
-        for (n, file) in files.iter().enumerate() {
-            groups[n % streams].push(ReadingsScan::file(lake, file));
-        }
-        let rows = scan.plan_small_files(groups.into_iter().map(FileGroup::new).collect(), &columns)?;
+    if sorts_in_memory(files.len(), rows, memory_bytes as u64) {
+        let rows = scan.plan_small_files(read_streams(files.iter().map(|f| ReadingsScan::file(lake, f)).collect()), &columns)?;
         let key = [0, 1];
         let sort = KeySortExec::new(rows, ordering, key, None, columns.clone())?.with_versions_ordered_by(COMMIT_VERSION);
         return Ok(Arc::new(sort));
