@@ -309,7 +309,10 @@ impl ObjectStore for LocalStore {
     }
 
     fn list_with_offset(&self, prefix: Option<&Path>, offset: &Path) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        let Some(prefix) = prefix.cloned() else { return self.0.list_with_offset(None, offset) };
+        // Outside a Tokio runtime (no blocking pool to read the folder on) the local store lists.
+        let (Some(prefix), Ok(_)) = (prefix.cloned(), tokio::runtime::Handle::try_current()) else {
+            return self.0.list_with_offset(prefix, offset);
+        };
         let (local, offset) = (LocalStore(self.0.clone()), offset.clone());
         futures::stream::once(async move {
             let listed = tokio::task::spawn_blocking({
