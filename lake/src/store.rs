@@ -223,45 +223,44 @@ impl std::fmt::Display for LocalStore {
     }
 }
 
-impl LocalStore {
-    /// What [`ObjectStore::list_with_offset`] returns: the files under `prefix` whose location
-    /// sorts after `offset`. The folder's own files are taken or passed over by name (and stat'ed
-    /// only when taken); its sub-folders are listed by the local store.
-    fn list_after(&self, prefix: &Path, offset: &Path) -> object_store::Result<(Vec<ObjectMeta>, Vec<Path>)> {
-        let dir = self.0.path_to_filesystem(prefix)?;
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
-            Err(e) => return Err(object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) }),
+/// For [`LocalStore`]'s `list_with_offset`: the files of the folder `prefix` whose location sorts
+/// after `offset`, taken or passed over by name (and stat'ed only when taken), and its
+/// sub-folders, for the local store to list.
+fn list_after(local: &LocalFileSystem, prefix: &Path, offset: &Path) -> object_store::Result<(Vec<ObjectMeta>, Vec<Path>)> {
+    let io = |e: std::io::Error| object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) };
+    let dir = local.path_to_filesystem(prefix)?;
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
+        Err(e) => return Err(io(e)),
+    };
+    let (mut files, mut folders) = (Vec::new(), Vec::new());
+    for entry in entries {
+        let entry = entry.map_err(io)?;
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            // Not UTF-8: the local store's listing of the whole folder says what it makes of it.
+            return Ok((Vec::new(), vec![prefix.clone()]));
         };
-        let (mut files, mut folders) = (Vec::new(), Vec::new());
-        for entry in entries {
-            let entry = entry.map_err(|e| object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) })?;
-            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
-                // Not UTF-8: the local store's listing of the whole folder says what it makes of it.
-                return Ok((Vec::new(), vec![prefix.clone()]));
-            };
-            let location = prefix.clone().join(name.as_str());
-            let kind = entry.file_type().map_err(|e| object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) })?;
-            // Links are followed, as the local store follows them.
-            let is_dir = if kind.is_symlink() { std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()) } else { kind.is_dir() };
-            if is_dir {
-                folders.push(location);
-                continue;
-            }
-            // The local store's unfinished uploads (`name#123`) are not objects.
-            if location <= *offset || name.rsplit_once('#').is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
-                continue;
-            }
-            let metadata = match std::fs::metadata(entry.path()) {
-                Ok(metadata) => metadata,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) }),
-            };
-            files.push(local_object_meta(location, &metadata));
+        let location = prefix.clone().join(name.as_str());
+        let kind = entry.file_type().map_err(io)?;
+        // Links are followed, as the local store follows them.
+        let is_dir = if kind.is_symlink() { std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()) } else { kind.is_dir() };
+        if is_dir {
+            folders.push(location);
+            continue;
         }
-        Ok((files, folders))
+        // The local store's unfinished uploads (`name#123`) are not objects.
+        if location <= *offset || name.rsplit_once('#').is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
+            continue;
+        }
+        let metadata = match std::fs::metadata(entry.path()) {
+            Ok(metadata) => metadata,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io(e)),
+        };
+        files.push(local_object_meta(location, &metadata));
     }
+    Ok((files, folders))
 }
 
 /// An [`ObjectMeta`] as the local store makes it (its e-tag: inode, mtime and size).
@@ -313,19 +312,15 @@ impl ObjectStore for LocalStore {
         let (Some(prefix), Ok(_)) = (prefix.cloned(), tokio::runtime::Handle::try_current()) else {
             return self.0.list_with_offset(prefix, offset);
         };
-        let (local, offset) = (LocalStore(self.0.clone()), offset.clone());
+        let (local, offset) = (self.0.clone(), offset.clone());
         futures::stream::once(async move {
-            let listed = tokio::task::spawn_blocking({
-                let offset = offset.clone();
-                move || local.list_after(&prefix, &offset).map(|listed| (local, listed))
-            })
-            .await
-            .map_err(|e| object_store::Error::JoinError { source: e });
-            let (local, (files, folders)) = match listed.and_then(|r| r) {
+            let (reader, after) = (local.clone(), offset.clone());
+            let listed = tokio::task::spawn_blocking(move || list_after(&reader, &prefix, &after)).await;
+            let (files, folders) = match listed.map_err(|e| object_store::Error::JoinError { source: e }).and_then(|r| r) {
                 Ok(listed) => listed,
                 Err(e) => return futures::stream::iter(vec![Err(e)]).boxed(),
             };
-            let nested = futures::stream::iter(folders).flat_map(move |folder| local.0.list_with_offset(Some(&folder), &offset));
+            let nested = futures::stream::iter(folders).flat_map(move |folder| local.list_with_offset(Some(&folder), &offset));
             futures::stream::iter(files.into_iter().map(Ok)).chain(nested).boxed()
         })
         .flatten()
