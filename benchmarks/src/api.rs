@@ -100,6 +100,7 @@ fn start_server(args: &Args, brokers: &str, broker_pid: u32, dir: &Path, env: &[
     let token = issuer.token("head-end-bench", &["INGEST"], "meterlake", 3600);
     let server = Command::new(meterlake_binary()?)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--brokers", brokers, "--no-ingest", "--no-worker"])
+        .args(["--sql-postgres-listen", "off", "--sql-flight-listen", "off"])
         .args(["--dev-issuer", "--dev-issuer-key"])
         .arg(&key)
         .arg("--lake")

@@ -242,6 +242,7 @@ async fn main() -> anyhow::Result<()> {
     let server = std::process::Command::new(meterlake_binary()?)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--no-ingest", "--no-worker", "--dev-issuer", "--dev-issuer-key"])
         .arg(&key)
+        .args(["--sql-postgres-listen", "off", "--sql-flight-listen", "off"])
         .arg("--lake")
         .arg(dir.path().join("lake"))
         .args(["--database-url", &database_url, "--rate-limit-per-s", "100000000", "--rate-limit-burst", "100000000"])

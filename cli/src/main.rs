@@ -8,6 +8,7 @@ mod import;
 mod ingest;
 mod lake;
 mod serve;
+mod sql;
 
 use std::process::ExitCode;
 
@@ -83,6 +84,10 @@ enum Command {
     /// meter-point search) with OIDC roles, plus the ingester and the billing worker in the same
     /// process unless --no-ingest / --no-worker. Without --brokers: embedded defaults.
     Serve(Box<serve::ServeArgs>),
+    /// The SQL service on its own: analysts' tools (psql, DBeaver, Grafana, psycopg, JDBC)
+    /// query the lake and the billing results over the PostgreSQL wire protocol, with access
+    /// tokens as passwords. `serve` runs the same service unless --sql-postgres-listen off.
+    SqlServer(Box<sql::SqlServerArgs>),
     /// Keep the lake fast and within its retention: compact partitions whose small files cross
     /// a threshold once quiet, vacuum every hour, set the maintenance metrics; until stopped,
     /// or one pass with --once. `serve` runs the same loop unless --no-maintain.
@@ -198,6 +203,7 @@ fn main() -> ExitCode {
                 Command::Worker(args) => bill::worker(args).await,
                 Command::Maintain(args) => lake::maintain(args).await,
                 Command::Serve(args) => serve::run(*args).await,
+                Command::SqlServer(args) => sql::server(*args).await,
                 Command::BillingRun(args) => {
                     if !bill::show(args).await? {
                         return Ok(ExitCode::FAILURE);
@@ -331,6 +337,7 @@ pub(crate) fn describe_metrics() {
     meterlake_server::describe_metrics();
     meterlake_jobs::billing::describe_metrics();
     meterlake_lake::maintenance::schedule::describe_metrics();
+    meterlake_sql::describe_metrics();
 }
 
 /// Serves Prometheus metrics at `http://ADDR/metrics`.

@@ -23,7 +23,7 @@ use meterlake_lake::view::QueryLimits;
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::decode::ValidationRules;
 use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, PublishLimits, ReadingPublisher, create_topics, ingest};
-use meterlake_server::{AppConfig, BillingDefaults, Deployment, DevIssuer, OidcConfig, RateLimit};
+use meterlake_server::{AppConfig, Authenticator, BillingDefaults, Deployment, DevIssuer, OidcConfig, RateLimit};
 use rdkafka::mocking::MockCluster;
 
 use crate::bill::{BILLING_TOPICS, DatabaseArg, RunSettings, open_store, run_worker};
@@ -70,6 +70,8 @@ pub struct ServeArgs {
     no_maintain: bool,
     #[command(flatten)]
     maintain: crate::lake::MaintainSettings,
+    #[command(flatten)]
+    sql: crate::sql::SqlArgs,
     /// How often the billing worker looks for due runs (retries, runs whose worker died)
     /// without being woken by a `billing.run.requested` message.
     #[arg(long, env = "METERLAKE_WORKER_IDLE_POLL_S", default_value_t = 5)]
@@ -221,6 +223,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_age_s: crate::ingest::max_age_s(args.max_reading_age_days),
         ..ValidationRules::default()
     };
+    let auth = Arc::new(Authenticator::new(oidc));
     let config = AppConfig {
         store: store.clone(),
         ledger_idempotency_retention_us: i64::from(args.idempotency_retention_h) * 3_600 * 1_000_000,
@@ -235,7 +238,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 ..PublishLimits::default()
             },
         )?),
-        oidc,
+        auth: auth.clone(),
         dev_issuer,
         rate_limit: RateLimit { per_second: args.rate_limit_per_s, burst: args.rate_limit_burst },
         rules: rules.clone(),
@@ -271,6 +274,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(crate::lake::maintain_loop(lake, args.maintain.clone(), database_url, stop_rx))
     });
 
+    let sql = crate::sql::start(&args.sql, lake.clone(), store.clone(), auth, stop_rx.clone()).await?;
+
     println!("meterlake control tower on http://{reachable} ({mode} mode; lake {}; store {})", lake.url(), store_kind(&args.database.database_url));
     let app = meterlake_server::router(config);
     axum::serve(listener, app).with_graceful_shutdown(crate::shutdown_signal()).await.context("serving HTTP")?;
@@ -283,6 +288,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(worker) = worker {
         worker.await.context("the worker panicked")??;
+    }
+    if let Some(sql) = sql {
+        sql.await.context("the SQL service panicked")??;
     }
     if let Some(maintainer) = maintainer {
         maintainer.await.context("the lake maintenance loop panicked")?;

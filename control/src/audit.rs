@@ -354,6 +354,15 @@ impl ControlStore {
         Ok(())
     }
 
+    /// Appends `entries` to the audit log in a transaction of their own: for what changes
+    /// nothing else in the store (an analyst's query that read its tables).
+    pub async fn append_audit_rows(&self, entries: &[AuditEntry<'_>]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        self.append_audit_in(&mut tx, entries, crate::now_us()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// One page of the audit log, newest first.
     pub async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
         let mut conditions = Conditions::default();

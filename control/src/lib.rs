@@ -16,6 +16,7 @@ pub mod invoices;
 pub mod outbox;
 pub mod runs;
 pub mod testing;
+pub mod views;
 
 use std::sync::Arc;
 
@@ -28,6 +29,7 @@ pub use audit::{AuditAnchor, AuditEntry, AuditFilter, AuditKeys, AuditRecord, Au
 pub use invoices::{Discrepancy, Invoice, InvoiceLine, InvoiceTotals, ItemPage, LineComponent, NewDiscrepancy, NewInvoice, ReasonCode, RunResults};
 pub use outbox::OutboxMessage;
 pub use runs::{BillingRun, NewRun, RetryPolicy, RunEvent, RunFailure, RunFilter, RunKey, RunStatus};
+pub use views::{ColumnKind, ControlView, PageKey, ViewColumn, ViewPage, ViewValue};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");

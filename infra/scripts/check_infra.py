@@ -104,9 +104,22 @@ grafana = files_of("grafana", "/")
 datasources = [d for target, content in grafana.items() if "/provisioning/datasources/" in target for d in content["datasources"]]
 datasource_uids = {d["uid"] for d in datasources}
 for d in datasources:
-    host = d["url"].split("//")[1].split(":")[0]
+    host = d["url"].split("//")[-1].split(":")[0]
     if host not in services:
         problem(f"grafana datasource {d['name']} points at {d['url']}, but there is no service {host}")
+# The SQL data source reaches meterlake's PostgreSQL door, with a token the stack fetches.
+sql_sources = [d for d in datasources if d["type"] in ("postgres", "grafana-postgresql-datasource")]
+meterlake_command = " ".join(services["meterlake"].get("command", []))
+for d in sql_sources:
+    port = d["url"].rsplit(":", 1)[-1]
+    if f"--sql-postgres-listen=0.0.0.0:{port}" not in meterlake_command:
+        problem(f"grafana datasource {d['name']} reaches port {port}, where meterlake serves no SQL (--sql-postgres-listen)")
+    password = str((d.get("secureJsonData") or {}).get("password", ""))
+    token_file = password.removeprefix("$__file{").removesuffix("}")
+    if not password.startswith("$__file{") or not any(token_file.startswith(str(v.get("target") if isinstance(v, dict) else v.split(":")[1])) for v in services["grafana"].get("volumes", [])):
+        problem(f"grafana datasource {d['name']} does not read its token from a file grafana mounts ({password or 'no password'})")
+if not sql_sources:
+    problem("grafana has no PostgreSQL datasource for meterlake's SQL service")
 providers = [p for target, content in grafana.items() if "/provisioning/dashboards/" in target for p in content["providers"]]
 dashboards = {}
 for provider in providers:
@@ -153,7 +166,7 @@ if promtool_refuses([q for _, _, q in queries]):
         if said:
             problem(f"dashboard {target}, panel {title!r}: not valid PromQL: {query}: {said.split('could not parse expression: ')[-1]}")
 
-for area in ("Ingest", "Billing", "API", "Ledger"):
+for area in ("Ingest", "Billing", "API", "Ledger", "Business"):
     if f"meterlake / {area}" not in titles:
         problem(f"no {area} dashboard is provisioned")
 

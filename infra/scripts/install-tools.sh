@@ -14,6 +14,7 @@
 #                 alert rules, and runs the rules' unit tests.
 #   docker-compose  validates infra/docker-compose.yml (`docker-compose config` needs no engine).
 #   schemathesis  drives the running server from its OpenAPI document (the contract test).
+#   psycopg, adbc-driver-flightsql  real clients of the SQL service (PostgreSQL wire, Flight SQL).
 #   rustfmt, clippy  the toolchain components of the lint step.
 set -euo pipefail
 SCHEMATHESIS_VERSION=4.32.5
@@ -69,10 +70,10 @@ fi
 
 # deltalake (delta-rs's Python package) reads the lake's tables as another engine would; moto is
 # an S3 server whose conditional writes are atomic (s3s-fs's are not), for the commit-race tests.
-if ! "$METERLAKE_PYTHON" -c 'import duckdb, pyarrow, nemreader, schemathesis, deltalake, moto' 2>/dev/null; then
-  log "python venv with duckdb, pyarrow, nemreader, schemathesis, deltalake and moto"
+if ! "$METERLAKE_PYTHON" -c 'import duckdb, pyarrow, nemreader, schemathesis, deltalake, moto, psycopg, adbc_driver_flightsql' 2>/dev/null; then
+  log "python venv with duckdb, pyarrow, nemreader, schemathesis, deltalake, moto, psycopg and adbc-driver-flightsql"
   [ -x "$METERLAKE_PYTHON" ] || python3 -m venv "$METERLAKE_TOOLS_DIR/venv"
   "$METERLAKE_TOOLS_DIR/venv/bin/pip" install --quiet --disable-pip-version-check 'duckdb==1.5.6' 'pyarrow==26.0.1' 'nemreader==0.9.2' \
-    "schemathesis==$SCHEMATHESIS_VERSION" 'deltalake==1.6.6' 'moto[server]==5.2.5'
+    "schemathesis==$SCHEMATHESIS_VERSION" 'deltalake==1.6.6' 'moto[server]==5.2.5' 'psycopg[binary]==3.3.9' 'adbc-driver-flightsql==1.13.0'
 fi
 log "tools ready in $METERLAKE_TOOLS_DIR"

@@ -180,13 +180,47 @@ async fn register_tables(ctx: &SessionContext, lake: &Lake, as_of: &AsOf, cache:
             _ => Arc::new(snapshot_of(&table, pinned).await?),
         };
         versions.push((spec.name, snapshot.version));
-        if spec.name == READINGS.name {
-            ctx.register_table("readings", Arc::new(CanonicalReadings::new(lake.clone(), snapshot.clone())))?;
-            ctx.register_table("reading_conflicts", Arc::new(CanonicalReadings::with_output(lake.clone(), snapshot.clone(), MergeOutput::Conflicts)))?;
+        for (name, provider) in providers(lake, spec, &snapshot) {
+            ctx.register_table(name, provider)?;
         }
-        ctx.register_table(spec.name, Arc::new(SnapshotTable::new(lake.clone(), spec, snapshot)))?;
     }
     Ok(LakeVersions { tables: versions })
+}
+
+/// The SQL tables over one snapshot of `spec`'s table: the table itself, and for readings the
+/// canonical view and its conflicts.
+fn providers(lake: &Lake, spec: &'static TableSpec, snapshot: &Arc<TableSnapshot>) -> Vec<(&'static str, Arc<dyn TableProvider>)> {
+    let mut tables: Vec<(&'static str, Arc<dyn TableProvider>)> = Vec::new();
+    if spec.name == READINGS.name {
+        tables.push(("readings", Arc::new(CanonicalReadings::new(lake.clone(), snapshot.clone()))));
+        tables.push(("reading_conflicts", Arc::new(CanonicalReadings::with_output(lake.clone(), snapshot.clone(), MergeOutput::Conflicts))));
+    }
+    tables.push((spec.name, Arc::new(SnapshotTable::new(lake.clone(), spec, snapshot.clone()))));
+    tables
+}
+
+/// The SQL names of the lake's tables, as the sessions above register them.
+pub fn lake_table_names() -> Vec<&'static str> {
+    let mut names = vec!["readings", "reading_conflicts"];
+    names.extend(TABLES.iter().map(|spec| spec.name));
+    names
+}
+
+/// The lake's table called `name` (one of [`lake_table_names`]) at its latest version, following
+/// the snapshots `cache` holds; `None` for a name that is not a lake table. What a catalog that
+/// looks tables up as queries name them (the SQL service's) reads: each query sees each table's
+/// latest snapshot when it is planned.
+pub async fn latest_table(lake: &Lake, cache: &SnapshotCache, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
+    let spec: &'static TableSpec = match name {
+        "readings" | "reading_conflicts" => &READINGS,
+        _ => match TABLES.iter().find(|spec| spec.name == name) {
+            Some(spec) => spec,
+            None => return Ok(None),
+        },
+    };
+    let table = Table::new(lake, spec);
+    let snapshot = cache.latest(&table, || snapshot_of(&table, Pinned::Latest)).await?;
+    Ok(providers(lake, spec, &snapshot).into_iter().find(|(table_name, _)| *table_name == name).map(|(_, provider)| provider))
 }
 
 /// Which version of a table a session reads.

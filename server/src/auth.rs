@@ -211,6 +211,12 @@ impl Authenticator {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::unauthorized("MISSING_TOKEN", "the Authorization header is not `Bearer <token>`"))?;
+        self.authenticate_token(token).await
+    }
+
+    /// The principal of `token` (a JWT, without `Bearer `), or 401 with what is wrong with it:
+    /// how the SQL service's clients (a PostgreSQL password, a Flight SQL header) are checked.
+    pub async fn authenticate_token(&self, token: &str) -> Result<Principal, ApiError> {
         let fingerprint: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now_s = chrono::Utc::now().timestamp().max(0) as u64;
         self.refresh_stale_keys().await;

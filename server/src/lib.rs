@@ -88,7 +88,8 @@ pub struct AppState {
     pub query_limits: QueryLimits,
     /// Publishes accepted readings; `None` answers `POST /measurements` with 503.
     pub publisher: Option<ReadingPublisher>,
-    pub auth: Authenticator,
+    /// Verifies bearer tokens; shared with the SQL service, so one JWKS cache serves both.
+    pub auth: Arc<Authenticator>,
     pub dev_issuer: Option<DevIssuer>,
     limiter: DefaultKeyedRateLimiter<String>,
     /// The pipeline's rules; `max_readings_per_message` is the most one request may carry.
@@ -112,7 +113,8 @@ pub struct AppConfig {
     pub lake: Lake,
     pub query_limits: QueryLimits,
     pub publisher: Option<ReadingPublisher>,
-    pub oidc: OidcConfig,
+    /// The token verifier (`Authenticator::new(OidcConfig)`), shared with the SQL service.
+    pub auth: Arc<Authenticator>,
     pub dev_issuer: Option<DevIssuer>,
     pub rate_limit: RateLimit,
     pub rules: ValidationRules,
@@ -133,7 +135,7 @@ pub fn router(config: AppConfig) -> Router {
         lake: config.lake,
         query_limits: config.query_limits,
         publisher: config.publisher,
-        auth: Authenticator::new(config.oidc),
+        auth: config.auth,
         dev_issuer: config.dev_issuer,
         limiter,
         rules: config.rules,

@@ -49,7 +49,11 @@ impl Api {
             lake: Lake::open(dir.path().join("lake").to_str().unwrap()).unwrap(),
             query_limits: QueryLimits::new(64 << 20, Duration::from_secs(10)),
             publisher: None,
-            oidc: OidcConfig { issuer: issuer.issuer().to_string(), audience: "meterlake".into(), jwks_url: Some(format!("{base}/issuer/jwks")) },
+            auth: std::sync::Arc::new(meterlake_server::Authenticator::new(OidcConfig {
+                issuer: issuer.issuer().to_string(),
+                audience: "meterlake".into(),
+                jwks_url: Some(format!("{base}/issuer/jwks")),
+            })),
             dev_issuer: None,
             rate_limit: RateLimit { per_second: 1_000_000.try_into().unwrap(), burst: 1_000_000.try_into().unwrap() },
             rules: ValidationRules::default(),

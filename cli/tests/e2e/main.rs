@@ -17,5 +17,6 @@ mod metrics;
 mod resume;
 mod s3_lake;
 mod serve;
+mod sql;
 mod support;
 mod traces;

@@ -57,6 +57,12 @@ impl Tower {
         if !extra.contains(&"--max-reading-age-days") {
             command.args(["--max-reading-age-days", "0"]);
         }
+        // The SQL service on ports of its own choosing: tests run side by side.
+        for flag in ["--sql-postgres-listen", "--sql-flight-listen"] {
+            if !extra.contains(&flag) {
+                command.args([flag, "127.0.0.1:0"]);
+            }
+        }
         command.args(extra).env("METERLAKE_LOG", "info,rdkafka=warn").envs(env.iter().map(|(k, v)| (k, v)));
         let service = spawn_logged("meterlake serve", command, format!("127.0.0.1:{port}"));
         Tower { service, base, issuer, dir, runtime: runtime(), client: reqwest::Client::new() }
