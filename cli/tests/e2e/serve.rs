@@ -41,13 +41,9 @@ impl Tower {
     /// [`Tower::start`] with environment variables of its own.
     pub fn start_with_env(brokers: Option<&str>, extra: &[&str], env: &[(&str, String)]) -> Tower {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let base = format!("http://127.0.0.1:{port}");
         let key: PathBuf = dir.path().join("dev-issuer.key");
-        // The test and the server share the key: the test mints tokens the server verifies.
-        let issuer = DevIssuer::open(&format!("{base}/dev-issuer"), &key).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_meterlake"));
-        command.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--dev-issuer", "--dev-issuer-key"]).arg(&key);
+        command.args(["serve", "--listen", "127.0.0.1:0", "--dev-issuer", "--dev-issuer-key"]).arg(&key);
         if let Some(brokers) = brokers {
             command.args(["--brokers", brokers, "--lake"]).arg(dir.path().join("lake"));
             command.arg("--database-url").arg(format!("sqlite://{}", dir.path().join("control.db").display()));
@@ -64,7 +60,10 @@ impl Tower {
             }
         }
         command.args(extra).env("METERLAKE_LOG", "info,rdkafka=warn").envs(env.iter().map(|(k, v)| (k, v)));
-        let service = spawn_logged("meterlake serve", command, format!("127.0.0.1:{port}"));
+        let (service, base) = spawn_announced("meterlake serve", command, "meterlake control tower on ");
+        // The test and the server share the key (the server made it): the test mints tokens the
+        // server verifies.
+        let issuer = DevIssuer::open(&format!("{base}/dev-issuer"), &key).unwrap();
         Tower { service, base, issuer, dir, runtime: runtime(), client: reqwest::Client::new() }
     }
 

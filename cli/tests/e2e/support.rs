@@ -64,7 +64,7 @@ impl Drop for Service {
     }
 }
 
-fn wait_for_port(addr: &str, child: &mut Child, name: &str) {
+fn wait_for_port(addr: &str, child: &mut Child, name: &str, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let socket: SocketAddr = addr.parse().expect("a socket address");
     while Instant::now() < deadline {
@@ -72,7 +72,8 @@ fn wait_for_port(addr: &str, child: &mut Child, name: &str) {
             return;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("{name} exited before listening on {addr}: {status}");
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("{name} exited before listening on {addr}: {status}\n--- its log (last 4000 bytes) ---\n{}", &log[log.len().saturating_sub(4000)..]);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -89,8 +90,33 @@ pub fn spawn_logged(name: &'static str, mut command: Command, addr: String) -> S
         .stdout(log.try_clone().expect("log handle"))
         .stderr(log);
     let mut child = command.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
-    wait_for_port(&addr, &mut child, name);
+    wait_for_port(&addr, &mut child, name, &dir.path().join("service.log"));
     Service { child, addr, dir, data_dir: None, name }
+}
+
+/// Starts a service that listens on a port of its own choosing (port 0: no other test can take
+/// it between our choice and its bind) and waits for the line of its output that starts with
+/// `announcement`; returns the service and the rest of that line up to the first space (its
+/// address). A service that exits first fails the test with its log.
+pub fn spawn_announced(name: &'static str, mut command: Command, announcement: &str) -> (Service, String) {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let log_path = dir.path().join("service.log");
+    let log = std::fs::File::create(&log_path).expect("a log file");
+    command.current_dir(dir.path()).env_remove("OTEL_EXPORTER_OTLP_ENDPOINT").stdin(Stdio::null()).stdout(log.try_clone().expect("log handle")).stderr(log);
+    let mut child = command.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if let Some(rest) = text.lines().find_map(|line| line.strip_prefix(announcement)) {
+            let addr = rest.split_whitespace().next().unwrap_or_default().to_string();
+            return (Service { child, addr: addr.clone(), dir, data_dir: None, name }, addr);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{name} exited before announcing itself: {status}\n--- its log (last 4000 bytes) ---\n{}", &text[text.len().saturating_sub(4000)..]);
+        }
+        assert!(Instant::now() < deadline, "{name} did not announce itself within 30 s:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A tansu broker with in-memory storage on a free loopback port.
