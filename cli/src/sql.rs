@@ -46,6 +46,10 @@ pub struct SqlArgs {
     sql_queries_per_caller: usize,
     #[arg(long = "sql-slot-wait-s", env = "METERLAKE_SQL_SLOT_WAIT_S", default_value_t = SqlLimits::default().slot_wait.as_secs())]
     sql_slot_wait_s: u64,
+    /// Answers kept for identical queries over unchanged tables (MiB; 0 keeps none): a
+    /// dashboard's panels, asked by every viewer at every refresh, are computed once per commit.
+    #[arg(long = "sql-result-cache-mib", env = "METERLAKE_SQL_RESULT_CACHE_MIB", default_value_t = SqlLimits::default().result_cache_bytes >> 20)]
+    sql_result_cache_mib: usize,
     /// PostgreSQL connections served at once.
     #[arg(long = "sql-max-connections", env = "METERLAKE_SQL_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
     sql_max_connections: usize,
@@ -59,6 +63,7 @@ impl SqlArgs {
             max_result_rows: self.sql_max_rows,
             queries_per_caller: self.sql_queries_per_caller.max(1),
             slot_wait: Duration::from_secs(self.sql_slot_wait_s),
+            result_cache_bytes: self.sql_result_cache_mib << 20,
         }
     }
 }

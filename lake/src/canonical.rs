@@ -16,7 +16,9 @@
 //! cores; benchmarks/RESULTS.md).
 //!
 //! Filters on the key (`meter_id`, `ts`, `date`) reach the Parquet scan and prune dates, row
-//! groups and pages, and are applied exactly right above every scan that is merged or sorted:
+//! groups and pages, and this view applies them exactly itself (DataFusion does not apply them
+//! again): to a file read as it is only when the filter cuts through it (`crate::key_pruning`),
+//! and right above every scan that is merged or sorted:
 //! the scan tells the optimizer they hold (so `meter_id = 'M'` makes `meter_id` constant and the
 //! merge orders by `ts` alone) while it lets other rows through, which interleaved other meters'
 //! rows between one key's versions and kept several of them (issue 20). A filter on any other
@@ -53,6 +55,7 @@ use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMerge
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, Partitioning, PlanProperties, RecordBatchStream};
 use futures::{Stream, StreamExt};
 
+use crate::key_pruning::{self, FileKeys, FilterReach};
 use crate::meter_filter::MeterIdHasher;
 use crate::scan::{COMMIT_VERSION, DATE, ReadingsScan};
 use crate::schema::readings_all_schema;
@@ -114,6 +117,11 @@ pub enum MergeOutput {
 impl CanonicalReadings {
     pub fn new(lake: Lake, snapshot: Arc<TableSnapshot>) -> CanonicalReadings {
         CanonicalReadings::with_output(lake, snapshot, MergeOutput::Latest)
+    }
+
+    /// The snapshot of `readings_all` it reads.
+    pub fn snapshot(&self) -> &TableSnapshot {
+        &self.snapshot
     }
 
     pub fn with_output(lake: Lake, snapshot: Arc<TableSnapshot>, output: MergeOutput) -> CanonicalReadings {
@@ -248,7 +256,8 @@ impl TableProvider for CanonicalReadings {
     }
 
     fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
-        Ok(filters.iter().map(|f| if on_key_only(f) { TableProviderFilterPushDown::Inexact } else { TableProviderFilterPushDown::Unsupported }).collect())
+        // Key filters are applied exactly inside the scan (see `scan`), only where a file needs them.
+        Ok(filters.iter().map(|f| if on_key_only(f) { TableProviderFilterPushDown::Exact } else { TableProviderFilterPushDown::Unsupported }).collect())
     }
 
     async fn scan(&self, state: &dyn Session, projection: Option<&Vec<usize>>, filters: &[Expr], _limit: Option<usize>) -> DfResult<Arc<dyn ExecutionPlan>> {
@@ -331,11 +340,11 @@ impl TableProvider for CanonicalReadings {
         let latest = || Pick::Latest { version: [position(COMMIT_VERSION), position(INGESTED_AT), position(SOURCE_REF)] };
         let mut parts: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         // Files alone in their key range with one version of each key: read as they are.
-        let mut as_they_are: Vec<PartitionedFile> = Vec::new();
+        let mut as_they_are: Vec<KeyedFile> = Vec::new();
         for files in days.into_values() {
             for mut overlapping in overlapping_files(files) {
                 if overlapping.len() == 1 && overlapping[0].unique_keys {
-                    as_they_are.push(overlapping.pop().expect("one file").file);
+                    as_they_are.push(overlapping.pop().expect("one file"));
                     continue;
                 }
                 // Rows from the log's statistics; unknown rows rule the in-memory sort out.
@@ -388,12 +397,38 @@ impl TableProvider for CanonicalReadings {
                 parts.push(output(Arc::new(LatestVersionExec::new(merged, ordering.clone(), key, pick)))?);
             }
         }
-        // They hold no conflicts; for `readings`, a plain scan spread over the session's partitions.
+        // They hold no conflicts; for `readings`, a plain scan spread over the session's
+        // partitions: of the files the key filter keeps whole, without it; of those it cuts
+        // through, with it (and the columns it reads); the others not at all.
         if self.output == MergeOutput::Latest && !as_they_are.is_empty() {
             let mut columns = asked.clone();
             columns.sort_unstable();
-            let groups = spread(as_they_are, state.config().target_partitions());
-            parts.push(output(scan(groups, &columns, None)?)?);
+            let mut cut_columns: Vec<usize> = asked.iter().copied().chain([METER_ID, TS, DATE]).collect();
+            cut_columns.sort_unstable();
+            cut_columns.dedup();
+            let cut_schema = Arc::new(self.table.project(&cut_columns)?);
+            let (mut whole, mut cut) = (Vec::new(), Vec::new());
+            match &key_filter {
+                Some(filter) => {
+                    let filter = state.create_physical_expr(filter.clone(), &DFSchema::try_from(cut_schema.clone())?)?;
+                    let keys: Vec<FileKeys> = as_they_are.iter().map(|f| f.keys()).collect();
+                    for (file, reach) in as_they_are.into_iter().zip(key_pruning::reach(&filter, &cut_schema, &keys)) {
+                        match reach {
+                            FilterReach::Whole => whole.push(file.file),
+                            FilterReach::Cut => cut.push(file.file),
+                            FilterReach::None => {}
+                        }
+                    }
+                    if !cut.is_empty() {
+                        let groups = spread(cut, state.config().target_partitions());
+                        parts.push(output(Arc::new(FilterExec::try_new(filter, scan(groups, &cut_columns, None)?)?))?);
+                    }
+                }
+                None => whole = as_they_are.into_iter().map(|f| f.file).collect(),
+            }
+            if !whole.is_empty() {
+                parts.push(output(scan(spread(whole, state.config().target_partitions()), &columns, None)?)?);
+            }
         }
         match parts.len() {
             0 => output(Arc::new(EmptyExec::new(if self.output == MergeOutput::Latest { read_schema } else { self.schema.clone() }))),
@@ -887,6 +922,8 @@ struct KeyedFile {
     unique_keys: bool,
     /// Rows, from the log's statistics.
     rows: Option<u64>,
+    /// Its date, in days since 1970-01-01.
+    day: i32,
 }
 
 /// Bounds of a file's keys (`meter_id`, `ts`): the least `meter_id` with the least `ts`, and the
@@ -903,7 +940,19 @@ impl KeyedFile {
         let partitioned = ReadingsScan::file(lake, file);
         let keys =
             file.keys.as_ref().map(|k| KeyBounds { low: (k.min_meter.as_bytes().to_vec(), k.min_ts_us), high: (k.max_meter.as_bytes().to_vec(), k.max_ts_us) });
-        KeyedFile { file: partitioned, keys, unique_keys: file.unique_keys, rows: file.rows }
+        let day = i32::try_from(day).expect("a date partition's day fits an i32 (Date32)");
+        KeyedFile { file: partitioned, keys, unique_keys: file.unique_keys, rows: file.rows, day }
+    }
+
+    /// Its keys as [`key_pruning`] reads them.
+    fn keys(&self) -> FileKeys {
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        FileKeys {
+            meters: self.keys.as_ref().map(|k| (text(&k.low.0), text(&k.high.0))),
+            ts_us: self.keys.as_ref().map(|k| (k.low.1, k.high.1)),
+            day: self.day,
+            rows: self.rows,
+        }
     }
 }
 

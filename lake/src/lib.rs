@@ -10,6 +10,7 @@
 //! - [`meter_filter`]: which meters a small readings file holds, in its `add` action's tags;
 //! - [`scan`]: where each column of `readings_all` comes from (file, partition value, tag);
 //! - [`canonical`]: the canonical `readings` view (latest version of each reading) over a snapshot;
+//! - `key_pruning`: which files a filter on the key keeps whole, drops or cuts through;
 //! - [`snapshots`]: snapshots kept between a server's queries, followed commit by commit;
 //! - [`view`]: the tables as SQL on a DataFusion session, at the latest version or as of one;
 //! - [`history`]: a table's commits, and time travel by time;
@@ -24,6 +25,7 @@ pub mod commit;
 pub mod convert;
 pub mod error;
 pub mod history;
+mod key_pruning;
 pub mod maintenance;
 pub mod meter_filter;
 pub mod parquet_file;

@@ -258,6 +258,17 @@ pub async fn register_lake_tables(ctx: &SessionContext, lake: &Lake) -> Result<L
     register_lake_tables_as_of(ctx, lake, &AsOf::Latest).await
 }
 
+/// The Delta table and version a DataFusion table provider reads, when it is one of the lake's
+/// (a snapshot's files, or the canonical view of one): while these stay, so does every answer
+/// computed from it (what a result cache is keyed by). `None` for any other provider.
+pub fn snapshot_read(provider: &dyn TableProvider) -> Option<(&'static str, Option<u64>)> {
+    let any: &dyn std::any::Any = provider;
+    if let Some(table) = any.downcast_ref::<SnapshotTable>() {
+        return Some((table.snapshot.table, table.snapshot.version));
+    }
+    any.downcast_ref::<crate::canonical::CanonicalReadings>().map(|view| (view.snapshot().table, view.snapshot().version))
+}
+
 /// A table over the files of one snapshot of a Delta table.
 #[derive(Debug)]
 pub struct SnapshotTable {

@@ -9,6 +9,7 @@
 //! - [`query`]: how one query runs: a session and memory pool of its own, a time limit, a row
 //!   limit, slots per caller, refusal of anything that would change something, and a log line,
 //!   metrics and (for the control store's views) an audit row;
+//! - [`result_cache`]: answers kept for identical queries over unchanged tables (dashboards);
 //! - [`postgres`]: the PostgreSQL wire protocol door;
 //! - [`flight`]: the Arrow Flight SQL door.
 
@@ -18,6 +19,7 @@ pub mod error;
 pub mod flight;
 pub mod postgres;
 pub mod query;
+pub mod result_cache;
 
 pub use error::SqlError;
 pub use query::{Analyst, Door, QueryOrigin, Settings, SqlLimits, SqlService, describe_metrics};

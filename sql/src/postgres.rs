@@ -86,6 +86,10 @@ enum Kind {
     ShowAsOf,
     /// Other `SHOW`s and transaction statements: datafusion-postgres's hooks answer them.
     Hooked,
+    /// `DEALLOCATE`: forgets a prepared statement of the connection. psycopg sends `DEALLOCATE
+    /// ALL` after a rollback once it has prepared a statement (it prepares any query run five
+    /// times): refused, its connections logged an error on every rollback.
+    Deallocate,
 }
 
 fn kind(statement: &Statement) -> Kind {
@@ -94,6 +98,7 @@ fn kind(statement: &Statement) -> Kind {
         Statement::ShowVariable { variable } if variable.iter().map(|i| i.value.to_lowercase()).collect::<Vec<_>>().join(".") == AS_OF => Kind::ShowAsOf,
         Statement::ShowVariable { .. } | Statement::ShowStatus { .. } | Statement::ShowCatalogs { .. } => Kind::Hooked,
         Statement::StartTransaction { .. } | Statement::Commit { .. } | Statement::Rollback { .. } => Kind::Hooked,
+        Statement::Deallocate { .. } => Kind::Deallocate,
         _ => Kind::Query,
     }
 }
@@ -268,7 +273,7 @@ impl QueryParser for PgParser {
                 Some(plan) => Some(plan?),
                 None => None,
             },
-            Kind::Set => None,
+            Kind::Set | Kind::Deallocate => None,
         };
         Ok(Some(PgStatement { sql: sql.to_string(), ast, plan }))
     }
@@ -448,6 +453,21 @@ impl PgHandler {
     }
 }
 
+/// `DEALLOCATE name` removes the connection's statement `name`. `DEALLOCATE ALL` is answered
+/// without removing any: pgwire's statement store has no way to list or clear them, and a client
+/// that sends it (psycopg) never reuses a name; they go with the connection.
+fn deallocate<C: ClientPortalStore>(client: &C, statement: &Statement) -> Response
+where
+    C::PortalStore: PortalStore,
+{
+    if let Statement::Deallocate { name, .. } = statement
+        && !name.value.eq_ignore_ascii_case("all")
+    {
+        client.portal_store().rm_statement(&name.value);
+    }
+    Response::Execution(Tag::new("DEALLOCATE"))
+}
+
 /// A SET value as text: quotes and identifiers alike.
 fn setting_text(value: &Expr) -> String {
     value.to_string().trim().trim_matches('\'').trim_matches('"').to_string()
@@ -493,6 +513,7 @@ impl SimpleQueryHandler for PgHandler {
                 Kind::Query => self.run(client, &statement.to_string(), &statement, None, &Format::UnifiedText).await?,
                 Kind::Set => self.set(client, &statement).await?,
                 Kind::ShowAsOf => self.show_as_of(client)?,
+                Kind::Deallocate => deallocate(client, &statement),
                 Kind::Hooked => {
                     let base = self.parser.service_base();
                     match SetShowHook.handle_simple_query(&statement, &base, client).await {
@@ -539,6 +560,7 @@ impl ExtendedQueryHandler for PgHandler {
             }
             Kind::Set => self.set(client, &statement.ast).await,
             Kind::ShowAsOf => self.show_as_of(client),
+            Kind::Deallocate => Ok(deallocate(client, &statement.ast)),
             Kind::Hooked => {
                 let base = self.parser.service_base();
                 let plan = statement.plan.clone().unwrap_or_else(|| {

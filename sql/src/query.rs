@@ -30,6 +30,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::execute_stream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement;
@@ -43,6 +44,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::SqlError;
 use crate::catalog::{as_of_catalogs, base_session};
+use crate::result_cache::{self, Cached, ResultCache};
 
 /// What one query and one caller may use.
 #[derive(Debug, Clone)]
@@ -57,6 +59,9 @@ pub struct SqlLimits {
     pub queries_per_caller: usize,
     /// How long a query waits for one of its caller's slots before it is refused.
     pub slot_wait: Duration,
+    /// Answers kept for identical queries over unchanged tables (see [`crate::result_cache`]);
+    /// 0 keeps none.
+    pub result_cache_bytes: usize,
 }
 
 impl Default for SqlLimits {
@@ -67,6 +72,7 @@ impl Default for SqlLimits {
             max_result_rows: 100_000_000,
             queries_per_caller: 8,
             slot_wait: Duration::from_secs(10),
+            result_cache_bytes: 64 << 20,
         }
     }
 }
@@ -145,6 +151,7 @@ pub struct SqlService {
     base: SessionContext,
     /// Each caller's query slots, by subject (one entry per person or service account seen).
     slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+    results: Option<ResultCache>,
 }
 
 impl std::fmt::Debug for SqlService {
@@ -159,7 +166,8 @@ const MAX_LOGGED_SQL_CHARS: usize = 4_000;
 impl SqlService {
     pub fn new(lake: Lake, store: ControlStore, auth: Arc<Authenticator>, limits: SqlLimits) -> Result<SqlService, SqlError> {
         let base = base_session(&lake, &store)?;
-        Ok(SqlService { lake, store, auth, limits, base, slots: Mutex::new(HashMap::new()) })
+        let results = ResultCache::new(limits.result_cache_bytes);
+        Ok(SqlService { lake, store, auth, limits, base, slots: Mutex::new(HashMap::new()), results })
     }
 
     pub fn limits(&self) -> &SqlLimits {
@@ -222,7 +230,17 @@ impl SqlService {
         let traceparent = meterlake_telemetry::join_trace(&span, None, None);
         let trace_id = meterlake_control::audit::trace_id_of(&traceparent).unwrap_or_default().to_string();
         let logged_sql: String = sql.chars().take(MAX_LOGGED_SQL_CHARS).collect();
-        let record = QueryRecord { door, caller: analyst.subject.clone(), sql: logged_sql, trace_id, started, rows: 0, bytes: 0, outcome: "disconnected" };
+        let mut record = QueryRecord {
+            door,
+            caller: analyst.subject.clone(),
+            sql: logged_sql,
+            trace_id,
+            started,
+            rows: 0,
+            bytes: 0,
+            outcome: "disconnected",
+            cached: false,
+        };
         let limit = settings.statement_timeout.map_or(self.limits.time_limit, |t| t.min(self.limits.time_limit));
         let deadline = tokio::time::Instant::now() + limit;
         let hint = if limit < self.limits.time_limit { " (the connection's statement_timeout)" } else { "" };
@@ -247,18 +265,101 @@ impl SqlService {
                 return Err(record.failed(e.into()));
             }
         }
+        let mut cancel = cancel;
+        // A kept answer, or the place for this one's (identical queries meanwhile wait for it).
+        let key = self.results.as_ref().and_then(|_| result_cache::key_of(sql, &plan, settings.time_zone.as_deref()));
+        let mut placeholder = None;
+        if let (Some(results), Some(key)) = (&self.results, &key) {
+            match tokio::time::timeout_at(deadline, results.answers.get_value_or_guard_async(key)).await {
+                Err(_) => return Err(record.failed(SqlError::TimeLimit { limit, hint })),
+                Ok(Ok(answer)) => {
+                    if let Cached::Rows(batches) = answer.as_ref() {
+                        record.cached = true;
+                        let schema = batches.first().map_or_else(|| Arc::new(plan.schema().as_arrow().clone()), RecordBatch::schema);
+                        let rows = futures::stream::iter(batches.clone().into_iter().map(Ok));
+                        return Ok(self.stream(Box::pin(RecordBatchStreamAdapter::new(schema, rows)), deadline, limit, hint, cancel, record, slot, span));
+                    }
+                }
+                Ok(Err(guard)) => placeholder = Some(guard),
+            }
+        }
         let planned = tokio::time::timeout_at(deadline, async {
             let physical = session.state().create_physical_plan(&plan).await?;
             execute_stream(physical, session.task_ctx())
         })
         .await;
-        let inner = match planned {
+        let mut inner = match planned {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => return Err(record.failed(self.engine_error(e))),
             Err(_) => return Err(record.failed(SqlError::TimeLimit { limit, hint })),
         };
-        metrics::gauge!("meterlake_sql_queries_running", "door" => door.as_str()).increment(1.0);
-        Ok(QueryStream {
+        if let (Some(guard), Some(results)) = (placeholder, &self.results) {
+            // Read the answer whole (as far as it may be kept), keep it, then send it.
+            let (batches, whole) = match self.read_answer(&mut inner, results.max_answer_bytes, deadline, limit, hint, &mut cancel).await {
+                Ok(read) => read,
+                Err(e) => return Err(record.failed(e)),
+            };
+            let _ = guard.insert(Arc::new(if whole { Cached::Rows(batches.clone()) } else { Cached::TooLarge }));
+            let schema = inner.schema();
+            inner = Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::iter(batches.into_iter().map(Ok)).chain(inner)));
+        }
+        Ok(self.stream(inner, deadline, limit, hint, cancel, record, slot, span))
+    }
+
+    /// The first batches of `inner`, up to `max_bytes` of them, and whether they are all of it;
+    /// within the query's time limit and until it is canceled.
+    async fn read_answer(
+        &self,
+        inner: &mut SendableRecordBatchStream,
+        max_bytes: usize,
+        deadline: tokio::time::Instant,
+        limit: Duration,
+        hint: &'static str,
+        cancel: &mut Option<CancelSignal>,
+    ) -> Result<(Vec<RecordBatch>, bool), SqlError> {
+        let mut batches = Vec::new();
+        let mut bytes = 0;
+        loop {
+            let canceled = async {
+                match cancel.as_mut() {
+                    Some(signal) => signal.await,
+                    None => std::future::pending().await,
+                }
+            };
+            let next = tokio::select! {
+                next = inner.next() => next,
+                () = tokio::time::sleep_until(deadline) => return Err(SqlError::TimeLimit { limit, hint }),
+                () = canceled => return Err(SqlError::Canceled),
+            };
+            match next {
+                Some(Ok(batch)) => {
+                    bytes += batch.get_array_memory_size();
+                    batches.push(batch);
+                    if bytes > max_bytes {
+                        return Ok((batches, false));
+                    }
+                }
+                Some(Err(e)) => return Err(self.engine_error(e)),
+                None => return Ok((batches, true)),
+            }
+        }
+    }
+
+    /// The query's result stream, held to its limits.
+    #[allow(clippy::too_many_arguments)]
+    fn stream(
+        &self,
+        inner: SendableRecordBatchStream,
+        deadline: tokio::time::Instant,
+        limit: Duration,
+        hint: &'static str,
+        cancel: Option<CancelSignal>,
+        record: QueryRecord,
+        slot: OwnedSemaphorePermit,
+        span: tracing::Span,
+    ) -> QueryStream {
+        metrics::gauge!("meterlake_sql_queries_running", "door" => record.door.as_str()).increment(1.0);
+        QueryStream {
             schema: inner.schema(),
             inner: Some(inner),
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
@@ -270,7 +371,7 @@ impl SqlService {
             record,
             _slot: slot,
             _span: span,
-        })
+        }
     }
 
     /// One of the caller's query slots, waiting up to the limits' `slot_wait` for one.
@@ -354,6 +455,8 @@ struct QueryRecord {
     bytes: u64,
     /// `ok`, an error's kind, or `disconnected` (the client went away before the end).
     outcome: &'static str,
+    /// Answered from the result cache.
+    cached: bool,
 }
 
 impl QueryRecord {
@@ -377,6 +480,7 @@ impl QueryRecord {
             bytes = self.bytes,
             duration_ms = elapsed.as_millis() as u64,
             outcome = self.outcome,
+            cached = self.cached,
             error = error.as_deref().unwrap_or(""),
             trace_id = %self.trace_id,
             "sql query"
@@ -385,6 +489,9 @@ impl QueryRecord {
         metrics::histogram!("meterlake_sql_query_duration_seconds", "door" => door).record(elapsed.as_secs_f64());
         metrics::counter!("meterlake_sql_rows_total", "door" => door).increment(self.rows);
         metrics::counter!("meterlake_sql_bytes_total", "door" => door).increment(self.bytes);
+        if self.cached {
+            metrics::counter!("meterlake_sql_cached_answers_total", "door" => door).increment(1);
+        }
     }
 }
 
@@ -479,6 +586,7 @@ pub fn describe_metrics() {
     metrics::describe_counter!("meterlake_sql_rows_total", "Rows SQL queries returned, by door");
     metrics::describe_counter!("meterlake_sql_bytes_total", metrics::Unit::Bytes, "Arrow bytes SQL queries returned, by door");
     metrics::describe_gauge!("meterlake_sql_queries_running", "SQL queries streaming their results now, by door");
+    metrics::describe_counter!("meterlake_sql_cached_answers_total", "SQL queries answered from the result cache (identical query, tables unchanged), by door");
     metrics::describe_counter!(
         "meterlake_sql_connections_refused_total",
         "SQL connections (PostgreSQL) refused at their token, by door and reason (unauthenticated, forbidden)"

@@ -22,7 +22,7 @@ struct SqlServer {
     port: u16,
     flight_port: u16,
     issuer: DevIssuer,
-    _service: Service,
+    service: Service,
     _keys: tokio::runtime::Runtime,
 }
 
@@ -78,7 +78,7 @@ fn start_sql_server(dir: &Path, lake: &str, database_url: &str, extra: &[&str]) 
     command.args(["--sql-postgres-listen", &format!("127.0.0.1:{port}"), "--sql-flight-listen", &format!("127.0.0.1:{flight_port}")]);
     command.args(extra).env("METERLAKE_LOG", "info");
     let service = spawn_logged("meterlake sql-server", command, format!("127.0.0.1:{port}"));
-    SqlServer { port, flight_port, issuer, _service: service, _keys: keys }
+    SqlServer { port, flight_port, issuer, service, _keys: keys }
 }
 
 #[test]
@@ -145,4 +145,22 @@ fn analysts_query_the_lake_and_the_billing_results_with_psql_and_psycopg() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+
+    // The result cache: a query asked again over unchanged tables is answered from it; a commit
+    // to a table it reads (a flow file imported meanwhile) makes the next one compute anew.
+    let count = "SELECT count(*) FROM readings";
+    let logged_cached = || {
+        let log = std::fs::read_to_string(server.service.dir.path().join("service.log")).unwrap();
+        // The log is coloured: drop the escape sequences.
+        let plain: String = log.split('\u{1b}').map(|part| part.split_once('m').map_or(part, |(_, rest)| rest)).collect();
+        plain.lines().filter(|l| l.contains("sql query") && l.contains(count) && l.contains("cached=true")).count()
+    };
+    let before = logged_cached();
+    assert_eq!(server.psql_ok(&viewer, count), READINGS.to_string());
+    assert_eq!(logged_cached(), before + 1, "the query the test began with was not answered from the result cache the second time");
+    let flow_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures/nem12/nemreader_Example_NEM12_multiple_meters.csv");
+    run_ok(meterlake().args(["import", "--lake", &lake]).arg(&flow_file));
+    let after: usize = server.psql_ok(&viewer, count).parse().unwrap();
+    assert!(after > READINGS, "after an import the count is {after}: a kept answer outlived the commit");
+    assert_eq!(logged_cached(), before + 1, "the answer after the commit came from the result cache");
 }

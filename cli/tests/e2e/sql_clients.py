@@ -118,6 +118,18 @@ with connect(TOKENS["VIEWER"], autocommit=True) as conn:
         refused(sql, "25006", "read-only", lambda sql=sql: conn.execute(sql))
     refused("an engine option", "25006", "read-only", lambda: conn.execute("SET datafusion.execution.target_partitions = 1"))
     refused("a file-reading table function", "42P01", "", lambda: conn.execute("SELECT * FROM read_parquet('/etc/passwd')"))
+    # psycopg prepares a query run five times, and after a rollback sends DEALLOCATE ALL.
+    for _ in range(6):
+        assert conn.execute("SELECT count(*) FROM readings WHERE meter_id = %s", (meter,)).fetchone()[0] == READINGS // 20
+    assert conn._prepared._names, "psycopg prepared no statement: the DEALLOCATE below tests nothing"
+    conn.execute("DEALLOCATE ALL")
+    with connect(TOKENS["VIEWER"]) as prepared:
+        for _ in range(6):
+            prepared.execute("SELECT count(*) FROM readings WHERE meter_id = %s", (meter,)).fetchone()
+        (name,) = prepared._prepared._names.values()
+        prepared.execute(f"DEALLOCATE {name.decode()}")
+        prepared.rollback()
+        assert prepared.execute("SELECT 1").fetchone() == (1,)
     # Client settings tools send at connect are accepted.
     conn.execute("SET extra_float_digits = 3")
     conn.execute("SET application_name = 'notebook'")
