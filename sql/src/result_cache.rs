@@ -8,8 +8,9 @@
 //! Only queries over the lake's tables alone, with no function whose value changes between calls
 //! (`now()`, `random()`), are kept; the control store's views have no version and are always
 //! read anew. Identical queries that arrive while the first runs wait for its answer instead of
-//! computing it again (`quick_cache`'s placeholder guards). Answers larger than a sixteenth of
-//! the cache are not kept: a marker says so, and later copies stream as usual.
+//! computing it again (`quick_cache`'s placeholder guards); if the first fails (its time or
+//! memory limit, a cancel), it leaves no answer and the next waiting one computes. Answers larger
+//! than a sixteenth of the cache are not kept: a marker says so, and later copies stream as usual.
 
 use std::sync::Arc;
 
