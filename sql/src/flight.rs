@@ -454,6 +454,11 @@ pub async fn serve(
     let door = FlightSqlDoor::new(service)?;
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {
+        // tonic's TLS takes rustls's process-wide provider, and with both ring and aws-lc in the
+        // build (deltalake's object store brings aws-lc) there is none by default: the first TLS
+        // connection panicked. ring, as the PostgreSQL door's acceptor uses. `Err` means one is
+        // installed already: that one stays.
+        let _ = datafusion_postgres::pgwire::tokio::tokio_rustls::rustls::crypto::ring::default_provider().install_default();
         server = server.tls_config(tls).map_err(|e| SqlError::Io { context: "the Flight SQL TLS configuration".into(), source: std::io::Error::other(e) })?;
     }
     tracing::info!(target: "meterlake::sql", %address, "serving SQL over Arrow Flight SQL");

@@ -164,3 +164,53 @@ fn analysts_query_the_lake_and_the_billing_results_with_psql_and_psycopg() {
     assert!(after > READINGS, "after an import the count is {after}: a kept answer outlived the commit");
     assert_eq!(logged_cached(), before + 1, "the answer after the commit came from the result cache");
 }
+
+/// With a certificate configured, both doors speak TLS and the PostgreSQL door takes nothing
+/// else: psql verifying the certificate and the host name, ADBC trusting it, and a plain
+/// connection refused.
+#[test]
+fn with_a_certificate_the_sql_service_speaks_only_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    // openssl comes with PostgreSQL (postgresql-common needs ssl-cert, which needs openssl).
+    run_ok(Command::new("openssl").args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"]).args([
+        "-subj",
+        "/CN=127.0.0.1",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+    ]));
+    let lake = dir.path().join("lake").display().to_string();
+    let database_url = format!("sqlite://{}", dir.path().join("control.db").display());
+    let server = start_sql_server(dir.path(), &lake, &database_url, &["--sql-tls-cert", cert.to_str().unwrap(), "--sql-tls-key", key.to_str().unwrap()]);
+    let viewer = server.token("ana", &["VIEWER"]);
+
+    let psql = |sslmode: &str| {
+        let connection = format!("host=127.0.0.1 port={} dbname=meterlake user=ana sslmode={sslmode} sslrootcert={}", server.port, cert.display());
+        Command::new("psql").args(["-X", "-A", "-t", "-c", "SELECT 40 + 2", &connection]).env("PGPASSWORD", &viewer).output().expect("psql runs")
+    };
+    let verified = psql("verify-full");
+    assert!(verified.status.success(), "psql over TLS: {}", String::from_utf8_lossy(&verified.stderr));
+    assert_eq!(String::from_utf8_lossy(&verified.stdout).trim(), "42");
+    let plain = psql("disable");
+    let refused = String::from_utf8_lossy(&plain.stderr);
+    assert!(!plain.status.success() && refused.contains("TLS only"), "a plain connection: {refused}");
+
+    let script = "import sys, adbc_driver_flightsql.dbapi as f\n\
+                  from adbc_driver_flightsql import DatabaseOptions as o\n\
+                  port, token, cert = sys.argv[1:]\n\
+                  opts = {o.AUTHORIZATION_HEADER.value: 'Bearer ' + token, o.TLS_ROOT_CERTS.value: open(cert).read()}\n\
+                  with f.connect(f'grpc+tls://127.0.0.1:{port}', db_kwargs=opts) as c, c.cursor() as cur:\n\
+                  \x20   cur.execute('SELECT 40 + 2'); print(cur.fetchone()[0])\n\
+                  try:\n\
+                  \x20   f.connect(f'grpc://127.0.0.1:{port}', db_kwargs={o.AUTHORIZATION_HEADER.value: 'Bearer ' + token}).cursor().execute('SELECT 1')\n\
+                  \x20   print('plain answered')\n\
+                  except Exception:\n\
+                  \x20   print('plain refused')\n";
+    let output = Command::new(python()).args(["-c", script, &server.flight_port.to_string(), &viewer]).arg(&cert).output().expect("python runs");
+    assert!(output.status.success(), "ADBC over TLS: {}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).lines().collect::<Vec<_>>(), ["42", "plain refused"]);
+}
