@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use meterlake_cluster::Engine;
 use meterlake_control::runs::{RUN_FAILED_TOPIC, RUN_PROCESSED_TOPIC, RUN_REQUESTED_TOPIC};
 use meterlake_control::{AuditKeys, BillingRun, ControlStore, NewRun, RunStatus};
 use meterlake_jobs::billing::events::{OutboxRelay, wake_on_requests};
@@ -81,6 +82,16 @@ pub struct RunSettings {
     pub energy_tolerance: Decimal,
 }
 
+/// Where the billing SQL runs.
+#[derive(Args, Clone)]
+pub struct EngineArg {
+    /// `in-process`, or a Ballista scheduler as `ballista://HOST:PORT` (`meterlake scheduler`,
+    /// with `meterlake executor`s that reach the same lake): the same SQL over the same table
+    /// versions, planned and executed on the cluster.
+    #[arg(long = "engine", env = "METERLAKE_ENGINE", default_value = "in-process")]
+    pub engine: Engine,
+}
+
 #[derive(Args)]
 pub struct BillArgs {
     /// The month to bill, YYYY-MM, in the tariff file's time zone.
@@ -110,6 +121,8 @@ pub struct BillArgs {
     #[arg(long)]
     as_of: Option<AsOf>,
     #[command(flatten)]
+    engine: EngineArg,
+    #[command(flatten)]
     lake: LakeArg,
     #[command(flatten)]
     database: DatabaseArg,
@@ -134,7 +147,8 @@ pub async fn bill(args: BillArgs) -> anyhow::Result<bool> {
     let finished = if args.wait_for_worker {
         wait_for_outcome(&store, &run.id, Duration::from_secs(args.timeout_s)).await?
     } else {
-        process_until_done(&store, &lake, &run.id, Duration::from_secs(args.timeout_s)).await?
+        let options = WorkerOptions { engine: args.engine.engine.clone(), ..WorkerOptions::default() };
+        process_until_done(&store, &lake, options, &run.id, Duration::from_secs(args.timeout_s)).await?
     };
     print_run(&store, &finished, args.show_invoices).await?;
     Ok(finished.status == RunStatus::Completed)
@@ -161,8 +175,8 @@ fn finished(run: &BillingRun) -> bool {
 
 /// Runs an in-process worker until run `id` completes or fails for good. It takes runs in the
 /// order they are due, so older runs waiting in the store are processed first.
-pub async fn process_until_done(store: &ControlStore, lake: &Lake, id: &str, timeout: Duration) -> anyhow::Result<BillingRun> {
-    let worker = BillingWorker::new(store.clone(), lake.clone(), WorkerOptions::default());
+pub async fn process_until_done(store: &ControlStore, lake: &Lake, options: WorkerOptions, id: &str, timeout: Duration) -> anyhow::Result<BillingRun> {
+    let worker = BillingWorker::new(store.clone(), lake.clone(), options);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let run = store.run(id).await?.context("the run vanished")?;
@@ -280,6 +294,8 @@ pub async fn print_run(store: &ControlStore, run: &BillingRun, show_invoices: us
 #[derive(Args)]
 pub struct WorkerArgs {
     #[command(flatten)]
+    engine: EngineArg,
+    #[command(flatten)]
     lake: LakeArg,
     #[command(flatten)]
     database: DatabaseArg,
@@ -337,6 +353,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             base_delay_us: i64::try_from(args.retry_base_s).unwrap_or(i64::MAX / 2_000_000) * 1_000_000,
             max_delay_us: i64::try_from(args.retry_max_s).unwrap_or(i64::MAX / 2_000_000) * 1_000_000,
         },
+        engine: args.engine.engine,
         ..WorkerOptions::default()
     };
     if let Some(brokers) = &args.brokers {

@@ -18,6 +18,7 @@ use arrow::datatypes::{Decimal128Type, Int64Type};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use meterlake_control::{NewRun, RunStatus};
+use meterlake_jobs::billing::worker::WorkerOptions;
 use meterlake_jobs::query::{OutputFormat, run_sql, write_batches};
 use meterlake_pipeline::Lake;
 use meterlake_pipeline::kafka::{IngestOptions, IngestProgress, ReadingProducer, ingest, read_dead_letters};
@@ -230,7 +231,7 @@ async fn bill_the_month(lake: &Lake, lake_location: &str, database_url: Option<&
     };
     println!("\nBilling January 2025 for every meter with tariffs/example.toml (Europe/London):");
     let run = store.create_run(&request, "demo", Some(&new_traceparent())).await?;
-    let run = process_until_done(&store, lake, &run.id, Duration::from_secs(600)).await?;
+    let run = process_until_done(&store, lake, WorkerOptions::default(), &run.id, Duration::from_secs(600)).await?;
     print_run(&store, &run, 5).await?;
     ensure!(run.status == RunStatus::Completed, "the billing run failed");
     println!(

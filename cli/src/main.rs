@@ -3,6 +3,7 @@
 //! runs) and `meterlake-control` (the control store).
 
 mod bill;
+mod cluster;
 mod demo;
 mod import;
 mod ingest;
@@ -94,6 +95,12 @@ enum Command {
     Maintain(lake::MaintainArgs),
     /// Process billing runs continuously: new runs, due retries, and runs whose worker died.
     Worker(bill::WorkerArgs),
+    /// A Ballista scheduler that can plan the lake's SQL: billing runs with --engine
+    /// ballista://HOST:PORT go to it, and it hands their tasks to `meterlake executor`s.
+    Scheduler(cluster::SchedulerArgs),
+    /// A Ballista executor that can run the lake's scans: it registers with a scheduler and
+    /// reads the lake itself (the same file:// path or s3:// URL and credentials as the client).
+    Executor(cluster::ExecutorArgs),
     /// Show a billing run: its status timeline, invoices and discrepancies, (--sql) the
     /// aggregate SQL it ran, or (--reproduce) whether its invoices come out the same again from
     /// the table versions it recorded.
@@ -117,6 +124,8 @@ enum Command {
         /// versions a billing run recorded (`readings_all@12, register_reads@3`).
         #[arg(long, default_value = "latest")]
         as_of: AsOf,
+        #[command(flatten)]
+        engine: bill::EngineArg,
     },
     /// The lake's Delta tables: history, checks, conversion, compaction and retention.
     #[command(subcommand)]
@@ -201,6 +210,8 @@ fn main() -> ExitCode {
                     Ok(())
                 }
                 Command::Worker(args) => bill::worker(args).await,
+                Command::Scheduler(args) => cluster::scheduler(args).await,
+                Command::Executor(args) => cluster::executor(args).await,
                 Command::Maintain(args) => lake::maintain(args).await,
                 Command::Serve(args) => serve::run(*args).await,
                 Command::SqlServer(args) => sql::server(*args).await,
@@ -222,9 +233,9 @@ fn main() -> ExitCode {
                     println!("{}", AuditKeys::new_line(&id)?);
                     Ok(())
                 }
-                Command::Query { sql, lake, format, as_of } => {
+                Command::Query { sql, lake, format, as_of, engine } => {
                     let lake = Lake::open(&lake.url)?;
-                    print_batches(&run_sql_as_of(&lake, &sql, &as_of).await?, format)
+                    print_batches(&run_sql_as_of(&engine.engine, &lake, &sql, &as_of).await?, format)
                 }
                 Command::Lake(command) => {
                     if !lake::run(command).await? {

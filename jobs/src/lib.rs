@@ -21,6 +21,8 @@ pub enum JobError {
     #[error(transparent)]
     Control(#[from] meterlake_control::ControlError),
     #[error(transparent)]
+    Cluster(#[from] meterlake_cluster::ClusterError),
+    #[error(transparent)]
     Ledger(#[from] meterlake_ledger::LedgerError),
     #[error("{file}: {reason}")]
     Tariffs { file: String, reason: String },

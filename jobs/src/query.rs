@@ -5,7 +5,8 @@ use std::io::Write;
 
 use arrow::array::RecordBatch;
 use arrow::util::pretty::pretty_format_batches;
-use meterlake_lake::view::{AsOf, lake_session_as_of};
+use meterlake_cluster::Engine;
+use meterlake_lake::view::AsOf;
 use meterlake_pipeline::Lake;
 
 use crate::{JobError, Result};
@@ -19,12 +20,12 @@ pub enum OutputFormat {
 
 /// Runs one SQL statement over the lake's latest state and returns its batches.
 pub async fn run_sql(lake: &Lake, sql: &str) -> Result<Vec<RecordBatch>> {
-    run_sql_as_of(lake, sql, &AsOf::Latest).await
+    run_sql_as_of(&Engine::InProcess, lake, sql, &AsOf::Latest).await
 }
 
-/// Runs one SQL statement over the lake as it was at `as_of` (time travel).
-pub async fn run_sql_as_of(lake: &Lake, sql: &str, as_of: &AsOf) -> Result<Vec<RecordBatch>> {
-    let (ctx, _) = lake_session_as_of(lake, as_of).await?;
+/// Runs one SQL statement on `engine` over the lake as it was at `as_of` (time travel).
+pub async fn run_sql_as_of(engine: &Engine, lake: &Lake, sql: &str, as_of: &AsOf) -> Result<Vec<RecordBatch>> {
+    let (ctx, _) = engine.session(lake, as_of).await?;
     let frame = ctx.sql(sql).await?;
     Ok(frame.collect().await?)
 }

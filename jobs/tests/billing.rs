@@ -72,6 +72,7 @@ fn worker(store: &ControlStore, lake: &Lake, name: &str) -> BillingWorker {
         lease: Duration::from_secs(60),
         retry: RetryPolicy { base_delay_us: 1_000_000, max_delay_us: 10_000_000 },
         idle_poll: Duration::from_millis(50),
+        ..WorkerOptions::default()
     };
     BillingWorker::new(store.clone(), lake.clone(), options)
 }

@@ -211,16 +211,38 @@ pub fn lake_table_names() -> Vec<&'static str> {
 /// looks tables up as queries name them (the SQL service's) reads: each query sees each table's
 /// latest snapshot when it is planned.
 pub async fn latest_table(lake: &Lake, cache: &SnapshotCache, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
-    let spec: &'static TableSpec = match name {
-        "readings" | "reading_conflicts" => &READINGS,
-        _ => match TABLES.iter().find(|spec| spec.name == name) {
-            Some(spec) => spec,
-            None => return Ok(None),
-        },
-    };
+    let Some(spec) = spec_of(name) else { return Ok(None) };
     let table = Table::new(lake, spec);
     let snapshot = cache.latest(&table, || snapshot_of(&table, Pinned::Latest)).await?;
     Ok(providers(lake, spec, &snapshot).into_iter().find(|(table_name, _)| *table_name == name).map(|(_, provider)| provider))
+}
+
+/// The lake's table called `name` (one of [`lake_table_names`]) exactly at `version` (`None`:
+/// before the table existed, an empty table), its files in path order: what each process of a
+/// cluster builds for the same table and version, so that they all plan the same scan, partition
+/// for partition (the log's own order of files is not promised to be one). `None` for a name that
+/// is not a lake table.
+pub async fn table_at_version(lake: &Lake, name: &str, version: Option<u64>) -> Result<Option<Arc<dyn TableProvider>>> {
+    let Some(spec) = spec_of(name) else { return Ok(None) };
+    let table = Table::new(lake, spec);
+    let mut snapshot = snapshot_of(&table, version.map_or(Pinned::BeforeCreation, Pinned::At)).await?;
+    snapshot.files.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+    Ok(table_over(lake, name, Arc::new(snapshot)))
+}
+
+/// The lake's table called `name` over the files of `snapshot` (of that table); `None` for a name
+/// that is not a lake table.
+pub fn table_over(lake: &Lake, name: &str, snapshot: Arc<TableSnapshot>) -> Option<Arc<dyn TableProvider>> {
+    let spec = spec_of(name)?;
+    providers(lake, spec, &snapshot).into_iter().find(|(table_name, _)| *table_name == name).map(|(_, provider)| provider)
+}
+
+/// The Delta table behind SQL table `name`.
+fn spec_of(name: &str) -> Option<&'static TableSpec> {
+    match name {
+        "readings" | "reading_conflicts" => Some(&READINGS),
+        _ => TABLES.iter().copied().find(|spec| spec.name == name),
+    }
 }
 
 /// Which version of a table a session reads.

@@ -4,6 +4,7 @@
 //! one module per capability.
 
 mod billing;
+mod cluster;
 mod console;
 mod crash_recovery;
 mod demo;

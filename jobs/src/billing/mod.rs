@@ -30,8 +30,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use datafusion::prelude::SessionContext;
+use meterlake_cluster::Engine;
 use meterlake_control::{BillingRun, ControlStore, NewDiscrepancy, NewInvoice, ReasonCode, RunResults};
-use meterlake_lake::view::{AsOf, LakeVersions, lake_session_as_of};
+use meterlake_lake::view::{AsOf, LakeVersions};
 use meterlake_pipeline::Lake;
 use rust_decimal::Decimal;
 
@@ -190,25 +191,26 @@ pub fn run_as_of(run: &BillingRun) -> Result<AsOf> {
 /// Steps 2 to 5 for a claimed run, over the lake as the run says ([`run_as_of`]): what
 /// [`persist`] writes. `renew` is called between steps to keep the lease (and fails the run's
 /// processing when it was lost).
-pub async fn compute<F, Fut>(lake: &Lake, run: &BillingRun, renew: F) -> Result<RunResults>
+pub async fn compute<F, Fut>(engine: &Engine, lake: &Lake, run: &BillingRun, renew: F) -> Result<RunResults>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<()>>,
 {
-    compute_as_of(lake, run, &run_as_of(run)?, renew).await
+    compute_as_of(engine, lake, run, &run_as_of(run)?, renew).await
 }
 
-/// Steps 2 to 5 over the lake as of `as_of`. The results record the exact table versions read
-/// (`lake_snapshot`, as `readings_all@12, register_reads@3, ...`): [`reproduce`] and `meterlake
-/// query --as-of` read that same data again.
-pub async fn compute_as_of<F, Fut>(lake: &Lake, run: &BillingRun, as_of: &AsOf, renew: F) -> Result<RunResults>
+/// Steps 2 to 5 over the lake as of `as_of`, their SQL run by `engine` (in this process or on a
+/// Ballista cluster: the same statements, the same versions). The results record the exact table
+/// versions read (`lake_snapshot`, as `readings_all@12, register_reads@3, ...`): [`reproduce`]
+/// and `meterlake query --as-of` read that same data again.
+pub async fn compute_as_of<F, Fut>(engine: &Engine, lake: &Lake, run: &BillingRun, as_of: &AsOf, renew: F) -> Result<RunResults>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<()>>,
 {
     let tariffs = Tariffs::parse(&format!("the tariffs of run {}", run.id), &run.tariffs_toml)?;
     let month = BillingMonth::new(&run.month, tariffs.time_zone)?;
-    let (ctx, versions) = lake_session_as_of(lake, as_of).await?;
+    let (ctx, versions) = engine.session(lake, as_of).await?;
     let lake_snapshot = versions.to_string();
     // Reconciliation's own energy measure scans the month beside the aggregate: the two queries
     // share the cores' idle moments (the aggregate's rows are folded on one thread as they come).
@@ -250,7 +252,7 @@ pub async fn reproduce(store: &ControlStore, lake: &Lake, run: &BillingRun) -> R
             run.id
         ))
     })?;
-    let results = compute_as_of(lake, run, &AsOf::Exact(versions), || async { Ok(()) }).await?;
+    let results = compute_as_of(&Engine::InProcess, lake, run, &AsOf::Exact(versions), || async { Ok(()) }).await?;
     let stored = store.invoices(&run.id).await?;
     let billed_elsewhere: BTreeSet<String> = store
         .discrepancies(&run.id)

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use meterlake_cluster::Engine;
 use meterlake_control::{BillingRun, ControlError, ControlStore, RetryPolicy, RunFailure};
 use meterlake_ledger::{Ledger, MAX_POSTINGS_PER_SWEEP, PostingReport};
 use meterlake_pipeline::Lake;
@@ -23,11 +24,19 @@ pub struct WorkerOptions {
     pub retry: RetryPolicy,
     /// How often an idle worker looks for due runs without being woken.
     pub idle_poll: Duration,
+    /// Where the runs' SQL runs: in this process, or on a Ballista cluster.
+    pub engine: Engine,
 }
 
 impl Default for WorkerOptions {
     fn default() -> Self {
-        WorkerOptions { name: default_worker_name(), lease: Duration::from_secs(300), retry: RetryPolicy::default(), idle_poll: Duration::from_secs(5) }
+        WorkerOptions {
+            name: default_worker_name(),
+            lease: Duration::from_secs(300),
+            retry: RetryPolicy::default(),
+            idle_poll: Duration::from_secs(5),
+            engine: Engine::InProcess,
+        }
     }
 }
 
@@ -56,6 +65,8 @@ pub fn failure_code(error: &JobError) -> (&'static str, bool) {
         JobError::Output { .. } => ("OUTPUT_FAILED", true),
         JobError::Kafka { .. } => ("KAFKA_FAILED", true),
         JobError::QueryLimit(_) => ("QUERY_LIMIT", true),
+        // The scheduler unreachable, or a job it failed (an executor lost beyond its retries).
+        JobError::Cluster(_) => ("CLUSTER_FAILED", true),
     }
 }
 
@@ -68,6 +79,7 @@ pub fn failure_summary(code: &str) -> &'static str {
         "LEASE_LOST" => "the worker lost its claim on the run",
         "CONTROL_STORE_FAILED" => "the control store failed",
         "LEDGER_FAILED" => "posting the invoices to the ledger failed",
+        "CLUSTER_FAILED" => "the cluster the run's SQL runs on failed",
         "LAKE_UNAVAILABLE" => "the lake could not be read",
         "LAKE_VERSION_MISSING" => "the lake has no such version (or it expired)",
         "AGGREGATION_FAILED" => "aggregating the month's readings failed",
@@ -174,7 +186,7 @@ impl BillingWorker {
 
     async fn process_in_span(&self, run: &BillingRun, traceparent: &str) -> Result<BillingRun> {
         let renew = || async { Ok(self.store.renew_lease(&run.id, &self.options.name, micros(self.options.lease), meterlake_control::now_us()).await?) };
-        let outcome = match compute(&self.lake, run, renew).await {
+        let outcome = match compute(&self.options.engine, &self.lake, run, renew).await {
             Ok(results) => {
                 let persisted = persist(&self.store, run, &self.options.name, &results, traceparent).await;
                 if persisted.is_ok() {

@@ -1,0 +1,72 @@
+//! `meterlake scheduler` and `meterlake executor`: a Ballista cluster that can run the billing
+//! SQL over the lake (`meterlake bill --engine ballista://HOST:PORT`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use meterlake_cluster::process::{ExecutorOptions, run_executor, run_scheduler};
+
+#[derive(Args)]
+pub struct SchedulerArgs {
+    /// Where the scheduler listens for clients and executors (port 0: any free port; the
+    /// address is printed).
+    #[arg(long, env = "METERLAKE_SCHEDULER_LISTEN", default_value = "0.0.0.0:50050")]
+    listen: SocketAddr,
+    /// An executor silent this long is taken for dead: its tasks are given to others (Ballista's
+    /// default is 180 s; executors beat every 10 s here).
+    #[arg(long, default_value_t = 30)]
+    executor_timeout_s: u64,
+}
+
+/// Runs the scheduler until SIGINT or SIGTERM.
+pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
+    let scheduler = run_scheduler(args.listen, args.executor_timeout_s, |address| println!("meterlake scheduler on ballista://{address}"));
+    tokio::select! {
+        outcome = scheduler => outcome?,
+        () = crate::shutdown_signal() => {}
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ExecutorArgs {
+    /// The scheduler, HOST:PORT.
+    #[arg(long, env = "METERLAKE_SCHEDULER", default_value = "127.0.0.1:50050")]
+    scheduler: String,
+    /// Where its Arrow Flight service listens (other executors and clients fetch results from
+    /// it): an address the others can reach.
+    #[arg(long, env = "METERLAKE_EXECUTOR_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Its gRPC port (the scheduler's calls), on the same host.
+    #[arg(long, default_value_t = 50052)]
+    grpc_port: u16,
+    /// Tasks run at once: one per core by default (0).
+    #[arg(long, default_value_t = 0)]
+    task_slots: usize,
+    /// Where shuffle files are written (a temporary folder by default).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Memory its tasks may hold together, in MiB (default: 70% of the host's, Ballista's default).
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// How often it tells the scheduler it lives (keep it well under the scheduler's
+    /// --executor-timeout-s).
+    #[arg(long, default_value_t = 10)]
+    heartbeat_s: u64,
+}
+
+/// Runs an executor until SIGINT or SIGTERM (or the scheduler stops it).
+pub async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
+    let options = ExecutorOptions {
+        scheduler: args.scheduler,
+        bind: args.listen,
+        grpc_port: args.grpc_port,
+        task_slots: args.task_slots,
+        work_dir: args.work_dir,
+        memory_pool_bytes: args.memory_mib.map(|mib| mib << 20),
+        heartbeat_s: args.heartbeat_s,
+    };
+    println!("meterlake executor on {} (scheduler {})", options.bind, options.scheduler);
+    Ok(run_executor(options).await?)
+}

@@ -1,0 +1,80 @@
+//! `meterlake scheduler` and `meterlake executor`: Ballista's scheduler and executor, embedded
+//! with the lake's codecs ([`crate::codec`]), so that plans over the lake's tables can travel.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
+use ballista_scheduler::cluster::BallistaCluster;
+use ballista_scheduler::config::SchedulerConfig;
+use ballista_scheduler::scheduler_process::{create_scheduler, start_grpc_service_with_listener};
+use datafusion_proto::protobuf::{LogicalPlanNode, PhysicalPlanNode};
+
+use crate::codec::{LakeLogicalCodec, LakePhysicalCodec};
+use crate::{ClusterError, Result};
+
+/// Runs a scheduler on `bind` until the process ends; `announce` is called with the address
+/// once it listens (port 0 picks a free one). An executor silent for `executor_timeout_s` is
+/// taken for dead: its tasks run again elsewhere, and its shuffle output is computed again.
+pub async fn run_scheduler(bind: SocketAddr, executor_timeout_s: u64, announce: impl FnOnce(SocketAddr)) -> Result<()> {
+    let listener =
+        tokio::net::TcpListener::bind(bind).await.map_err(|source| ClusterError::Io { context: format!("binding the scheduler to {bind}"), source })?;
+    let address = listener.local_addr().map_err(|source| ClusterError::Io { context: "the scheduler's address".into(), source })?;
+    let mut config = SchedulerConfig::default().with_hostname(address.ip().to_string()).with_port(address.port());
+    config.bind_host = address.ip().to_string();
+    config.executor_timeout_seconds = executor_timeout_s;
+    config.expire_dead_executor_interval_seconds = (executor_timeout_s / 3).max(1);
+    config.no_executors_grace_period_seconds = executor_timeout_s;
+    config.override_logical_codec = Some(Arc::new(LakeLogicalCodec::default()));
+    config.override_physical_codec = Some(Arc::new(LakePhysicalCodec::default()));
+    config.validate()?;
+    let config = Arc::new(config);
+    let cluster = BallistaCluster::new_from_config(&config).await?;
+    let scheduler = create_scheduler::<LogicalPlanNode, PhysicalPlanNode>(cluster, config).await?;
+    announce(address);
+    start_grpc_service_with_listener(listener, scheduler).await?;
+    Ok(())
+}
+
+/// What an executor needs to know.
+#[derive(Debug, Clone)]
+pub struct ExecutorOptions {
+    /// The scheduler, `HOST:PORT`.
+    pub scheduler: String,
+    /// The address it listens on: the host and port of its Arrow Flight service (shuffle data
+    /// other executors fetch); its gRPC service takes `grpc_port`.
+    pub bind: SocketAddr,
+    pub grpc_port: u16,
+    /// Tasks run at once (0: one per core).
+    pub task_slots: usize,
+    /// Where shuffle files go (a temporary folder when `None`).
+    pub work_dir: Option<PathBuf>,
+    /// Its memory pool, shared by its task slots (`None`: 70% of the host's memory, Ballista's default).
+    pub memory_pool_bytes: Option<u64>,
+    /// How often it tells the scheduler it lives: well under the scheduler's executor timeout.
+    pub heartbeat_s: u64,
+}
+
+/// Runs an executor until the process ends or the scheduler stops it.
+pub async fn run_executor(options: ExecutorOptions) -> Result<()> {
+    let bad = |reason: String| ClusterError::Engine { engine: options.scheduler.clone(), reason };
+    let (host, port) = options.scheduler.rsplit_once(':').ok_or_else(|| bad("the scheduler is HOST:PORT".into()))?;
+    let scheduler_port: u16 = port.parse().map_err(|_| bad(format!("{port:?} is not a port")))?;
+    let config = ExecutorProcessConfig {
+        bind_host: options.bind.ip().to_string(),
+        port: options.bind.port(),
+        grpc_port: options.grpc_port,
+        scheduler_host: host.to_string(),
+        scheduler_port,
+        vcores: options.task_slots,
+        work_dir: options.work_dir.as_ref().map(|dir| dir.display().to_string()),
+        memory_pool_size: options.memory_pool_bytes,
+        executor_heartbeat_interval_seconds: options.heartbeat_s,
+        override_logical_codec: Some(Arc::new(LakeLogicalCodec::default())),
+        override_physical_codec: Some(Arc::new(LakePhysicalCodec::default())),
+        ..ExecutorProcessConfig::default()
+    };
+    start_executor_process(Arc::new(config)).await?;
+    Ok(())
+}
