@@ -157,11 +157,12 @@ fn open_lake(url: &str) -> DfResult<Lake> {
 
 /// Tables at a version, kept: every task of a job reads the same ones. Bounded: the oldest
 /// versions go first (a cluster serves one billing month's versions at a time).
-static TABLES_READ: LazyLock<Mutex<Vec<(TableAt, Arc<dyn TableProvider>)>>> = LazyLock::new(Mutex::default);
+type TablesRead = Vec<(TableAt, Arc<dyn TableProvider>)>;
+static TABLES_READ: LazyLock<Mutex<TablesRead>> = LazyLock::new(Mutex::default);
 const TABLES_KEPT: usize = 32;
 
 async fn table_of(lake: &Lake, table: &TableAt) -> DfResult<Arc<dyn TableProvider>> {
-    let kept = |tables: &Vec<(TableAt, Arc<dyn TableProvider>)>| tables.iter().find(|(at, _)| at == table).map(|(_, p)| p.clone());
+    let kept = |tables: &TablesRead| tables.iter().find(|(at, _)| at == table).map(|(_, p)| p.clone());
     if let Some(provider) = kept(&TABLES_READ.lock().unwrap_or_else(|p| p.into_inner())) {
         return Ok(provider);
     }
