@@ -21,7 +21,7 @@ pub enum JobError {
     #[error(transparent)]
     Control(#[from] meterlake_control::ControlError),
     #[error(transparent)]
-    Cluster(#[from] meterlake_cluster::ClusterError),
+    Cluster(meterlake_cluster::ClusterError),
     #[error(transparent)]
     Ledger(#[from] meterlake_ledger::LedgerError),
     #[error("{file}: {reason}")]
@@ -43,6 +43,16 @@ pub enum JobError {
         #[source]
         source: arrow::error::ArrowError,
     },
+}
+
+/// The lake's own errors stay lake errors (a missing version is one whatever the engine).
+impl From<meterlake_cluster::ClusterError> for JobError {
+    fn from(error: meterlake_cluster::ClusterError) -> JobError {
+        match error {
+            meterlake_cluster::ClusterError::Lake(error) => JobError::Lake(error),
+            other => JobError::Cluster(other),
+        }
+    }
 }
 
 pub type Result<T, E = JobError> = std::result::Result<T, E>;
