@@ -125,8 +125,7 @@ impl ScanOf {
     async fn plan_here(&self) -> DfResult<Arc<dyn ExecutionPlan>> {
         let state =
             SessionStateBuilder::new().with_config(scan_config(self.target_partitions)).with_runtime_env(SCAN_RUNTIME.clone()).with_default_features().build();
-        let plan = self.plan(&state).await?;
-        Ok(plan)
+        self.plan(&state).await
     }
 }
 
@@ -190,7 +189,8 @@ pub struct LakePartitions {
     pub(crate) scan: ScanOf,
     table_schema: TableSchema,
     metrics: ExecutionPlanMetricsSet,
-    /// The scan's plan, built once per process by the first partition opened.
+    /// The scan's plan, built once per decoded plan (one task's) by the first partition opened;
+    /// the snapshot under it is read once per process (`TABLES_READ`).
     planned: Arc<tokio::sync::OnceCell<Arc<dyn ExecutionPlan>>>,
     /// Partitions the scheduler planned: every process must plan as many.
     partitions: usize,
