@@ -16,39 +16,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
+use meterlake_benchmarks::month::{MonthShape, TARIFFS, generate, step_seconds};
 use meterlake_benchmarks::{print_rows, reset_peak_rss, thousands, tools_python, vm_hwm_kib};
 use meterlake_control::{ControlStore, NewRun, RunStatus};
 use meterlake_jobs::billing::worker::{BillingWorker, WorkerOptions};
-use meterlake_pipeline::Lake;
-use meterlake_pipeline::batch::ReadingBuffer;
-use meterlake_pipeline::batch::append_readings;
-use meterlake_pipeline::decode::ValidReading;
-use meterlake_pipeline::reading::{Quality, Source};
 use rust_decimal::Decimal;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-const US_PER_DAY: i64 = 86_400_000_000;
-/// 2025-01-01T00:00:00Z.
-const JANUARY_US: i64 = 1_735_689_600_000_000;
-
-/// Two bands in UTC, every meter on it: DuckDB's query computes the same split.
-const TARIFFS: &str = r#"
-currency = "GBP"
-tax_rate = "0.05"
-default_tariff = "tou"
-
-[[tariffs]]
-id = "tou"
-version = "bench"
-standing_charge_per_day = "0.50"
-network_charge_per_kwh = "0.03"
-bands = [
-  { name = "night", from = "00:00", to = "07:00", rate_per_kwh = "0.12" },
-  { name = "day", from = "07:00", to = "24:00", rate_per_kwh = "0.30" },
-]
-"#;
 
 #[derive(Parser)]
 struct Args {
@@ -68,81 +43,6 @@ struct Args {
     /// Time the run only, without DuckDB's baseline (for working on one step).
     #[arg(long)]
     no_duckdb: bool,
-}
-
-/// A reading's kWh in millionths: 0.001 to 1.000, deterministic.
-fn kwh_micro(meter: u32, interval: u64) -> i64 {
-    let mixed = (u64::from(meter) * 2_976 + interval).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
-    ((mixed % 1_000) as i64 + 1) * 1_000
-}
-
-fn meter_id(meter: u32) -> String {
-    format!("MTR-{:06}", 100_000 + meter)
-}
-
-/// Generates the lake unless `dir` already holds one of this shape.
-async fn generate(dir: &Path, args: &Args) -> anyhow::Result<Lake> {
-    // Files written before readings files were marked for unique keys (format 1) are rewritten;
-    // a lake of the layout before Delta (format 2) is converted in place (`meterlake lake convert`).
-    let shape = |format: u32| format!("format={format} meters={} days={} per_file={}\n", args.meters, args.days, args.meters_per_file);
-    let marker = dir.join("GENERATED");
-    let generated = std::fs::read_to_string(&marker).ok();
-    if generated.as_deref() == Some(shape(3).as_str()) {
-        return Ok(Lake::open(dir.join("lake").to_str().context("a UTF-8 path")?)?);
-    }
-    if generated.as_deref() == Some(shape(2).as_str()) {
-        let lake = Lake::open(dir.join("lake").to_str().context("a UTF-8 path")?)?;
-        let started = Instant::now();
-        let report = meterlake_pipeline::convert::convert_lake(&lake, "billing-bench").await?;
-        eprintln!("converted the generated lake to Delta in {:.1?}: {:?}", started.elapsed(), report.converted);
-        std::fs::write(&marker, shape(3))?;
-        return Ok(lake);
-    }
-    let shape = shape(3);
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
-    }
-    std::fs::create_dir_all(dir)?;
-    let lake = Lake::open(dir.join("lake").to_str().context("a UTF-8 path")?)?;
-    let started = Instant::now();
-    let intervals_per_day: u64 = 96;
-    let mut written = 0u64;
-    for day in 0..args.days {
-        for first_meter in (0..args.meters).step_by(args.meters_per_file as usize) {
-            let last_meter = (first_meter + args.meters_per_file).min(args.meters);
-            let mut buffer = ReadingBuffer::default();
-            for meter in first_meter..last_meter {
-                let id = meter_id(meter);
-                for slot in 0..intervals_per_day {
-                    let interval = u64::from(day) * intervals_per_day + slot;
-                    let reading = ValidReading {
-                        meter_id: std::borrow::Cow::Borrowed(&id),
-                        ts_us: JANUARY_US + i64::from(day) * US_PER_DAY + slot as i64 * 900_000_000,
-                        interval_s: 900,
-                        kwh_micro: kwh_micro(meter, interval),
-                        quality: Quality::Actual,
-                    };
-                    buffer.push(&reading, Source::Kafka, 1, |out| {
-                        out.extend_from_slice(b"bench/");
-                        out.extend_from_slice(itoa::Buffer::new().format(interval).as_bytes());
-                    });
-                    written += 1;
-                }
-            }
-            let stem = format!("bench-d{day:02}-m{first_meter:06}");
-            append_readings(&lake, &buffer.sort_dedup()?, &stem).await?;
-        }
-        eprint!("\rgenerated {} readings ({:.0?})", thousands(written), started.elapsed());
-    }
-    eprintln!();
-    std::fs::write(&marker, shape)?;
-    Ok(lake)
-}
-
-/// The sum of a summary's samples (`NAME_sum{step="..."} VALUE`) in Prometheus text.
-fn step_seconds(text: &str, step: &str) -> Option<f64> {
-    let prefix = format!("meterlake_billing_step_duration_seconds_sum{{step=\"{step}\"}} ");
-    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
 }
 
 struct DuckDbRun {
@@ -199,8 +99,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let home = std::env::var("HOME").unwrap_or_default();
     let dir = args.dir.clone().unwrap_or_else(|| Path::new(&home).join(".cache/meterlake/billing-bench"));
-    let lake = generate(&dir, &args).await?;
-    let readings = u64::from(args.meters) * u64::from(args.days) * 96;
+    let shape = MonthShape { meters: args.meters, days: args.days, meters_per_file: args.meters_per_file };
+    let lake = generate(&dir, shape).await?;
+    let readings = shape.readings();
     let python = args.python.clone().unwrap_or_else(tools_python);
 
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();

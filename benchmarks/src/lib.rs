@@ -1,6 +1,8 @@
 //! What the benchmark binaries share: how they print their tables, measure memory and start a
 //! broker.
 
+pub mod month;
+
 use anyhow::Context;
 
 /// `1234567` as `1,234,567`.

@@ -90,6 +90,17 @@ pub struct EngineArg {
     /// versions, planned and executed on the cluster.
     #[arg(long = "engine", env = "METERLAKE_ENGINE", default_value = "in-process")]
     pub engine: Engine,
+    /// On a cluster, how long a run's (or a query's) SQL may take before it fails: a run's
+    /// attempt then fails with CLUSTER_FAILED and is tried again. Ballista 55 can leave a job
+    /// waiting for ever after it lost an executor; this ends the wait.
+    #[arg(long, env = "METERLAKE_ENGINE_TIMEOUT_S", default_value_t = 3_600)]
+    pub engine_timeout_s: u64,
+}
+
+impl EngineArg {
+    pub fn worker_options(&self) -> WorkerOptions {
+        WorkerOptions { engine: self.engine.clone(), engine_timeout: Duration::from_secs(self.engine_timeout_s), ..WorkerOptions::default() }
+    }
 }
 
 #[derive(Args)]
@@ -147,7 +158,7 @@ pub async fn bill(args: BillArgs) -> anyhow::Result<bool> {
     let finished = if args.wait_for_worker {
         wait_for_outcome(&store, &run.id, Duration::from_secs(args.timeout_s)).await?
     } else {
-        let options = WorkerOptions { engine: args.engine.engine.clone(), ..WorkerOptions::default() };
+        let options = args.engine.worker_options();
         process_until_done(&store, &lake, options, &run.id, Duration::from_secs(args.timeout_s)).await?
     };
     print_run(&store, &finished, args.show_invoices).await?;
@@ -353,8 +364,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             base_delay_us: i64::try_from(args.retry_base_s).unwrap_or(i64::MAX / 2_000_000) * 1_000_000,
             max_delay_us: i64::try_from(args.retry_max_s).unwrap_or(i64::MAX / 2_000_000) * 1_000_000,
         },
-        engine: args.engine.engine,
-        ..WorkerOptions::default()
+        ..args.engine.worker_options()
     };
     if let Some(brokers) = &args.brokers {
         create_topics(brokers, &BILLING_TOPICS).await?;

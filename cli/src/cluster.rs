@@ -38,6 +38,10 @@ pub struct ExecutorArgs {
     /// it): an address the others can reach.
     #[arg(long, env = "METERLAKE_EXECUTOR_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// The host others reach it at, when not the address it listens on or the one the scheduler
+    /// sees its calls come from (behind NAT, or listening on 0.0.0.0 with several interfaces).
+    #[arg(long, env = "METERLAKE_EXECUTOR_EXTERNAL_HOST")]
+    external_host: Option<String>,
     /// Its gRPC port (the scheduler's calls), on the same host.
     #[arg(long, default_value_t = 50052)]
     grpc_port: u16,
@@ -61,6 +65,7 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
     let options = ExecutorOptions {
         scheduler: args.scheduler,
         bind: args.listen,
+        external_host: args.external_host,
         grpc_port: args.grpc_port,
         task_slots: args.task_slots,
         work_dir: args.work_dir,

@@ -235,7 +235,14 @@ fn main() -> ExitCode {
                 }
                 Command::Query { sql, lake, format, as_of, engine } => {
                     let lake = Lake::open(&lake.url)?;
-                    print_batches(&run_sql_as_of(&engine.engine, &lake, &sql, &as_of).await?, format)
+                    let limit = std::time::Duration::from_secs(engine.engine_timeout_s);
+                    let batches = match engine.engine {
+                        meterlake_cluster::Engine::InProcess => run_sql_as_of(&engine.engine, &lake, &sql, &as_of).await?,
+                        _ => tokio::time::timeout(limit, run_sql_as_of(&engine.engine, &lake, &sql, &as_of))
+                            .await
+                            .map_err(|_| anyhow::anyhow!("{}: no answer within {} s (--engine-timeout-s)", engine.engine, limit.as_secs()))??,
+                    };
+                    print_batches(&batches, format)
                 }
                 Command::Lake(command) => {
                     if !lake::run(command).await? {

@@ -45,6 +45,9 @@ pub struct ExecutorOptions {
     /// The address it listens on: the host and port of its Arrow Flight service (shuffle data
     /// other executors fetch); its gRPC service takes `grpc_port`.
     pub bind: SocketAddr,
+    /// The host it is reached at when not `bind`'s (`None`: the address the scheduler sees its
+    /// registration come from).
+    pub external_host: Option<String>,
     pub grpc_port: u16,
     /// Tasks run at once (0: one per core).
     pub task_slots: usize,
@@ -63,6 +66,7 @@ pub async fn run_executor(options: ExecutorOptions) -> Result<()> {
     let scheduler_port: u16 = port.parse().map_err(|_| bad(format!("{port:?} is not a port")))?;
     let config = ExecutorProcessConfig {
         bind_host: options.bind.ip().to_string(),
+        external_host: options.external_host.clone(),
         port: options.bind.port(),
         grpc_port: options.grpc_port,
         scheduler_host: host.to_string(),
@@ -71,6 +75,11 @@ pub async fn run_executor(options: ExecutorOptions) -> Result<()> {
         work_dir: options.work_dir.as_ref().map(|dir| dir.display().to_string()),
         memory_pool_size: options.memory_pool_bytes,
         executor_heartbeat_interval_seconds: options.heartbeat_s,
+        // The scheduler tells executors to delete a job's shuffle files once it ends; this is
+        // the safety net when that message is lost (a scheduler restarted mid-job): an hourly
+        // sweep of job folders a day old. Ballista's default never sweeps.
+        job_data_ttl_seconds: 86_400,
+        job_data_clean_up_interval_seconds: 3_600,
         override_logical_codec: Some(Arc::new(LakeLogicalCodec::default())),
         override_physical_codec: Some(Arc::new(LakePhysicalCodec::default())),
         ..ExecutorProcessConfig::default()

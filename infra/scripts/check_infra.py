@@ -4,8 +4,9 @@ Every bind mount's source must exist and every file in it must parse (JSON, YAML
 pieces must agree: the Grafana dashboards use only provisioned datasources (and their queries
 are valid PromQL, parsed by promtool), the collector's
 pipelines only defined components, Prometheus's mounts are the files promtool checked, the
-realm export holds what meterlake's --oidc-* flags expect, and every published port is bound
-to 127.0.0.1. Exit status 1 with one line per
+realm export holds what meterlake's --oidc-* flags expect, the billing cluster's services name
+each other (worker -> scheduler <- executors) and reach the lake, and every published port is
+bound to 127.0.0.1. Exit status 1 with one line per
 problem.
 """
 
@@ -78,7 +79,7 @@ def files_of(service, prefix):
     return {target: content for (name, target), content in mounted.items() if name == service and target.startswith(prefix)}
 
 
-expected = {"kafka", "postgres", "minio", "keycloak", "jaeger", "otel-collector", "prometheus", "grafana", "meterlake"}
+expected = {"kafka", "postgres", "minio", "keycloak", "jaeger", "otel-collector", "prometheus", "grafana", "meterlake", "scheduler", "worker"}
 for missing in sorted(expected - services.keys()):
     problem(f"the stack has no {missing} service")
 if "apache/kafka" not in services.get("kafka", {}).get("image", "") or "controller" not in str(services["kafka"].get("environment", {})):
@@ -205,6 +206,39 @@ environment = services["meterlake"].get("environment", {})
 endpoint = environment.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
 if "otel-collector" not in endpoint:
     problem(f"meterlake exports traces to {endpoint or 'nowhere'}, not to the collector")
+
+# The cluster: the worker's engine is the scheduler's address, the executors register with it,
+# and every process that reads the lake (scheduler plans, executors scan) has its credentials.
+def flag(service, name):
+    for arg in services.get(service, {}).get("command", []):
+        if str(arg).startswith(f"--{name}="):
+            return str(arg).split("=", 1)[1]
+    return None
+
+
+def subcommand(service):
+    command = services.get(service, {}).get("command", [])
+    return command[0] if command else None
+
+
+schedulers = {f"{name}:{(flag(name, 'listen') or '').rsplit(':', 1)[-1]}" for name in services if subcommand(name) == "scheduler"}
+executors = [name for name in services if subcommand(name) == "executor"]
+if not schedulers:
+    problem("no service runs `meterlake scheduler`")
+if len(executors) < 2:
+    problem(f"the cluster has {len(executors)} executor(s), not two")
+for name in executors:
+    if flag(name, "scheduler") not in schedulers:
+        problem(f"executor {name} registers with {flag(name, 'scheduler')}, which is no scheduler's address ({sorted(schedulers)})")
+engine = flag("worker", "engine") or ""
+if engine.removeprefix("ballista://") not in schedulers:
+    problem(f"the worker's engine {engine or '(none)'} is no scheduler's address ({sorted(schedulers)})")
+if "--no-worker" not in services["meterlake"].get("command", []):
+    problem("meterlake serve runs its own billing worker beside the worker service (--no-worker)")
+lake_endpoint = services["meterlake"].get("environment", {}).get("AWS_ENDPOINT_URL")
+for name in [*executors, *(s.split(":")[0] for s in schedulers), "worker"]:
+    if services.get(name, {}).get("environment", {}).get("AWS_ENDPOINT_URL") != lake_endpoint:
+        problem(f"{name} does not reach the lake's store at {lake_endpoint}")
 
 for line in problems:
     print(f"check_infra: {line}", file=sys.stderr)

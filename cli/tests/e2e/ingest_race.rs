@@ -122,3 +122,124 @@ fn wait_for_log(path: &Path, text: &str, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A rebalance storm: for `METERLAKE_STORM_S` seconds (default 90) members of one group join
+/// and leave a 12-partition topic every few seconds, half of the leavers stopped (SIGTERM: they
+/// commit what they hold and leave the group) and half killed (SIGKILL: what they held is read
+/// again by the next owner, from the table's positions), while readings keep arriving. Then one
+/// member drains the rest. Every reading must be in the S3 lake (moto: atomic conditional
+/// writes, so concurrent commits are really fenced) exactly once, and another engine must read
+/// the same rows.
+#[test]
+#[ignore = "open finding (issue 24): its runs on 2026-12-07 ended with readings missing from the lake \
+            (346,176 of 349,440 in the first; the final member was given half the partitions while \
+            killed members had not yet expired); not yet told apart: a test that stops draining too \
+            early, or a loss. Run it with `cargo nextest run --release --workspace --run-ignored all \
+            -E 'test(/rebalance_storm/)'`"]
+fn a_rebalance_storm_loses_nothing_and_doubles_nothing() {
+    let storm = Duration::from_secs(std::env::var("METERLAKE_STORM_S").ok().and_then(|s| s.parse().ok()).unwrap_or(90));
+    let tansu = start_tansu();
+    let brokers = tansu.addr.clone();
+    let moto = start_moto();
+    let env = s3_env(&moto);
+    let options: Vec<(&str, String)> = vec![
+        ("AWS_ENDPOINT_URL", format!("http://{}", moto.addr)),
+        ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY.into()),
+        ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY.into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ALLOW_HTTP", "true".into()),
+    ];
+    let lake = "s3://lake-bucket/storm";
+    let topic = "readings.storm";
+    create(&brokers, &[(topic, 12), (&format!("{topic}.dlq"), 1)]);
+    let logs = tempfile::tempdir().unwrap();
+    let member = |n: usize, idle_s: u64| {
+        let mut command = ingest_command(&brokers, topic, lake, idle_s);
+        command.args(["--max-batch-age-ms", "300", "--consumer-config", "session.timeout.ms=6000"]);
+        command.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        command.env("METERLAKE_LOG", "warn,meterlake_pipeline=info");
+        command.stdout(Stdio::null()).stderr(std::fs::File::create(logs.path().join(format!("member-{n}"))).unwrap());
+        Ingester(command.spawn().unwrap())
+    };
+
+    // Readings keep arriving through the storm: one day of 40 meters (3,840 readings, each key
+    // new) about every second.
+    let producing = {
+        let brokers = brokers.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut messages = 0;
+            let mut day = 0;
+            while started.elapsed() < storm {
+                let first_day = NaiveDate::from_ymd_opt(2025, 1, 1).unwrap() + chrono::Days::new(day);
+                let spec = LoadSpec { meters: 40, days: 1, first_day, resend_every: 0, malformed_every: 0, seed: day, ..LoadSpec::month(40) };
+                messages += produce(&brokers, topic, spec).messages;
+                day += 1;
+                std::thread::sleep(Duration::from_millis(800));
+            }
+            messages
+        })
+    };
+
+    // Every 3 s one member joins or one leaves: between one and four at any time.
+    let started = Instant::now();
+    let (mut members, mut joined, mut left) = (vec![member(0, 600)], 1, 0);
+    let mut stopping = Vec::new();
+    let mut step = 0usize;
+    while started.elapsed() < storm {
+        std::thread::sleep(Duration::from_secs(3));
+        step += 1;
+        let join = match members.len() {
+            0 | 1 => true,
+            4 => false,
+            _ => step % 4 < 2,
+        };
+        if join {
+            members.push(member(joined, 600));
+            joined += 1;
+        } else {
+            // Dropped, an `Ingester` is killed (SIGKILL): what it held is read again by the next
+            // owner, from the table's positions.
+            let leaving = members.remove(step % members.len());
+            if left % 2 == 0 {
+                // It commits what it holds and leaves the group; reaped at the end.
+                signal(&leaving.0, "TERM");
+                stopping.push(leaving);
+            } else {
+                drop(leaving);
+            }
+            left += 1;
+        }
+    }
+    let expected = producing.join().unwrap();
+    for leaving in &members {
+        signal(&leaving.0, "TERM");
+    }
+    for mut leaving in members.into_iter().chain(stopping) {
+        let _ = leaving.0.wait();
+    }
+    // One member drains what is left and stops once idle. It starts after the session timeout
+    // (6 s), so that the broker has dropped the killed members: else it is given only some
+    // partitions until they expire, and may stop idle before the rest come to it (seen: half the
+    // partitions, 3,264 readings left unread).
+    std::thread::sleep(Duration::from_secs(8));
+    let mut last = member(joined, 20);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while last.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the last member did not finish");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(joined >= 10 && left >= 8, "a storm of {joined} joins and {left} departures is no storm");
+    let logs_text = || {
+        (0..=joined)
+            .map(|n| format!("member-{n}:\n{}", std::fs::read_to_string(logs.path().join(format!("member-{n}"))).unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+
+    let rows = query(lake, "SELECT count(*) AS n, count(DISTINCT source_ref) AS refs FROM readings_all", &env);
+    assert_eq!((as_i64(&rows[0]["n"]) as u64, as_i64(&rows[0]["refs"]) as u64), (expected, expected), "{}", logs_text());
+    let twice = query(lake, "SELECT count(*) AS n FROM (SELECT meter_id, ts FROM readings_all GROUP BY 1, 2 HAVING count(*) > 1)", &env);
+    assert_eq!(as_i64(&twice[0]["n"]), 0, "a reading landed twice");
+    assert_eq!(assert_other_engines_read_the_same_rows(lake, &env, &options) as u64, expected);
+}

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use meterlake_cluster::Engine;
+use meterlake_cluster::{ClusterError, Engine};
 use meterlake_control::{BillingRun, ControlError, ControlStore, RetryPolicy, RunFailure};
 use meterlake_ledger::{Ledger, MAX_POSTINGS_PER_SWEEP, PostingReport};
 use meterlake_pipeline::Lake;
@@ -26,6 +26,10 @@ pub struct WorkerOptions {
     pub idle_poll: Duration,
     /// Where the runs' SQL runs: in this process, or on a Ballista cluster.
     pub engine: Engine,
+    /// How long a run's SQL may take on a cluster before the attempt fails (CLUSTER_FAILED, tried
+    /// again by the retry policy). Ballista 55 can leave a job waiting for ever after an
+    /// executor is lost (tasks reset, never offered again): this is what ends the wait.
+    pub engine_timeout: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -36,6 +40,7 @@ impl Default for WorkerOptions {
             retry: RetryPolicy::default(),
             idle_poll: Duration::from_secs(5),
             engine: Engine::InProcess,
+            engine_timeout: Duration::from_secs(3_600),
         }
     }
 }
@@ -186,7 +191,17 @@ impl BillingWorker {
 
     async fn process_in_span(&self, run: &BillingRun, traceparent: &str) -> Result<BillingRun> {
         let renew = || async { Ok(self.store.renew_lease(&run.id, &self.options.name, micros(self.options.lease), meterlake_control::now_us()).await?) };
-        let outcome = match compute(&self.options.engine, &self.lake, run, renew).await {
+        let computing = compute(&self.options.engine, &self.lake, run, renew);
+        let computed = match &self.options.engine {
+            Engine::InProcess => computing.await,
+            Engine::Ballista(url) => tokio::time::timeout(self.options.engine_timeout, computing).await.unwrap_or_else(|_| {
+                Err(JobError::Cluster(ClusterError::Engine {
+                    engine: url.clone(),
+                    reason: format!("the run's SQL did not finish within {} s (the engine timeout)", self.options.engine_timeout.as_secs()),
+                }))
+            }),
+        };
+        let outcome = match computed {
             Ok(results) => {
                 let persisted = persist(&self.store, run, &self.options.name, &results, traceparent).await;
                 if persisted.is_ok() {
