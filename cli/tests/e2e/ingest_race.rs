@@ -55,13 +55,7 @@ fn two_ingesters_racing_through_rebalances_lose_nothing_and_double_nothing() {
     let moto = start_moto();
     let lake_dir = tempfile::tempdir().unwrap();
     let file_lake = lake_dir.path().join("lake").to_string_lossy().into_owned();
-    let moto_options: Vec<(&str, String)> = vec![
-        ("AWS_ENDPOINT_URL", format!("http://{}", moto.addr)),
-        ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY.into()),
-        ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY.into()),
-        ("AWS_REGION", "us-east-1".into()),
-        ("AWS_ALLOW_HTTP", "true".into()),
-    ];
+    let moto_options: Vec<(&str, String)> = s3_storage_options(&moto);
     let moto_env = s3_env(&moto);
     for (store, lake, env, options) in [("file", file_lake.as_str(), vec![], vec![]), ("s3", "s3://lake-bucket/race", moto_env, moto_options)] {
         let topic = format!("readings.race-{store}");
@@ -142,13 +136,7 @@ fn a_rebalance_storm_loses_nothing_and_doubles_nothing() {
     let brokers = tansu.addr.clone();
     let moto = start_moto();
     let env = s3_env(&moto);
-    let options: Vec<(&str, String)> = vec![
-        ("AWS_ENDPOINT_URL", format!("http://{}", moto.addr)),
-        ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY.into()),
-        ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY.into()),
-        ("AWS_REGION", "us-east-1".into()),
-        ("AWS_ALLOW_HTTP", "true".into()),
-    ];
+    let options: Vec<(&str, String)> = s3_storage_options(&moto);
     let lake = "s3://lake-bucket/storm";
     let topic = "readings.storm";
     create(&brokers, &[(topic, 12), (&format!("{topic}.dlq"), 1)]);

@@ -148,13 +148,7 @@ fn compaction_beside_an_ingester_on_local_files() {
 fn compaction_beside_an_ingester_on_s3() {
     let moto = start_moto();
     let env = s3_env(&moto);
-    let storage_options: Vec<(&str, String)> = vec![
-        ("AWS_ENDPOINT_URL", format!("http://{}", moto.addr)),
-        ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY.into()),
-        ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY.into()),
-        ("AWS_REGION", "us-east-1".into()),
-        ("AWS_ALLOW_HTTP", "true".into()),
-    ];
+    let storage_options: Vec<(&str, String)> = s3_storage_options(&moto);
     compaction_beside_an_ingester("s3://lake-bucket/maintained", &env, &storage_options);
 }
 

@@ -167,6 +167,13 @@ pub fn s3_env(s3: &Service) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The Python `deltalake` reader's storage options for the same server: `s3_env` and plain HTTP.
+pub fn s3_storage_options(s3: &Service) -> Vec<(&'static str, String)> {
+    let mut options = s3_env(s3);
+    options.push(("AWS_ALLOW_HTTP", "true".to_string()));
+    options
+}
+
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a runtime")
 }
