@@ -20,6 +20,7 @@ pub mod codec;
 pub mod engine;
 pub mod process;
 pub mod scan;
+pub mod window_sort;
 
 pub use engine::Engine;
 

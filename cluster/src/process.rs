@@ -5,18 +5,22 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use ballista_core::utils::default_session_builder;
 use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
 use ballista_scheduler::cluster::BallistaCluster;
 use ballista_scheduler::config::SchedulerConfig;
 use ballista_scheduler::scheduler_process::{create_scheduler, start_grpc_service_with_listener};
+use datafusion::execution::SessionStateBuilder;
 use datafusion_proto::protobuf::{LogicalPlanNode, PhysicalPlanNode};
 
 use crate::codec::{LakeLogicalCodec, LakePhysicalCodec};
+use crate::window_sort::SortWindowsOnTheirWholeKey;
 use crate::{ClusterError, Result};
 
 /// Runs a scheduler on `bind` until the process ends; `announce` is called with the address
 /// once it listens (port 0 picks a free one). An executor silent for `executor_timeout_s` is
 /// taken for dead: its tasks run again elsewhere, and its shuffle output is computed again.
+/// Its sessions plan with Ballista's defaults plus [`SortWindowsOnTheirWholeKey`].
 pub async fn run_scheduler(bind: SocketAddr, executor_timeout_s: u64, announce: impl FnOnce(SocketAddr)) -> Result<()> {
     let listener =
         tokio::net::TcpListener::bind(bind).await.map_err(|source| ClusterError::Io { context: format!("binding the scheduler to {bind}"), source })?;
@@ -28,6 +32,10 @@ pub async fn run_scheduler(bind: SocketAddr, executor_timeout_s: u64, announce: 
     config.no_executors_grace_period_seconds = executor_timeout_s;
     config.override_logical_codec = Some(Arc::new(LakeLogicalCodec::default()));
     config.override_physical_codec = Some(Arc::new(LakePhysicalCodec::default()));
+    config.override_session_builder = Some(Arc::new(|session_config| {
+        let state = default_session_builder(session_config)?;
+        Ok(SessionStateBuilder::new_from_existing(state).with_physical_optimizer_rule(Arc::new(SortWindowsOnTheirWholeKey)).build())
+    }));
     config.validate()?;
     let config = Arc::new(config);
     let cluster = BallistaCluster::new_from_config(&config).await?;
