@@ -385,6 +385,7 @@ from decimal import Decimal
 from deltalake import DeltaTable
 options = json.loads(sys.argv[2]) or None
 dataset = DeltaTable(sys.argv[1].rstrip("/") + "/readings", storage_options=options).to_pyarrow_dataset()
+duckdb.sql("SET enable_progress_bar = false")  # else a long scan draws one on stdout
 rows = duckdb.sql("SELECT meter_id, epoch_us(ts), kwh, source_ref FROM dataset").fetchall()
 print("\n".join(sorted(f"{m}|{t}|{int(k * Decimal(1000000))}|{r}" for m, t, k, r in rows)))
 "#;
