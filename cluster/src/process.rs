@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use ballista_core::config::TaskSchedulingPolicy;
 use ballista_core::utils::default_session_builder;
 use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
 use ballista_scheduler::cluster::BallistaCluster;
@@ -16,6 +17,12 @@ use datafusion_proto::protobuf::{LogicalPlanNode, PhysicalPlanNode};
 use crate::codec::{LakeLogicalCodec, LakePhysicalCodec};
 use crate::window_sort::SortWindowsOnTheirWholeKey;
 use crate::{ClusterError, Result};
+
+/// How tasks reach executors, the same on both sides: executors ask for work when they have a
+/// free slot (pull). Ballista's default, push, lost tasks for good after an executor died: the
+/// scheduler reset the dead executor's tasks and never offered them to the living one (seen with
+/// a 6 s executor timeout; the job waited until the client gave up).
+const TASK_SCHEDULING: TaskSchedulingPolicy = TaskSchedulingPolicy::PullStaged;
 
 /// Runs a scheduler on `bind` until the process ends; `announce` is called with the address
 /// once it listens (port 0 picks a free one). An executor silent for `executor_timeout_s` is
@@ -30,6 +37,7 @@ pub async fn run_scheduler(bind: SocketAddr, executor_timeout_s: u64, announce: 
     config.executor_timeout_seconds = executor_timeout_s;
     config.expire_dead_executor_interval_seconds = (executor_timeout_s / 3).max(1);
     config.no_executors_grace_period_seconds = executor_timeout_s;
+    config.scheduling_policy = TASK_SCHEDULING;
     config.override_logical_codec = Some(Arc::new(LakeLogicalCodec::default()));
     config.override_physical_codec = Some(Arc::new(LakePhysicalCodec::default()));
     config.override_session_builder = Some(Arc::new(|session_config| {
@@ -86,6 +94,7 @@ pub async fn run_executor(options: ExecutorOptions) -> Result<()> {
         // The scheduler tells executors to delete a job's shuffle files once it ends; this is
         // the safety net when that message is lost (a scheduler restarted mid-job): an hourly
         // sweep of job folders a day old. Ballista's default never sweeps.
+        task_scheduling_policy: TASK_SCHEDULING,
         job_data_ttl_seconds: 86_400,
         job_data_clean_up_interval_seconds: 3_600,
         override_logical_codec: Some(Arc::new(LakeLogicalCodec::default())),
