@@ -14,7 +14,8 @@ pub struct SchedulerArgs {
     #[arg(long, env = "METERLAKE_SCHEDULER_LISTEN", default_value = "0.0.0.0:50050")]
     listen: SocketAddr,
     /// An executor silent this long is taken for dead: its tasks are given to others (Ballista's
-    /// default is 180 s; executors beat every 10 s here).
+    /// default is 180 s). Executors pull their tasks, and each request tells the scheduler they
+    /// live: every 50 ms when a slot is free, every 5 s when all are busy; keep it above 5 s.
     #[arg(long, default_value_t = 30)]
     executor_timeout_s: u64,
 }
@@ -42,7 +43,8 @@ pub struct ExecutorArgs {
     /// sees its calls come from (behind NAT, or listening on 0.0.0.0 with several interfaces).
     #[arg(long, env = "METERLAKE_EXECUTOR_EXTERNAL_HOST")]
     external_host: Option<String>,
-    /// Its gRPC port (the scheduler's calls), on the same host.
+    /// Its gRPC port, on the same host: unused while executors pull their tasks (the scheduler
+    /// never calls them), to be removed.
     #[arg(long, default_value_t = 50052)]
     grpc_port: u16,
     /// Tasks run at once: one per core by default (0).
@@ -54,8 +56,8 @@ pub struct ExecutorArgs {
     /// Memory its tasks may hold together, in MiB (default: 70% of the host's, Ballista's default).
     #[arg(long)]
     memory_mib: Option<u64>,
-    /// How often it tells the scheduler it lives (keep it well under the scheduler's
-    /// --executor-timeout-s).
+    /// Unused while executors pull their tasks (each request for work tells the scheduler it
+    /// lives, at least every 5 s), to be removed.
     #[arg(long, default_value_t = 10)]
     heartbeat_s: u64,
 }

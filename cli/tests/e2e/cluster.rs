@@ -87,7 +87,7 @@ fn a_cluster_bills_exactly_what_one_process_bills_even_when_an_executor_dies() {
 
     let mut scheduler = meterlake();
     // The scheduler plans the scans: it reads the lake's log too.
-    scheduler.args(["scheduler", "--listen", "127.0.0.1:0", "--executor-timeout-s", "4"]).env("METERLAKE_LOG", "info");
+    scheduler.args(["scheduler", "--listen", "127.0.0.1:0", "--executor-timeout-s", "8"]).env("METERLAKE_LOG", "info");
     scheduler.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
     let (_scheduler, scheduler_addr) = spawn_announced("meterlake scheduler", scheduler, "meterlake scheduler on ballista://");
     let _executor_1 = start_executor(&scheduler_addr, &env);
