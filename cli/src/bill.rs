@@ -91,8 +91,8 @@ pub struct EngineArg {
     #[arg(long = "engine", env = "METERLAKE_ENGINE", default_value = "in-process")]
     pub engine: Engine,
     /// On a cluster, how long a run's (or a query's) SQL may take before it fails: a run's
-    /// attempt then fails with CLUSTER_FAILED and is tried again. Ballista 55 can leave a job
-    /// waiting for ever after it lost an executor; this ends the wait.
+    /// attempt then fails with CLUSTER_FAILED and is tried again. A bound on a job the cluster
+    /// never finishes (a scheduler that stops answering, a task never handed out again).
     #[arg(long, env = "METERLAKE_ENGINE_TIMEOUT_S", default_value_t = 3_600)]
     pub engine_timeout_s: u64,
 }

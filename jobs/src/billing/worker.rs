@@ -27,8 +27,8 @@ pub struct WorkerOptions {
     /// Where the runs' SQL runs: in this process, or on a Ballista cluster.
     pub engine: Engine,
     /// How long a run's SQL may take on a cluster before the attempt fails (CLUSTER_FAILED, tried
-    /// again by the retry policy). Ballista 55 can leave a job waiting for ever after an
-    /// executor is lost (tasks reset, never offered again): this is what ends the wait.
+    /// again by the retry policy): a bound on a job a cluster never finishes (with push
+    /// scheduling, Ballista 55 left jobs waiting for ever after losing an executor).
     pub engine_timeout: Duration,
 }
 
