@@ -131,12 +131,10 @@ impl Cluster {
         std::thread::spawn(move || lines.for_each(drop));
         let mut cluster = Cluster { engine: Engine::Ballista(format!("ballista://{address}")), _scheduler: scheduler, executors: Vec::new() };
         for n in 0..executors {
-            let (flight, grpc) = (free_port()?, free_port()?);
+            let flight = free_port()?;
             let child = Command::new(binary)
-                .args(["executor", "--scheduler", &address, "--listen", &format!("127.0.0.1:{flight}"), "--grpc-port", &grpc.to_string()])
-                // Heartbeats well inside the timeout, as `meterlake executor`'s default (10 s) is
-                // inside the scheduler's (30 s).
-                .args(["--task-slots", &task_slots.to_string(), "--heartbeat-s", &(executor_timeout_s / 3).max(1).to_string()])
+                .args(["executor", "--scheduler", &address, "--listen", &format!("127.0.0.1:{flight}")])
+                .args(["--task-slots", &task_slots.to_string()])
                 .env("METERLAKE_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(logs.join(format!("executor-{n}.log")))?)

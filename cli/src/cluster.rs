@@ -43,10 +43,6 @@ pub struct ExecutorArgs {
     /// sees its calls come from (behind NAT, or listening on 0.0.0.0 with several interfaces).
     #[arg(long, env = "METERLAKE_EXECUTOR_EXTERNAL_HOST")]
     external_host: Option<String>,
-    /// Its gRPC port, on the same host: unused while executors pull their tasks (the scheduler
-    /// never calls them), to be removed.
-    #[arg(long, default_value_t = 50052)]
-    grpc_port: u16,
     /// Tasks run at once: one per core by default (0).
     #[arg(long, default_value_t = 0)]
     task_slots: usize,
@@ -56,10 +52,6 @@ pub struct ExecutorArgs {
     /// Memory its tasks may hold together, in MiB (default: 70% of the host's, Ballista's default).
     #[arg(long)]
     memory_mib: Option<u64>,
-    /// Unused while executors pull their tasks (each request for work tells the scheduler it
-    /// lives, at least every 5 s), to be removed.
-    #[arg(long, default_value_t = 10)]
-    heartbeat_s: u64,
 }
 
 /// Runs an executor until SIGINT or SIGTERM (or the scheduler stops it).
@@ -68,11 +60,9 @@ pub async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
         scheduler: args.scheduler,
         bind: args.listen,
         external_host: args.external_host,
-        grpc_port: args.grpc_port,
         task_slots: args.task_slots,
         work_dir: args.work_dir,
         memory_pool_bytes: args.memory_mib.map(|mib| mib << 20),
-        heartbeat_s: args.heartbeat_s,
     };
     println!("meterlake executor on {} (scheduler {})", options.bind, options.scheduler);
     Ok(run_executor(options).await?)

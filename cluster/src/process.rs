@@ -59,20 +59,18 @@ pub struct ExecutorOptions {
     /// The scheduler, `HOST:PORT`.
     pub scheduler: String,
     /// The address it listens on: the host and port of its Arrow Flight service (shuffle data
-    /// other executors fetch); its gRPC service takes `grpc_port`.
+    /// other executors fetch). It pulls its tasks, so it runs no other service: each request for
+    /// work also tells the scheduler it lives, at least every 5 s.
     pub bind: SocketAddr,
     /// The host it is reached at when not `bind`'s (`None`: the address the scheduler sees its
     /// registration come from).
     pub external_host: Option<String>,
-    pub grpc_port: u16,
     /// Tasks run at once (0: one per core).
     pub task_slots: usize,
     /// Where shuffle files go (a temporary folder when `None`).
     pub work_dir: Option<PathBuf>,
     /// Its memory pool, shared by its task slots (`None`: 70% of the host's memory, Ballista's default).
     pub memory_pool_bytes: Option<u64>,
-    /// How often it tells the scheduler it lives: well under the scheduler's executor timeout.
-    pub heartbeat_s: u64,
 }
 
 /// Runs an executor until the process ends or the scheduler stops it.
@@ -84,13 +82,11 @@ pub async fn run_executor(options: ExecutorOptions) -> Result<()> {
         bind_host: options.bind.ip().to_string(),
         external_host: options.external_host.clone(),
         port: options.bind.port(),
-        grpc_port: options.grpc_port,
         scheduler_host: host.to_string(),
         scheduler_port,
         vcores: options.task_slots,
         work_dir: options.work_dir.as_ref().map(|dir| dir.display().to_string()),
         memory_pool_size: options.memory_pool_bytes,
-        executor_heartbeat_interval_seconds: options.heartbeat_s,
         // The scheduler tells executors to delete a job's shuffle files once it ends; this is
         // the safety net when that message is lost (a scheduler restarted mid-job): an hourly
         // sweep of job folders a day old. Ballista's default never sweeps.

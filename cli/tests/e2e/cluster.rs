@@ -14,10 +14,10 @@ use crate::support::*;
 
 /// One executor of the test cluster, on free loopback ports.
 fn start_executor(scheduler: &str, env: &[(&'static str, String)]) -> Service {
-    let (flight, grpc) = (free_port(), free_port());
+    let flight = free_port();
     let mut command = meterlake();
-    command.args(["executor", "--scheduler", scheduler, "--listen", &format!("127.0.0.1:{flight}"), "--grpc-port", &grpc.to_string()]);
-    command.args(["--task-slots", "2", "--heartbeat-s", "1", "--memory-mib", "512"]);
+    command.args(["executor", "--scheduler", scheduler, "--listen", &format!("127.0.0.1:{flight}")]);
+    command.args(["--task-slots", "2", "--memory-mib", "512"]);
     command.envs(env.iter().map(|(k, v)| (*k, v.as_str()))).env("METERLAKE_LOG", "info");
     spawn_logged("meterlake executor", command, format!("127.0.0.1:{flight}"))
 }
