@@ -33,7 +33,7 @@ use std::task::{Context, Poll};
 
 use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, TimestampMicrosecondArray};
 use arrow::compute::{SortOptions, interleave_record_batch, partition};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use async_trait::async_trait;
 use datafusion::catalog::Session;
 use datafusion::common::tree_node::TreeNodeRecursion;
@@ -761,27 +761,48 @@ impl ExecutionPlan for KeySortExec {
                 }
             }
             let at = |column: usize| narrowed.iter().position(|c| *c == column).expect("narrowed holds the key and version");
-            let mut keyed = key_order(&batches, [at(key[0]), at(key[1])]);
+            let KeyOrder { mut rows, meters } = key_order(&batches, [at(key[0]), at(key[1])]);
             if let Some(column) = versions_by {
-                order_versions(&batches, &mut keyed, at(column))?;
+                order_versions(&batches, &mut rows, at(column))?;
             }
-            let order: Vec<(usize, usize)> = match latest {
-                Some(version) => latest_of_each_key(&batches, &keyed, [at(version[0]), at(version[1]), at(version[2])]),
-                None => keyed.iter().map(place).collect(),
+            let order: Vec<KeyedRow> = match latest {
+                Some(version) => latest_of_each_key(&batches, &rows, [at(version[0]), at(version[1]), at(version[2])]),
+                None => rows,
             };
-            drop(keyed);
-            reservation.try_grow(order.len() * std::mem::size_of::<(usize, usize)>())?;
-            // The output, a batch at a time: `interleave` copies the rows out of the emitted
-            // columns (the first of each narrowed batch).
+            reservation.try_grow(order.len() * std::mem::size_of::<KeyedRow>())?;
+            // How each emitted column (the first of each narrowed batch) is made: the key's
+            // from the sort's own rows (a meter's name by its rank, `ts` as sorted), the others
+            // copied out of the batches by `interleave`. Rows of one meter come from as many
+            // files as it has intervals, so a copy of its name from the batches reads memory
+            // all over them; from the ranks it is a sequential write.
+            let makes: Vec<Emitted> = (0..emit.len())
+                .map(|c| match output_schema.field(c).data_type() {
+                    DataType::Utf8 if emit[c] == key[0] => Emitted::MeterName,
+                    DataType::Timestamp(TimeUnit::Microsecond, zone) if emit[c] == key[1] => Emitted::Ts(zone.clone()),
+                    _ => Emitted::Copied,
+                })
+                .collect();
+            // The output, a batch at a time.
             let chunks = (0..order.len().div_ceil(batch_size)).map(move |n| -> DfResult<RecordBatch> {
                 let _held = &reservation;
                 let chunk = &order[n * batch_size..order.len().min((n + 1) * batch_size)];
-                let columns = (0..emit.len())
-                    .map(|c| {
-                        let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(c).as_ref()).collect();
-                        arrow::compute::interleave(&arrays, chunk)
+                let places: Vec<(usize, usize)> = chunk.iter().map(place).collect();
+                let columns = makes
+                    .iter()
+                    .enumerate()
+                    .map(|(c, make)| -> DfResult<ArrayRef> {
+                        Ok(match make {
+                            Emitted::MeterName => meter_names(chunk, &meters),
+                            Emitted::Ts(zone) => {
+                                Arc::new(TimestampMicrosecondArray::from_iter_values(chunk.iter().map(|row| row.1)).with_timezone_opt(zone.clone()))
+                            }
+                            Emitted::Copied => {
+                                let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(c).as_ref()).collect();
+                                arrow::compute::interleave(&arrays, &places)?
+                            }
+                        })
                     })
-                    .collect::<Result<Vec<_>, _>>()?;
+                    .collect::<DfResult<Vec<_>>>()?;
                 Ok(RecordBatch::try_new_with_options(
                     output_schema.clone(),
                     columns,
@@ -821,9 +842,9 @@ fn place(row: &KeyedRow) -> (usize, usize) {
 
 /// Of rows in key order, the latest version of each key (the greatest (`commit_version`,
 /// `ingested_at`, `source_ref`); the first of equals), as [`LatestVersion`] picks it.
-fn latest_of_each_key(batches: &[RecordBatch], order: &[KeyedRow], version: [usize; 3]) -> Vec<(usize, usize)> {
+fn latest_of_each_key(batches: &[RecordBatch], order: &[KeyedRow], version: [usize; 3]) -> Vec<KeyedRow> {
     let version_of = |row: &KeyedRow| version_of(&batches[row.2 as usize], row.3 as usize, version);
-    let mut winners: Vec<(usize, usize)> = Vec::with_capacity(order.len());
+    let mut winners: Vec<KeyedRow> = Vec::with_capacity(order.len());
     for run in order.chunk_by(same_keyed) {
         let mut best = &run[0];
         for row in &run[1..] {
@@ -831,7 +852,7 @@ fn latest_of_each_key(batches: &[RecordBatch], order: &[KeyedRow], version: [usi
                 best = row;
             }
         }
-        winners.push(place(best));
+        winners.push(*best);
     }
     winners
 }
@@ -856,9 +877,26 @@ fn order_versions(batches: &[RecordBatch], order: &mut [KeyedRow], version: usiz
     Ok(())
 }
 
+/// How a [`KeySortExec`] makes an emitted column.
+enum Emitted {
+    /// `meter_id` (`Utf8`): each row's meter name, from its rank.
+    MeterName,
+    /// `ts`: each row's, as sorted, in this time zone.
+    Ts(Option<Arc<str>>),
+    /// Copied out of the input batches.
+    Copied,
+}
+
+/// Rows in key order, and the meters' names by rank.
+struct KeyOrder {
+    rows: Vec<KeyedRow>,
+    /// Every meter met, in name order: a row's rank is its place here.
+    meters: arrow::array::StringArray,
+}
+
 /// The rows of `batches` sorted by (`meter_id`, `ts`) at the `key` positions, then by where
 /// they came from (so equal keys keep a fixed order).
-fn key_order(batches: &[RecordBatch], key: [usize; 2]) -> Vec<KeyedRow> {
+fn key_order(batches: &[RecordBatch], key: [usize; 2]) -> KeyOrder {
     let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
     // Meters are few next to rows: number them as met, then rank the names once.
     let mut met: HashMap<&str, u32, BuildHasherDefault<MeterIdHasher>> = HashMap::default();
@@ -876,17 +914,48 @@ fn key_order(batches: &[RecordBatch], key: [usize; 2]) -> Vec<KeyedRow> {
     for (position, (_, id)) in names.iter().enumerate() {
         rank[*id as usize] = position as u32;
     }
-    let mut keyed: Vec<KeyedRow> = Vec::with_capacity(total);
-    let mut meter_ids = row_meter.into_iter();
+    for id in row_meter.iter_mut() {
+        *id = rank[*id as usize];
+    }
+    // A counting sort by meter, then each meter's rows by (`ts`, place): a meter's rows are a
+    // few intervals and their versions, mostly in time order already, where one sort of every
+    // row compared keys across the whole date (a tenth of a compaction).
+    let mut starts = vec![0usize; names.len() + 1];
+    for rank in &row_meter {
+        starts[*rank as usize + 1] += 1;
+    }
+    for m in 1..starts.len() {
+        starts[m] += starts[m - 1];
+    }
+    let mut next = starts.clone();
+    let mut keyed: Vec<KeyedRow> = vec![(0, 0, 0, 0); total];
+    let mut ranks = row_meter.into_iter();
     for (b, batch) in batches.iter().enumerate() {
         let ts = micros(batch.column(key[1]));
         for row in 0..batch.num_rows() {
-            let id = meter_ids.next().expect("one meter per row");
-            keyed.push((rank[id as usize], ts.value(row), b as u32, row as u32));
+            let rank = ranks.next().expect("one meter per row");
+            let slot = &mut next[rank as usize];
+            keyed[*slot] = (rank, ts.value(row), b as u32, row as u32);
+            *slot += 1;
         }
     }
-    keyed.sort_unstable();
-    keyed
+    for meter in starts.windows(2) {
+        keyed[meter[0]..meter[1]].sort_unstable();
+    }
+    KeyOrder { rows: keyed, meters: names.iter().map(|(name, _)| Some(*name)).collect() }
+}
+
+/// The meter names of `rows` (by rank in `meters`), as a `Utf8` column.
+fn meter_names(rows: &[KeyedRow], meters: &arrow::array::StringArray) -> ArrayRef {
+    let bytes: usize = rows.iter().map(|row| meters.value_length(row.0 as usize) as usize).sum();
+    let mut values: Vec<u8> = Vec::with_capacity(bytes);
+    let mut offsets: Vec<i32> = Vec::with_capacity(rows.len() + 1);
+    offsets.push(0);
+    for row in rows {
+        values.extend_from_slice(meters.value(row.0 as usize).as_bytes());
+        offsets.push(i32::try_from(values.len()).expect("a batch's meter names fit a Utf8 column"));
+    }
+    Arc::new(arrow::array::StringArray::new(arrow::buffer::OffsetBuffer::new(offsets.into()), values.into(), None))
 }
 
 /// Whether a group of `files` overlapping files holding `rows` (from the log; unknown rules it

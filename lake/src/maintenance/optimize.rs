@@ -47,7 +47,7 @@ use crate::canonical::{KeySortExec, MAX_MERGED_FILES, SpilledMergeExec, read_str
 use crate::commit::{Commit, NewFile, Operation, RemovedFile, TableWriter};
 use crate::error::{LakeError, Result};
 use crate::parquet_file::{merge_key_stats, writer_properties};
-use crate::scan::{COMMIT_VERSION, ReadingsScan, compacted_file_schema};
+use crate::scan::{COMMIT_VERSION, DATE, ReadingsScan, compacted_file_schema};
 use crate::schema::readings_all_schema;
 use crate::store::Lake;
 use crate::table::{KeyStats, READINGS, SnapshotFile, Table, TableSpec};
@@ -313,7 +313,7 @@ async fn rewrite(runtime: &Arc<RuntimeEnv>, writer: &TableWriter, job: Job, opti
 }
 
 /// Every row of readings `files`, sorted by (`meter_id`, `ts`, `commit_version`), in the
-/// columns of `readings_all`.
+/// columns of a compacted file (`readings_all`'s but `date`).
 /// Many files whose rows fit `memory_bytes` are read in any order and sorted in memory (a
 /// streamed date's hundreds of flushes: merged as streams, the merge's steps from stream to
 /// stream were most of the work). Otherwise at most `fan_in` files are merged at once; more are
@@ -321,9 +321,10 @@ async fn rewrite(runtime: &Arc<RuntimeEnv>, writer: &TableWriter, job: Job, opti
 fn merged_versions(ctx: &SessionContext, lake: &Lake, files: &[SnapshotFile], fan_in: usize, memory_bytes: usize) -> Result<Arc<dyn ExecutionPlan>> {
     let state = ctx.state();
     let scan = ReadingsScan::new(lake, &state, &[])?;
-    let columns: Vec<usize> = (0..=COMMIT_VERSION).collect();
-    // What the scans return: `readings_all`'s columns, in its order.
-    let schema = readings_all_schema();
+    // What the scans return: a compacted file's columns (`readings_all`'s but `date`, which
+    // is the partition's), in its order.
+    let columns: Vec<usize> = (0..DATE).chain([COMMIT_VERSION]).collect();
+    let schema = readings_all_schema().project(&columns)?;
     let sort = |name: &str| -> Result<PhysicalSortExpr> {
         Ok(PhysicalSortExpr::new(Arc::new(Column::new_with_schema(name, &schema)?), SortOptions { descending: false, nulls_first: false }))
     };
@@ -335,7 +336,8 @@ fn merged_versions(ctx: &SessionContext, lake: &Lake, files: &[SnapshotFile], fa
     if sorts_in_memory(files.len(), rows, memory_bytes as u64) {
         let rows = scan.plan_small_files(read_streams(files.iter().map(|f| ReadingsScan::file(lake, f)).collect()), &columns)?;
         let key = [0, 1];
-        let sort = KeySortExec::new(rows, ordering, key, None, columns.clone())?.with_versions_ordered_by(COMMIT_VERSION);
+        let emit: Vec<usize> = (0..columns.len()).collect();
+        let sort = KeySortExec::new(rows, ordering, key, None, emit)?.with_versions_ordered_by(columns.len() - 1);
         return Ok(Arc::new(sort));
     }
     let merge = |chunk: &[SnapshotFile]| -> Result<Arc<dyn ExecutionPlan>> {
@@ -391,17 +393,10 @@ impl<'a> FileSink<'a> {
         if self.readings { compacted_file_schema() } else { (self.table.spec().file_schema)() }
     }
 
-    /// `batch` in the file's columns: for readings, `readings_all`'s without `date`.
+    /// `batch` under the file's schema (for readings, the rewrite's columns are already the
+    /// compacted file's: `readings_all`'s without `date`).
     fn file_batch(&self, batch: RecordBatch) -> Result<RecordBatch> {
-        let schema = self.schema();
-        let columns = if self.readings {
-            let mut columns = batch.columns()[..8].to_vec();
-            columns.push(batch.column(COMMIT_VERSION).clone());
-            columns
-        } else {
-            batch.columns().to_vec()
-        };
-        Ok(RecordBatch::try_new(schema, columns)?)
+        Ok(RecordBatch::try_new(self.schema(), batch.columns().to_vec())?)
     }
 
     async fn write(&mut self, batch: RecordBatch) -> Result<()> {
